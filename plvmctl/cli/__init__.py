@@ -1,0 +1,62 @@
+"""The `plvmctl` command line: thin click commands over the library.
+
+Each command group lives in its own module of this package and is registered on `main`
+below; commands parse arguments, call the library and print. `PlvmError` becomes a one-line
+`error: ...` and exit status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import PlvmError
+from .app import global_options
+
+
+class _Main(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PlvmError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@global_options
+def main(**_):
+    """Personalize LLaVA-family vision-language models.
+
+    One reference photo -> a .concept file (PLVM's Aligner, milliseconds, no training);
+    then ask questions that mention <name> about any photo.
+
+    \b
+    Quick start (offline, tiny random model):
+      plvmctl --recipe tiny encode ref.jpg --name avril
+      plvmctl --recipe tiny ask photo.jpg "Is <avril> in this photo?"
+    """
+
+
+def _register() -> None:
+    from . import commands  # noqa: F401  (core commands attach themselves to `main`)
+    import importlib
+
+    for module_name, attribute in [
+        ("index", "index"),
+        ("toy", "toy"),
+        ("evaluate", "eval_command"),
+        ("train", "train"),
+        ("data", "data"),
+    ]:
+        try:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+        except ModuleNotFoundError as error:
+            if error.name == f"{__name__}.{module_name}":
+                continue  # that command group has not been written yet
+            raise
+        main.add_command(getattr(module, attribute))
+
+
+_register()

@@ -1,0 +1,75 @@
+"""What every command shares: global options, the recipe, the concept store, the runtime."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+STORE_ENV = "PLVMCTL_STORE"
+
+
+@dataclass
+class App:
+    """The `ctx.obj` of every command. Heavy things load lazily, once."""
+
+    recipe_name: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    store_dir: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    verbose: int = 0
+
+    @functools.cached_property
+    def recipe(self):
+        from ..recipe import load_recipe
+
+        overrides = list(self.overrides)
+        if self.dtype:
+            overrides.append(f"model.dtype={self.dtype}")
+        return load_recipe(self.recipe_name, overrides)
+
+    @functools.cached_property
+    def store(self):
+        from ..concept import ConceptStore
+
+        directory = self.store_dir or os.environ.get(STORE_ENV) or self.recipe.store
+        return ConceptStore(Path(directory))
+
+    @functools.cached_property
+    def runtime(self):
+        """Backbone + reference encoder + Aligner, loaded as the recipe says."""
+        from ..runtime import load_runtime
+
+        return load_runtime(self.recipe, device=self.device, verbose=self.verbose)
+
+    def log(self, message: str, level: int = 1) -> None:
+        if self.verbose >= level:
+            click.echo(message, err=True)
+
+
+def global_options(function):
+    """The options that stand before the command name: `plvmctl [OPTIONS] COMMAND`."""
+
+    @click.option("--recipe", "recipe_name", default="tiny", show_default=True,
+                  help="Recipe NAME (recipes/NAME.yaml) or path to a YAML file.")
+    @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
+                  help=f"Concept store folder [default: the recipe's store, or ${STORE_ENV}].")
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                  show_default=True, help="Where to run the models.")
+    @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                  default=None, help="Model dtype [default: bf16 on GPU, fp32 on CPU].")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a recipe value, e.g. --set generation.max_new_tokens=32.")
+    @click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv for more).")
+    @click.pass_context
+    @functools.wraps(function)
+    def wrapper(ctx, recipe_name, store_dir, device, dtype, overrides, verbose, **kwargs):
+        ctx.obj = App(recipe_name=recipe_name, overrides=list(overrides), store_dir=store_dir,
+                      device=device, dtype=dtype, verbose=verbose)
+        return ctx.invoke(function, **kwargs)
+
+    return wrapper

@@ -1,0 +1,274 @@
+"""Core commands: encode, ask, concepts, chat, aligner import."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import PlvmError
+from . import main
+from .app import App
+
+pass_app = click.make_pass_decorator(App)
+
+
+# -- encode -------------------------------------------------------------------------------
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.option("--name", required=True, help="Concept name, used as <NAME> in questions.")
+@click.option("--force", is_flag=True, help="Replace an existing concept of that name.")
+@pass_app
+def encode(app: App, reference: str, name: str, force: bool):
+    """Encode one REFERENCE photo into a concept (no training): prints the written path."""
+    from ..concept import validate_name
+
+    validate_name(name)
+    store = app.store
+    if name in store and not force:
+        raise PlvmError(f"concept {name!r} already exists at {store.path_for(name)} (use --force to replace it)")
+    runtime = app.runtime
+    start = time.perf_counter()
+    concept = runtime.encode_concept(name, reference)
+    app.log(f"encoded <{name}> in {1000 * (time.perf_counter() - start):.1f} ms")
+    click.echo(str(store.save(concept, force=force)))
+
+
+# -- ask ----------------------------------------------------------------------------------
+def _read_batch(path: str):
+    from ..engine import AskRequest
+
+    requests, problems = [], {}
+    source = Path(path)
+    if not source.is_file():
+        raise PlvmError(f"batch file not found: {path}")
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+                raise ValueError('expected {"image": ..., "question": ...}')
+            image = row.get("image")
+            if image is not None and not Path(image).is_absolute():
+                image = str(source.parent / image) if not Path(image).exists() else image
+            requests.append(AskRequest(row["question"], image))
+        except (ValueError, TypeError) as error:
+            problems[len(requests)] = f"line {number}: {error}"
+            requests.append(AskRequest("", None))
+    return requests, problems
+
+
+@main.command()
+@click.argument("args", nargs=-1, required=False)
+@click.option("--batch", "batch_file", type=click.Path(dir_okay=False),
+              help='JSONL file, one {"image": PATH, "question": TEXT} per line.')
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="With --batch: write answers as JSONL here instead of stdout.")
+@click.option("--no-image", is_flag=True, help="Text-only question (no photo).")
+@click.option("--batch-size", type=int, default=None, help="Questions per forward pass [recipe].")
+@click.option("--max-new-tokens", type=int, default=None, help="Answer length limit [recipe].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer.")
+@pass_app
+def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_tokens, as_json):
+    """Ask QUESTION about one or more IMAGEs: `ask IMAGE... QUESTION`.
+
+    Concepts are named as <name> (see `plvmctl concepts list`). Every image gets the same
+    question; with --batch each line has its own image and question. Items that fail are
+    reported and the others still answered; the exit status is 1 if any failed.
+    """
+    from ..engine import AskRequest, Engine
+
+    problems: dict[int, str] = {}
+    if batch_file:
+        if args:
+            raise PlvmError("--batch takes no IMAGE or QUESTION arguments")
+        requests, problems = _read_batch(batch_file)
+    elif no_image:
+        if len(args) != 1:
+            raise PlvmError("--no-image takes exactly one QUESTION")
+        requests = [AskRequest(args[0], None)]
+    else:
+        if len(args) < 2:
+            raise PlvmError("usage: plvmctl ask IMAGE... QUESTION (or --no-image QUESTION, or --batch FILE)")
+        *images, question = args
+        requests = [AskRequest(question, image) for image in images]
+    if out_file and not batch_file:
+        raise PlvmError("--out is only for --batch")
+    if batch_size is not None and batch_size < 1:
+        raise PlvmError("--batch-size must be at least 1")
+
+    engine = Engine(app.runtime, app.store)
+    todo = [i for i in range(len(requests)) if i not in problems]
+    results = engine.ask([requests[i] for i in todo], batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, progress=len(todo) > 1 and sys.stderr.isatty())
+    rows = []
+    for i, request in enumerate(requests):
+        row = {"image": None if request.image is None else str(request.image), "question": request.question}
+        if i in problems:
+            row.update(answer=None, error=problems[i])
+        else:
+            result = results[todo.index(i)]
+            row.update(answer=result.answer, error=result.error)
+        rows.append(row)
+
+    failed = sum(row["error"] is not None for row in rows)
+    if out_file:
+        from ..fileio import write_text_atomic
+
+        write_text_atomic(out_file, "".join(json.dumps(row) + "\n" for row in rows))
+        click.echo(f"{out_file}: {len(rows) - failed} answered, {failed} failed")
+    else:
+        for row in rows:
+            if as_json or batch_file:
+                click.echo(json.dumps(row))
+            elif row["error"]:
+                click.echo(f"{row['image'] or '-'}: error: {row['error']}")
+            elif len(rows) > 1:
+                click.echo(f"{row['image']}: {row['answer']}")
+            else:
+                click.echo(row["answer"])
+    for row in rows:
+        if row["error"]:
+            click.echo(f"failed: {row['image'] or row['question']}: {row['error']}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+# -- concepts -------------------------------------------------------------------------------
+@main.group()
+def concepts():
+    """List, show or remove concepts in the store."""
+
+
+@concepts.command("list")
+@pass_app
+def concepts_list(app: App):
+    """One line per concept: name, method, k, base model."""
+    from ..concept import Concept
+
+    names = app.store.names()
+    if not names:
+        click.echo(f"no concepts in {app.store.root} (add one: plvmctl encode PHOTO --name NAME)")
+        return
+    for name in names:
+        try:
+            concept = Concept.load(app.store.path_for(name))
+            click.echo(f"<{name}>\t{concept.meta.method}\tk={concept.num_context}\t{concept.meta.base_model_name}")
+        except PlvmError as error:
+            click.echo(f"<{name}>\tunreadable: {error}")
+
+
+@concepts.command("show")
+@click.argument("name")
+@pass_app
+def concepts_show(app: App, name: str):
+    """Everything stored about concept NAME (metadata and tensor norms), as JSON."""
+    from dataclasses import asdict
+
+    concept = app.store.load(name)
+    info = {
+        "name": concept.name,
+        "path": str(app.store.path_for(name)),
+        "k": concept.num_context,
+        "hidden_size": concept.hidden_size,
+        "norms": {"word": round(float(concept.word.norm()), 4), "head": round(float(concept.head.norm()), 4),
+                  "context_mean": round(float(concept.context.norm(dim=-1).mean()), 4)},
+        **asdict(concept.meta),
+    }
+    click.echo(json.dumps(info, indent=2))
+
+
+@concepts.command("rm")
+@click.argument("name")
+@pass_app
+def concepts_rm(app: App, name: str):
+    """Delete concept NAME from the store."""
+    click.echo(f"removed {app.store.remove(name)}")
+
+
+# -- chat ---------------------------------------------------------------------------------
+CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the photo), /noimage,
+/reset (forget the photo), /concepts, /quit. Anything else is a question."""
+
+
+@main.command()
+@click.argument("image", required=False, type=click.Path(dir_okay=False))
+@pass_app
+def chat(app: App, image: str | None):
+    """Interactive questions about IMAGE (optional). Type /help for commands."""
+    from ..engine import AskRequest, Engine
+
+    engine = Engine(app.runtime, app.store)
+    current = image
+    click.echo(f"plvmctl chat ({app.recipe.name}); {CHAT_HELP}")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/help":
+                click.echo(CHAT_HELP)
+            elif line.startswith("/add "):
+                parts = line.split()
+                if len(parts) != 3:
+                    raise PlvmError("usage: /add REF NAME")
+                concept = app.runtime.encode_concept(parts[2], parts[1])
+                click.echo(f"saved {app.store.save(concept, force=True)}")
+                engine = Engine(app.runtime, app.store)
+            elif line.startswith("/image "):
+                path = line.split(maxsplit=1)[1]
+                from ..images import load_image
+
+                load_image(path)
+                current = path
+                click.echo(f"photo: {current}")
+            elif line in ("/reset", "/noimage"):
+                current = None
+                click.echo("no photo")
+            elif line == "/concepts":
+                click.echo(" ".join(f"<{n}>" for n in app.store.names()) or "none")
+            elif line.startswith("/"):
+                raise PlvmError(f"unknown command {line.split()[0]} ({CHAT_HELP})")
+            else:
+                result = engine.ask([AskRequest(line, current)])[0]
+                click.echo(f"bot> {result.answer}" if result.ok else f"error: {result.error}")
+        except PlvmError as error:
+            click.echo(f"error: {error}")
+
+
+# -- aligner --------------------------------------------------------------------------------
+@main.group()
+def aligner():
+    """Manage Aligner checkpoints."""
+
+
+@aligner.command("import")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (config.json + model.safetensors).")
+@click.option("--encoder", default="facebook/dinov2-base", show_default=True,
+              help="Reference encoder the checkpoint was trained with.")
+@click.option("--base-model", default="llava-hf/llava-1.5-7b-hf", show_default=True,
+              help="LLaVA model the checkpoint was trained for.")
+def aligner_import(checkpoint: str, out: str, encoder: str, base_model: str):
+    """Convert the released PLVM CHECKPOINT (checkpoint.ckpt) into an Aligner folder.
+
+    The file is read with torch.load(weights_only=True): no code in it can run. Every key
+    and shape is checked against the released layout.
+    """
+    from ..aligner import import_released_checkpoint
+
+    if not Path(checkpoint).is_file():
+        raise PlvmError(f"checkpoint not found: {checkpoint}")
+    folder = import_released_checkpoint(checkpoint, out, encoder=encoder, base_model=base_model)
+    click.echo(str(folder))

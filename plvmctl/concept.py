@@ -1,0 +1,209 @@
+"""Concepts, the `.concept` file format and the concept store.
+
+A concept is three tensors in the LM's hidden size H:
+
+    word     [H]     the input embedding of `<name>`
+    head     [H]     its output-head row, so the model can say `<name>`
+    context  [k, H]  the k soft tokens of the sentence `<name> is <t1>…<tk>.`
+
+However it was made (PLVM's Aligner, Yo'LLaVA, MyVLM, MC-LLaVA), a concept is used the
+same way. On disk it is a safetensors file (never a pickle) whose string metadata says what
+it is and which model it belongs to; loading checks all of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import PlvmError
+from .fileio import atomic_path
+
+FORMAT_NAME = "plvmctl.concept"
+FORMAT_VERSION = "1"
+SUFFIX = ".concept"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_NAMES = {"image"}  # `<image>` is LLaVA's image placeholder
+
+
+def validate_name(name: str) -> str:
+    """Concept names: 1-64 letters, digits, `-` and `_` (they appear as `<name>`)."""
+    if not NAME_PATTERN.match(name or ""):
+        raise PlvmError(
+            f"invalid concept name {name!r}: use 1-64 letters, digits, '-' or '_' (no spaces or <>)"
+        )
+    if name.lower() in RESERVED_NAMES:
+        raise PlvmError(f"concept name {name!r} is reserved (it is the image placeholder)")
+    return name
+
+
+@dataclass
+class ConceptMeta:
+    """Where a concept came from; stored as the safetensors file's string metadata."""
+
+    method: str = "plvm"  # plvm | yollava | myvlm | mcllava | copy
+    base_model: str = ""  # the backbone's fingerprint (Backbone.fingerprint)
+    base_model_name: str = ""  # hub id or folder, for messages
+    aligner_id: str = ""  # folder or preset of the Aligner (plvm only)
+    aligner_sha256: str = ""
+    reference_sha256: str = ""  # sha256 of the reference photo's bytes
+    created: str = ""
+    plvmctl_version: str = __version__
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Concept:
+    name: str
+    word: torch.Tensor  # [H]
+    head: torch.Tensor  # [H]
+    context: torch.Tensor  # [k, H]
+    meta: ConceptMeta = field(default_factory=ConceptMeta)
+
+    def __post_init__(self):
+        validate_name(self.name)
+        hidden = self.word.shape[-1]
+        if self.word.shape != (hidden,) or self.head.shape != (hidden,):
+            raise PlvmError(
+                f"concept {self.name!r}: word and head must be [H] vectors, got "
+                f"{tuple(self.word.shape)} and {tuple(self.head.shape)}"
+            )
+        if self.context.ndim != 2 or self.context.shape[1] != hidden:
+            raise PlvmError(
+                f"concept {self.name!r}: context must be [k, {hidden}], got {tuple(self.context.shape)}"
+            )
+
+    @property
+    def hidden_size(self) -> int:
+        return self.word.shape[-1]
+
+    @property
+    def num_context(self) -> int:
+        return self.context.shape[0]
+
+    def renamed(self, name: str) -> "Concept":
+        return Concept(name, self.word, self.head, self.context, self.meta)
+
+    def check_compatible(self, fingerprint: str, hidden_size: int, model_name: str = "") -> None:
+        """Refuse a concept made for another model, saying exactly what differs."""
+        if self.hidden_size != hidden_size:
+            raise PlvmError(
+                f"concept {self.name!r} has hidden size {self.hidden_size} but the model "
+                f"{model_name or ''} has {hidden_size}: it was made for another model "
+                f"({self.meta.base_model_name or 'unknown'})"
+            )
+        if self.meta.base_model and self.meta.base_model != fingerprint:
+            raise PlvmError(
+                f"concept {self.name!r} was made for model {self.meta.base_model_name or '?'} "
+                f"(fingerprint {self.meta.base_model}), but the loaded model "
+                f"{model_name} has fingerprint {fingerprint}: re-encode it with this model"
+            )
+
+    # -- file format -----------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically as safetensors + string metadata."""
+        path = Path(path)
+        meta = asdict(self.meta)
+        extra = meta.pop("extra")
+        metadata = {key: str(value) for key, value in meta.items()}
+        metadata.update({f"extra.{key}": str(value) for key, value in extra.items()})
+        metadata.update({
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "k": str(self.num_context),
+            "hidden_size": str(self.hidden_size),
+            "created": self.meta.created or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+        tensors = {
+            "word": self.word.detach().to("cpu", torch.float32).contiguous(),
+            "head": self.head.detach().to("cpu", torch.float32).contiguous(),
+            "context": self.context.detach().to("cpu", torch.float32).contiguous(),
+        }
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Concept":
+        path = Path(path)
+        if not path.is_file():
+            raise PlvmError(f"concept file not found: {path}")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise PlvmError(f"not a valid .concept file (corrupt or not safetensors): {path}") from error
+        if metadata.get("format") != FORMAT_NAME:
+            raise PlvmError(f"{path} is not a plvmctl concept (format {metadata.get('format')!r})")
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise PlvmError(
+                f"{path} has concept format version {metadata.get('format_version')!r}; "
+                f"this plvmctl reads version {FORMAT_VERSION}"
+            )
+        missing = {"word", "head", "context"} - set(tensors)
+        if missing:
+            raise PlvmError(f"{path} lacks tensor(s) {', '.join(sorted(missing))}")
+        known = {f for f in ConceptMeta.__dataclass_fields__ if f != "extra"}
+        meta = ConceptMeta(
+            **{key: value for key, value in metadata.items() if key in known},
+            extra={k[len("extra."):]: v for k, v in metadata.items() if k.startswith("extra.")},
+        )
+        concept = cls(metadata.get("name", path.stem), tensors["word"], tensors["head"],
+                      tensors["context"], meta)
+        if str(concept.num_context) != metadata.get("k", str(concept.num_context)):
+            raise PlvmError(f"{path}: metadata says k={metadata.get('k')} but context has "
+                            f"{concept.num_context} rows")
+        return concept
+
+
+class ConceptStore:
+    """A folder of `NAME.concept` files: the default is ./concepts."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path_for(self, name: str) -> Path:
+        return self.root / f"{validate_name(name)}{SUFFIX}"
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.stem for p in self.root.glob(f"*{SUFFIX}") if NAME_PATTERN.match(p.stem))
+
+    def __contains__(self, name: str) -> bool:
+        return NAME_PATTERN.match(name or "") is not None and self.path_for(name).is_file()
+
+    def save(self, concept: Concept, force: bool = False) -> Path:
+        path = self.path_for(concept.name)
+        if path.exists() and not force:
+            raise PlvmError(f"concept {concept.name!r} already exists at {path} (use --force to replace it)")
+        return concept.save(path)
+
+    def load(self, name: str) -> Concept:
+        if name not in self:
+            known = self.names()
+            listing = ", ".join(f"<{n}>" for n in known) if known else "none yet"
+            raise PlvmError(f"unknown concept <{name}> in {self.root} (known: {listing})")
+        concept = Concept.load(self.path_for(name))
+        if concept.name != name:
+            concept = concept.renamed(name)
+        return concept
+
+    def remove(self, name: str) -> Path:
+        if name not in self:
+            raise PlvmError(f"unknown concept <{name}> in {self.root}")
+        path = self.path_for(name)
+        path.unlink()
+        return path

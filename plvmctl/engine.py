@@ -1,0 +1,302 @@
+"""Batched personalized asking: collate, left-pad, generate (or score options), decode.
+
+Every request is prepared on its own (image opened, `<name>`s resolved, prompt built); a
+request that fails there gets its error and the rest still run. Prepared requests are grouped
+by whether they carry a photo, sorted by length and cut into batches; each batch builds one
+concept table with every concept its questions mention, so any mix of concepts shares a batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import GenerationConfig
+
+from .concept import Concept, ConceptStore
+from .errors import PlvmError
+from .images import load_image
+from .prompt import Slot, build_prompt, encode_segments, mentioned_names, split_names
+from .table import ConceptTable
+
+
+@dataclass
+class AskRequest:
+    question: str
+    image: str | os.PathLike | Image.Image | None = None
+
+
+@dataclass
+class AskResult:
+    request: AskRequest
+    answer: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class OptionScores:
+    """Summed log-likelihood of each option as the whole answer, and its token count."""
+
+    request: AskRequest
+    logprobs: list[float] | None = None
+    num_tokens: list[int] | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Prepared:
+    """One request ready to batch: its prompt segments, photo and soft-prompt concepts."""
+
+    index: int
+    segments: list
+    image: Image.Image | None
+    names: list[str]
+
+
+class Engine:
+    """Ask questions that mention concepts, in batches, with the model untouched.
+
+    `concepts` is a mapping name → Concept or a ConceptStore (loaded on demand and checked
+    against the backbone's fingerprint). `descriptions` gives plain-text personas
+    (`<name> is {text}.`); `literal_names=True` leaves unknown `<name>`s as plain text.
+    """
+
+    def __init__(self, runtime, concepts: Mapping[str, Concept] | ConceptStore | None = None,
+                 descriptions: Mapping[str, str] | None = None, literal_names: bool = False):
+        self.runtime = runtime
+        self.backbone = runtime.backbone
+        self.template = runtime.template
+        self.generation = runtime.recipe.generation
+        self._store = concepts if isinstance(concepts, ConceptStore) else None
+        self._concepts: dict[str, Concept] = {} if self._store else dict(concepts or {})
+        for concept in self._concepts.values():
+            runtime.check_concept(concept)
+        self.descriptions = dict(descriptions or {})
+        self.literal_names = literal_names
+
+    # -- concepts ------------------------------------------------------------------------
+    def concept(self, name: str) -> Concept:
+        if name not in self._concepts:
+            if self._store is None:
+                known = ", ".join(f"<{n}>" for n in sorted(self._concepts)) or "none"
+                raise PlvmError(f"unknown concept <{name}> (known: {known})")
+            self._concepts[name] = self.runtime.check_concept(self._store.load(name))
+        return self._concepts[name]
+
+    def _known(self, names: list[str]) -> dict[str, int]:
+        """name → k for every mentioned name that is a soft-prompt concept."""
+        known = {}
+        for name in names:
+            if name in self.descriptions:
+                continue
+            if self._store is not None and name not in self._store and self.literal_names:
+                continue
+            if self._store is None and name not in self._concepts:
+                if self.literal_names:
+                    continue
+                self.concept(name)  # raises with the list of known names
+            known[name] = self.concept(name).num_context
+        return known
+
+    # -- preparation ---------------------------------------------------------------------
+    def _prepare(self, index: int, request: AskRequest) -> _Prepared:
+        image = None
+        if request.image is not None:
+            image = request.image.convert("RGB") if isinstance(request.image, Image.Image) \
+                else load_image(request.image)
+        names = mentioned_names(request.question)
+        concepts = self._known(names)
+        segments = build_prompt(request.question, template=self.template, has_image=image is not None,
+                                concepts=concepts, descriptions=self.descriptions,
+                                literal_names=self.literal_names)
+        # Token ids are assigned per batch, once the batch's concept table exists.
+        return _Prepared(index, segments, image, list(concepts))
+
+    def _batches(self, prepared: list[_Prepared], batch_size: int):
+        """Group by has-image, sort by prompt length, cut into batches."""
+        def length(item: _Prepared) -> int:
+            return sum(len(s) if isinstance(s, str) else 1 for s in item.segments)
+
+        for has_image in (False, True):
+            group = [p for p in prepared if (p.image is not None) == has_image]
+            group.sort(key=length)
+            for start in range(0, len(group), batch_size):
+                yield group[start:start + batch_size]
+
+    def _encode(self, segments: list, table: ConceptTable) -> list[int]:
+        return encode_segments(segments, self.backbone.tokenizer, slot_id=table.slot_id,
+                               image_token_id=self.backbone.image_token_id,
+                               num_image_tokens=self.backbone.num_image_tokens)
+
+    def _table(self, names: Sequence[str]) -> ConceptTable:
+        ordered = list(dict.fromkeys(names))
+        return ConceptTable([self.concept(n) for n in ordered], self.backbone.vocab_size,
+                            device=self.backbone.device, dtype=self.backbone.dtype)
+
+    def _collate(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad to the longest row: (input_ids, attention_mask)."""
+        width = max(len(r) for r in rows)
+        pad = self.backbone.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        device = self.backbone.device
+        return ids.to(device), mask.to(device)
+
+    def _prepare_all(self, requests: Sequence[AskRequest], errors: dict[int, str]):
+        prepared = []
+        for index, request in enumerate(requests):
+            try:
+                prepared.append(self._prepare(index, request))
+            except PlvmError as error:
+                errors[index] = str(error)
+        return prepared
+
+    # -- asking --------------------------------------------------------------------------
+    def generation_config(self, max_new_tokens: int | None = None) -> GenerationConfig:
+        settings = self.generation
+        kwargs = dict(max_new_tokens=max_new_tokens or settings.max_new_tokens,
+                      do_sample=settings.do_sample, pad_token_id=self.backbone.pad_token_id,
+                      eos_token_id=self.backbone.eos_token_id)
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        return GenerationConfig(**kwargs)
+
+    def decode(self, ids: list[int], table: ConceptTable) -> str:
+        """Generated ids → text, concept words restored as `<name>`."""
+        tokenizer = self.backbone.tokenizer
+        parts: list[str] = []
+        run: list[int] = []
+
+        def flush():
+            if not run:
+                return
+            text = tokenizer.decode(run, skip_special_tokens=True).strip()
+            first = tokenizer.convert_ids_to_tokens(run[0]) or ""
+            if parts and text and (first.startswith(("▁", "Ġ")) or text[0].isalnum()):
+                text = " " + text
+            parts.append(text)
+            run.clear()
+
+        for token in ids:
+            if token == self.backbone.eos_token_id:
+                break
+            name = table.name_for_id(token)
+            if name is None:
+                if token < table.vocab_size:
+                    run.append(token)
+                continue
+            flush()
+            previous = parts[-1] if parts else ""
+            parts.append(("" if not previous or previous.endswith((" ", "(", "\n")) else " ") + f"<{name}>")
+        flush()
+        return "".join(parts).strip()
+
+    @torch.no_grad()
+    def ask(self, requests: Sequence[AskRequest], *, batch_size: int | None = None,
+            max_new_tokens: int | None = None, progress: bool = False) -> list[AskResult]:
+        """Answer every request; failures are reported per item, the rest still answered."""
+        errors: dict[int, str] = {}
+        answers: dict[int, str] = {}
+        prepared = self._prepare_all(requests, errors)
+        batch_size = batch_size or self.generation.batch_size
+        config = self.generation_config(max_new_tokens)
+        bar = tqdm(total=len(prepared), desc="asking", unit="q", disable=not progress)
+        model = self.backbone.model
+        for batch in self._batches(prepared, batch_size):
+            try:
+                table = self._table([n for item in batch for n in item.names])
+                rows = [self._encode(item.segments, table) for item in batch]
+                input_ids, attention_mask = self._collate(rows)
+                inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+                images = [item.image for item in batch if item.image is not None]
+                if images:
+                    inputs["pixel_values"] = self.backbone.pixel_values(images)
+                if self.generation.do_sample:
+                    torch.manual_seed(self.generation.seed)
+                with table.active(model):
+                    output = model.generate(**inputs, generation_config=config)
+                new_tokens = output[:, input_ids.shape[1]:].tolist()
+                for item, tokens in zip(batch, new_tokens):
+                    answers[item.index] = self.decode(tokens, table)
+            except (PlvmError, RuntimeError, ValueError) as error:
+                for item in batch:
+                    errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            bar.update(len(batch))
+        bar.close()
+        return [AskResult(request, answers.get(i), errors.get(i)) for i, request in enumerate(requests)]
+
+    # -- scoring ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_options(self, requests: Sequence[AskRequest], options: Sequence[Sequence[str]], *,
+                      batch_size: int | None = None, progress: bool = False) -> list[OptionScores]:
+        """Log-likelihood of each option text as the assistant's answer to its request."""
+        if len(options) != len(requests):
+            raise PlvmError("score_options: one list of options per request")
+        errors: dict[int, str] = {}
+        scores: dict[int, tuple[list[float], list[int]]] = {}
+        prepared = self._prepare_all(requests, errors)
+        batch_size = batch_size or self.generation.batch_size
+        bar = tqdm(total=len(prepared), desc="scoring", unit="q", disable=not progress)
+        model = self.backbone.model
+        for batch in self._batches(prepared, batch_size):
+            try:
+                names = [n for item in batch for n in item.names]
+                option_segments = []
+                for item in batch:
+                    per_item = []
+                    for text in options[item.index]:
+                        option_names = [n for n in mentioned_names(text) if n in item.names]
+                        per_item.append(split_names(" " + text.strip(), option_names))
+                    option_segments.append(per_item)
+                table = self._table(names)
+                rows, spans, owners, images = [], [], [], []
+                for item, per_item in zip(batch, option_segments):
+                    prompt_ids = self._encode(item.segments, table)
+                    for choice in per_item:
+                        answer_ids = encode_segments(
+                            choice, self.backbone.tokenizer, slot_id=table.slot_id,
+                            image_token_id=self.backbone.image_token_id,
+                            num_image_tokens=self.backbone.num_image_tokens, add_bos=False)
+                        rows.append(prompt_ids + answer_ids)
+                        spans.append(len(answer_ids))
+                        owners.append(item.index)
+                        if item.image is not None:
+                            images.append(item.image)
+                logprobs = self._continuation_logprobs(rows, spans, images, table)
+                for index in dict.fromkeys(owners):
+                    picked = [(lp, n) for lp, n, o in zip(logprobs, spans, owners) if o == index]
+                    scores[index] = ([lp for lp, _ in picked], [n for _, n in picked])
+            except (PlvmError, RuntimeError, ValueError) as error:
+                for item in batch:
+                    errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            bar.update(len(batch))
+        bar.close()
+        return [OptionScores(request, *(scores.get(i) or (None, None)), error=errors.get(i))
+                for i, request in enumerate(requests)]
+
+    def _continuation_logprobs(self, rows: list[list[int]], spans: list[int],
+                               images: list[Image.Image], table: ConceptTable) -> list[float]:
+        """Sum of log p(last `span` tokens of each row | everything before), one forward."""
+        input_ids, attention_mask = self._collate(rows)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if images:
+            inputs["pixel_values"] = self.backbone.pixel_values(images)
+        with table.active(self.backbone.model):
+            logits = self.backbone.model(**inputs).logits.float()
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = input_ids[:, 1:]
+        token_lp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        width = input_ids.shape[1]
+        return [float(token_lp[i, width - 1 - span:].sum()) for i, span in enumerate(spans)]

@@ -1,0 +1,164 @@
+"""Chat templates and `<name>` parsing: a question becomes a list of segments.
+
+A segment is plain text or a `Slot`: the place of a concept's word (`<name>`) or of one of its
+k context tokens. The concept table (table.py) gives each slot a virtual token id; text is
+tokenized piece by piece, `<image>` expands to the model's image slots.
+
+With LLaVA-1.5's Vicuna-v1 template and two concepts the prompt reads
+
+    A chat between a curious user and an artificial intelligence assistant. The assistant
+    gives helpful, detailed, and polite answers to the user's questions. <a> is <a1>…<ak>.
+    <b> is <b1>…<bk>. USER: <image>\\n{question} ASSISTANT:
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Union
+
+from .errors import PlvmError
+
+NAME_RE = re.compile(r"<([A-Za-z0-9_-]+)>")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A concept token: index -1 is the word `<name>`, 0..k-1 its context tokens."""
+
+    name: str
+    index: int = -1
+
+
+Segment = Union[str, Slot]
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    name: str
+    system: str
+    user: str
+    assistant: str
+
+    def render(self, question: list[Segment], preamble: list[Segment], has_image: bool) -> list[Segment]:
+        """System text, concept sentences, then `USER: [<image>\\n]question ASSISTANT:`."""
+        segments: list[Segment] = [self.system]
+        segments += preamble
+        segments.append(f" {self.user}: " + (f"{IMAGE_PLACEHOLDER}\n" if has_image else ""))
+        segments += question
+        segments.append(f" {self.assistant}:")
+        return merge_text(segments)
+
+
+VICUNA_V1 = ChatTemplate(
+    name="vicuna_v1",
+    system=(
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions."
+    ),
+    user="USER",
+    assistant="ASSISTANT",
+)
+# The toy world's pocket model is trained on a short system line (its vocabulary is tiny).
+POCKET = ChatTemplate(name="pocket", system="a chat.", user="user", assistant="assistant")
+TEMPLATES = {template.name: template for template in (VICUNA_V1, POCKET)}
+
+
+def get_template(name: str) -> ChatTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise PlvmError(f"unknown chat template {name!r} (known: {', '.join(TEMPLATES)})") from None
+
+
+def mentioned_names(text: str) -> list[str]:
+    """The `<name>`s in `text`, in order of first appearance, `<image>` excluded."""
+    names: list[str] = []
+    for match in NAME_RE.finditer(text):
+        name = match.group(1)
+        if name != "image" and name not in names:
+            names.append(name)
+    return names
+
+
+def split_names(text: str, names: Iterable[str]) -> list[Segment]:
+    """Cut `text` at every `<name>` of `names`; other angle-bracket words stay text."""
+    wanted = set(names)
+    segments: list[Segment] = []
+    position = 0
+    for match in NAME_RE.finditer(text):
+        if match.group(1) not in wanted:
+            continue
+        if match.start() > position:
+            segments.append(text[position:match.start()])
+        segments.append(Slot(match.group(1)))
+        position = match.end()
+    if position < len(text):
+        segments.append(text[position:])
+    return segments
+
+
+def merge_text(segments: list[Segment]) -> list[Segment]:
+    merged: list[Segment] = []
+    for segment in segments:
+        if isinstance(segment, str) and merged and isinstance(merged[-1], str):
+            merged[-1] = merged[-1] + segment
+        elif not (isinstance(segment, str) and segment == ""):
+            merged.append(segment)
+    return merged
+
+
+def concept_sentence(name: str, num_context: int) -> list[Segment]:
+    """` <name> is <t1>…<tk>.`"""
+    return [" ", Slot(name), " is ", *[Slot(name, i) for i in range(num_context)], "."]
+
+
+def build_prompt(question: str, *, template: ChatTemplate, has_image: bool,
+                 concepts: Mapping[str, int] | None = None,
+                 descriptions: Mapping[str, str] | None = None,
+                 literal_names: bool = False) -> list[Segment]:
+    """Segments for one question.
+
+    `concepts` maps each known soft-prompt concept to its k; `descriptions` maps names to a
+    plain-text description (the "LLaVA + text prompt" baseline). Every `<name>` in the
+    question must be one of them unless `literal_names` (then unknown ones stay plain text,
+    the "no personal information" baseline). Only concepts the question mentions get a
+    sentence, in order of first mention.
+    """
+    concepts = concepts or {}
+    descriptions = descriptions or {}
+    names = mentioned_names(question)
+    unknown = [n for n in names if n not in concepts and n not in descriptions]
+    if unknown and not literal_names:
+        known = sorted(set(concepts) | set(descriptions))
+        listing = ", ".join(f"<{n}>" for n in known) if known else "none"
+        raise PlvmError(f"unknown concept <{unknown[0]}> (known: {listing})")
+    preamble: list[Segment] = []
+    soft = [n for n in names if n in concepts]
+    for name in names:
+        if name in concepts:
+            preamble += concept_sentence(name, concepts[name])
+        elif name in descriptions:
+            preamble.append(f" <{name}> is {descriptions[name].strip().rstrip('.')}.")
+    return template.render(split_names(question, soft), preamble, has_image)
+
+
+def encode_segments(segments: list[Segment], tokenizer, *, slot_id: Callable[[Slot], int],
+                    image_token_id: int, num_image_tokens: int, add_bos: bool = True) -> list[int]:
+    """Token ids for `segments`: text tokenized piece by piece, slots via `slot_id`,
+    each `<image>` expanded to `num_image_tokens` copies of `image_token_id`."""
+    ids: list[int] = []
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+    for segment in segments:
+        if isinstance(segment, Slot):
+            ids.append(slot_id(segment))
+            continue
+        pieces = segment.split(IMAGE_PLACEHOLDER)
+        for number, piece in enumerate(pieces):
+            if number > 0:
+                ids.extend([image_token_id] * num_image_tokens)
+            if piece:
+                ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return ids

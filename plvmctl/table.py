@@ -1,0 +1,122 @@
+"""The concept table: virtual token ids for concepts, active only during a call.
+
+For the active concepts c_0 … c_{n-1} (k_i context tokens each) the ids above the real
+vocabulary V are laid out as
+
+    V + i                      the word `<c_i>` (has an output-head row: can be generated)
+    V + n + offset_i + j       context token j of c_i (input only)
+
+`ConceptTable.active()` puts two hooks around the backbone for the duration of a `with`:
+
+- on the input embedding: ids ≥ V are looked up in the table, real ids go through the real
+  matrix untouched (`torch.where`, so their rows are bit-identical);
+- on the output head: V + n + Σk columns are appended: the concepts' head rows give the
+  words' logits, context columns get the dtype's lowest value (never generated).
+
+Nothing in the model is resized or overwritten, any number of concepts can share one batch,
+stock `generate()` (KV cache, sampling, logits processors) keeps working, and gradients flow
+into the concept tensors, so trainers use the same mechanism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+from .concept import Concept
+from .errors import PlvmError
+from .prompt import Slot
+
+
+class ConceptTable:
+    def __init__(self, concepts: Sequence[Concept], vocab_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        names = [c.name for c in concepts]
+        if len(set(names)) != len(names):
+            raise PlvmError(f"the same concept is listed twice: {names}")
+        self.vocab_size = vocab_size
+        self.names = names
+        self.num_concepts = len(concepts)
+        self._word_id = {c.name: vocab_size + i for i, c in enumerate(concepts)}
+        self._context_start: dict[str, int] = {}
+        self._num_context: dict[str, int] = {}
+        start = vocab_size + self.num_concepts
+        for concept in concepts:
+            self._context_start[concept.name] = start
+            self._num_context[concept.name] = concept.num_context
+            start += concept.num_context
+        self.total_ids = start  # width of the extended logits
+        hidden = concepts[0].hidden_size if concepts else 0
+        rows = [c.word.reshape(1, hidden) for c in concepts] + [c.context for c in concepts]
+        # [n + Σk, H]: input embeddings of every virtual id, in id order
+        self.input_rows = (torch.cat(rows, 0) if concepts else torch.zeros(0, 1)).to(device, dtype)
+        # [n, H]: output-head rows of the concept words
+        self.head_rows = (torch.stack([c.head for c in concepts]) if concepts
+                          else torch.zeros(0, 1)).to(device, dtype)
+
+    # -- ids ----------------------------------------------------------------------------
+    def slot_id(self, slot: Slot) -> int:
+        if slot.name not in self._word_id:
+            raise PlvmError(f"concept <{slot.name}> is not in this call's table")
+        if slot.index < 0:
+            return self._word_id[slot.name]
+        if slot.index >= self._num_context[slot.name]:
+            raise PlvmError(f"concept <{slot.name}> has {self._num_context[slot.name]} context tokens")
+        return self._context_start[slot.name] + slot.index
+
+    def word_id(self, name: str) -> int:
+        return self.slot_id(Slot(name))
+
+    def name_for_id(self, token_id: int) -> str | None:
+        """The concept whose word is `token_id`, or None for real (or context) ids."""
+        index = token_id - self.vocab_size
+        if 0 <= index < self.num_concepts:
+            return self.names[index]
+        return None
+
+    # -- hooks --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def active(self, model: torch.nn.Module) -> Iterator["ConceptTable"]:
+        """Hook the table into `model`'s input embedding and output head for one call."""
+        embedding = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        vocab = self.vocab_size
+        if head.weight.shape[0] != vocab:
+            raise PlvmError(f"table built for {vocab} vocabulary rows, model head has {head.weight.shape[0]}")
+        pending: list[torch.Tensor] = []
+
+        def before_embedding(module, args):
+            ids = args[0]
+            pending.append(ids)
+            return (ids.clamp(max=vocab - 1),) + tuple(args[1:])
+
+        def after_embedding(module, args, output):
+            ids = pending.pop()
+            virtual = ids >= vocab
+            if not bool(virtual.any()):
+                return output
+            rows = self.input_rows[(ids - vocab).clamp(min=0)].to(output.dtype)
+            return torch.where(virtual.unsqueeze(-1), rows, output)
+
+        def after_head(module, args, output):
+            hidden = args[0]
+            word_logits = hidden.to(self.head_rows.dtype) @ self.head_rows.T
+            context_logits = output.new_full(
+                (*output.shape[:-1], self.total_ids - vocab - self.num_concepts),
+                torch.finfo(output.dtype).min,
+            )
+            return torch.cat([output, word_logits.to(output.dtype), context_logits], dim=-1)
+
+        handles = [
+            embedding.register_forward_pre_hook(before_embedding),
+            embedding.register_forward_hook(after_embedding),
+            head.register_forward_hook(after_head),
+        ]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            pending.clear()
