@@ -80,6 +80,9 @@ class ConceptTable:
     @contextlib.contextmanager
     def active(self, model: torch.nn.Module) -> Iterator["ConceptTable"]:
         """Hook the table into `model`'s input embedding and output head for one call."""
+        if self.num_concepts == 0:  # nothing to add: the plain model
+            yield self
+            return
         embedding = model.get_input_embeddings()
         head = model.get_output_embeddings()
         vocab = self.vocab_size

@@ -1,0 +1,79 @@
+"""`plvmctl eval`: the PLVM paper's evaluation protocol on a plvm-val-style test set."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import PlvmError
+from ..methods import KNOWN_METHODS, get_method
+
+TINY_WARNING = ("warning: the tiny recipe's model is random, so its numbers are meaningless "
+                "(it only exercises the machinery)")
+
+
+def parse_methods(values: tuple[str, ...]) -> list[str]:
+    """`--method a --method b,c` -> [a, b, c], duplicates dropped, order kept."""
+    names: list[str] = []
+    for value in values:
+        for name in value.split(","):
+            name = name.strip()
+            if name and name not in names:
+                names.append(name)
+    if not names:
+        raise PlvmError("no method to evaluate: pass --method")
+    return names
+
+
+def default_out_dir(recipe_name: str) -> Path:
+    """runs/eval-<recipe>-<timestamp>, relative to the current directory."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in recipe_name)
+    return Path("runs") / f"eval-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@click.command("eval")
+@click.option("--testset", type=click.Path(file_okay=False), default=None,
+              help="Folder that holds validation_recognition/ [default: ../shared/testsets/plvm-val].")
+@click.option("--method", "methods", multiple=True, default=("plvm",), show_default=True,
+              metavar="NAME", help=f"Method to evaluate: {' | '.join(KNOWN_METHODS)}. "
+                                   "Repeat it or separate names with commas.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Report folder; reuse one to resume [default: runs/eval-<recipe>-<timestamp>].")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most N items per task (quick runs).")
+@click.option("--neg-per-identity", type=click.IntRange(min=0), default=None,
+              help="Sample N negative recognition pairs per identity [default: all pairs].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for that sampling.")
+@click.option("--mcq", type=click.Choice(["likelihood", "generate"]), default="likelihood",
+              show_default=True, help="Multiple choice by option-letter likelihood, or by "
+                                      "generating an answer and parsing it.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Questions per batch [default: the recipe's generation.batch_size].")
+@click.pass_obj
+def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, mcq, batch_size):
+    """Recognition (positive/negative/mean), text QA and visual QA accuracy, per method.
+
+    Writes results.json, results.md, results.png and items/<method>.jsonl into the output
+    folder; an interrupted run continues where it stopped when given the same --out.
+
+    \b
+    Example:
+      plvmctl --recipe llava15-7b eval --method plvm,llava-text,llava-none
+    """
+    from ..evaluate import load_testset, render_markdown, run_evaluation
+
+    names = parse_methods(methods)
+    for name in names:
+        get_method(name)  # unknown or unavailable methods fail before anything loads
+    loaded = load_testset(testset)  # fail fast, before any model loads
+    recipe = app.recipe
+    if recipe.name == "tiny" or str(recipe.model.source) == "tiny":
+        click.echo(TINY_WARNING, err=True)
+    out = Path(out_dir) if out_dir else default_out_dir(recipe.name)
+    results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
+                             neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
+                             batch_size=batch_size, progress=True)
+    click.echo(render_markdown(results))
+    click.echo(f"report: {out}/results.md, results.json, results.png; answers in {out}/items/")

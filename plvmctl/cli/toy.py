@@ -1,0 +1,95 @@
+"""`plvmctl toy ...`: generate the procedural toy world's training data and test set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import PlvmError
+
+
+class _ToyGroup(click.Group):
+    """A group that turns PlvmError into `error: <message>` and exit status 1 by itself, so it
+    behaves the same when invoked directly (tests) and when registered under `plvmctl`."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PlvmError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(1)
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    """Refuse a non-empty output folder unless `force`; refuse a file in its place always."""
+    if out.exists() and not out.is_dir():
+        raise PlvmError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PlvmError(f"--out {out} is not empty; pass --force to replace the toy data in it")
+
+
+@click.group(cls=_ToyGroup, name="toy")
+def toy() -> None:
+    """The toy world: procedural cartoon identities for training and testing from scratch.
+
+    Each identity is a fixed combination of traits (face shape, skin tone, hair colour and
+    style, accessory, facial hair, eye colour). About 20 % of all identities are held out for
+    testing once and for all, whatever the seed: `generate` never uses them, `testset` uses
+    nothing else.
+    """
+
+
+@toy.command("generate")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write images/, scenes/, manifest.jsonl and scene_qa.jsonl into.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives identical files.")
+@click.option("--identities", "n_identities", default=20, show_default=True, type=click.IntRange(min=1),
+              help="How many training identities to draw.")
+@click.option("--photos", "photos", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Photos (scenes with 1-3 people) per identity, besides its reference portrait.")
+@click.option("--scene-size", default=96, show_default=True, type=int, help="Side of the scene photos in pixels.")
+@click.option("--portrait-size", default=64, show_default=True, type=int, help="Side of the reference portraits in pixels.")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out, replacing earlier toy training data there.")
+def generate(out: Path, seed: int, n_identities: int, photos: int, scene_size: int, portrait_size: int, force: bool) -> None:
+    """Write toy training data (training-part identities only) and print the manifest path.
+
+    \b
+    images/<Name>/ref.png    reference portrait of each identity
+    images/<Name>/q<i>.png   photos (1-3 people) that contain it
+    scenes/s<i>.png          extra photos of random training identities
+    manifest.jsonl           one identity a line: photos, what is in them, attribute Q&As
+    scene_qa.jsonl           generic scene questions for pretraining a base model
+    """
+    from ..data.toy import generate_training_data
+
+    _prepare_out(out, force)
+    manifest = generate_training_data(out, n_identities, photos, seed, scene_size=scene_size, portrait_size=portrait_size)
+    click.echo(str(manifest))
+
+
+@toy.command("testset")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write validation_recognition/ (the plvm-val layout) into.")
+@click.option("--identities", "n_identities", required=True, type=click.IntRange(min=1),
+              help="How many held-out identities (one folder each).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives identical files.")
+@click.option("--queries", default=6, show_default=True, type=click.IntRange(min=1),
+              help="Query photos per identity (query_img1.png ...), one visual question each.")
+@click.option("--scene-size", default=96, show_default=True, type=int, help="Side of the query photos in pixels.")
+@click.option("--portrait-size", default=64, show_default=True, type=int, help="Side of the reference photos in pixels.")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out, replacing an earlier toy test set there.")
+def testset(out: Path, n_identities: int, seed: int, queries: int, scene_size: int, portrait_size: int, force: bool) -> None:
+    """Write a test set shaped exactly like plvm-val, from held-out identities only; print --out.
+
+    \b
+    validation_recognition/<Name>/ref_img.png, query_img1.png ...
+    validation_recognition/query_ques.json       visual multiple choice
+    validation_recognition/non_query_ques.json   text-only multiple choice
+    README.md, toy_world.json                    provenance and the truth of every photo
+    """
+    from ..data.toy import write_testset
+
+    _prepare_out(out, force)
+    folder = write_testset(out, n_identities, seed, queries_per_identity=queries, scene_size=scene_size, portrait_size=portrait_size)
+    click.echo(str(folder))

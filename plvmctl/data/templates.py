@@ -1,0 +1,91 @@
+"""Recognition and attribute Q&A templates shared by the Aligner and Yo'LLaVA trainers.
+
+Every template uses the placeholder `<sks>` for the personalized concept; `fill` swaps it for
+a concrete `<name>`. Positive answers all start with "Yes", negative ones with "No", so a
+trainer (or an evaluator) can read the label off the first word.
+"""
+
+from __future__ import annotations
+
+PLACEHOLDER = "<sks>"
+
+RECOGNITION_QUESTIONS: tuple[str, ...] = (
+    "Is <sks> in this photo?",
+    "Can you see <sks> in this image?",
+    "Does this photo show <sks>?",
+    "Is <sks> present in this picture?",
+    "Can you find <sks> in this photo?",
+    "Is <sks> somewhere in this image?",
+    "Does <sks> appear in this picture?",
+    "Do you see <sks> here?",
+    "Is there <sks> in this photo?",
+    "Is <sks> one of the people in this photo?",
+    "Can <sks> be seen in this image?",
+    "Does this image contain <sks>?",
+    "Is <sks> pictured here?",
+    "Would you say <sks> is in this photo?",
+    "Is <sks> visible in this picture?",
+    "Look at the photo: is <sks> there?",
+    "Is this a photo with <sks> in it?",
+)
+
+POSITIVE_ANSWERS: tuple[str, ...] = (
+    "Yes, <sks> is in this photo.",
+    "Yes, I can see <sks> in this image.",
+    "Yes, this photo shows <sks>.",
+    "Yes, <sks> is present in this picture.",
+    "Yes, I found <sks> in this photo.",
+    "Yes, <sks> is in the image.",
+    "Yes, <sks> appears in this picture.",
+    "Yes, I see <sks> here.",
+    "Yes, <sks> is one of the people in this photo.",
+    "Yes, <sks> can be seen in this image.",
+    "Yes, this image contains <sks>.",
+    "Yes, <sks> is pictured here.",
+    "Yes, <sks> is in this photo for sure.",
+    "Yes, <sks> is visible in this picture.",
+    "Yes.",
+    "Yes, that is <sks>.",
+    "Yes, <sks> is right there.",
+)
+
+NEGATIVE_ANSWERS: tuple[str, ...] = (
+    "No, <sks> is not in this photo.",
+    "No, I cannot see <sks> in this image.",
+    "No, this photo does not show <sks>.",
+    "No, <sks> is not present in this picture.",
+    "No, I could not find <sks> in this photo.",
+    "No, <sks> is not in the image.",
+    "No, <sks> does not appear in this picture.",
+    "No, I do not see <sks> here.",
+    "No, none of the people in this photo is <sks>.",
+    "No, <sks> cannot be seen in this image.",
+    "No, this image does not contain <sks>.",
+    "No, <sks> is not pictured here.",
+    "No, <sks> is not in this photo.",
+    "No, <sks> is not visible in this picture.",
+    "No.",
+    "No, that is not <sks>.",
+    "No, <sks> is nowhere in this photo.",
+)
+
+ATTRIBUTE_QUESTIONS: tuple[str, ...] = (
+    "What is the hair colour of <sks>?",
+    "What colour is <sks>'s hair?",
+    "What is <sks>'s hairstyle?",
+    "Is <sks>'s hair short or long?",
+    "What is <sks>'s skin tone?",
+    "What is the shape of <sks>'s face?",
+    "Does <sks> wear glasses?",
+    "Is <sks> wearing a hat?",
+    "Does <sks> wear earrings?",
+    "Does <sks> have a beard or a moustache?",
+    "What colour are <sks>'s eyes?",
+    "What is <sks> wearing?",
+)
+
+
+def fill(template: str, name: str) -> str:
+    """Replace every `<sks>` in `template` by `<name>` (angle brackets on `name` are optional)."""
+    bare = name.strip().strip("<>")
+    return template.replace(PLACEHOLDER, f"<{bare}>")

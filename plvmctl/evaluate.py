@@ -1,0 +1,962 @@
+"""The PLVM paper's evaluation protocol on plvm-val-style test sets: items, metrics, report.
+
+Protocol (the paper's, as described in the test set's README):
+
+- Recognition: "Is <name> in this photo?" for every (identity reference x query photo) pair;
+  the expected answer is Yes when both come from the same identity folder, No otherwise.
+  Reported: positive accuracy (over expected-Yes pairs), negative accuracy, their mean.
+- Text-only and visual multiple-choice QA: the question, the options one per line as
+  "A. ...", then an instruction to answer with the option's letter. By default the answer is
+  the option whose *letter* the model finds most likely as the answer (`engine.score_options`
+  with the letters "A", "B", ... as the candidate answers: one short candidate per option,
+  so no length bias, and the same choice greedy decoding would make among the letters; ties
+  go to the earlier letter). `mcq="generate"` generates an answer and parses it instead.
+- Rows whose photo is missing are reported, skipped from the scores and counted.
+
+Every answered item is appended to `OUT/items/<method>.jsonl` as soon as its batch returns;
+a later run with the same OUT asks only what is not there yet. Answers are re-parsed from the
+stored raw text each time the report is written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from .errors import PlvmError
+from .fileio import atomic_path, write_json_atomic, write_text_atomic
+from .methods import MethodContext, PreparedMethod, Reference, get_method
+
+DEFAULT_TESTSET = Path("../shared/testsets/plvm-val")
+SET_FOLDER = "validation_recognition"
+VISUAL_FILE = "query_ques.json"
+TEXT_FILE = "non_query_ques.json"
+QUERY_SUFFIXES = (".jpg", ".jpeg", ".png")
+PRIMARY_REFERENCE = "ref_img.png"
+PLACEHOLDER = "<sks>"
+
+RECOGNITION_QUESTION = "Is <{name}> in this photo?"
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+MCQ_MODES = ("likelihood", "generate")
+TASKS = ("recognition", "text", "visual")
+TASK_TITLES = {"recognition": "recognition", "text": "text QA", "visual": "visual QA"}
+RECOGNITION_MODE = "generate"  # recognition is always answered by generation + yes/no parsing
+UNPARSEABLE_EXAMPLES = 20
+
+LAYOUT_HINT = (f"the plvm-val layout: DIR/{SET_FOLDER}/<Identity>/ref_img.png and query_img*.jpg, "
+               f"DIR/{SET_FOLDER}/{VISUAL_FILE} and {TEXT_FILE}")
+
+# Table 1 of the PLVM paper (LLaVA-1.5-7B, 16 context tokens) as quoted in plvm-val's README;
+# seconds per concept from the paper's Table 7 (PLVM 0.006 s; Yo'LLaVA ~40 min of training).
+PAPER_FIGURES: list[dict[str, Any]] = [
+    {"method": "paper: PLVM", "positive": 89.5, "negative": 82.1, "mean": 85.8,
+     "text_qa": 85.9, "visual_qa": 77.5, "seconds_per_concept": 0.006, "tokens_per_concept": 16},
+    {"method": "paper: Yo'LLaVA", "positive": 74.5, "negative": 75.3, "mean": 74.9,
+     "text_qa": 77.4, "visual_qa": 72.9, "seconds_per_concept": 2400.0, "tokens_per_concept": 16},
+    {"method": "paper: LLaVA + text prompt", "positive": 80.3, "negative": 61.3, "mean": 70.8,
+     "text_qa": 71.8, "visual_qa": 72.3, "seconds_per_concept": None, "tokens_per_concept": 16},
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The test set
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One identity folder: its concept name, reference photo(s) and query photos."""
+
+    name: str
+    folder: Path
+    reference: Path  # ref_img.png, else the first ref_img*.* by name
+    references: tuple[Path, ...]  # the primary one first
+    queries: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class McqRow:
+    """One published multiple-choice row; `missing` says which referenced file is absent."""
+
+    key: str  # "visual/0012": task and row index in its JSON file
+    kind: str  # "visual" | "text"
+    identity: str  # the concept the question is about (folder of `ref_img`)
+    question: str  # as published, with <sks>
+    options: tuple[tuple[str, str], ...]  # (letter, text), letters in order
+    answer: str  # the correct letter
+    image: Path | None  # the query photo (visual rows)
+    missing: str | None = None
+
+
+@dataclass
+class TestSet:
+    """A plvm-val-style test set, loaded: identities and the two question files."""
+
+    root: Path
+    identities: list[Identity]
+    visual: list[McqRow]
+    text: list[McqRow]
+    is_plvm_val: bool = False
+
+    @property
+    def query_count(self) -> int:
+        return sum(len(identity.queries) for identity in self.identities)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "identities": len(self.identities),
+            "identities_with_queries": sum(1 for i in self.identities if i.queries),
+            "reference_photos": sum(len(i.references) for i in self.identities),
+            "query_photos": self.query_count,
+            "visual_questions": len(self.visual),
+            "text_questions": len(self.text),
+            "visual_missing": sum(1 for row in self.visual if row.missing),
+            "text_missing": sum(1 for row in self.text if row.missing),
+        }
+
+
+def _natural_key(name: str) -> list[Any]:
+    """Sort "query_img2" before "query_img10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def concept_name(folder_name: str) -> str:
+    """The concept name for an identity folder: letters, digits, '-' and '_' kept, others '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", folder_name)
+
+
+def _read_identity(folder: Path) -> Identity | None:
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    references = sorted((p for p in files if p.name.startswith("ref_img") and "." in p.name),
+                        key=lambda p: _natural_key(p.name))
+    if not references:
+        return None
+    primary = next((p for p in references if p.name == PRIMARY_REFERENCE), references[0])
+    references = [primary] + [p for p in references if p != primary]
+    queries = sorted((p for p in files if p.name.startswith("query_img")
+                      and p.suffix.lower() in QUERY_SUFFIXES), key=lambda p: _natural_key(p.name))
+    return Identity(name=concept_name(folder.name), folder=folder, reference=primary,
+                    references=tuple(references), queries=tuple(queries))
+
+
+def _read_rows(root: Path, file_name: str, kind: str,
+               identities: dict[str, Identity]) -> list[McqRow]:
+    path = root / SET_FOLDER / file_name
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise PlvmError(f"malformed {path} line {error.lineno}: {error.msg}") from error
+    if not isinstance(data, list):
+        raise PlvmError(f"malformed {path}: expected a list of question rows")
+    by_folder = {identity.folder.name: identity for identity in identities.values()}
+    rows = []
+    for index, raw in enumerate(data):
+        where = f"{path} row {index}"
+        needed = ("ref_img", "question", "multiple_choice", "correct_answer")
+        if kind == "visual":
+            needed += ("query_img",)
+        if not isinstance(raw, dict) or any(key not in raw for key in needed):
+            raise PlvmError(f"malformed {where}: needs the keys {', '.join(needed)}")
+        choices = raw["multiple_choice"]
+        if not isinstance(choices, dict) or not choices:
+            raise PlvmError(f"malformed {where}: multiple_choice must be a mapping letter -> text")
+        options = tuple(sorted((str(letter).strip().upper(), str(text))
+                               for letter, text in choices.items()))
+        answer = str(raw["correct_answer"]).strip().upper()
+        if answer not in dict(options):
+            raise PlvmError(f"malformed {where}: correct_answer {answer!r} is not an option")
+        reference_rel = str(raw["ref_img"])
+        folder_name = Path(reference_rel).parent.name
+        identity = by_folder.get(folder_name)
+        missing = None
+        if identity is None:
+            missing = f"unknown identity {folder_name!r} (no folder with a reference photo)"
+        elif not (root / reference_rel).is_file():
+            missing = f"missing file {reference_rel}"
+        image = None
+        if kind == "visual":
+            image_rel = str(raw["query_img"])
+            image = root / image_rel
+            if missing is None and not image.is_file():
+                missing = f"missing file {image_rel}"
+        rows.append(McqRow(
+            key=f"{kind}/{index:04d}",
+            kind=kind,
+            identity=identity.name if identity else concept_name(folder_name),
+            question=str(raw["question"]),
+            options=options,
+            answer=answer,
+            image=image,
+            missing=missing,
+        ))
+    return rows
+
+
+def _looks_like_plvm_val(root: Path) -> bool:
+    """True for the real plvm-val copy: its README's title names it."""
+    readme = root / "README.md"
+    if not readme.is_file():
+        return False
+    first_line = readme.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+    return "plvm-val" in first_line.lower()
+
+
+def load_testset(root: str | Path | None = None) -> TestSet:
+    """Load a test set in the plvm-val layout from `root` (default ../shared/testsets/plvm-val,
+    relative to the current directory). `root` may also be the validation_recognition folder."""
+    root = Path(root) if root is not None else DEFAULT_TESTSET
+    if root.name == SET_FOLDER and (root / VISUAL_FILE).exists():
+        root = root.parent
+    folder = root / SET_FOLDER
+    if not folder.is_dir():
+        raise PlvmError(f"test set not found at {root}: pass --testset DIR ({LAYOUT_HINT})")
+    identities: dict[str, Identity] = {}
+    for child in sorted(folder.iterdir(), key=lambda p: p.name):
+        if not child.is_dir() or child.name.startswith("."):
+            continue
+        identity = _read_identity(child)
+        if identity is None:
+            continue
+        if identity.name in identities:
+            raise PlvmError(f"identity folders {identities[identity.name].folder.name!r} and "
+                            f"{child.name!r} map to the same concept name {identity.name!r}")
+        identities[identity.name] = identity
+    if not identities:
+        raise PlvmError(f"no identity folders with a ref_img.* under {folder} ({LAYOUT_HINT})")
+    return TestSet(
+        root=root,
+        identities=list(identities.values()),
+        visual=_read_rows(root, VISUAL_FILE, "visual", identities),
+        text=_read_rows(root, TEXT_FILE, "text", identities),
+        is_plvm_val=_looks_like_plvm_val(root),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Items
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One question to ask, with a key that stays the same across runs."""
+
+    key: str
+    task: str  # recognition | text | visual
+    identity: str  # the concept the question is about
+    question: str  # the full prompt text, with <name>
+    image: Path | None
+    expected: str  # "yes" / "no" for recognition, the correct letter for MCQ
+    options: tuple[tuple[str, str], ...] = ()
+    missing: str | None = None
+
+
+def mcq_prompt(question: str, options: Sequence[tuple[str, str]]) -> str:
+    """The question, then "A. text" lines, then the answer-with-the-letter instruction."""
+    lines = [question] + [f"{letter}. {text}" for letter, text in options] + [MCQ_INSTRUCTION]
+    return "\n".join(lines)
+
+
+def _mcq_item(row: McqRow) -> EvalItem:
+    name = f"<{row.identity}>"
+    options = tuple((letter, text.replace(PLACEHOLDER, name)) for letter, text in row.options)
+    return EvalItem(
+        key=row.key,
+        task=row.kind,
+        identity=row.identity,
+        question=mcq_prompt(row.question.replace(PLACEHOLDER, name), options),
+        image=row.image,
+        expected=row.answer,
+        options=options,
+        missing=row.missing,
+    )
+
+
+def recognition_items(testset: TestSet, neg_per_identity: int | None = None,
+                      seed: int = 0) -> list[EvalItem]:
+    """Every (identity reference, query photo) pair; with `neg_per_identity`, all positives
+    and that many negatives per reference identity, sampled with `seed`."""
+    items = []
+    for reference in testset.identities:
+        positives, negatives = [], []
+        for owner in testset.identities:
+            for query in owner.queries:
+                item = EvalItem(
+                    key=f"rec/{reference.name}/{owner.folder.name}/{query.name}",
+                    task="recognition",
+                    identity=reference.name,
+                    question=RECOGNITION_QUESTION.format(name=reference.name),
+                    image=query,
+                    expected="yes" if owner is reference else "no",
+                )
+                (positives if owner is reference else negatives).append(item)
+        if neg_per_identity is not None and neg_per_identity < len(negatives):
+            rng = random.Random(f"{seed}/{reference.name}")
+            chosen = set(rng.sample(range(len(negatives)), neg_per_identity))
+            negatives = [item for i, item in enumerate(negatives) if i in chosen]
+        items.extend(positives + negatives)
+    return items
+
+
+def _round_robin(items: list[EvalItem], count: int) -> list[EvalItem]:
+    """Up to `count` items taken one identity at a time, so a small cap still spans identities."""
+    groups: dict[str, list[EvalItem]] = {}
+    for item in items:
+        groups.setdefault(item.identity, []).append(item)
+    chosen: list[EvalItem] = []
+    depth = 0
+    while len(chosen) < count and any(depth < len(group) for group in groups.values()):
+        for group in groups.values():
+            if depth < len(group) and len(chosen) < count:
+                chosen.append(group[depth])
+        depth += 1
+    return chosen
+
+
+def _cap(items: list[EvalItem], limit: int | None, balance_yes_no: bool = False) -> list[EvalItem]:
+    """At most `limit` items (in their original order); recognition keeps half positives."""
+    if limit is None or len(items) <= limit:
+        return items
+    if balance_yes_no:
+        positives = [item for item in items if item.expected == "yes"]
+        negatives = [item for item in items if item.expected == "no"]
+        chosen = _round_robin(positives, math.ceil(limit / 2))
+        chosen += _round_robin(negatives, limit - len(chosen))
+    else:
+        chosen = _round_robin(items, limit)
+    keep = {item.key for item in chosen}
+    return [item for item in items if item.key in keep]
+
+
+def build_items(testset: TestSet, *, limit: int | None = None, neg_per_identity: int | None = None,
+                seed: int = 0) -> dict[str, list[EvalItem]]:
+    """The items of each task: recognition, text, visual (in that order)."""
+    return {
+        "recognition": _cap(recognition_items(testset, neg_per_identity, seed), limit, True),
+        "text": _cap([_mcq_item(row) for row in testset.text], limit),
+        "visual": _cap([_mcq_item(row) for row in testset.visual], limit),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing answers
+
+_YES_WORDS = {"yes", "yeah", "yep", "yup", "yea", "correct", "true", "affirmative"}
+_SOFT_YES_WORDS = {"absolutely", "certainly", "definitely", "indeed", "sure", "surely"}
+_NO_WORDS = {"no", "nope", "nah", "not", "false", "incorrect", "negative", "none", "nobody"}
+_NEGATION_WORDS = {"no", "not", "never", "nobody", "neither", "nor", "cannot", "without", "none"}
+_UNSURE_PHRASES = (
+    "not sure", "unsure", "uncertain", "unclear", "not clear", "don't know", "do not know",
+    "cannot determine", "can't determine", "cannot be determined", "unable to determine",
+    "cannot tell", "can't tell", "hard to tell", "difficult to tell", "impossible to",
+    "cannot confirm", "can't confirm", "unable to confirm", "not possible to",
+)
+_PRESENCE_PHRASES = (
+    "is in", "are in", "appears in", "is present", "is visible", "is shown", "is pictured",
+    "can be seen", "i can see", "i see", "is featured", "is depicted",
+)
+
+
+def _plain_words(text: str) -> list[str]:
+    """Lower-case words of `text` with markup, punctuation and any `<name>` removed."""
+    lowered = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    lowered = re.sub(r"<[^<>\s]*>", " name ", lowered)  # a restored <name> is not a word
+    lowered = re.sub(r"^\s*(answer|assistant|response)\s*:", " ", lowered)
+    return [word.strip("'") for word in re.findall(r"[a-z0-9']+", lowered) if word.strip("'")]
+
+
+def parse_yes_no(answer: str | None) -> str | None:
+    """Map a free-text recognition answer to "yes", "no", or None when it says neither.
+
+    The first word decides when it is a yes/no word ("Yes, <a> is ...", "No.", "**Yes**");
+    "Absolutely not" is no. Otherwise a hedge ("I'm not sure") is None, any negation
+    ("I don't see <a>", "<a> is not in this photo", "There is no ...") is no, and a statement
+    of presence ("<a> is in this photo") is yes.
+    """
+    if not answer:
+        return None
+    words = _plain_words(answer)
+    if not words:
+        return None
+    first, second = words[0], (words[1] if len(words) > 1 else "")
+    if first in _YES_WORDS:
+        return "yes"
+    if first in _NO_WORDS:
+        return "no"
+    if first in _SOFT_YES_WORDS:
+        return "no" if second in ("not", "no") else "yes"
+    sentence = " ".join(words)
+    if any(re.search(rf"\b{re.escape(phrase)}\b", sentence) for phrase in _UNSURE_PHRASES):
+        return None
+    if any(word in _NEGATION_WORDS or word.endswith("n't") for word in words):
+        return "no"
+    if any(re.search(rf"\b{re.escape(phrase)}\b", sentence) for phrase in _PRESENCE_PHRASES):
+        return "yes"
+    return None
+
+
+def _normalise_option(text: str) -> str:
+    """Lower-case words only, `<name>` unwrapped, a leading article dropped."""
+    words = re.findall(r"[a-z0-9']+", text.lower().replace("\u2019", "'"))
+    if words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
+
+
+_ANSWER_PREFIX = re.compile(
+    r"^\s*(?:the\s+)?(?:correct\s+|best\s+|right\s+)?(?:answer|option|choice)\b"
+    r"(?:\s+is)?\s*[:\-]?\s*", re.IGNORECASE)
+
+
+def parse_mcq_answer(answer: str | None, options: Sequence[tuple[str, str]] | Mapping[str, str]
+                     ) -> str | None:
+    """The option letter a generated MCQ answer picks, or None.
+
+    Accepted: a letter alone or first with a delimiter ("B", "b.", "(B)", "[B]", "B) crop top",
+    "B. crop top"), after an optional "Answer:" / "The answer is" / "Option" prefix; "... the
+    answer is C" anywhere; or text equal to one option's text ("crop top", "A crop top",
+    "B crop top"), ignoring case, punctuation and a leading article. A letter that is not one
+    of the options is None.
+    """
+    if not answer:
+        return None
+    pairs = list(options.items()) if isinstance(options, Mapping) else list(options)
+    letters = [letter for letter, _ in pairs]
+    text = re.sub(r"[*_`\"]", "", answer).strip()
+    for _ in range(2):  # "Answer: Option B"
+        text = _ANSWER_PREFIX.sub("", text, count=1).strip()
+
+    def known(letter: str) -> str | None:
+        return letter.upper() if letter.upper() in letters else None
+
+    alone = re.fullmatch(r"[(\[]?([A-Za-z])[)\]]?[.:,!]?", text)
+    if alone:
+        return known(alone.group(1))
+    delimited = re.match(r"(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])[.):])(?:\s|$)", text)
+    if delimited:
+        return known(next(group for group in delimited.groups() if group))
+    stated = re.search(r"\banswer is:?\s*\(?([A-Z])\b\)?", answer)
+    if stated:
+        return known(stated.group(1))
+    normalised = _normalise_option(text)
+    for letter, option in pairs:
+        if normalised and normalised == _normalise_option(option):
+            return letter
+    head, _, rest = text.partition(" ")
+    if head.upper() in letters and rest:
+        option_text = dict(pairs)[head.upper()]
+        if _normalise_option(rest) == _normalise_option(option_text):
+            return head.upper()
+    return None
+
+
+def pick_by_likelihood(letters: Sequence[str], logprobs: Sequence[float]) -> str:
+    """The letter with the highest log-likelihood; NaN counts as -inf; ties: earlier letter."""
+    best_index, best = 0, -math.inf
+    for index, value in enumerate(logprobs):
+        value = -math.inf if value is None or math.isnan(value) else float(value)
+        if value > best:
+            best_index, best = index, value
+    return letters[best_index]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _ratio(correct: int, total: int) -> float | None:
+    return correct / total if total else None
+
+
+def recognition_metrics(pairs: Iterable[tuple[str, str | None]]) -> dict[str, Any]:
+    """Accuracy on (expected, predicted) yes/no pairs; a None prediction is wrong either way.
+
+    Returns positive (accuracy over expected "yes"), negative, mean of the two (None when a
+    class is empty), the counts behind them and how many answers were unparseable.
+    """
+    counts = Counter()
+    for expected, predicted in pairs:
+        cls = "positive" if expected == "yes" else "negative"
+        counts[f"{cls}_total"] += 1
+        counts[f"{cls}_correct"] += int(predicted == expected)
+        counts["unparseable"] += int(predicted is None)
+    positive = _ratio(counts["positive_correct"], counts["positive_total"])
+    negative = _ratio(counts["negative_correct"], counts["negative_total"])
+    mean = (positive + negative) / 2 if positive is not None and negative is not None else None
+    return {
+        "positive": positive, "negative": negative, "mean": mean,
+        "positive_correct": counts["positive_correct"], "positive_total": counts["positive_total"],
+        "negative_correct": counts["negative_correct"], "negative_total": counts["negative_total"],
+        "unparseable": counts["unparseable"],
+    }
+
+
+def mcq_metrics(pairs: Iterable[tuple[str, str | None]]) -> dict[str, Any]:
+    """Accuracy on (expected letter, predicted letter or None) pairs."""
+    correct = total = unparseable = 0
+    for expected, predicted in pairs:
+        total += 1
+        correct += int(predicted == expected)
+        unparseable += int(predicted is None)
+    return {"accuracy": _ratio(correct, total), "correct": correct, "total": total,
+            "unparseable": unparseable}
+
+
+# --------------------------------------------------------------------------------------------
+# The per-item log (resumability)
+
+
+def _mode_for(task: str, mcq: str) -> str:
+    return RECOGNITION_MODE if task == "recognition" else mcq
+
+
+class ItemLog:
+    """`OUT/items/<method>.jsonl`: one JSON line per answered item, appended and flushed.
+
+    Records are looked up by (key, mode); a later line for the same pair wins. A damaged
+    line (from a crash mid-write) is ignored and the file is re-terminated before appending.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        self._handle = None
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                    self.records[(record["key"], record["mode"])] = record
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    def done(self, key: str, mode: str) -> bool:
+        """True when the item has an answer without an error."""
+        record = self.records.get((key, mode))
+        return record is not None and record.get("error") is None
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        if self._handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            needs_newline = False
+            if self.path.exists() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as existing:
+                    existing.seek(-1, 2)
+                    needs_newline = existing.read(1) != b"\n"
+            self._handle = open(self.path, "a", encoding="utf-8")
+            if needs_newline:
+                self._handle.write("\n")
+        for record in records:
+            self._handle.write(json.dumps(record, sort_keys=True) + "\n")
+            self.records[(record["key"], record["mode"])] = record
+        self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def _relative(path: Path | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _answer_items(prepared: PreparedMethod, engine_api: Any, items: list[EvalItem], mode: str,
+                  log: ItemLog, root: Path, batch_size: int, progress: bool, label: str) -> int:
+    """Ask `items` in chunks of `batch_size`, logging each chunk; returns how many were asked."""
+    bar = tqdm(total=len(items), desc=label, unit="item", disable=not progress)
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            requests = [engine_api.AskRequest(item.question, item.image) for item in chunk]
+            if mode == "likelihood":
+                options = [[letter for letter, _ in item.options] for item in chunk]
+                results = prepared.engine.score_options(requests, options, batch_size=batch_size,
+                                                        progress=False)
+            else:
+                results = prepared.engine.ask(requests, batch_size=batch_size, progress=False)
+            if len(results) != len(chunk):
+                raise PlvmError(f"the engine returned {len(results)} results for {len(chunk)} "
+                                f"questions ({prepared.name})")
+            records = []
+            for item, result in zip(chunk, results):
+                record = {
+                    "key": item.key, "task": item.task, "mode": mode,
+                    "identity": item.identity, "image": _relative(item.image, root),
+                    "question": item.question, "expected": item.expected,
+                    "error": result.error,
+                }
+                if mode == "likelihood":
+                    letters = [letter for letter, _ in item.options]
+                    logprobs = result.logprobs
+                    if record["error"] is None and (logprobs is None or len(logprobs) != len(letters)):
+                        record["error"] = "the engine returned no score for some options"
+                    record["scores"] = (dict(zip(letters, logprobs))
+                                        if record["error"] is None else None)
+                else:
+                    record["answer"] = result.answer
+                records.append(record)
+            log.append(records)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return len(items)
+
+
+def _predict(item: EvalItem, record: dict[str, Any]) -> str | None:
+    if item.task == "recognition":
+        return parse_yes_no(record.get("answer"))
+    if record.get("scores") is not None:
+        letters = [letter for letter, _ in item.options]
+        return pick_by_likelihood(letters, [record["scores"].get(letter) for letter in letters])
+    return parse_mcq_answer(record.get("answer"), item.options)
+
+
+def score_method(items: dict[str, list[EvalItem]], log: ItemLog, mcq: str,
+                 unavailable: Mapping[str, str]) -> dict[str, Any]:
+    """Metrics of one method from its item log, with the skipped and unparseable items."""
+    skipped: list[dict[str, str]] = []
+    unparseable: list[dict[str, Any]] = []
+    pairs: dict[str, list[tuple[str, str | None]]] = {task: [] for task in TASKS}
+    for task in TASKS:
+        mode = _mode_for(task, mcq)
+        for item in items[task]:
+            record = log.records.get((item.key, mode))
+            reason = item.missing or unavailable.get(item.identity)
+            if reason is None and record is None:
+                reason = "not answered"
+            if reason is None and record.get("error") is not None:
+                reason = f"engine error: {record['error']}"
+            if reason is not None:
+                skipped.append({"key": item.key, "task": task, "reason": reason})
+                continue
+            predicted = _predict(item, record)
+            if predicted is None:
+                unparseable.append({"key": item.key, "task": task, "answer": record.get("answer")})
+            pairs[task].append((item.expected, predicted))
+    reasons = Counter((entry["task"], entry["reason"]) for entry in skipped)
+    return {
+        "recognition": recognition_metrics(pairs["recognition"]),
+        "text_qa": mcq_metrics(pairs["text"]),
+        "visual_qa": mcq_metrics(pairs["visual"]),
+        "skipped": {
+            "total": len(skipped),
+            "by_task": {task: sum(1 for e in skipped if e["task"] == task) for task in TASKS},
+            "reasons": [{"task": task, "reason": reason, "count": count}
+                        for (task, reason), count in sorted(reasons.items())],
+            "items": skipped,
+        },
+        "unparseable": {
+            "total": len(unparseable),
+            "by_task": {task: sum(1 for e in unparseable if e["task"] == task) for task in TASKS},
+            "examples": unparseable[:UNPARSEABLE_EXAMPLES],
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def load_engine_api() -> Any:
+    """The real engine module (`Engine`, `AskRequest`); imported only when needed."""
+    from . import engine
+
+    return engine
+
+
+def _check_run_folder(out_dir: Path, identity: dict[str, str]) -> None:
+    """Refuse to mix items from another recipe, model or test set into one OUT folder."""
+    path = out_dir / "items" / "run.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            previous = {}
+        for key, value in identity.items():
+            if previous.get(key) not in (None, value):
+                raise PlvmError(f"{out_dir} holds answers for {key} {previous[key]!r}, not "
+                                f"{value!r}: pass another --out")
+    write_json_atomic(path, identity)
+
+
+def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[str],
+                   out_dir: str | Path, *, limit: int | None = None,
+                   neg_per_identity: int | None = None, seed: int = 0, mcq: str = "likelihood",
+                   batch_size: int | None = None, progress: bool = True,
+                   engine_api: Any = None) -> dict[str, Any]:
+    """Evaluate `methods` on `testset` with `runtime`, writing the report into `out_dir`.
+
+    Returns the results dict that is also written to `out_dir/results.json`. `engine_api`
+    (anything with `Engine` and `AskRequest`) defaults to `plvmctl.engine`.
+    """
+    if mcq not in MCQ_MODES:
+        raise PlvmError(f"--mcq must be one of {', '.join(MCQ_MODES)}, got {mcq!r}")
+    if not methods:
+        raise PlvmError("no method to evaluate: pass --method")
+    factories = {name: get_method(name) for name in dict.fromkeys(methods)}
+    if limit is not None and limit < 1:
+        raise PlvmError(f"--limit must be at least 1, got {limit}")
+    if neg_per_identity is not None and neg_per_identity < 0:
+        raise PlvmError(f"--neg-per-identity must be 0 or more, got {neg_per_identity}")
+    if batch_size is not None and batch_size < 1:
+        raise PlvmError(f"--batch-size must be at least 1, got {batch_size}")
+    if not isinstance(testset, TestSet):
+        testset = load_testset(testset)
+    engine_api = engine_api if engine_api is not None else load_engine_api()
+    recipe = runtime.recipe
+    chunk = batch_size or recipe.generation.batch_size
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_folder(out_dir, {"recipe": recipe.name, "model": str(recipe.model.source),
+                                "testset": str(testset.root.resolve())})
+    items = build_items(testset, limit=limit, neg_per_identity=neg_per_identity, seed=seed)
+    references = [Reference(identity.name, identity.reference) for identity in testset.identities]
+
+    method_results: dict[str, Any] = {}
+    for name, factory in factories.items():
+        context = MethodContext(runtime=runtime, references=references,
+                                cache_dir=out_dir / "cache", engine_api=engine_api,
+                                batch_size=batch_size, progress=progress)
+        prepared = factory(context)
+        log = ItemLog(out_dir / "items" / f"{name}.jsonl")
+        asked = 0
+        try:
+            for task in TASKS:
+                mode = _mode_for(task, mcq)
+                pending = [item for item in items[task]
+                           if item.missing is None and item.identity not in prepared.unavailable
+                           and not log.done(item.key, mode)]
+                asked += _answer_items(prepared, engine_api, pending, mode, log, testset.root,
+                                       chunk, progress, f"{name}: {TASK_TITLES[task]}")
+        finally:
+            log.close()
+        result = score_method(items, log, mcq, prepared.unavailable)
+        result.update({
+            "seconds_per_concept": prepared.seconds_per_concept,
+            "tokens_per_concept": prepared.tokens_per_concept,
+            "concepts": {"made": len(references) - len(prepared.unavailable),
+                         "unavailable": dict(prepared.unavailable)},
+            "asked_this_run": asked,
+            "items_file": f"items/{name}.jsonl",
+            "details": prepared.details,
+        })
+        method_results[name] = result
+
+    results = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.name,
+        "model": str(recipe.model.source),
+        "testset": str(testset.root.resolve()),
+        "testset_is_plvm_val": testset.is_plvm_val,
+        "protocol": {
+            "limit": limit, "neg_per_identity": neg_per_identity, "seed": seed, "mcq": mcq,
+            "batch_size": chunk, "recognition_question": RECOGNITION_QUESTION.format(name="name"),
+            "mcq_instruction": MCQ_INSTRUCTION,
+            "mcq_likelihood_candidates": "the option letters (A, B, ...)",
+        },
+        "counts": {
+            **testset.counts(),
+            "recognition_items": len(items["recognition"]),
+            "recognition_positive": sum(1 for i in items["recognition"] if i.expected == "yes"),
+            "text_items": len(items["text"]),
+            "visual_items": len(items["visual"]),
+        },
+        "method_order": list(method_results),  # results.json is written with sorted keys
+        "methods": method_results,
+    }
+    if testset.is_plvm_val:
+        results["paper"] = PAPER_FIGURES
+    write_report(results, out_dir)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def _method_names(results: Mapping[str, Any]) -> list[str]:
+    return list(results.get("method_order") or results["methods"])
+
+
+def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per method (accuracies as fractions), then the paper's rows when present."""
+    rows = []
+    for name in _method_names(results):
+        result = results["methods"][name]
+        rows.append({
+            "method": name,
+            "positive": result["recognition"]["positive"],
+            "negative": result["recognition"]["negative"],
+            "mean": result["recognition"]["mean"],
+            "text_qa": result["text_qa"]["accuracy"],
+            "visual_qa": result["visual_qa"]["accuracy"],
+            "seconds_per_concept": result["seconds_per_concept"],
+            "tokens_per_concept": result["tokens_per_concept"],
+            "paper": False,
+        })
+    for figures in results.get("paper", []):
+        row = dict(figures, paper=True)
+        for key in ("positive", "negative", "mean", "text_qa", "visual_qa"):
+            row[key] = figures[key] / 100
+        rows.append(row)
+    return rows
+
+
+def render_markdown(results: Mapping[str, Any]) -> str:
+    """results.md: the method table, the skipped and unparseable summaries, the protocol."""
+    counts, protocol = results["counts"], results["protocol"]
+    mcq = ("likelihood of each option's letter" if protocol["mcq"] == "likelihood"
+           else "generated answer, parsed")
+    lines = [
+        f"# Evaluation: recipe `{results['recipe']}` (model `{results['model']}`)",
+        "",
+        f"- Test set: `{results['testset']}`: {counts['identities']} identities, "
+        f"{counts['query_photos']} query photos",
+        f"- Recognition: \"{protocol['recognition_question']}\" on {counts['recognition_items']} "
+        f"(reference, query) pairs, {counts['recognition_positive']} of them positive",
+        f"- Text QA: {counts['text_items']} questions; visual QA: {counts['visual_items']} "
+        f"questions (of all rows, {counts['text_missing']} text and {counts['visual_missing']} "
+        f"visual reference a missing file); MCQ answer: {mcq}",
+        f"- Options: limit {protocol['limit'] or 'none'} per task, negatives per identity "
+        f"{protocol['neg_per_identity'] if protocol['neg_per_identity'] is not None else 'all'}, "
+        f"seed {protocol['seed']}, batch size {protocol['batch_size']}",
+        "",
+        "| Method | Recognition Pos | Recognition Neg | Recognition Mean | Text QA | Visual QA "
+        "| s/concept | tokens/concept |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table_rows(results):
+        name = f"*{row['method']}*" if row["paper"] else row["method"]
+        cells = [name] + [_percent(row[key]) for key in
+                          ("positive", "negative", "mean", "text_qa", "visual_qa")]
+        cells += [_number(row["seconds_per_concept"]), _number(row["tokens_per_concept"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracies in %."]
+    if results.get("paper"):
+        lines.append("Rows in italics: the PLVM paper's Table 1 (LLaVA-1.5-7B, 16 context tokens) "
+                     "as quoted in the test set's README; s/concept from its Table 7 "
+                     "(Yo'LLaVA: ~40 min of training per concept).")
+    lines += ["", "## Skipped items (not scored)", ""]
+    for name in _method_names(results):
+        skipped = results["methods"][name]["skipped"]
+        if not skipped["total"]:
+            lines.append(f"- {name}: none")
+            continue
+        parts = [f"{TASK_TITLES[r['task']]}: {r['count']} × {r['reason']}"
+                 for r in skipped["reasons"]]
+        lines.append(f"- {name}: {skipped['total']} ({'; '.join(parts)})")
+    lines += ["", "## Unparseable answers (counted as wrong)", ""]
+    for name in _method_names(results):
+        unparseable = results["methods"][name]["unparseable"]
+        by_task = ", ".join(f"{TASK_TITLES[t]} {n}" for t, n in unparseable["by_task"].items())
+        example = ""
+        if unparseable["examples"]:
+            first = unparseable["examples"][0]
+            example = f"; e.g. {first['key']}: {json.dumps(first['answer'])}"
+        lines.append(f"- {name}: {unparseable['total']} ({by_task}){example}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+_CHART_METRICS = (("positive", "Rec. Pos"), ("negative", "Rec. Neg"), ("mean", "Rec. Mean"),
+                  ("text_qa", "Text QA"), ("visual_qa", "Visual QA"))
+_CHART_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                  (140, 86, 75), (227, 119, 194), (127, 127, 127))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without a scalable default font
+        return ImageFont.load_default()
+
+
+def draw_chart(results: Mapping[str, Any], path: str | Path) -> None:
+    """results.png: grouped bars, one group per accuracy metric, one bar per method."""
+    methods = [row for row in table_rows(results) if not row["paper"]]
+    width, height = 960, 540
+    left, right, top, bottom = 80, 200, 70, 80
+    plot_w, plot_h = width - left - right, height - top - bottom
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    title_font, font, small = _font(20), _font(14), _font(11)
+
+    draw.text((left, 18), f"plvmctl eval: recipe {results['recipe']}", fill="black",
+              font=title_font)
+    for tick in range(0, 101, 20):  # y grid and tick labels
+        y = top + plot_h - plot_h * tick / 100
+        draw.line([(left, y), (left + plot_w, y)], fill=(225, 225, 225))
+        draw.text((left - 8, y), str(tick), fill="black", font=font, anchor="rm")
+    draw.line([(left, top), (left, top + plot_h)], fill="black")
+    draw.line([(left, top + plot_h), (left + plot_w, top + plot_h)], fill="black")
+
+    group_w = plot_w / len(_CHART_METRICS)
+    bar_w = group_w * 0.8 / max(1, len(methods))
+    for g, (key, label) in enumerate(_CHART_METRICS):
+        group_x = left + g * group_w + group_w * 0.1
+        for m, row in enumerate(methods):
+            x0 = group_x + m * bar_w
+            value = row[key]
+            colour = _CHART_COLOURS[m % len(_CHART_COLOURS)]
+            if value is None:
+                draw.text((x0 + bar_w / 2, top + plot_h - 4), "n/a", fill="gray", font=small,
+                          anchor="md")
+                continue
+            y = top + plot_h - plot_h * value
+            draw.rectangle([x0 + 1, y, x0 + bar_w - 1, top + plot_h], fill=colour)
+            draw.text((x0 + bar_w / 2, y - 2), f"{100 * value:.0f}", fill="black", font=small,
+                      anchor="md")
+        draw.text((left + g * group_w + group_w / 2, top + plot_h + 8), label, fill="black",
+                  font=font, anchor="ma")
+    draw.text((left + plot_w / 2, height - 24), "metric", fill="black", font=font, anchor="mm")
+
+    y_label = Image.new("RGB", (160, 24), "white")  # rotated y-axis label
+    ImageDraw.Draw(y_label).text((80, 12), "accuracy (%)", fill="black", font=font, anchor="mm")
+    y_label = y_label.rotate(90, expand=True)
+    image.paste(y_label, (14, top + plot_h // 2 - y_label.height // 2))
+
+    legend_x, legend_y = left + plot_w + 20, top
+    draw.text((legend_x, legend_y), "method", fill="black", font=font)
+    for m, row in enumerate(methods):
+        y = legend_y + 26 + m * 24
+        colour = _CHART_COLOURS[m % len(_CHART_COLOURS)]
+        draw.rectangle([legend_x, y, legend_x + 16, y + 16], fill=colour)
+        draw.text((legend_x + 24, y + 8), row["method"], fill="black", font=font, anchor="lm")
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def write_report(results: Mapping[str, Any], out_dir: str | Path) -> None:
+    """results.json, results.md and results.png in `out_dir` (each written atomically)."""
+    out_dir = Path(out_dir)
+    write_json_atomic(out_dir / "results.json", results)
+    write_text_atomic(out_dir / "results.md", render_markdown(results))
+    draw_chart(results, out_dir / "results.png")
