@@ -192,6 +192,10 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
 
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
+    quantization_config = _quantization_config(quantization)
+    if quantization_config is not None and torch_device.type != "cuda":
+        raise PlvmError(f"model.quantization={quantization} needs a CUDA GPU")
+
     if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
         raise PlvmError(f"model folder not found: {source}")
     source = str(Path(source).expanduser()) if source.startswith("~") else source
@@ -208,10 +212,7 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     kwargs = {"dtype": torch_dtype, "revision": revision}
-    quantization_config = _quantization_config(quantization)
     if quantization_config is not None:
-        if torch_device.type != "cuda":
-            raise PlvmError(f"model.quantization={quantization} needs a CUDA GPU")
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": torch_device.index or 0}
     try:

@@ -224,7 +224,7 @@ class Engine:
                     inputs["pixel_values"] = self.backbone.pixel_values(images)
                 if self.generation.do_sample:
                     torch.manual_seed(self.generation.seed)
-                with table.active(model):
+                with table.active(model, rows=[item.names for item in batch]):
                     output = model.generate(**inputs, generation_config=config)
                 new_tokens = output[:, input_ids.shape[1]:].tolist()
                 for item, tokens in zip(batch, new_tokens):
@@ -273,7 +273,9 @@ class Engine:
                         owners.append(item.index)
                         if item.image is not None:
                             images.append(item.image)
-                logprobs = self._continuation_logprobs(rows, spans, images, table)
+                owner_names = {item.index: item.names for item in batch}
+                logprobs = self._continuation_logprobs(rows, spans, images, table,
+                                                       [owner_names[o] for o in owners])
                 for index in dict.fromkeys(owners):
                     picked = [(lp, n) for lp, n, o in zip(logprobs, spans, owners) if o == index]
                     scores[index] = ([lp for lp, _ in picked], [n for _, n in picked])
@@ -286,14 +288,15 @@ class Engine:
                 for i, request in enumerate(requests)]
 
     def _continuation_logprobs(self, rows: list[list[int]], spans: list[int],
-                               images: list[Image.Image], table: ConceptTable) -> list[float]:
+                               images: list[Image.Image], table: ConceptTable,
+                               row_names: list[list[str]]) -> list[float]:
         """Sum of log p(last `span` tokens of each row | everything before), one forward."""
         input_ids, attention_mask = self._collate(rows)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if images:
             inputs["pixel_values"] = self.backbone.pixel_values(images)
-        with table.active(self.backbone.model):
+        with table.active(self.backbone.model, rows=row_names):
             logits = self.backbone.model(**inputs).logits.float()
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
         targets = input_ids[:, 1:]

@@ -77,9 +77,22 @@ class ConceptTable:
         return None
 
     # -- hooks --------------------------------------------------------------------------
+    def row_mask(self, rows: Sequence[Sequence[str]]) -> torch.Tensor:
+        """[B, n] bool: which concept words each batch row may produce (its own concepts)."""
+        mask = torch.zeros(len(rows), self.num_concepts, dtype=torch.bool)
+        for row, names in enumerate(rows):
+            for name in names:
+                mask[row, self.names.index(name)] = True
+        return mask
+
     @contextlib.contextmanager
-    def active(self, model: torch.nn.Module) -> Iterator["ConceptTable"]:
-        """Hook the table into `model`'s input embedding and output head for one call."""
+    def active(self, model: torch.nn.Module,
+               rows: Sequence[Sequence[str]] | None = None) -> Iterator["ConceptTable"]:
+        """Hook the table into `model`'s input embedding and output head for one call.
+
+        `rows`, one list of concept names per batch row, limits each row's output to its own
+        concepts, so a batch answers exactly as its rows would one by one.
+        """
         if self.num_concepts == 0:  # nothing to add: the plain model
             yield self
             return
@@ -89,6 +102,7 @@ class ConceptTable:
         if head.weight.shape[0] != vocab:
             raise PlvmError(f"table built for {vocab} vocabulary rows, model head has {head.weight.shape[0]}")
         pending: list[torch.Tensor] = []
+        allowed = None if rows is None else self.row_mask(rows).to(self.head_rows.device)
 
         def before_embedding(module, args):
             ids = args[0]
@@ -105,12 +119,15 @@ class ConceptTable:
 
         def after_head(module, args, output):
             hidden = args[0]
-            word_logits = hidden.to(self.head_rows.dtype) @ self.head_rows.T
+            word_logits = (hidden.to(self.head_rows.dtype) @ self.head_rows.T).to(output.dtype)
+            if allowed is not None and allowed.shape[0] == word_logits.shape[0]:
+                mask = allowed.view(allowed.shape[0], *[1] * (word_logits.ndim - 2), -1)
+                word_logits = word_logits.masked_fill(~mask, torch.finfo(output.dtype).min)
             context_logits = output.new_full(
                 (*output.shape[:-1], self.total_ids - vocab - self.num_concepts),
                 torch.finfo(output.dtype).min,
             )
-            return torch.cat([output, word_logits.to(output.dtype), context_logits], dim=-1)
+            return torch.cat([output, word_logits, context_logits], dim=-1)
 
         handles = [
             embedding.register_forward_pre_hook(before_embedding),

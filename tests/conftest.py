@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,9 @@ from PIL import Image
 
 from plvmctl.recipe import load_recipe
 from plvmctl.runtime import load_runtime
+
+# Tests never touch the network: hub ids resolve from the local cache or fail at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PLVM_VAL = SHARED / "testsets" / "plvm-val"

@@ -70,6 +70,7 @@ def global_options(function):
     def wrapper(ctx, recipe_name, store_dir, device, dtype, overrides, verbose, **kwargs):
         ctx.obj = App(recipe_name=recipe_name, overrides=list(overrides), store_dir=store_dir,
                       device=device, dtype=dtype, verbose=verbose)
+        ctx.obj.recipe  # read and validate the recipe before any command runs
         return ctx.invoke(function, **kwargs)
 
     return wrapper
