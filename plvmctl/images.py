@@ -23,7 +23,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         low, high = float(array.min()), float(array.max())
         scale = 255.0 / (high - low) if high > low else 0.0
         array8 = ((array - low) * scale).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(array8, mode="L").convert("RGB")
+        return Image.fromarray(array8).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
