@@ -1,19 +1,49 @@
+# plvmctl: the two commands a newcomer needs are `make demo` and `make test`.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
+RECIPE ?= pocket
+TESTSET ?= runs/toy-testset
+METHODS ?= plvm,llava-text,llava-none
+EVAL_OUT ?= runs/eval-$(RECIPE)
 
-.PHONY: install test test-slow demo eval bench pocket clean
+.PHONY: install test test-slow demo eval bench pocket pocket-smoke results clean
 
-# torch is pinned first: the exact version takes the local CPU wheel instead of a CUDA build.
+# torch is pinned first: that exact version takes the local CPU wheel instead of a CUDA build.
 install:
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	$(PIP) install -q -e ".[dev]"
 
+# The default test run: fast unit and integration tests on tiny models (minutes, CPU only).
 test: install
 	$(PYTHON) -m pytest
 
+# Slow end-to-end tests (training pipelines): their own target.
 test-slow: install
 	$(PYTHON) -m pytest -m slow
 
+# The main job, offline: the pocket model encodes references and answers questions.
+demo: install
+	$(PYTHON) -m plvmctl.demo
+
+# The paper's protocol. Default: pocket model on a toy test set of held-out identities.
+#   make eval TESTSET=../shared/testsets/plvm-val RECIPE=llava15-7b   (real model, GPU)
+$(TESTSET)/validation_recognition:
+	plvmctl toy testset --out $(TESTSET) --identities 40 --seed 0 --force
+
+eval: install $(if $(filter runs/toy-testset,$(TESTSET)),$(TESTSET)/validation_recognition)
+	plvmctl --recipe $(RECIPE) eval --testset $(TESTSET) --method $(METHODS) --out $(EVAL_OUT)
+
 bench: install
 	$(PYTHON) bench/ask.py --recipe tiny
+	$(PYTHON) bench/ask.py --recipe pocket
+
+# Retrain the whole pocket model from scratch (about 30 minutes on 2 CPU cores).
+pocket: install
+	$(PYTHON) -m plvmctl.pocket --out plvmctl/assets/pocket
+
+pocket-smoke: install
+	$(PYTHON) -m plvmctl.pocket --out runs/pocket-smoke --smoke
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info
