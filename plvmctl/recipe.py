@@ -111,6 +111,11 @@ def _check_value(expected, value, where: str):
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise PlvmError(f"{where}: expected a number, got {value!r}") from None
     if expected is bool and not isinstance(value, bool):
         raise PlvmError(f"{where}: expected true or false, got {value!r}")
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):

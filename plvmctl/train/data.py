@@ -1,0 +1,470 @@
+"""Training data for the Aligner: the manifest, the PLVM sampler, and `data attributes`.
+
+The manifest is JSONL, one identity a line, paths relative to the manifest's folder:
+
+    {"name": "avril", "reference": "images/avril/ref.png",
+     "queries": ["images/avril/q0.png", ...],
+     "attributes": [{"question": "What colour is <sks>'s hair?", "answer": "Blonde."}, ...]}
+
+Other keys are allowed and kept when the file is rewritten. Attribute questions use `<sks>`
+for the identity (they may use `<name>` too); `data attributes` fills missing answers by asking
+the frozen base model about the reference photo.
+
+The sampler follows PLVM: recognition : attribute questions = `recognition_share` (1 : 1 by
+default); among recognition questions a share `positive_share` (0.6) are positives (a query
+photo of the same identity), the rest negatives (a query photo of ANOTHER identity, random or
+among the most similar references by reference-encoder CLS cosine). Attribute samples carry no
+photo. Sample number `i` depends only on (seed, i), so a resumed run sees exactly the samples
+the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..concept import validate_name
+from ..data.templates import (
+    ATTRIBUTE_QUESTIONS,
+    NEGATIVE_ANSWERS,
+    PLACEHOLDER,
+    POSITIVE_ANSWERS,
+    RECOGNITION_QUESTIONS,
+    fill,
+)
+from ..errors import PlvmError
+from ..fileio import write_text_atomic
+from ..prompt import NAME_RE, mentioned_names
+
+KINDS = ("positive", "negative", "attribute")
+NEGATIVE_MODES = ("random", "hard")
+HARD_POOL = 3  # hard negatives are drawn among this many most similar identities
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Identity:
+    """One person of the manifest, paths resolved, missing photos dropped."""
+
+    name: str
+    reference: Path
+    queries: list[Path]
+    attributes: list[tuple[str, str]]  # (question, answer), `<sks>` or `<name>` for the person
+    line: int = 0  # where it is in the manifest (1-based), for messages
+
+
+@dataclass
+class Manifest:
+    """The usable identities of a manifest, and what was skipped and why."""
+
+    path: Path
+    identities: list[Identity]
+    problems: list[str] = field(default_factory=list)
+
+    def by_name(self) -> dict[str, Identity]:
+        return {identity.name: identity for identity in self.identities}
+
+
+def read_manifest_rows(path: str | os.PathLike) -> list[tuple[int, str, dict[str, Any] | None]]:
+    """(line number, raw line, parsed object or None for blank lines), every line of the file.
+
+    A line that is not a JSON object is a PlvmError naming its line number.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PlvmError(f"manifest not found: {path}")
+    if not path.is_file():
+        raise PlvmError(f"manifest is not a file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlvmError(f"cannot read manifest {path}: {error}") from None
+    rows: list[tuple[int, str, dict[str, Any] | None]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            rows.append((number, line, None))
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise PlvmError(f"{path} line {number}: not valid JSON ({error.args[0]})") from None
+        if not isinstance(row, dict):
+            raise PlvmError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, line, row))
+    return rows
+
+
+def _parse_attributes(value: Any, name: str, where: str,
+                      problems: list[str]) -> list[tuple[str, str]]:
+    """The answered attribute Q&As of one row; unanswered or malformed items are skipped.
+
+    A Q&A may name the person as `<sks>` or `<name>`; one that names anybody else is skipped.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.append(f"{where}: 'attributes' is not a list; ignored")
+        return []
+    pairs = []
+    for item in value:
+        if not (isinstance(item, dict) and isinstance(item.get("question"), str)
+                and isinstance(item.get("answer"), str) and item["answer"].strip()):
+            continue
+        question, answer = item["question"], item["answer"].strip()
+        others = set(mentioned_names(question + " " + answer)) - {name, PLACEHOLDER.strip("<>")}
+        if others:
+            problems.append(f"{where}: <{name}>: attribute question {question!r} names "
+                            f"<{sorted(others)[0]}>; skipped")
+            continue
+        pairs.append((question, answer))
+    return pairs
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read the manifest; identities or photos that cannot be used are skipped and reported.
+
+    Errors that stop: a missing or unreadable file, a line that is not a JSON object.
+    Skipped with a message in `Manifest.problems`: an identity without a valid name, with a
+    missing reference photo or a repeated name; a query photo that does not exist.
+    """
+    path = Path(path)
+    folder = path.parent
+    identities: list[Identity] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for number, _, row in read_manifest_rows(path):
+        if row is None:
+            continue
+        where = f"{path.name} line {number}"
+        name = row.get("name")
+        try:
+            validate_name(name if isinstance(name, str) else "")
+        except PlvmError as error:
+            problems.append(f"{where}: skipped: {error}")
+            continue
+        if name in seen:
+            problems.append(f"{where}: skipped: name {name!r} already used on line {seen[name]}")
+            continue
+        reference = row.get("reference")
+        if not isinstance(reference, str) or not (folder / reference).is_file():
+            problems.append(f"{where}: skipped <{name}>: reference photo {reference!r} not found")
+            continue
+        queries = []
+        raw_queries = row.get("queries") or []
+        if not isinstance(raw_queries, list):
+            problems.append(f"{where}: <{name}>: 'queries' is not a list; no query photos used")
+            raw_queries = []
+        for query in raw_queries:
+            if isinstance(query, str) and (folder / query).is_file():
+                queries.append(folder / query)
+            else:
+                problems.append(f"{where}: <{name}>: query photo {query!r} not found; skipped")
+        attributes = _parse_attributes(row.get("attributes"), name, where, problems)
+        if not queries and not attributes:
+            problems.append(f"{where}: skipped <{name}>: no query photo and no answered attribute")
+            continue
+        seen[name] = number
+        identities.append(Identity(name, folder / reference, queries, attributes, number))
+    return Manifest(path, identities, problems)
+
+
+def split_identities(identities: Sequence[Identity], count: int,
+                     seed: int) -> tuple[list[Identity], list[Identity]]:
+    """(training, held-out): `count` identities held out, chosen by `seed`, manifest order kept."""
+    if count < 0:
+        raise PlvmError(f"val_identities must be 0 or more, got {count}")
+    if count == 0:
+        return list(identities), []
+    if count >= len(identities):
+        raise PlvmError(f"val_identities={count} leaves no identity to train on "
+                        f"(the manifest has {len(identities)} usable identities)")
+    names = sorted(identity.name for identity in identities)
+    random.Random(f"plvmctl-val-{seed}").shuffle(names)
+    held = set(names[:count])
+    return ([i for i in identities if i.name not in held], [i for i in identities if i.name in held])
+
+
+# --------------------------------------------------------------------------------------------
+# Samples and the sampler
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training example: the concept of `name` is in the prompt.
+
+    `question` and `answer` mention the person as `<name>`; `photo` is the query photo shown
+    with the question (None for attribute samples, which are text-only).
+    """
+
+    name: str
+    kind: str  # positive | negative | attribute
+    question: str
+    answer: str
+    photo: Path | None
+
+
+def _with_name(text: str, name: str) -> str:
+    """`<sks>` (the templates' placeholder) becomes `<name>`."""
+    return fill(text, name) if PLACEHOLDER in text else text
+
+
+class PlvmSampler:
+    """PLVM's mix of recognition and attribute questions, deterministic in (seed, index).
+
+    Identities are visited in a fresh seeded permutation every epoch (every identity once per
+    epoch), then the kind is drawn: recognition with probability `recognition_share`, positive
+    among those with probability `positive_share`. A kind an identity cannot have (no query
+    photo, no attribute, nobody else to be a negative) falls back to one it can have.
+    `hard_neighbours` maps a name to the other names ordered by similarity (for "hard").
+    """
+
+    def __init__(self, identities: Sequence[Identity], *, seed: int = 0,
+                 positive_share: float = 0.6, recognition_share: float = 0.5,
+                 negatives: str = "random",
+                 hard_neighbours: dict[str, list[str]] | None = None) -> None:
+        if not identities:
+            raise PlvmError("the sampler needs at least one identity")
+        if not 0.0 <= positive_share <= 1.0:
+            raise PlvmError(f"positive_share must be between 0 and 1, got {positive_share}")
+        if not 0.0 <= recognition_share <= 1.0:
+            raise PlvmError(f"recognition_share must be between 0 and 1, got {recognition_share}")
+        if negatives not in NEGATIVE_MODES:
+            raise PlvmError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
+        if negatives == "hard" and hard_neighbours is None:
+            raise PlvmError("hard negatives need the similarity ranking (hard_neighbours)")
+        self.identities = list(identities)
+        self.seed = seed
+        self.positive_share = positive_share
+        self.recognition_share = recognition_share
+        self.negatives = negatives
+        self.hard_neighbours = hard_neighbours or {}
+        self._by_name = {identity.name: identity for identity in self.identities}
+        self._with_photos = [i.name for i in self.identities if i.queries]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What decides the samples: checked on resume so a changed setup is noticed."""
+        return {"seed": self.seed, "positive_share": self.positive_share,
+                "recognition_share": self.recognition_share, "negatives": self.negatives,
+                "names": [identity.name for identity in self.identities]}
+
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise PlvmError if `state` (from a checkpoint) would draw other samples."""
+        mine = self.state_dict()
+        for key, value in mine.items():
+            if state.get(key) != value:
+                what = "the identities" if key == "names" else key
+                raise PlvmError(f"cannot resume: {what} changed since the checkpoint "
+                                f"(manifest or train settings differ)")
+
+    def _identity_at(self, index: int) -> Identity:
+        count = len(self.identities)
+        epoch, position = divmod(index, count)
+        order = list(range(count))
+        random.Random(f"plvmctl-epoch-{self.seed}-{epoch}").shuffle(order)
+        return self.identities[order[position]]
+
+    def _negative_pool(self, name: str) -> list[str]:
+        others = [n for n in self._with_photos if n != name]
+        if self.negatives == "hard" and others:
+            ranked = [n for n in self.hard_neighbours.get(name, []) if n in others]
+            return ranked[:HARD_POOL] or others
+        return others
+
+    def sample(self, index: int) -> Sample:
+        """Sample number `index` (any non-negative integer)."""
+        identity = self._identity_at(index)
+        rng = random.Random(f"plvmctl-sample-{self.seed}-{index}")
+        negatives = self._negative_pool(identity.name)
+        can = {"positive": bool(identity.queries), "negative": bool(negatives),
+               "attribute": bool(identity.attributes)}
+        recognition = rng.random() < self.recognition_share
+        positive = rng.random() < self.positive_share
+        if recognition and not (can["positive"] or can["negative"]):
+            recognition = False
+        if not recognition and not can["attribute"]:
+            recognition = True
+        if recognition:
+            if positive and not can["positive"]:
+                positive = False
+            if not positive and not can["negative"]:
+                positive = True
+        name = identity.name
+        if not recognition:
+            question, answer = identity.attributes[rng.randrange(len(identity.attributes))]
+            return Sample(name, "attribute", _with_name(question, name), _with_name(answer, name), None)
+        question = fill(rng.choice(RECOGNITION_QUESTIONS), name)
+        if positive:
+            photo = identity.queries[rng.randrange(len(identity.queries))]
+            return Sample(name, "positive", question, fill(rng.choice(POSITIVE_ANSWERS), name), photo)
+        other = self._by_name[negatives[rng.randrange(len(negatives))]]
+        photo = other.queries[rng.randrange(len(other.queries))]
+        return Sample(name, "negative", question, fill(rng.choice(NEGATIVE_ANSWERS), name), photo)
+
+    def micro_batch(self, step: int, micro: int, *, batch_size: int, grad_accum: int,
+                    rank: int = 0, world_size: int = 1) -> list[Sample]:
+        """The `batch_size` samples of micro-batch `micro` of optimizer step `step` on `rank`."""
+        first = ((step * grad_accum + micro) * world_size + rank) * batch_size
+        return [self.sample(first + row) for row in range(batch_size)]
+
+
+def hard_neighbours(names: Sequence[str], cls: torch.Tensor) -> dict[str, list[str]]:
+    """For each name, the other names by decreasing cosine of their reference CLS tokens.
+
+    `cls` is [n, D], one row per name in `names` order.
+    """
+    unit = torch.nn.functional.normalize(cls.float(), dim=-1)
+    similarity = unit @ unit.T  # [n, n]
+    ranking: dict[str, list[str]] = {}
+    for row, name in enumerate(names):
+        order = torch.argsort(similarity[row], descending=True, stable=True).tolist()
+        ranking[name] = [names[j] for j in order if j != row]
+    return ranking
+
+
+def validation_samples(held_out: Sequence[Identity], everyone: Sequence[Identity], *,
+                       seed: int, photos_per_identity: int = 5) -> list[Sample]:
+    """Recognition checks for held-out identities: "Is <name> in this photo?".
+
+    Up to `photos_per_identity` positives per identity (its own query photos) and as many
+    negatives (query photos of other identities, any of the manifest), chosen by `seed`.
+    """
+    rng = random.Random(f"plvmctl-val-samples-{seed}")
+    question = RECOGNITION_QUESTIONS[0]
+    samples: list[Sample] = []
+    for identity in held_out:
+        name = identity.name
+        positives = identity.queries[:photos_per_identity]
+        others = [photo for other in everyone if other.name != name for photo in other.queries]
+        negatives = rng.sample(others, min(len(others), max(1, len(positives)))) if others else []
+        for photo in positives:
+            samples.append(Sample(name, "positive", fill(question, name), fill(POSITIVE_ANSWERS[0], name), photo))
+        for photo in negatives:
+            samples.append(Sample(name, "negative", fill(question, name), fill(NEGATIVE_ANSWERS[0], name), photo))
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
+# `data attributes`: the base model writes the attribute answers
+# --------------------------------------------------------------------------------------------
+
+
+def neutral_question(question: str) -> str:
+    """The question about "the person" instead of `<sks>`/`<name>` (the base model knows no names)."""
+    def replace(match) -> str:
+        if match.group(1) == "image":
+            return match.group(0)
+        start = match.start() == 0 or question[:match.start()].rstrip().endswith((".", "?", "!", ":"))
+        return "The person" if start else "the person"
+
+    return NAME_RE.sub(replace, question)
+
+
+def _pending_questions(row: dict[str, Any]) -> list[str] | None:
+    """The attribute questions of `row` that still need an answer (None: nothing to do)."""
+    items = row.get("attributes")
+    if not items:
+        return list(ATTRIBUTE_QUESTIONS)
+    if not isinstance(items, list):
+        return None
+    pending = [item["question"] for item in items
+               if isinstance(item, dict) and isinstance(item.get("question"), str)
+               and not isinstance(item.get("answer"), str)]
+    return pending or None
+
+
+@dataclass
+class AttributeReport:
+    """What `fill_attributes` did."""
+
+    answered: int = 0  # identities that got answers in this run
+    already: int = 0  # identities that had all their answers
+    failed: list[str] = field(default_factory=list)  # one line per identity left unanswered
+
+
+def fill_attributes(runtime, manifest_path: str | os.PathLike, *, identities_per_write: int = 8,
+                    batch_size: int | None = None, max_new_tokens: int | None = None,
+                    progress: bool = False,
+                    on_write: Callable[[int], None] | None = None) -> AttributeReport:
+    """Ask the frozen base model each attribute question about each reference photo.
+
+    Identities whose attributes are all answered are skipped. The questions go through
+    `Engine(runtime, {})` with "the person" in place of the name and the reference photo as
+    the image. The manifest is rewritten atomically after every `identities_per_write`
+    identities (other keys and untouched lines kept as they were), so a stopped run resumes
+    where it was. `on_write(answered_so_far)` is called after each write (tests use it).
+    """
+    from ..engine import AskRequest, Engine
+
+    path = Path(manifest_path)
+    rows = read_manifest_rows(path)
+    lines = [line for _, line, _ in rows]
+    report = AttributeReport()
+    todo: list[tuple[int, dict[str, Any], list[str]]] = []
+    for position, (number, _, row) in enumerate(rows):
+        if row is None:
+            continue
+        pending = _pending_questions(row)
+        if pending is None:
+            report.already += 1
+            continue
+        reference = row.get("reference")
+        if not isinstance(reference, str) or not (path.parent / reference).is_file():
+            report.failed.append(f"line {number}: reference photo {reference!r} not found")
+            continue
+        todo.append((position, row, pending))
+    if not todo:
+        return report
+    engine = Engine(runtime, {})
+    for start in range(0, len(todo), identities_per_write):
+        chunk = todo[start:start + identities_per_write]
+        requests, owners = [], []
+        for position, row, pending in chunk:
+            image = path.parent / row["reference"]
+            for question in pending:
+                requests.append(AskRequest(neutral_question(question), image=image))
+                owners.append((position, question))
+        results = engine.ask(requests, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             progress=progress)
+        answers: dict[int, dict[str, str]] = {}
+        errors: dict[int, str] = {}
+        for (position, question), result in zip(owners, results):
+            if result.ok:
+                answers.setdefault(position, {})[question] = (result.answer or "").strip()
+            else:
+                errors.setdefault(position, result.error or "failed")
+        for position, row, pending in chunk:
+            if position in errors:
+                report.failed.append(f"line {rows[position][0]}: {errors[position]}")
+                continue
+            got = answers.get(position, {})
+            items = row.get("attributes") or []
+            if not items:
+                row["attributes"] = [{"question": q, "answer": got[q]} for q in pending]
+            else:
+                for item in items:
+                    if isinstance(item, dict) and item.get("question") in got \
+                            and not isinstance(item.get("answer"), str):
+                        item["answer"] = got[item["question"]]
+            lines[position] = json.dumps(row)
+            report.answered += 1
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
+        if on_write is not None:
+            on_write(report.answered)
+    return report
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)

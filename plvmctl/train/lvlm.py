@@ -1,0 +1,543 @@
+"""Pretraining the pocket base LVLM of the toy world from scratch (nanoVLM style).
+
+The pocket model is a real `LlavaForConditionalGeneration` (CLIP vision tower + projector +
+Llama LM) at toy size with a word-level vocabulary. It is trained here once, then frozen; PLVM
+later only trains an Aligner that writes soft tokens for it.
+
+What the frozen base must be able to do, and the row kinds that teach it (no personal names
+anywhere: every person is "the person on the left" or a placeholder `<name>` that is an
+unknown word to the tokenizer):
+
+* ``scene``: see the photo. The toy world's generic scene questions (`scene_qa`): how many
+  people, is there a person with red hair, shirt/hair colour of the person on the left, ...
+* ``recognition``: match a description against the photo. The prompt carries a description
+  sentence in the very place where PLVM later puts its concept sentence
+  (`build_prompt(..., descriptions={name: "a person with a round face, tan skin, ..."})`
+  renders ``a chat. <name> is a person with .... user: <image>\\nIs <name> in this photo?``),
+  answered "Yes, ..." / "No, ..." with the recognition templates. Negatives are people absent
+  from the photo, half of them differing from someone present in ONE trait (hard negatives),
+  so the model learns to check every trait of the description.
+* ``about``: visual questions about the described person (where is <name>, shirt colour,
+  expression, how many people), open-ended and in the evaluation's multiple-choice format
+  ("A. left" lines + the answer-with-the-letter instruction, answered with the letter).
+* ``text``: text-only attribute questions about the described person (no image): the
+  answer must be read off the description (hair colour, skin tone, accessory ...), open and
+  multiple choice.
+* ``describe``: a reference portrait and "Describe the person in this photo in one short
+  sentence." -> the description. This keeps the "LLaVA + text prompt" baseline honest: the
+  base model can write the descriptions that baseline feeds back to it.
+
+Why descriptions in the preamble rather than names: the frozen LM must already know how to
+use a sentence "<name> is ..." about a person, since the Aligner can only write embeddings
+into that sentence; it cannot teach the LM a new skill. The LM learns the skill from words
+here and the Aligner learns to say the same thing in 16 soft tokens, from a reference photo.
+
+Every prompt is built exactly as at inference (`build_prompt` with the pocket template +
+`encode_segments`), the answer is " {answer}" + EOS and only answer tokens carry loss. The
+vision tower runs once per distinct photo of a step; the features are scattered into every
+row that shows that photo (several questions per photo: a big saving on two CPU cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tokenizers import pre_tokenizers
+from transformers import LlavaForConditionalGeneration
+
+from ..data import templates as recognition_templates
+from ..data import toy
+from ..errors import PlvmError
+from ..prompt import POCKET, build_prompt, encode_segments
+from ..tiny import (
+    EOS_ID,
+    IMAGE_ID,
+    PAD_ID,
+    PUNCTUATION,
+    SPECIAL_TOKENS,
+    build_word_tokenizer,
+    clip_image_processor,
+    tiny_llava_config,
+)
+from .common import JsonlLogger, lr_multiplier, seed_everything
+
+IGNORE = -100
+KINDS = ("scene", "recognition", "about", "text", "describe")
+DESCRIBE_PROMPT = "Describe the person in this photo in one short sentence."
+GENERIC_WORDS = (
+    "i you we it this that photo image picture person people man woman name unknown maybe "
+    "sorry know don't see answer question left right middle one two three none nobody < >"
+).split()
+
+
+# --------------------------------------------------------------------------------------------
+# Descriptions and vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+def describe(identity: toy.Identity) -> str:
+    """The sentence the base model reads (and writes) about a person: "a person with ..."."""
+    return "a person with " + identity.describe()
+
+
+def _split_words(text: str) -> list[str]:
+    splitter = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return [piece for piece, _ in splitter.pre_tokenize_str(text.lower())]
+
+
+def collect_vocabulary(samples: int = 400, seed: int = 0) -> list[str]:
+    """Every word of the toy world's questions, answers, templates and descriptions.
+
+    The generators are run over `samples` random scenes and identities of both parts (small
+    renders, only the text is kept), plus the recognition templates, the evaluation's
+    multiple-choice instruction, the description prompt and the pocket chat template.
+    """
+    from ..evaluate import MCQ_INSTRUCTION, RECOGNITION_QUESTION
+    from ..methods import DESCRIPTION_PROMPT
+
+    rng = random.Random(f"plvmctl-pocket-vocab-{seed}")
+    texts: list[str] = [POCKET.system, POCKET.user, POCKET.assistant, MCQ_INSTRUCTION,
+                        RECOGNITION_QUESTION, DESCRIPTION_PROMPT, DESCRIBE_PROMPT]
+    for group in (recognition_templates.RECOGNITION_QUESTIONS, recognition_templates.POSITIVE_ANSWERS,
+                  recognition_templates.NEGATIVE_ANSWERS, recognition_templates.ATTRIBUTE_QUESTIONS):
+        texts.extend(group)
+    for values in list(toy.TRAITS.values()) + [tuple(toy.SHIRT_COLOURS), toy.EXPRESSIONS, toy.POSITIONS,
+                                                 tuple(toy.BACKGROUND_COLOURS), toy.BACKGROUND_PATTERNS]:
+        texts.extend(values)
+    texts.extend(template for template, _ in toy._VISUAL_QUESTIONS.values())
+    texts.extend(template for template, _ in toy._TEXT_QUESTIONS.values())
+    texts.extend(str(n) for n in range(11))
+    texts.extend("abcd")
+    pools = (toy.training_identities(), toy.heldout_identities())
+    for i in range(samples):
+        pool = pools[i % 2]
+        subject = rng.choice(pool)
+        _, info = toy.random_scene(subject, rng, pool, size=32)
+        texts.extend(q + " " + a for q, a in toy.scene_qa(info, rng))
+        texts.extend(q + " " + a for q, a in toy.scene_qa_about(subject, info, rng))
+        texts.extend(q + " " + a for q, a in toy.attribute_qa(subject))
+        texts.append(describe(subject))
+    texts.extend(GENERIC_WORDS)
+    specials = set(SPECIAL_TOKENS) | set(PUNCTUATION)
+    words: list[str] = []
+    seen: set[str] = set()
+    for text in texts:
+        for word in _split_words(text):
+            if word not in seen and word not in specials and word != "sks":
+                seen.add(word)
+                words.append(word)
+    return sorted(words)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes and settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LvlmSizes:
+    """The pocket LLaVA's shape (96 px photos, 16 px patches -> 36 image tokens)."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    image_size: int = 96
+    patch_size: int = 16
+    vision_hidden: int = 128
+    vision_layers: int = 3
+
+
+@dataclass
+class LvlmTrainConfig:
+    """How the base LVLM is pretrained. Each step shows `scenes_per_step` fresh photos, each
+    with `rows_per_scene` questions, plus text-only and describe rows."""
+
+    steps: int = 600
+    scenes_per_step: int = 6
+    rows_per_scene: int = 5
+    text_rows_per_step: int = 6
+    describe_rows_per_step: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    # share of each per-scene row kind (they need not sum to 1)
+    scene_share: float = 0.35
+    recognition_share: float = 0.35
+    about_share: float = 0.30
+    mcq_share: float = 0.5  # share of about/text rows asked as multiple choice
+    hard_negative_share: float = 0.5
+    max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
+
+
+@dataclass
+class Row:
+    """One training or evaluation example."""
+
+    kind: str
+    question: str
+    answer: str
+    image: int | None  # index into the step's photos, None for text-only rows
+    descriptions: dict[str, str] = field(default_factory=dict)
+    chance: float = 0.5  # the accuracy of a blind guess among the possible answers
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------
+
+
+def _absent_identity(info: toy.SceneInfo, rng: random.Random, pool: Sequence[toy.Identity],
+                     hard_share: float) -> toy.Identity:
+    """Someone of `pool`'s part who is not in the photo; often one trait away from someone who is."""
+    present = {person.identity for person in info.people}
+    heldout = toy.is_heldout(info.people[0].identity)
+    if rng.random() < hard_share:
+        for _ in range(20):
+            base = rng.choice(info.people).identity
+            trait = rng.choice(list(toy.TRAITS))
+            value = rng.choice([v for v in toy.TRAITS[trait] if v != getattr(base, trait)])
+            candidate = dataclasses.replace(base, **{trait: value})
+            if candidate not in present and toy.is_heldout(candidate) == heldout:
+                return candidate
+    while True:
+        candidate = pool[rng.randrange(len(pool))]
+        if candidate not in present:
+            return candidate
+
+
+def _mcq(question: str, values: Sequence[str], correct: str, rng: random.Random) -> tuple[str, str, float]:
+    """(prompt in the evaluation's format, correct letter, chance)."""
+    from ..evaluate import mcq_prompt
+
+    choice, letter = toy._multiple_choice(values, correct, rng)
+    return mcq_prompt(question, list(choice.items())), letter, 1.0 / len(choice)
+
+
+def _named(text: str, name: str) -> str:
+    return text.replace(recognition_templates.PLACEHOLDER, f"<{name}>")
+
+
+def _pick_kind(shares: Sequence[tuple[str, float]], point: float) -> str:
+    """The kind whose slice of the cumulative shares holds `point`."""
+    for kind, share in shares:
+        if point < share:
+            return kind
+        point -= share
+    return shares[-1][0]
+
+
+def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
+               config: LvlmTrainConfig, count: int) -> list[Row]:
+    """`count` rows about one photo, kinds drawn by the configured shares."""
+    shares = [("scene", config.scene_share), ("recognition", config.recognition_share),
+              ("about", config.about_share)]
+    total = sum(share for _, share in shares)
+    generic = toy.scene_qa(info, rng)
+    rows: list[Row] = []
+    for _ in range(count):
+        kind = _pick_kind(shares, rng.random() * total)
+        if kind == "scene":
+            question, answer = generic[rng.randrange(len(generic))]
+            rows.append(Row("scene", question, answer, image, chance=_open_chance(answer)))
+        elif kind == "recognition":
+            positive = rng.random() < 0.5
+            who = rng.choice(info.people).identity if positive else \
+                _absent_identity(info, rng, pool, config.hard_negative_share)
+            name = who.name
+            question = _named(rng.choice(recognition_templates.RECOGNITION_QUESTIONS), name)
+            answers = recognition_templates.POSITIVE_ANSWERS if positive else recognition_templates.NEGATIVE_ANSWERS
+            rows.append(Row("recognition", question, _named(rng.choice(answers), name), image,
+                            {name: describe(who)}, 0.5))
+        else:
+            person = rng.choice(info.people)
+            name = person.identity.name
+            if rng.random() < config.mcq_share:
+                kind_name = rng.choice(tuple(toy._VISUAL_QUESTIONS))
+                template, values = toy._VISUAL_QUESTIONS[kind_name]
+                prompt, letter, chance = _mcq(_named(template, name), values,
+                                              toy._visual_answer(kind_name, person, info), rng)
+                rows.append(Row("about", prompt, letter, image, {name: describe(person.identity)}, chance))
+            else:
+                qa = toy.scene_qa_about(person.identity, info, rng)
+                question, answer = qa[rng.randrange(len(qa))]
+                rows.append(Row("about", _named(question, name), answer, image,
+                                {name: describe(person.identity)}, _open_chance(answer)))
+    return rows
+
+
+def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig) -> Row:
+    """A text-only attribute question about a described person."""
+    name = identity.name
+    descriptions = {name: describe(identity)}
+    if rng.random() < config.mcq_share:
+        trait = rng.choice(tuple(toy._TEXT_QUESTIONS))
+        template, values = toy._TEXT_QUESTIONS[trait]
+        prompt, letter, chance = _mcq(_named(template, name), values, getattr(identity, trait), rng)
+        return Row("text", prompt, letter, None, descriptions, chance)
+    qa = toy.attribute_qa(identity)
+    question, answer = qa[rng.randrange(len(qa))]
+    return Row("text", _named(question, name), answer, None, descriptions, _open_chance(answer))
+
+
+_VALUE_SETS = [set(values) for values in toy.TRAITS.values()] + [
+    set(toy.SHIRT_COLOURS), set(toy.EXPRESSIONS), set(toy.POSITIONS), set(toy.BACKGROUND_COLOURS),
+    {"Yes", "No"}, {"0", "1", "2", "3"}]
+
+
+def _open_chance(answer: str) -> float:
+    """1 / (number of answers of the same kind) for an open one-word answer."""
+    sizes = [len(values) for values in _VALUE_SETS if answer in values]
+    return 1.0 / min(sizes) if sizes else 0.1
+
+
+def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTrainConfig,
+                scene_size: int = 96, portrait_size: int = 64,
+                scenes: int | None = None) -> tuple[list[Row], list[Image.Image]]:
+    """Fresh photos and their rows for one step (all people from `pool`)."""
+    images: list[Image.Image] = []
+    rows: list[Row] = []
+    for _ in range(config.scenes_per_step if scenes is None else scenes):
+        subject = pool[rng.randrange(len(pool))]
+        image, info = toy.random_scene(subject, rng, pool, size=scene_size)
+        images.append(image)
+        rows += scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene)
+    for _ in range(config.describe_rows_per_step):
+        identity = pool[rng.randrange(len(pool))]
+        images.append(toy.render_portrait(identity, rng, size=portrait_size))
+        rows.append(Row("describe", DESCRIBE_PROMPT, describe(identity), len(images) - 1, chance=0.0))
+    for _ in range(config.text_rows_per_step):
+        rows.append(text_row(pool[rng.randrange(len(pool))], rng, config))
+    return rows, images
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and the forward pass
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] right-padded
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T] answer tokens, -100 elsewhere
+    image_index: list[int]  # photo of each row that has one, in row order
+    prompt_lengths: list[int]
+
+
+def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int) -> Batch:
+    """Prompt (exactly as at inference) + " answer" + EOS; labels on the answer only."""
+    def no_slot(slot):
+        raise PlvmError(f"unexpected concept slot {slot} in a base-model prompt")
+
+    sequences, labels, lengths, image_index = [], [], [], []
+    for row in rows:
+        segments = build_prompt(row.question, template=POCKET, has_image=row.image is not None,
+                                descriptions=row.descriptions, literal_names=True)
+        prompt = encode_segments(segments, tokenizer, slot_id=no_slot, image_token_id=IMAGE_ID,
+                                 num_image_tokens=num_image_tokens)
+        answer = tokenizer(" " + row.answer.strip(), add_special_tokens=False)["input_ids"] + [EOS_ID]
+        sequences.append(prompt + answer)
+        labels.append([IGNORE] * len(prompt) + answer)
+        lengths.append(len(prompt))
+        if row.image is not None:
+            image_index.append(row.image)
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (sequence, label) in enumerate(zip(sequences, labels)):
+        ids[i, :len(sequence)] = torch.tensor(sequence)
+        mask[i, :len(sequence)] = 1
+        target[i, :len(label)] = torch.tensor(label)
+    return Batch(ids, mask, target, image_index, lengths)
+
+
+def pixel_values(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The processor's pixel values ([N, 3, S, S]); toy photos are square already, so this is
+    what `Backbone.pixel_values` gives at inference ("pad" to square is a no-op)."""
+    return image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+
+
+def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: torch.Tensor | None) -> torch.Tensor:
+    """Logits [B, T, V]. The vision tower runs once per photo; rows showing the same photo
+    share its features (scattered into their `<image>` slots in row order)."""
+    embeds = model.get_input_embeddings()(batch.input_ids)  # [B, T, H]
+    if batch.image_index:
+        features = model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+            return_dict=True).pooler_output
+        features = torch.stack(list(features))  # [N, P, H]
+        per_row = features[torch.tensor(batch.image_index)]  # [B_img, P, H]
+        mask = (batch.input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, per_row.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).logits
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (logits at t predict labels at t + 1)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def build_pocket_llava(vocabulary: Sequence[str], sizes: LvlmSizes, seed: int):
+    """(model, tokenizer, image_processor): a fresh pocket LLaVA, identical for a seed."""
+    tokenizer = build_word_tokenizer(list(vocabulary))
+    config = tiny_llava_config(vocab_size=len(tokenizer), hidden_size=sizes.hidden, layers=sizes.layers,
+                               image_size=sizes.image_size, patch_size=sizes.patch_size,
+                               vision_hidden=sizes.vision_hidden, vision_layers=sizes.vision_layers,
+                               heads=sizes.heads)
+    config.text_config.intermediate_size = sizes.hidden * 3
+    config.vision_config.intermediate_size = sizes.vision_hidden * 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.config._name_or_path = "plvmctl-pocket"
+    return model, tokenizer, clip_image_processor(sizes.image_size)
+
+
+def num_image_tokens(model) -> int:
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 1,
+            config: LvlmTrainConfig | None = None, heldout: bool = True,
+            batch_rows: int = 48) -> dict[str, dict[str, float]]:
+    """Greedy first-answer-token accuracy per row kind on fresh photos.
+
+    People come from the held-out part (never seen in training) unless `heldout=False`. A row
+    counts as right when the most likely first answer token over the WHOLE vocabulary is the
+    first token of the right answer (the letter for multiple choice, Yes/No for recognition).
+    Returns {kind: {"accuracy", "chance", "count"}} plus "all".
+    """
+    config = config or LvlmTrainConfig()
+    pool = toy.heldout_identities() if heldout else toy.training_identities()
+    rng = random.Random(f"plvmctl-pocket-measure-{seed}")
+    size = model.config.vision_config.image_size
+    rows, images = sample_step(rng, pool, dataclasses.replace(config, describe_rows_per_step=0),
+                               scene_size=size, scenes=scenes)
+    model.eval()
+    pixels = pixel_values(image_processor, images)
+    hits: dict[str, list[int]] = {}
+    chances: dict[str, list[float]] = {}
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start:start + batch_rows]
+        remap = {}
+        for row in chunk:
+            if row.image is not None:
+                remap.setdefault(row.image, len(remap))
+        local = [dataclasses.replace(row, image=remap[row.image]) if row.image is not None else row
+                 for row in chunk]
+        batch = encode_rows(local, tokenizer, num_image_tokens(model))
+        order = sorted(remap, key=remap.get)
+        logits = forward_logits(model, batch, pixels[order] if order else None)
+        for i, row in enumerate(chunk):
+            predicted = int(logits[i, batch.prompt_lengths[i] - 1].argmax())
+            expected = int(batch.labels[i, batch.prompt_lengths[i]])
+            hits.setdefault(row.kind, []).append(int(predicted == expected))
+            chances.setdefault(row.kind, []).append(row.chance)
+    report = {kind: {"accuracy": sum(h) / len(h), "chance": sum(chances[kind]) / len(h), "count": len(h)}
+              for kind, h in hits.items()}
+    every = [h for values in hits.values() for h in values]
+    every_chance = [c for values in chances.values() for c in values]
+    report["all"] = {"accuracy": sum(every) / len(every), "chance": sum(every_chance) / len(every),
+                     "count": len(every)}
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LvlmResult:
+    model: LlavaForConditionalGeneration
+    tokenizer: object
+    image_processor: object
+    losses: list[float]
+    seconds: float
+    steps: int
+
+
+def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
+               logger: JsonlLogger | None = None,
+               echo: Callable[[str], None] | None = None) -> LvlmResult:
+    """Train the whole pocket LLaVA (vision tower, projector, LM) on fresh toy photos.
+
+    AdamW, linear warm-up then cosine decay to `min_lr_ratio`, gradient clipping. Only
+    training-part identities are ever drawn.
+    """
+    say = echo or (lambda message: None)
+    seed_everything(config.seed)
+    rng = random.Random(f"plvmctl-pocket-lvlm-{config.seed}")
+    pool = toy.training_identities()
+    size = model.config.vision_config.image_size
+    tokens_per_image = num_image_tokens(model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=config.lr, betas=(0.9, 0.98))
+    model.train()
+    model.requires_grad_(True)
+    losses: list[float] = []
+    started = time.perf_counter()
+    step = 0
+    for step in range(config.steps):
+        factor = lr_multiplier(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
+                               schedule="cosine")
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * factor)
+        rows, images = sample_step(rng, pool, config, scene_size=size)
+        batch = encode_rows(rows, tokenizer, tokens_per_image)
+        pixels = pixel_values(image_processor, images)
+        logits = forward_logits(model, batch, pixels)
+        loss = answer_loss(logits, batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise PlvmError(f"base LVLM training diverged at step {step} (loss {value})")
+        losses.append(value)
+        elapsed = time.perf_counter() - started
+        if step % config.log_every == 0 or step == config.steps - 1:
+            recent = losses[-config.log_every:]
+            say(f"lvlm step {step:5d}  loss {sum(recent) / len(recent):.4f}  {elapsed:6.0f}s")
+            if logger is not None:
+                logger.log({"stage": "lvlm", "step": step, "loss": value,
+                            "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed, 2)})
+        if config.max_seconds and elapsed > config.max_seconds:
+            say(f"lvlm: time limit reached after {step + 1} steps")
+            break
+    model.eval()
+    model.requires_grad_(False)
+    return LvlmResult(model, tokenizer, image_processor, losses, time.perf_counter() - started,
+                      len(losses))
