@@ -143,3 +143,10 @@ def test_aligner_import_command(tmp_path, cli, photos):
     assert refused.exit_code == 1 and "error:" in refused.output
     missing = CliRunner().invoke(main, ["aligner", "import", str(tmp_path / "none.ckpt"), "--out", str(tmp_path / "y")])
     assert missing.exit_code == 1 and "not found" in missing.output
+
+
+def test_ask_sampling_flags_are_seeded(cli, photos):
+    cli("encode", photos["plain0.png"], "--name", "avril")
+    first = cli("ask", photos["plain1.png"], "Is <avril> here?", "--sample", "--temperature", "1.5", "--seed", "3")
+    second = cli("ask", photos["plain1.png"], "Is <avril> here?", "--sample", "--temperature", "1.5", "--seed", "3")
+    assert first.exit_code == 0 and first.output == second.output

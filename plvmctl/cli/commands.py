@@ -71,14 +71,27 @@ def _read_batch(path: str):
 @click.option("--no-image", is_flag=True, help="Text-only question (no photo).")
 @click.option("--batch-size", type=int, default=None, help="Questions per forward pass [recipe].")
 @click.option("--max-new-tokens", type=int, default=None, help="Answer length limit [recipe].")
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature [recipe].")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass [recipe].")
+@click.option("--seed", type=int, default=None, help="Sampling seed [recipe].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer.")
 @pass_app
-def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_tokens, as_json):
+def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_tokens, sample,
+        temperature, top_p, seed, as_json):
     """Ask QUESTION about one or more IMAGEs: `ask IMAGE... QUESTION`.
 
     Concepts are named as <name> (see `plvmctl concepts list`). Every image gets the same
-    question; with --batch each line has its own image and question. Items that fail are
-    reported and the others still answered; the exit status is 1 if any failed.
+    question; with --batch each line has its own image and question. Decoding is greedy
+    unless --sample. Items that fail are reported and the others still answered; the exit
+    status is 1 if any failed.
+
+    \b
+    Examples:
+      plvmctl ask party.jpg "Where is <avril>?"
+      plvmctl ask a.jpg b.jpg "Is <avril> next to <bob>?" --json
+      plvmctl ask --no-image "What colour is <avril>'s hair?"
+      plvmctl ask --batch queries.jsonl --out answers.jsonl --batch-size 16
     """
     from ..engine import AskRequest, Engine
 
@@ -101,6 +114,12 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     if batch_size is not None and batch_size < 1:
         raise PlvmError("--batch-size must be at least 1")
 
+    generation = app.recipe.generation
+    if sample:
+        generation.do_sample = True
+    for key, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
+        if value is not None:
+            setattr(generation, key, value)
     engine = Engine(app.runtime, app.store)
     todo = [i for i in range(len(requests)) if i not in problems]
     results = engine.ask([requests[i] for i in todo], batch_size=batch_size,
