@@ -97,12 +97,9 @@ class Runtime:
             config = AlignerConfig(layout=section.layout, encoder_dim=self.encoder.hidden_size,
                                    lm_dim=self.backbone.hidden_size,
                                    num_context=section.num_context, **TINY_ALIGNER_SIZES)
-            state = torch.random.get_rng_state()
-            torch.manual_seed(self.recipe.model.seed + 1)
-            try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.recipe.model.seed + 1)
                 aligner = Aligner(config)
-            finally:
-                torch.random.set_rng_state(state)
             aligner = aligner.to(self.device, self.dtype)
         else:
             raise PlvmError(

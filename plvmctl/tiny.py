@@ -119,12 +119,9 @@ def build_tiny_llava(seed: int = 0, words: list[str] | None = None, **sizes):
     """(model, tokenizer, image_processor): a random tiny LLaVA, identical for a seed."""
     tokenizer = build_word_tokenizer(words or TINY_WORDS)
     config = tiny_llava_config(vocab_size=len(tokenizer), **sizes)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
     model.config._name_or_path = f"tiny-llava-seed{seed}"
     return model, tokenizer, clip_image_processor(config.vision_config.image_size)
 
@@ -156,11 +153,8 @@ def dinov2_image_processor(image_size: int) -> BitImageProcessorPil:
 def build_tiny_dinov2(seed: int = 0, **sizes):
     """(model, image_processor): a random tiny DINOv2, identical for a seed."""
     config = tiny_dinov2_config(**sizes)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         model = Dinov2Model(config).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
     model.config._name_or_path = f"tiny-dinov2-seed{seed}"
     return model, dinov2_image_processor(config.image_size)
