@@ -40,23 +40,18 @@ def main(**_):
 
 
 def _register() -> None:
+    """Attach every command group; each lives in its own module of this package."""
     from . import commands  # noqa: F401  (core commands attach themselves to `main`)
-    import importlib
+    from .data import data
+    from .evaluate import eval_command
+    from .index import index
+    from .toy import toy
+    from .train import train
+    from .train_yollava import yollava
 
-    for module_name, attribute in [
-        ("index", "index"),
-        ("toy", "toy"),
-        ("evaluate", "eval_command"),
-        ("train", "train"),
-        ("data", "data"),
-    ]:
-        try:
-            module = importlib.import_module(f"{__name__}.{module_name}")
-        except ModuleNotFoundError as error:
-            if error.name == f"{__name__}.{module_name}":
-                continue  # that command group has not been written yet
-            raise
-        main.add_command(getattr(module, attribute))
+    train.add_command(yollava)
+    for command in (train, data, index, toy, eval_command):
+        main.add_command(command)
 
 
 _register()

@@ -22,7 +22,7 @@ pass_app = click.make_pass_decorator(App)
 
 @click.group("train")
 def train() -> None:
-    """Train the PLVM Aligner (and, later, per-concept baselines)."""
+    """Train the PLVM Aligner, or a Yo'LLaVA concept for comparison."""
 
 
 @train.command("aligner")
@@ -78,10 +78,3 @@ def aligner(app: App, data: str | None, out: str | None, steps: int | None, resu
         click.echo(f"validation: positive {v['val_positive']:.3f}, negative "
                    f"{v['val_negative']:.3f}, mean {v['val_mean']:.3f}", err=True)
     click.echo(str(Path(result.aligner_path)))
-
-
-# The Yo'LLaVA trainer adds `train yollava` from its own module, e.g. in plvmctl/cli/yollava.py:
-#     from .train import train
-#     @train.command("yollava") ...
-# (or registers it here with `train.add_command(...)`). Keep `train` the group's module attribute.
-

@@ -61,9 +61,10 @@ conversations in a seeded shuffled order, `batch_size` (4) conversations a step.
 features (CLIP tower + projector output) of every training photo are computed once and fed to
 LLaVA through its `mm_encoder_outputs` argument, so a step runs only the language model.
 Random horizontal flips are optional (`flip`; the flipped photo's features are cached too).
-After each epoch from `select_after_epoch` (4) on, the concept scores Yes against No as the
-first answer token for the positives and as many negatives; the epoch with the best mean of
-the two accuracies is kept (ties: the later epoch).
+After each epoch past the first `select_after_epoch` (4), the concept scores Yes against No as
+the first answer token for the positives and as many negatives; the epoch with the best mean
+of the two accuracies is kept (ties: the later epoch, as in Yo'LLaVA's code). When there are
+no more epochs than that, the last epoch is scored and kept.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -123,8 +125,8 @@ class YollavaConfig:
     num_context: int = 16  # latent tokens <t1>...<tk>
     epochs: int = 15
     lr: float = 1e-3
-    weight_decay: float = 0.01  # torch's AdamW default, as in Yo'LLaVA's code
-    batch_size: int = 4  # Yo'LLaVA used 1; any size gives the same loss per conversation
+    weight_decay: float = 0.01  # as in Yo'LLaVA's train.py (AdamW, betas 0.9/0.999)
+    batch_size: int = 4  # conversations a step (Yo'LLaVA: 1); the loss averages their answer tokens
     yes_no_weight: float = 1.0  # 1 = plain answer cross-entropy (Yo'LLaVA); PLVM uses 20
     recognition_per_photo: int = 15
     attribute_per_photo: int = 10
@@ -133,7 +135,7 @@ class YollavaConfig:
     exclude_threshold: float = 0.95  # cosine above which a neighbour is a near-duplicate
     init_word: str = "person"
     init_noise: float = 0.1  # noise std as a fraction of the initial row's RMS
-    select_after_epoch: int = 4  # best-epoch selection starts at this (1-based) epoch
+    select_after_epoch: int = 4  # best-epoch selection scores the epochs after this many
     selection_negatives: int = 0  # negatives scored for selection (0: as many as positives)
     cache_features: bool = True
     flip: bool = False  # random horizontal flip of photos (features of both sides cached)
@@ -181,7 +183,6 @@ class Negatives:
 
     hard: list[Path] = field(default_factory=list)
     easy: list[Path] = field(default_factory=list)
-    near_duplicates: int = 0  # neighbours dropped as copies of a positive
     missing: int = 0  # index hits with no local file (and no download)
     failed_downloads: list[str] = field(default_factory=list)  # "URL: reason"
 
@@ -191,8 +192,8 @@ class Negatives:
         return list(dict.fromkeys(self.hard + self.easy))
 
     def summary(self) -> dict[str, Any]:
-        return {"hard": len(self.hard), "easy": len(self.easy), "near_duplicates": self.near_duplicates,
-                "missing": self.missing, "failed_downloads": len(self.failed_downloads)}
+        return {"hard": len(self.hard), "easy": len(self.easy), "missing": self.missing,
+                "failed_downloads": len(self.failed_downloads)}
 
 
 def folder_negatives(folder: str | os.PathLike, count: int, *, seed: int,
@@ -247,21 +248,9 @@ def download_photo(url: str, folder: Path, identifier: str, *, timeout: float = 
     return path
 
 
-def _hit_rows(result: Any) -> list[dict[str, Any]]:
-    """Index hits as dicts with at least `id`, and `path`/`url`/`score` when known."""
-    rows = []
-    for hit in result or []:
-        if isinstance(hit, dict):
-            row = dict(hit)
-        else:
-            row = {key: getattr(hit, key) for key in ("id", "score", "path", "url", "metadata")
-                   if hasattr(hit, key)}
-        metadata = row.pop("metadata", None)
-        if isinstance(metadata, dict):
-            for key, value in metadata.items():
-                row.setdefault(key, value)
-        rows.append(row)
-    return rows
+def _hit_row(hit: Any) -> dict[str, Any]:
+    """A retrieval `Hit` as one dict: its metadata (path, url, caption ...) plus `id`."""
+    return {**dict(getattr(hit, "metadata", {}) or {}), "id": hit.id}
 
 
 def gather_negatives(runtime, positives: Sequence[Path], config: YollavaConfig, *,
@@ -269,12 +258,19 @@ def gather_negatives(runtime, positives: Sequence[Path], config: YollavaConfig, 
                      negatives_dir: str | os.PathLike | None = None, download: bool = False,
                      download_dir: Path | None = None,
                      echo: Callable[[str], None] | None = None) -> Negatives:
-    """Hard + easy negatives: from an index (retrieval.hard_negatives / random_negatives), or
-    at random from `negatives_dir` alone.
+    """Hard + easy negatives from an index, or random ones from `negatives_dir` alone.
 
-    Index hits are resolved to local files by their metadata `path` (image-folder indexes) or
-    by id in `negatives_dir` (`<id>.jpg|png`); a hit with neither is skipped and counted, or
-    downloaded from its `url` when `download` is on (failures are listed, never fatal).
+    With an index (built by `plvmctl index build` from the backbone's `embed_images`): the
+    positives are embedded the same way, `retrieval.hard_negatives` gives the
+    `hard_negatives` nearest neighbours of their mean embedding (hits with cosine >=
+    `exclude_threshold` to a positive left out as near-duplicates of it) and
+    `retrieval.random_negatives` `random_negatives` other rows at random (near-duplicates of a
+    positive left out there too). Hits are resolved to
+    local files by their metadata `path` (image-folder indexes) or by id in `negatives_dir`
+    (`<id>.jpg|png`); a hit with neither is skipped and counted, or downloaded from its `url`
+    when `download` is on (failures are listed, never fatal).
+    Without an index, `hard_negatives + random_negatives` photos are drawn at random from
+    `negatives_dir`, so a run has as many negatives either way.
     """
     negatives_folder = Path(negatives_dir) if negatives_dir else None
     if negatives_folder is not None and not negatives_folder.is_dir():
@@ -290,47 +286,45 @@ def gather_negatives(runtime, positives: Sequence[Path], config: YollavaConfig, 
     from .. import retrieval
 
     opened = retrieval.open_index(index)
-    base = Path(index) if Path(index).is_dir() else Path(index).parent
-    embeddings = runtime.backbone.embed_images([load_image(p) for p in positives])
-    hard_hits, near = _call_hard_negatives(retrieval, opened, embeddings, config)
-    easy_hits = _hit_rows(retrieval.random_negatives(opened, config.random_negatives,
-                                                     seed=config.seed))
-    result = Negatives(near_duplicates=near)
+    embeddings = runtime.backbone.embed_images([load_image(p) for p in positives]).cpu().numpy()
+    if embeddings.shape[1] != opened.info.dim:
+        raise PlvmError(f"index {index} holds {opened.info.dim}-d vectors but this model's image "
+                        f"embeddings are {embeddings.shape[1]}-d: build the index with the same "
+                        f"model (`plvmctl --recipe R index build`)")
+    hard_hits = []
+    if config.hard_negatives:
+        hard_hits = retrieval.hard_negatives(opened, embeddings, config.hard_negatives,
+                                             config.exclude_threshold)
+    taken = [hit.id for hit in hard_hits]
+    count = min(config.random_negatives, opened.info.count - len(taken))
+    easy_hits = retrieval.random_negatives(opened, max(0, count), seed=config.seed, exclude_ids=taken)
+    if easy_hits:  # a random draw may hit a copy of a positive too: leave those out
+        vectors = torch.nn.functional.normalize(
+            torch.as_tensor(opened.vectors([hit.id for hit in easy_hits]), dtype=torch.float32), dim=-1)
+        units = torch.nn.functional.normalize(torch.as_tensor(embeddings, dtype=torch.float32), dim=-1)
+        nearest = (vectors @ units.T).max(dim=1).values
+        easy_hits = [hit for hit, cosine in zip(easy_hits, nearest.tolist())
+                     if cosine < config.exclude_threshold]
+    result = Negatives()
     positive_set = {p.resolve() for p in positives}
     for hits, bucket in ((hard_hits, result.hard), (easy_hits, result.easy)):
-        for hit in hits:
-            photo = _local_photo(hit, negatives_folder, base)
+        for hit in map(_hit_row, hits):
+            photo = _local_photo(hit, negatives_folder, Path(index).parent)
             if photo is None and download and isinstance(hit.get("url"), str):
-                folder = download_dir or Path("downloads")
                 try:
-                    photo = download_photo(hit["url"], folder, str(hit.get("id", len(bucket))))
+                    photo = download_photo(hit["url"], download_dir or Path(DOWNLOADS_DIR), str(hit["id"]))
                 except PlvmError as error:
                     result.failed_downloads.append(str(error))
                     continue
             if photo is None:
                 result.missing += 1
-                continue
-            if photo.resolve() not in positive_set:
+            elif photo.resolve() not in positive_set:
                 bucket.append(photo)
     if echo is not None and (result.missing or result.failed_downloads):
         echo(f"negatives: {result.missing} index hits have no local photo"
              + (f", {len(result.failed_downloads)} downloads failed" if result.failed_downloads else "")
-             + ("" if download else " (use --negatives DIR, or --download to fetch their URLs)"))
+             + ("" if download else " (pass --negatives DIR, or --download to fetch their URLs)"))
     return result
-
-
-def _call_hard_negatives(retrieval, opened, embeddings: torch.Tensor,
-                         config: YollavaConfig) -> tuple[list[dict[str, Any]], int]:
-    """retrieval.hard_negatives → (hits, how many near-duplicates it dropped)."""
-    if config.hard_negatives == 0:
-        return [], 0
-    output = retrieval.hard_negatives(opened, embeddings.cpu().numpy(), config.hard_negatives,
-                                      config.exclude_threshold)
-    dropped = 0
-    if hasattr(output, "hits"):
-        dropped = int(getattr(output, "excluded", 0) or 0)
-        output = output.hits
-    return _hit_rows(output), dropped
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,8 +412,7 @@ def build_conversations(runtime, name: str, positives: Sequence[Path], negatives
     if todo:
         engine = Engine(runtime, {})
         requests = [AskRequest(neutral_question(question), image=photo) for photo, question in todo]
-        results = engine.ask(requests, batch_size=max(1, config.batch_size),
-                             max_new_tokens=config.attribute_max_new_tokens, progress=progress)
+        results = engine.ask(requests, max_new_tokens=config.attribute_max_new_tokens, progress=progress)
         for (photo, question), result in zip(todo, results):
             if not result.ok:
                 raise PlvmError(f"the base model could not answer {question!r} about {photo}: {result.error}")
@@ -453,7 +446,9 @@ def initial_rows(backbone, word: str) -> tuple[torch.Tensor, torch.Tensor]:
     embedding = backbone.model.get_input_embeddings().weight.detach().float()
     head = backbone.model.get_output_embeddings().weight.detach().float()
     tokenizer = backbone.tokenizer
-    ids = [i for i in tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+    # no leading space: sentencepiece tokenizers add their own ("▁person"), and a bare "▁"
+    # piece would only dilute the mean
+    ids = [i for i in tokenizer(word.strip(), add_special_tokens=False)["input_ids"]
            if i != tokenizer.unk_token_id and i < embedding.shape[0]]
     if not ids:
         return embedding.mean(0).cpu(), head.mean(0).cpu()
@@ -515,7 +510,7 @@ class YollavaTrainer:
     @staticmethod
     def _image(photo: Path, flipped: bool):
         image = load_image(photo)
-        return image.transpose(0) if flipped else image  # 0 = FLIP_LEFT_RIGHT
+        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else image
 
     @torch.no_grad()
     def _compute_features(self, images: list) -> list[torch.Tensor]:
@@ -652,7 +647,14 @@ def _spread(items: Sequence[Path], count: int) -> list[Path]:
     return [items[(i * len(items)) // count] for i in range(count)]
 
 
-def _digest_of(photos: Sequence[Path]) -> str:
+def config_digest(config: YollavaConfig) -> str:
+    """sha256 of the settings that change what is trained (the output folder excluded)."""
+    settings = {key: value for key, value in asdict(config).items() if key != "out"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def photos_digest(photos: Sequence[Path]) -> str:
+    """sha256 over the photos' own sha256s, in order."""
     digest = hashlib.sha256()
     for photo in photos:
         digest.update(sha256_file(photo).encode())
@@ -701,7 +703,7 @@ def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequ
     losses: list[float] = []
     epochs: list[dict[str, Any]] = []
     best_epoch, best_accuracy, best_state = 0, None, None
-    first_scored = min(max(1, config.select_after_epoch), config.epochs)
+    first_scored = min(config.select_after_epoch + 1, config.epochs)
     train_start = time.perf_counter()
     steps_per_epoch = -(-len(samples) // config.batch_size)
     bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"yollava <{name}>", unit="step",
@@ -743,10 +745,11 @@ def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequ
     meta = ConceptMeta(
         method=METHOD, base_model=runtime.backbone.fingerprint, base_model_name=runtime.backbone.name,
         reference_sha256=sha256_file(positives[0]), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        extra={"positives": str(len(positives)), "positives_sha256": _digest_of(positives),
+        extra={"positives": str(len(positives)), "positives_sha256": photos_digest(positives),
                "negatives": str(len(negatives)), "epochs": str(config.epochs),
                "best_epoch": str(best_epoch), "train_accuracy": json.dumps(best_accuracy),
-               "seconds": f"{seconds['total']:.3f}", "init_word": config.init_word},
+               "seconds": f"{seconds['total']:.6f}", "init_word": config.init_word,
+               "config_sha256": config_digest(config)},
     )
     concept = trainer.concept(meta)
     if losses:
