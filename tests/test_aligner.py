@@ -606,3 +606,20 @@ def test_reference_encoder_load_failure_is_a_plvm_error(tmp_path):
     encoder = ReferenceEncoder(Dinov2Model(config), image_processor=None)
     with pytest.raises(PlvmError, match="at least one image"):
         encoder.encode([])
+
+
+def test_real_dinov2_base_feeds_the_real_aligner_on_meta():
+    """DINOv2-base (fed 224 px, patch 14) → 1 CLS + 256 patch tokens of 768 → the paper Aligner."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          intermediate_size=3072, image_size=518, patch_size=14)  # as on the hub
+    with torch.device("meta"):
+        encoder = Dinov2Model(config)
+        tokens = encoder(pixel_values=torch.empty(1, 3, 224, 224)).last_hidden_state
+        aligner = Aligner(AlignerConfig(layout="paper", encoder_dim=768, lm_dim=4096, num_context=16))
+        output = aligner(tokens)
+    assert tokens.shape == (1, 257, 768)
+    assert sum(p.numel() for p in encoder.parameters()) == 86_580_480  # dinov2-base: 86.6 M
+    assert output.word.shape == output.head.shape == (1, 4096)
+    assert output.context.shape == (1, 16, 4096)
