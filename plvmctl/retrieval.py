@@ -526,6 +526,8 @@ def embed_image_folder(folder: str | os.PathLike, work_dir: str | os.PathLike, e
                     if vectors.ndim != 2 or vectors.shape[0] != len(images):
                         raise PlvmError(f"the embedder returned shape {list(vectors.shape)} for "
                                         f"{len(images)} images")
+                    if not np.isfinite(vectors).all():
+                        raise PlvmError("the embedder returned NaN or infinite values")
                     if dim is not None and vectors.shape[1] != dim:
                         raise PlvmError(f"the embedder returned dimension {vectors.shape[1]}, "
                                         f"earlier shards have {dim}")
@@ -546,8 +548,8 @@ def embed_image_folder(folder: str | os.PathLike, work_dir: str | os.PathLike, e
             skipped += shard_skipped
     finally:
         bar.close()
-    if skipped:
-        log.warning("%s", describe_skipped(skipped))
+    if skipped:  # the caller reports them (the CLI prints this line)
+        log.info("%s", describe_skipped(skipped))
     source = open_laion(work)
     source.kind = "images"
     return EmbeddedFolder(source, skipped, embedded, reused)
@@ -579,14 +581,16 @@ def choose_factory(n: int, d: int, *, exact_limit: int = EXACT_LIMIT,
 
     * n <= exact_limit (1 M): "Flat", exact inner-product search. 1 M × 768 float32 is 3 GB and
       answers a query in tens of milliseconds, so nothing approximate is worth its recall loss.
-    * above: IVF + PQ. nlist = 4·sqrt(n) rounded to a power of two (at most n/39, FAISS's
-      minimum of training points per list); m PQ bytes per vector = d/2 for d <= 128, else
-      min(128, d/4) (768-d → 128 bytes, 24× smaller than float32). For d <= 128,
-      `IVF{nlist},PQ{m}np`; for larger d an OPQ rotation first, `OPQ{m}_{D},IVF{nlist},PQ{m}np`
-      (D = d rounded up to a multiple of m), which spreads variance evenly over sub-quantizers.
-    * n >= large_limit (10 M): the coarse quantizer becomes an HNSW graph over the centroids,
-      `OPQ{m}_{D},IVF{nlist}_HNSW32,PQ{m}x8np` (the shape clip-retrieval's autofaiss picks for
-      LAION), since an exhaustive scan of 16 k–64 k centroids per query would dominate.
+    * above: `IVF{nlist},PQ{m}np`. nlist = 4·sqrt(n) rounded (in log scale) to a power of two,
+      at most n/39 (FAISS's minimum of training points per list); m, the PQ bytes per vector,
+      is d/2 for d <= 128, else min(128, d/4) (768-d → 128 bytes, 24× smaller than float32),
+      lowered until it divides d.
+    * n >= large_limit (10 M): an OPQ rotation (D = d rounded up to a multiple of m; it spreads
+      variance evenly over the sub-quantizers) and an HNSW graph as coarse quantizer, since an
+      exhaustive scan of 16 k–64 k centroids per query would dominate:
+      `OPQ{m}_{D},IVF{nlist}_HNSW32,PQ{m}x8np`, the shape clip-retrieval's autofaiss picks for
+      LAION. OPQ is kept to this tier because training it is slow on a CPU (about a minute
+      per iteration, 50 iterations, for 768-d on 2 cores) and matters most at this scale.
 
     `np` turns off polysemous training, which costs minutes and helps only Hamming-filtered
     search, which plvmctl does not use. `exact_limit` / `large_limit` let tests force a rule.
@@ -597,14 +601,11 @@ def choose_factory(n: int, d: int, *, exact_limit: int = EXACT_LIMIT,
         return "Flat"
     nlist = _nlist(n)
     m = _pq_bytes(d)
-    rotated = d > 128
-    if not rotated:
-        while d % m:  # plain PQ needs m to divide d
-            m -= 1
-    opq = f"OPQ{m}_{m * math.ceil(d / m)}," if rotated or n >= large_limit else ""
     if n >= large_limit:
-        return f"{opq}IVF{nlist}_HNSW32,PQ{m}x8np"
-    return f"{opq}IVF{nlist},PQ{m}np"
+        return f"OPQ{m}_{m * math.ceil(d / m)},IVF{nlist}_HNSW32,PQ{m}x8np"
+    while d % m:  # without a rotation, PQ needs m to divide d
+        m -= 1
+    return f"IVF{nlist},PQ{m}np"
 
 
 def _default_train_sample(n: int, d: int, index: faiss.Index) -> int:
@@ -857,7 +858,7 @@ class Hit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "score": self.score, **self.metadata}
+        return {**self.metadata, "id": self.id, "score": self.score}
 
 
 @dataclass

@@ -71,7 +71,8 @@ def test_choose_factory_rules():
     assert retrieval.choose_factory(100_000, 768) == "Flat"
     assert retrieval.choose_factory(1_000_000, 768) == "Flat"
     mid = retrieval.choose_factory(2_000_000, 768)
-    assert mid == "OPQ128_768,IVF4096,PQ128np"  # 4·sqrt(2e6) = 5657 → 2^round(12.47) = 4096
+    assert mid == "IVF4096,PQ128np"  # 4·sqrt(2e6) = 5657 → 2^round(12.47) = 4096
+    assert retrieval.choose_factory(2_000_000, 1000) == "IVF4096,PQ125np"  # m divides d
     large = retrieval.choose_factory(100_000_000, 768)
     assert large == "OPQ128_768,IVF32768_HNSW32,PQ128x8np"
     assert retrieval.choose_factory(100_000, 64, exact_limit=10_000) == "IVF1024,PQ32np"
@@ -200,6 +201,25 @@ def test_laion_row_count_mismatch_names_the_shard(tmp_path):
     write_laion(tmp_path / "laion", {0: 5, 1: 6}, metadata_rows={1: 4})
     with pytest.raises(PlvmError, match=r"shard 1: img_emb_1\.npy has 6 rows but metadata_1\.parquet has 4"):
         retrieval.open_laion(tmp_path / "laion")
+
+
+def test_laion_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
+    import sys
+
+    write_laion(tmp_path / "laion", {0: 5})
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now raises ImportError
+    with pytest.raises(PlvmError, match=r"needs pyarrow: pip install 'plvmctl\[laion\]'"):
+        retrieval.open_laion(tmp_path / "laion")
+
+
+def test_l2_metric_keeps_vectors_as_they_are(tmp_path):
+    x = np.random.default_rng(4).standard_normal((100, 8)).astype(np.float32) * 3
+    path = save_npy(tmp_path / "v.npy", x)
+    info = retrieval.build_index(path, tmp_path / "l2.index", metric="l2", progress=False)
+    assert info.metric == "l2" and not info.normalized
+    hits = retrieval.open_index(tmp_path / "l2.index").search(x[7] + 0.01, 3)[0]
+    assert hits[0].id == 7 and hits[0].score == pytest.approx(8 * 0.01 ** 2, rel=1e-2)
+    assert hits[0].score <= hits[1].score <= hits[2].score
 
 
 def test_laion_missing_metadata_and_empty_folder(tmp_path):
