@@ -204,12 +204,13 @@ def _read_rows(root: Path, file_name: str, kind: str,
 
 
 def _looks_like_plvm_val(root: Path) -> bool:
-    """True for the real plvm-val copy: its README's title names it."""
+    """True for the real plvm-val copy: its README's title is "# plvm-val: ..." (a toy set's
+    title, "# Toy plvm-val: ...", is not)."""
     readme = root / "README.md"
     if not readme.is_file():
         return False
     first_line = readme.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
-    return "plvm-val" in first_line.lower()
+    return first_line.strip().lower().startswith("# plvm-val")
 
 
 def load_testset(root: str | Path | None = None) -> TestSet:

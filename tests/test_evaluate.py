@@ -579,3 +579,12 @@ def test_cli_eval(tmp_path, monkeypatch):
                             obj=FakeApp(FakeRuntime()))
     assert isinstance(missing.exception, PlvmError)
     assert "test set not found" in str(missing.exception)
+
+
+def test_paper_rows_only_for_the_real_set(tmp_path):
+    from plvmctl.evaluate import _looks_like_plvm_val
+
+    (tmp_path / "README.md").write_text("# Toy plvm-val: a synthetic evaluation set\n")
+    assert not _looks_like_plvm_val(tmp_path)
+    (tmp_path / "README.md").write_text("# plvm-val: the PLVM evaluation set (real photos)\n")
+    assert _looks_like_plvm_val(tmp_path)
