@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plvmctl.errors import PlvmError
-from plvmctl.fileio import sha256_file, write_json_atomic
+from plvmctl.fileio import atomic_folder, sha256_file, write_json_atomic
 
 FORMAT_NAME = "plvmctl.aligner"
 FORMAT_VERSION = 1
@@ -364,25 +362,9 @@ def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> Path:
     }
     config = {**aligner.config.to_dict(), "format": FORMAT_NAME, "format_version": FORMAT_VERSION}
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    backup: Path | None = None
-    try:
+    with atomic_folder(folder) as tmp_dir:
         save_file(state, str(tmp_dir / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json_atomic(tmp_dir / CONFIG_FILE, config)
-        if folder.exists():
-            backup = Path(
-                tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent)
-            )
-            backup.rmdir()  # only the unique name is wanted
-            os.replace(folder, backup)
-        os.replace(tmp_dir, folder)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if backup is not None and backup.exists() and not folder.exists():
-            os.replace(backup, folder)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
     return folder
 
 

@@ -20,7 +20,7 @@ from transformers import GenerationConfig
 from .concept import Concept, ConceptStore
 from .errors import PlvmError
 from .images import load_image
-from .prompt import Slot, build_prompt, encode_segments, mentioned_names, split_names
+from .prompt import build_prompt, encode_segments, mentioned_names, split_names
 from .table import ConceptTable
 
 
@@ -248,7 +248,6 @@ class Engine:
         prepared = self._prepare_all(requests, errors)
         batch_size = batch_size or self.generation.batch_size
         bar = tqdm(total=len(prepared), desc="scoring", unit="q", disable=not progress)
-        model = self.backbone.model
         for batch in self._batches(prepared, batch_size):
             try:
                 names = [n for item in batch for n in item.names]

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -49,3 +50,42 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def replace_folder(new: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Rename the complete folder `new` to `folder`, replacing an older one safely.
+
+    The old folder is first renamed to a `.NAME.*.old` backup and removed only after the new
+    one is in place: a crash between the two renames leaves that backup, never a half folder.
+    """
+    new, folder = Path(new), Path(folder)
+    backup: Path | None = None
+    if folder.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+        backup.rmdir()  # only the unique name is wanted
+        os.replace(folder, backup)
+    try:
+        os.replace(new, folder)
+    except BaseException:
+        if backup is not None and not folder.exists():
+            os.replace(backup, folder)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `folder`; on success it replaces `folder`.
+
+    On any exception the temporary folder is removed and `folder` is left as it was.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield tmp
+        replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

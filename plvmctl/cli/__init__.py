@@ -7,24 +7,12 @@ below; commands parse arguments, call the library and print. `PlvmError` becomes
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from ..errors import PlvmError
-from .app import global_options
+from .app import ReportingGroup, global_options
 
 
-class _Main(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except PlvmError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(1)
-
-
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @global_options
 def main(**_):
     """Personalize LLaVA-family vision-language models.

@@ -12,6 +12,23 @@ import click
 STORE_ENV = "PLVMCTL_STORE"
 
 
+class ReportingGroup(click.Group):
+    """A command group that turns PlvmError into `error: <message>` and exit status 1.
+
+    Used for `plvmctl` itself and for groups that tests invoke on their own, so they
+    behave the same either way.
+    """
+
+    def invoke(self, ctx: click.Context):
+        from ..errors import PlvmError
+
+        try:
+            return super().invoke(ctx)
+        except PlvmError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(1)
+
+
 @dataclass
 class App:
     """The `ctx.obj` of every command. Heavy things load lazily, once."""

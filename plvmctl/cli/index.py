@@ -16,19 +16,7 @@ import click
 import numpy as np
 
 from ..errors import PlvmError
-from .app import App
-
-
-class _IndexGroup(click.Group):
-    """Turns PlvmError into `error: <message>` and exit status 1 by itself, so the group behaves
-    the same invoked directly (tests) and registered under `plvmctl`."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except PlvmError as error:
-            click.echo(f"error: {error}", err=True)
-            ctx.exit(1)
+from .app import App, ReportingGroup
 
 
 def _embedder() -> tuple[Callable[[list], np.ndarray], str | None]:
@@ -55,7 +43,7 @@ def _embedder() -> tuple[Callable[[list], np.ndarray], str | None]:
     return embed, getattr(backbone, "name", None)
 
 
-@click.group(cls=_IndexGroup, name="index")
+@click.group(cls=ReportingGroup, name="index")
 def index() -> None:
     """Nearest-neighbour indexes of image embeddings (FAISS), e.g. for Yo'LLaVA's hard negatives.
 

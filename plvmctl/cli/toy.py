@@ -7,18 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import PlvmError
-
-
-class _ToyGroup(click.Group):
-    """A group that turns PlvmError into `error: <message>` and exit status 1 by itself, so it
-    behaves the same when invoked directly (tests) and when registered under `plvmctl`."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except PlvmError as error:
-            click.echo(f"error: {error}", err=True)
-            ctx.exit(1)
+from .app import ReportingGroup
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -29,7 +18,7 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise PlvmError(f"--out {out} is not empty; pass --force to replace the toy data in it")
 
 
-@click.group(cls=_ToyGroup, name="toy")
+@click.group(cls=ReportingGroup, name="toy")
 def toy() -> None:
     """The toy world: procedural cartoon identities for training and testing from scratch.
 

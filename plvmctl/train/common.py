@@ -25,9 +25,7 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -36,7 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import PlvmError
-from ..fileio import atomic_path, write_json_atomic
+from ..fileio import atomic_folder, atomic_path, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_MODULE = "aligner"  # the trained module, as an Aligner folder
@@ -140,27 +138,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup
 # --------------------------------------------------------------------------------------------
 
 
-def _replace_folder(new: Path, folder: Path) -> None:
-    """Rename the complete folder `new` to `folder`, replacing an older one safely.
-
-    The old folder is first renamed to a `.NAME.*.old` backup, so a crash between the two
-    renames leaves the backup (which `find_checkpoint` falls back to), never a half folder.
-    """
-    backup: Path | None = None
-    if folder.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-        backup.rmdir()  # only the unique name is wanted
-        os.replace(folder, backup)
-    try:
-        os.replace(new, folder)
-    except BaseException:
-        if backup is not None and not folder.exists():
-            os.replace(backup, folder)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def save_checkpoint(out_dir: str | os.PathLike, *, module: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, rng: dict[str, Any],
                     state: dict[str, Any],
@@ -174,8 +151,7 @@ def save_checkpoint(out_dir: str | os.PathLike, *, module: torch.nn.Module,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folder = out / CHECKPOINT_DIR
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIR}.", suffix=".tmp", dir=out))
-    try:
+    with atomic_folder(folder) as tmp:
         save_module(module, tmp / CHECKPOINT_MODULE)
         tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "rng": rng}
@@ -183,10 +159,6 @@ def save_checkpoint(out_dir: str | os.PathLike, *, module: torch.nn.Module,
             torch.save(tensors, path)
         write_json_atomic(tmp / CHECKPOINT_STATE, {
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state})
-        _replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
