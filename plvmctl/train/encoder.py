@@ -231,7 +231,7 @@ def train_encoder(model: Dinov2Model, image_processor, config: EncoderTrainConfi
         if step % config.log_every == 0 or step == config.steps - 1:
             recent = losses[-config.log_every:]
             say(f"encoder step {step:5d}  loss {sum(recent) / len(recent):.4f} "
-                f"(supcon {float(contrastive):.3f}, traits {float(traits):.3f})  {elapsed:6.0f}s")
+                f"(supcon {float(contrastive.detach()):.3f}, traits {float(traits.detach()):.3f})  {elapsed:6.0f}s")
             if logger is not None:
                 logger.log({"stage": "encoder", "step": step, "loss": value,
                             "supcon": float(contrastive), "traits": float(traits),

