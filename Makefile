@@ -9,7 +9,7 @@ EVAL_OUT ?= runs/eval-$(RECIPE)
 # On the toy set, 30 sampled negatives per identity keep `make eval` to minutes on a CPU.
 EVAL_ARGS ?= $(if $(filter runs/toy-testset,$(TESTSET)),--neg-per-identity 30)
 # One torch thread is faster than two for the pocket model's small matrices.
-export OMP_NUM_THREADS ?= $(if $(filter pocket,$(RECIPE)),1)
+EVAL_ENV ?= $(if $(filter pocket,$(RECIPE)),OMP_NUM_THREADS=1)
 
 .PHONY: install test test-slow demo eval bench pocket pocket-smoke results clean
 
@@ -36,7 +36,7 @@ $(TESTSET)/validation_recognition:
 	plvmctl toy testset --out $(TESTSET) --identities 40 --seed 0 --force
 
 eval: install $(if $(filter runs/toy-testset,$(TESTSET)),$(TESTSET)/validation_recognition)
-	plvmctl --recipe $(RECIPE) eval --testset $(TESTSET) --method $(METHODS) --out $(EVAL_OUT) $(EVAL_ARGS)
+	$(EVAL_ENV) plvmctl --recipe $(RECIPE) eval --testset $(TESTSET) --method $(METHODS) --out $(EVAL_OUT) $(EVAL_ARGS)
 
 bench: install
 	$(PYTHON) bench/ask.py --recipe tiny
