@@ -39,7 +39,7 @@ import click
 import torch
 
 from .errors import PlvmError
-from .fileio import write_json_atomic
+from .fileio import replace_folder, write_json_atomic
 from .train.encoder import EncoderSizes, EncoderTrainConfig
 from .train.lvlm import LvlmSizes, LvlmTrainConfig
 
@@ -94,24 +94,6 @@ def profile(name: str) -> PocketProfile:
 def folder_bytes(folder: str | os.PathLike) -> int:
     """Total size of the files under `folder`."""
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
-
-
-def _replace_folder(new: Path, folder: Path) -> None:
-    """Rename the complete folder `new` over `folder` (old one kept as a backup until done)."""
-    backup = None
-    if folder.exists():
-        backup = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(folder, backup)
-    try:
-        os.replace(new, folder)
-    except BaseException:
-        if backup is not None and not folder.exists():
-            os.replace(backup, folder)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _make_readable(folder: Path) -> None:
@@ -204,7 +186,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         backbone_dir = work / "backbone"
         save_backbone(Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
         stage("lvlm", began)
-        say(f"[pocket] base LVLM held-out accuracy: " + ", ".join(
+        say("[pocket] base LVLM held-out accuracy: " + ", ".join(
             f"{k} {v['accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in after.items()))
         # 4. encoder -------------------------------------------------------------------
         began = time.perf_counter()
@@ -275,7 +257,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         if size > MAX_BYTES:
             raise PlvmError(f"the pocket checkpoint is {size / 1e6:.1f} MB, over the 20 MB limit")
         _make_readable(staging)
-        _replace_folder(staging, out)
+        replace_folder(staging, out)
         stage("write", began)
         card["timings_seconds"] = timings
         card["bytes"] = folder_bytes(out)
