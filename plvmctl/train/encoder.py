@@ -234,7 +234,7 @@ def train_encoder(model: Dinov2Model, image_processor, config: EncoderTrainConfi
                 f"(supcon {float(contrastive.detach()):.3f}, traits {float(traits.detach()):.3f})  {elapsed:6.0f}s")
             if logger is not None:
                 logger.log({"stage": "encoder", "step": step, "loss": value,
-                            "supcon": float(contrastive), "traits": float(traits),
+                            "supcon": float(contrastive.detach()), "traits": float(traits.detach()),
                             "seconds": round(elapsed, 2)})
         if config.max_seconds and elapsed > config.max_seconds:
             say(f"encoder: time limit reached after {step + 1} steps")
