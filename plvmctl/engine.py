@@ -91,19 +91,16 @@ class Engine:
             self._concepts[name] = self.runtime.check_concept(self._store.load(name))
         return self._concepts[name]
 
+    def _has(self, name: str) -> bool:
+        return name in self._concepts or (self._store is not None and name in self._store)
+
     def _known(self, names: list[str]) -> dict[str, int]:
         """name → k for every mentioned name that is a soft-prompt concept."""
         known = {}
         for name in names:
-            if name in self.descriptions:
+            if name in self.descriptions or (self.literal_names and not self._has(name)):
                 continue
-            if self._store is not None and name not in self._store and self.literal_names:
-                continue
-            if self._store is None and name not in self._concepts:
-                if self.literal_names:
-                    continue
-                self.concept(name)  # raises with the list of known names
-            known[name] = self.concept(name).num_context
+            known[name] = self.concept(name).num_context  # unknown names raise, listing the known
         return known
 
     # -- preparation ---------------------------------------------------------------------
@@ -131,10 +128,10 @@ class Engine:
             for start in range(0, len(group), batch_size):
                 yield group[start:start + batch_size]
 
-    def _encode(self, segments: list, table: ConceptTable) -> list[int]:
+    def _encode(self, segments: list, table: ConceptTable, add_bos: bool = True) -> list[int]:
         return encode_segments(segments, self.backbone.tokenizer, slot_id=table.slot_id,
                                image_token_id=self.backbone.image_token_id,
-                               num_image_tokens=self.backbone.num_image_tokens)
+                               num_image_tokens=self.backbone.num_image_tokens, add_bos=add_bos)
 
     def _table(self, names: Sequence[str]) -> ConceptTable:
         ordered = list(dict.fromkeys(names))
@@ -263,10 +260,7 @@ class Engine:
                 for item, per_item in zip(batch, option_segments):
                     prompt_ids = self._encode(item.segments, table)
                     for choice in per_item:
-                        answer_ids = encode_segments(
-                            choice, self.backbone.tokenizer, slot_id=table.slot_id,
-                            image_token_id=self.backbone.image_token_id,
-                            num_image_tokens=self.backbone.num_image_tokens, add_bos=False)
+                        answer_ids = self._encode(choice, table, add_bos=False)
                         rows.append(prompt_ids + answer_ids)
                         spans.append(len(answer_ids))
                         owners.append(item.index)
