@@ -185,11 +185,15 @@ class ConceptStore:
     def __contains__(self, name: str) -> bool:
         return NAME_PATTERN.match(name or "") is not None and self.path_for(name).is_file()
 
-    def save(self, concept: Concept, force: bool = False) -> Path:
-        path = self.path_for(concept.name)
+    def check_writable(self, name: str, force: bool = False) -> Path:
+        """The path for `name`; PlvmError if a concept is there and `force` is not given."""
+        path = self.path_for(name)
         if path.exists() and not force:
-            raise PlvmError(f"concept {concept.name!r} already exists at {path} (use --force to replace it)")
-        return concept.save(path)
+            raise PlvmError(f"concept {name!r} already exists at {path} (use --force to replace it)")
+        return path
+
+    def save(self, concept: Concept, force: bool = False) -> Path:
+        return concept.save(self.check_writable(concept.name, force))
 
     def load(self, name: str) -> Concept:
         if name not in self:

@@ -24,12 +24,8 @@ pass_app = click.make_pass_decorator(App)
 @pass_app
 def encode(app: App, reference: str, name: str, force: bool):
     """Encode one REFERENCE photo into a concept (no training): prints the written path."""
-    from ..concept import validate_name
-
-    validate_name(name)
     store = app.store
-    if name in store and not force:
-        raise PlvmError(f"concept {name!r} already exists at {store.path_for(name)} (use --force to replace it)")
+    store.check_writable(name, force)  # fail before loading any model
     runtime = app.runtime
     start = time.perf_counter()
     concept = runtime.encode_concept(name, reference)

@@ -66,14 +66,11 @@ def yollava(app: App, photos_dir: str, name: str, index: str | None, negatives_d
       plvmctl train yollava photos/avril --name avril --negatives negatives/ \\
           --set yollava.epochs=2
     """
-    from ..concept import validate_name
     from ..train.yollava import DOWNLOADS_DIR, gather_negatives, list_photos, train_yollava
 
-    validate_name(name)
     config = yollava_config(app, overrides)
     store = app.store
-    if name in store and not force:
-        raise PlvmError(f"concept {name!r} already exists at {store.path_for(name)} (use --force to replace it)")
+    store.check_writable(name, force)  # validates the name too; fails before any training
     positives = list_photos(photos_dir)
     if not positives:
         raise PlvmError(f"no photos (.jpg, .png, ...) in {photos_dir}")
