@@ -38,6 +38,12 @@ $(TESTSET)/validation_recognition:
 eval: install $(if $(filter runs/toy-testset,$(TESTSET)),$(TESTSET)/validation_recognition)
 	$(EVAL_ENV) plvmctl --recipe $(RECIPE) eval --testset $(TESTSET) --method $(METHODS) --out $(EVAL_OUT) $(EVAL_ARGS)
 
+# docs/results.md: main table (PLVM, no prompt, text prompt, Yo'LLaVA) on 40 held-out toy
+# identities plus the w and k ablations, every number measured by the run (~20 min, 2 cores).
+# Reruns reuse runs/results (finished steps are skipped); RESULTS_ARGS adds options.
+results: install
+	OMP_NUM_THREADS=1 $(PYTHON) -m plvmctl.results $(RESULTS_ARGS)
+
 bench: install
 	$(PYTHON) bench/ask.py --recipe tiny
 	$(PYTHON) bench/ask.py --recipe pocket

@@ -91,6 +91,24 @@ def profile(name: str) -> PocketProfile:
     raise PlvmError(f"unknown pocket profile {name!r} (known: full, smoke)")
 
 
+def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike,
+                         seed: int, *, yes_no_weight: float = 20.0, steps: int | None = None):
+    """The Aligner stage's TrainConfig (PLVM's w = 20, p = 0.6, 1 : 1 recognition : attribute).
+
+    `make results` trains its ablation Aligners with this too, changing only the Yes/No
+    weight (and k, which comes from the recipe), so the ablations are the pocket recipe's.
+    """
+    from .train.aligner import TrainConfig
+
+    steps = settings.aligner_steps if steps is None else steps
+    return TrainConfig(lr=settings.aligner_lr, batch_size=settings.aligner_batch, steps=steps,
+                       warmup_steps=min(20, steps // 5), schedule="cosine", seed=seed,
+                       yes_no_weight=yes_no_weight, positive_share=0.6, recognition_share=0.5,
+                       checkpoint_every=0, val_identities=settings.aligner_val_identities,
+                       aligner_sizes=dict(settings.aligner_sizes), data=str(manifest), out=str(out),
+                       cache_references=False)
+
+
 def folder_bytes(folder: str | os.PathLike) -> int:
     """Total size of the files under `folder`."""
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
@@ -132,7 +150,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     from .backbone import Backbone, save_backbone
     from .data.toy import generate_training_data
     from .runtime import load_runtime
-    from .train.aligner import TrainConfig, train_aligner
+    from .train.aligner import train_aligner
     from .train.common import JsonlLogger
     from .train.encoder import build_pocket_dinov2, measure_retrieval, train_encoder
     from .train.lvlm import build_pocket_llava, collect_vocabulary, measure, train_lvlm
@@ -207,13 +225,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         began = time.perf_counter()
         runtime = load_runtime(_stage_recipe(backbone_dir, encoder_dir, None, settings.num_context),
                                device="cpu")
-        config = TrainConfig(lr=settings.aligner_lr, batch_size=settings.aligner_batch,
-                             steps=settings.aligner_steps, warmup_steps=min(20, settings.aligner_steps // 5),
-                             schedule="cosine", seed=seed, yes_no_weight=20.0, positive_share=0.6,
-                             recognition_share=0.5, checkpoint_every=0,
-                             val_identities=settings.aligner_val_identities,
-                             aligner_sizes=dict(settings.aligner_sizes), data=str(manifest),
-                             out=str(work / "aligner-run"), cache_references=False)
+        config = aligner_train_config(settings, manifest, work / "aligner-run", seed)
         result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"))
         stage("aligner", began)
         first = sum(result.losses[:10]) / max(1, len(result.losses[:10]))

@@ -1,0 +1,812 @@
+"""docs/results.md from one command: the main table and two ablations, measured, never typed.
+
+    python -m plvmctl.results [--out-dir runs/results] [--doc docs/results.md] ...   (make results)
+
+Steps (each one's outputs stay under --out-dir, so a repeated run skips what is finished):
+
+    testset       the toy test set of held-out identities (`plvmctl toy testset`, seed 0),
+                  written only when --testset has no validation_recognition/ yet
+    main          `plvmctl --recipe pocket eval` of plvm, llava-none, llava-text and yollava on
+                  it (as `make eval`: sampled negatives, option-letter likelihood for MCQ)
+    data          the toy training data `make pocket` trains its Aligner on (same profile)
+    train-wW-kK   an Aligner trained exactly as the pocket one (profile "full", stage 5 of
+                  plvmctl.pocket) except for the Yes/No weight w or the context tokens k:
+                  w in {1, 20} at k = 16 and k in {4, 8, 16} at w = 20 (4 trainings: the
+                  w = 20, k = 16 one serves both ablations)
+    eval-wW-kK    `eval --method plvm` with that Aligner (aligner.path / aligner.num_context)
+    doc           docs/results.md (and OUT/results.json), written atomically
+
+Why the step markers: a step's outputs alone cannot say under which settings they were made
+(another model, another test set, other negatives). Each step writes OUT/steps/NAME.json with
+its settings before it starts and marks it finished at the end; a later run reuses a finished
+step whose settings are the same, resumes an unfinished one (evaluation per item, training
+from its checkpoint) and refuses, in one line, a folder made with other settings rather than
+mixing two experiments in one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import click
+
+from .errors import PlvmError
+from .fileio import sha256_file, write_json_atomic, write_text_atomic
+from .methods import DESCRIPTION_MAX_NEW_TOKENS
+
+RECIPE = "pocket"
+DEVICE = "cpu"  # the pocket model is made for a CPU; its timings are CPU timings
+SEED = 0  # the seed of `make pocket` and of `make eval`'s test set
+MCQ = "likelihood"
+MIN_IDENTITIES = 40  # the issue asks for at least 40 held-out identities
+
+MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava")
+METHOD_TITLES = {
+    "plvm": "pocket PLVM",
+    "llava-none": "pocket LVLM, no prompt",
+    "llava-text": "pocket LVLM + ~16-token text prompt",
+    "yollava": "Yo'LLaVA on the pocket LVLM",
+}
+YES_NO_WEIGHTS = (1.0, 20.0)  # ablated at k = PLVM_CONTEXT
+CONTEXT_SIZES = (4, 8, 16)  # ablated at w = PLVM_WEIGHT
+PLVM_WEIGHT = 20.0
+PLVM_CONTEXT = 16
+
+DEFAULTS = {"out_dir": "runs/results", "doc": "docs/results.md", "testset": "runs/toy-testset",
+            "identities": 40, "neg_per_identity": 30, "threads": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# The ablation plan
+
+
+@dataclass(frozen=True)
+class AblationRun:
+    """One Aligner of the ablations: Yes/No weight w and k context tokens."""
+
+    yes_no_weight: float
+    num_context: int
+
+    @property
+    def name(self) -> str:
+        return f"w{self.yes_no_weight:g}-k{self.num_context}"
+
+
+def ablation_plan() -> list[AblationRun]:
+    """The Aligners to train: w in YES_NO_WEIGHTS at k = 16, k in CONTEXT_SIZES at w = 20.
+
+    The run both ablations share (w = 20, k = 16) appears once: four trainings in all.
+    """
+    runs = [AblationRun(weight, PLVM_CONTEXT) for weight in YES_NO_WEIGHTS]
+    runs += [AblationRun(PLVM_WEIGHT, k) for k in CONTEXT_SIZES]
+    return list(dict.fromkeys(runs))
+
+
+def pocket_aligner_settings() -> dict[str, Any]:
+    """The pocket model's Aligner settings (`profile("full")` of plvmctl.pocket)."""
+    from .pocket import profile
+
+    full = profile("full")
+    return {"identities": full.identities, "photos": full.photos,
+            "steps": full.aligner_steps, "profile_steps": full.aligner_steps,
+            "batch_size": full.aligner_batch, "lr": full.aligner_lr,
+            "val_identities": full.aligner_val_identities, "num_context": full.num_context,
+            "aligner_sizes": dict(full.aligner_sizes), "seed": SEED}
+
+
+def aligner_train_config(run: AblationRun, settings: Mapping[str, Any], manifest: str | Path,
+                         out: str | Path):
+    """Stage 5 of `build_pocket` (`plvmctl.pocket.aligner_train_config`) with the run's Yes/No
+    weight and `settings`' step count.
+
+    k is not a training setting: a new Aligner takes it from the recipe's aligner.num_context
+    (see `training_overrides`).
+    """
+    from .pocket import aligner_train_config as pocket_config
+    from .pocket import profile
+
+    return pocket_config(profile("full"), manifest, out, settings["seed"],
+                         yes_no_weight=run.yes_no_weight, steps=int(settings["steps"]))
+
+
+def training_overrides(run: AblationRun) -> list[str]:
+    """Recipe overrides to train a new Aligner with k context tokens on the pocket model."""
+    return ["aligner.path=null", f"aligner.num_context={run.num_context}"]
+
+
+def evaluation_overrides(run: AblationRun, aligner_dir: str | Path) -> list[str]:
+    """Recipe overrides to evaluate the pocket model with a trained ablation Aligner."""
+    return [f"aligner.path={json.dumps(str(Path(aligner_dir).resolve()))}",
+            f"aligner.num_context={run.num_context}"]
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class Options:
+    """What one `python -m plvmctl.results` run does (the command line, checked)."""
+
+    out_dir: Path = Path(DEFAULTS["out_dir"])
+    doc: Path = Path(DEFAULTS["doc"])
+    testset: Path = Path(DEFAULTS["testset"])
+    identities: int = DEFAULTS["identities"]
+    neg_per_identity: int = DEFAULTS["neg_per_identity"]
+    skip_yollava: bool = False
+    skip_ablations: bool = False
+    aligner_steps: int | None = None  # None: the pocket profile's
+    limit: int | None = None
+    threads: int = DEFAULTS["threads"]
+
+    def check(self) -> None:
+        """PlvmError (one line) naming the first impossible value."""
+        if self.identities < 2:
+            raise PlvmError(f"--identities must be at least 2 (recognition needs negatives), "
+                            f"got {self.identities}")
+        if self.neg_per_identity < 0:
+            raise PlvmError(f"--neg-per-identity must be 0 or more, got {self.neg_per_identity}")
+        if self.aligner_steps is not None and self.aligner_steps < 1:
+            raise PlvmError(f"--aligner-steps must be at least 1, got {self.aligner_steps}")
+        if self.limit is not None and self.limit < 1:
+            raise PlvmError(f"--limit must be at least 1, got {self.limit}")
+        if self.threads < 1:
+            raise PlvmError(f"--threads must be at least 1, got {self.threads}")
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise PlvmError(f"--out-dir {self.out_dir} exists and is not a folder")
+        if self.doc.is_dir():
+            raise PlvmError(f"--doc {self.doc} is a folder: name the markdown file to write")
+        if self.testset.exists() and not self.testset.is_dir():
+            raise PlvmError(f"--testset {self.testset} exists and is not a folder")
+
+    @property
+    def methods(self) -> list[str]:
+        return [name for name in MAIN_METHODS if not (self.skip_yollava and name == "yollava")]
+
+    def command(self) -> str:
+        """The command line that repeats this run exactly (every value spelt out)."""
+        words = ["OMP_NUM_THREADS=" + str(self.threads), "python", "-m", "plvmctl.results",
+                 "--out-dir", str(self.out_dir), "--doc", str(self.doc),
+                 "--testset", str(self.testset), "--identities", str(self.identities),
+                 "--neg-per-identity", str(self.neg_per_identity)]
+        if self.aligner_steps is not None:
+            words += ["--aligner-steps", str(self.aligner_steps)]
+        if self.limit is not None:
+            words += ["--limit", str(self.limit)]
+        words += ["--threads", str(self.threads)]
+        if self.skip_yollava:
+            words.append("--skip-yollava")
+        if self.skip_ablations:
+            words.append("--skip-ablations")
+        return shlex.join(words)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+
+
+@dataclass
+class StepRecord:
+    """How long one step took, and whether an earlier run's outputs were reused."""
+
+    name: str
+    seconds: float
+    reused: bool
+
+
+def _first_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) != now.get(key):
+            return f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}"
+    return ""
+
+
+class StepRunner:
+    """Runs named steps once: OUT/steps/NAME.json holds each step's settings and wall time."""
+
+    def __init__(self, out_dir: Path, echo: Callable[[str], None]):
+        self.folder = out_dir / "steps"
+        self.echo = echo
+        self.records: list[StepRecord] = []
+
+    def run(self, name: str, settings: Mapping[str, Any], work: Callable[[], None],
+            done: Callable[[], bool]) -> StepRecord:
+        """`work()` unless a finished earlier run with the same settings left `done()` true."""
+        marker = self.folder / f"{name}.json"
+        settings = json.loads(json.dumps(settings, default=str))  # as it reads back from disk
+        previous = None
+        if marker.is_file():
+            try:
+                previous = json.loads(marker.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                previous = None  # a damaged marker: the step runs again (its outputs resume)
+        if previous is not None and previous.get("settings") != settings:
+            change = _first_difference(previous.get("settings") or {}, settings)
+            raise PlvmError(f"{self.folder.parent} holds step {name!r} made with other settings "
+                            f"({change}): pass another --out-dir or remove that folder")
+        if previous is not None and previous.get("finished") and done():
+            record = StepRecord(name, float(previous.get("seconds", 0.0)), reused=True)
+            self.echo(f"[results] step {name}: reused ({record.seconds:.1f} s when it ran)")
+            self.records.append(record)
+            return record
+        write_json_atomic(marker, {"settings": settings, "finished": False})
+        self.echo(f"[results] step {name} ...")
+        started = time.perf_counter()
+        work()
+        seconds = round(time.perf_counter() - started, 1)
+        write_json_atomic(marker, {"settings": settings, "finished": True, "seconds": seconds,
+                                   "date": _now()})
+        self.echo(f"[results] step {name}: {seconds:.1f} s")
+        record = StepRecord(name, seconds, reused=False)
+        self.records.append(record)
+        return record
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _file_identity(path: str | Path) -> str:
+    """sha256 of a model folder's model.safetensors (or of the file), else the path itself."""
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    return sha256_file(weights) if weights.is_file() else str(path)
+
+
+def _model_identity(recipe) -> dict[str, str]:
+    """What makes answers comparable: the weights of the backbone and of the encoder."""
+    from .runtime import resolve_recipe_path
+
+    return {"backbone": _file_identity(resolve_recipe_path(recipe, recipe.model.source)),
+            "encoder": _file_identity(resolve_recipe_path(recipe, recipe.encoder.source))}
+
+
+def _toy_identity_count(testset: Path) -> int | None:
+    """How many identities a toy test set was written with (None: not a toy set)."""
+    from .data.toy import TESTSET_SIDECAR
+
+    sidecar = testset / TESTSET_SIDECAR
+    if not sidecar.is_file():
+        return None
+    try:
+        return len(json.loads(sidecar.read_text(encoding="utf-8"))["identities"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def ensure_testset(options: Options, steps: StepRunner) -> StepRecord:
+    """The toy test set at --testset (seed 0), unless it is already there.
+
+    An existing test set is used as it is; a toy one must have --identities identities, so a
+    table never silently reports a different set than the command line says.
+    """
+    from .data.toy import write_testset
+    from .evaluate import SET_FOLDER
+
+    folder = options.testset
+    if (folder / SET_FOLDER).is_dir():
+        count = _toy_identity_count(folder)
+        if count is not None and count != options.identities:
+            raise PlvmError(f"--testset {folder} is a toy test set of {count} identities, not "
+                            f"{options.identities}: pass --identities {count} or another --testset")
+        record = StepRecord("testset", 0.0, reused=True)
+        steps.echo(f"[results] step testset: using {folder}")
+        steps.records.append(record)
+        return record
+    if folder.is_dir() and any(folder.iterdir()):
+        raise PlvmError(f"--testset {folder} is not empty and has no {SET_FOLDER}/: "
+                        f"pass another --testset")
+    started = time.perf_counter()
+    write_testset(folder, options.identities, SEED, progress=True)
+    record = StepRecord("testset", round(time.perf_counter() - started, 1), reused=False)
+    steps.echo(f"[results] step testset: wrote {folder} ({record.seconds:.1f} s)")
+    steps.records.append(record)
+    return record
+
+
+def _evaluated(folder: Path, methods: Sequence[str]) -> bool:
+    """True when folder/results.json holds every method in `methods`."""
+    path = folder / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    return all(name in results.get("methods", {}) for name in methods)
+
+
+def evaluate_step(name: str, options: Options, overrides: list[str], methods: list[str],
+                  folder: Path, steps: StepRunner) -> dict[str, Any]:
+    """`plvmctl --recipe pocket [--set ...] eval` into `folder`; its results dict."""
+    from .evaluate import load_testset, run_evaluation
+    from .recipe import load_recipe
+
+    recipe = load_recipe(RECIPE, overrides)
+    testset = load_testset(options.testset)
+    settings = {"recipe": RECIPE, "overrides": overrides, **_model_identity(recipe),
+                "testset": str(testset.root.resolve()), "testset_counts": testset.counts(),
+                "neg_per_identity": options.neg_per_identity, "limit": options.limit,
+                "mcq": MCQ, "seed": SEED}
+    if recipe.aligner.path:
+        from .runtime import resolve_recipe_path
+
+        settings["aligner"] = _file_identity(resolve_recipe_path(recipe, recipe.aligner.path))
+
+    def work() -> None:
+        from .runtime import load_runtime
+
+        runtime = load_runtime(recipe, device=DEVICE)
+        run_evaluation(runtime, testset, methods, folder, limit=options.limit,
+                       neg_per_identity=options.neg_per_identity, seed=SEED, mcq=MCQ,
+                       progress=True)
+
+    steps.run(name, settings, work, lambda: _evaluated(folder, methods))
+    return json.loads((folder / "results.json").read_text(encoding="utf-8"))
+
+
+def training_data_step(options: Options, settings: Mapping[str, Any], folder: Path,
+                       steps: StepRunner) -> Path:
+    """The toy training data of `build_pocket` (same identities, photos and seed)."""
+    from .data.toy import generate_training_data
+
+    manifest = folder / "manifest.jsonl"
+    wanted = {"identities": settings["identities"], "photos": settings["photos"],
+              "seed": settings["seed"]}
+
+    def work() -> None:
+        generate_training_data(folder, settings["identities"], settings["photos"],
+                               settings["seed"], extra_scenes=0, progress=True)
+
+    steps.run("data", wanted, work, manifest.is_file)
+    return manifest
+
+
+def train_step(run: AblationRun, settings: Mapping[str, Any], manifest: Path, folder: Path,
+               steps: StepRunner) -> dict[str, Any]:
+    """Train the run's Aligner into `folder` (resumed from its checkpoint when interrupted);
+    return its run.json (steps, final loss, seconds, validation)."""
+    from .recipe import load_recipe
+    from .train.aligner import ALIGNER_DIR, RUN_FILE
+    from .train.common import find_checkpoint
+
+    recipe = load_recipe(RECIPE, training_overrides(run))
+    config = aligner_train_config(run, settings, manifest, folder)
+    described = dataclasses.asdict(config)
+    described.pop("out")
+    described["data"] = str(Path(described["data"]).resolve())
+    wanted = {"recipe": RECIPE, "overrides": training_overrides(run), **_model_identity(recipe),
+              "num_context": run.num_context, "train": described}
+
+    def finished() -> bool:
+        weights = folder / ALIGNER_DIR / "model.safetensors"
+        return (folder / RUN_FILE).is_file() and weights.is_file()
+
+    def work() -> None:
+        from .runtime import load_runtime
+        from .train.aligner import train_aligner
+        from .train.common import TrainingInterrupted
+
+        resume = find_checkpoint(folder) is not None
+        if not resume and folder.exists():
+            shutil.rmtree(folder)  # a run that died before its first checkpoint: start over
+        runtime = load_runtime(recipe, device=DEVICE)
+        try:
+            train_aligner(runtime, config, resume=resume, progress=True,
+                          echo=lambda message: steps.echo(f"[results] {run.name}: {message}"))
+        except TrainingInterrupted:
+            raise PlvmError(f"Aligner {run.name} interrupted: run the same command again to "
+                            f"continue (from its checkpoint in {folder} when one was saved)"
+                            ) from None
+
+    steps.run(f"train-{run.name}", wanted, work, finished)
+    return json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# The summary
+
+
+def mcq_chance(rows) -> float | None:
+    """Expected accuracy of a blind guess: the mean of 1 / (number of options) over `rows`."""
+    usable = [row for row in rows if row.missing is None and row.options]
+    if not usable:
+        return None
+    return sum(1.0 / len(row.options) for row in usable) / len(usable)
+
+
+def method_row(results: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """One table row from an evaluation's results dict (accuracies as fractions)."""
+    result = results["methods"][method]
+    return {
+        "method": method,
+        "title": METHOD_TITLES.get(method, method),
+        "positive": result["recognition"]["positive"],
+        "negative": result["recognition"]["negative"],
+        "mean": result["recognition"]["mean"],
+        "visual_qa": result["visual_qa"]["accuracy"],
+        "text_qa": result["text_qa"]["accuracy"],
+        "seconds_per_concept": result["seconds_per_concept"],
+        "tokens_per_concept": result["tokens_per_concept"],
+        "skipped": result["skipped"]["total"],
+        "unparseable": result["unparseable"]["total"],
+    }
+
+
+def yollava_negatives() -> str:
+    """Where `eval --method yollava` takes each concept's negative photos from (the recipe)."""
+    from .recipe import load_recipe
+    from .train.yollava import YollavaConfig
+
+    config = load_recipe(RECIPE).section("yollava", YollavaConfig)
+    if config.index:
+        return f"hard and random ones from the index {config.index}"
+    if config.negatives_dir:
+        return f"photos of {config.negatives_dir}"
+    return "the other identities' reference photos"
+
+
+def machine_facts(threads: int) -> dict[str, Any]:
+    import torch
+
+    return {
+        "date": _now(),
+        "device": DEVICE,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "requested_threads": threads,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def build_summary(options: Options, testset, main: Mapping[str, Any],
+                  ablations: list[tuple[AblationRun, dict[str, Any], dict[str, Any]]] | None,
+                  aligner_settings: Mapping[str, Any] | None, steps: list[StepRecord],
+                  machine: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything docs/results.md shows, as plain data (also written to OUT/results.json)."""
+    counts = main["counts"]
+    summary: dict[str, Any] = {
+        "command": options.command(),
+        "machine": dict(machine),
+        "testset": {
+            "path": str(options.testset),
+            "toy": _toy_identity_count(options.testset) is not None,
+            "identities": counts["identities"],
+            "query_photos": counts["query_photos"],
+            "recognition_items": counts["recognition_items"],
+            "recognition_positive": counts["recognition_positive"],
+            "text_items": counts["text_items"],
+            "visual_items": counts["visual_items"],
+            "text_chance": mcq_chance(testset.text),
+            "visual_chance": mcq_chance(testset.visual),
+        },
+        "protocol": {"neg_per_identity": options.neg_per_identity, "limit": options.limit,
+                     "mcq": MCQ, "seed": SEED, "recipe": RECIPE},
+        "main": [method_row(main, name) for name in options.methods],
+        "main_folder": str(options.out_dir / "main"),
+        "ablations_folder": str(options.out_dir / "ablations"),
+        "yollava_negatives": yollava_negatives(),
+        "ablations": None,
+        "aligner_training": dict(aligner_settings) if aligner_settings else None,
+        "steps": [dataclasses.asdict(step) for step in steps],
+    }
+    if ablations is not None:
+        rows = []
+        for run, results, trained in ablations:
+            row = method_row(results, "plvm")
+            validation = trained.get("validation") or {}
+            row.update({"yes_no_weight": run.yes_no_weight, "num_context": run.num_context,
+                        "train_seconds": trained.get("seconds"),
+                        "final_loss": trained.get("final_loss"),
+                        "validation_mean": validation.get("val_mean"), "run": run.name})
+            rows.append(row)
+        summary["ablations"] = {
+            "yes_no_weight": sorted((r for r in rows if r["num_context"] == PLVM_CONTEXT
+                                     and r["yes_no_weight"] in YES_NO_WEIGHTS),
+                                    key=lambda r: r["yes_no_weight"]),
+            "num_context": sorted((r for r in rows if r["yes_no_weight"] == PLVM_WEIGHT
+                                   and r["num_context"] in CONTEXT_SIZES),
+                                  key=lambda r: r["num_context"]),
+        }
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# The markdown
+
+
+def _pct(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    return f"{100 * value:.1f}"
+
+
+def _num(value: float | None) -> str:
+    if value is None or math.isnan(float(value)):
+        return "–"
+    value = float(value)
+    if value.is_integer():
+        return str(int(value))
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{float(value):.1f}"
+
+
+def _cells(row: Mapping[str, Any]) -> list[str]:
+    return [_pct(row[key]) for key in ("positive", "negative", "mean", "visual_qa", "text_qa")]
+
+
+_ACCURACY_HEADER = ("recognition positive | recognition negative | recognition mean | visual MCQ "
+                    "| text MCQ")
+
+
+def render_results_markdown(summary: Mapping[str, Any]) -> str:
+    """docs/results.md from a summary dict (`build_summary`): tables, command, machine, notes."""
+    testset, protocol, machine = summary["testset"], summary["protocol"], summary["machine"]
+    negatives = protocol["neg_per_identity"]
+    lines = [
+        "# Results: the pocket model on held-out identities",
+        "",
+        "Written by `python -m plvmctl.results` (`make results`); every number below comes from "
+        "that run. Do not edit by hand: run the command again.",
+        "",
+    ]
+    if testset["identities"] < MIN_IDENTITIES or protocol["limit"] is not None:
+        lines += [f"> **Smoke run**: {testset['identities']} identities"
+                  + (f", at most {protocol['limit']} items per task" if protocol["limit"] else "")
+                  + f". The results table is made on at least {MIN_IDENTITIES} identities "
+                  "with no limit.", ""]
+    lines += [
+        "## What was measured",
+        "",
+        f"- Test set `{testset['path']}`: {testset['identities']} "
+        + ("held-out identities of the toy world (never in any training data), "
+           if testset["toy"] else "identities, ")
+        + f"{testset['query_photos']} query photos.",
+        f"- Recognition: \"Is <name> in this photo?\" on {testset['recognition_items']} "
+        f"(reference, photo) pairs: {testset['recognition_positive']} positive, "
+        f"{testset['recognition_items'] - testset['recognition_positive']} negative (at most "
+        f"{negatives} sampled per identity, seed {protocol['seed']}); the answer is generated "
+        "and read as yes / no.",
+        f"- Visual MCQ ({testset['visual_items']} questions, with the photo) and text MCQ "
+        f"({testset['text_items']} questions, no photo): the option whose letter the model finds "
+        "most likely.",
+        "- Methods, all on the same frozen pocket LVLM and the same one reference photo per "
+        "identity: PLVM encodes the photo into context tokens (reference encoder + Aligner, "
+        "no training); no prompt leaves `<name>` as plain text; the text prompt puts "
+        "\"<name> is {description}.\" before every question, the description written by the "
+        f"base model from the photo in at most {DESCRIPTION_MAX_NEW_TOKENS} tokens"
+        + ("; Yo'LLaVA trains soft tokens per identity (the recipe's yollava settings; "
+           f"negatives: {summary.get('yollava_negatives') or 'as the recipe says'})"
+           if any(row["method"] == "yollava" for row in summary["main"]) else "") + ".",
+        "- Seconds to add a concept: wall time per concept (PLVM: one reference-encoder + "
+        "Aligner pass; text prompt: the base model writing the description; Yo'LLaVA: training "
+        "its soft prompt; no prompt: nothing to add).",
+        "- Tokens per concept: prompt tokens one concept adds to every question.",
+        f"- Recipe `{protocol['recipe']}` (the committed pocket model). Each evaluation's own "
+        f"report and per-item answers: `{summary['main_folder']}/` (main table) and "
+        f"`{summary['ablations_folder']}/<run>/eval/` (ablations).",
+        "",
+        "## Main table",
+        "",
+        f"| method | {_ACCURACY_HEADER} | seconds to add a concept | tokens per concept |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary["main"]:
+        cells = [f"{row['title']} (`{row['method']}`)"] + _cells(row)
+        cells += [_num(row["seconds_per_concept"]), _num(row["tokens_per_concept"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracies in %."]
+    problems = [f"{row['method']}: {row['skipped']} skipped, {row['unparseable']} unparseable"
+                for row in summary["main"] if row["skipped"] or row["unparseable"]]
+    if problems:
+        lines.append("Not every item was scored as asked (" + "; ".join(problems) +
+                     "): unparseable answers count as wrong, skipped items are left out.")
+    missing = [name for name in ("yollava",) if all(r["method"] != name for r in summary["main"])]
+    if missing:
+        lines.append(f"Not run this time: {', '.join(missing)} (--skip-yollava).")
+    lines.append("")
+
+    ablations = summary.get("ablations")
+    lines += ["## Ablations", ""]
+    if ablations is None:
+        lines += ["Not run this time (--skip-ablations).", ""]
+    else:
+        training = summary.get("aligner_training") or {}
+        steps = f"{training.get('steps')} steps"
+        if training.get("steps") != training.get("profile_steps"):
+            steps += f" (--aligner-steps; the profile has {training.get('profile_steps')})"
+        lines += [
+            "Each row is an Aligner trained from scratch exactly as the pocket model's "
+            f"(`plvmctl.pocket` profile \"full\": {steps}, batch {training.get('batch_size')}, "
+            f"lr {training.get('lr')}, {training.get('identities')} training identities × "
+            f"{training.get('photos')} photos, seed {training.get('seed')}) except for the one "
+            "setting varied, then evaluated as `plvm` above. The w = 20, k = 16 Aligner is "
+            "trained again here, so its row can differ slightly from the main table's (the "
+            "committed Aligner). Validation: Yes-vs-No first-token accuracy (mean of positive "
+            f"and negative) on {training.get('val_identities')} training-part identities held "
+            "out of that Aligner's training.",
+            "",
+            "### Yes/No weight w (k = 16)",
+            "",
+            f"| w | {_ACCURACY_HEADER} | validation mean | training seconds |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in ablations["yes_no_weight"]:
+            cells = [_num(row["yes_no_weight"])] + _cells(row)
+            cells += [_pct(row["validation_mean"]), _seconds(row["train_seconds"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "### Context tokens k (w = 20)",
+            "",
+            f"| k | {_ACCURACY_HEADER} | tokens per concept | seconds to add a concept "
+            "| validation mean | final training loss | training seconds |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in ablations["num_context"]:
+            cells = [str(row["num_context"])] + _cells(row)
+            cells += [_num(row["tokens_per_concept"]), _num(row["seconds_per_concept"]),
+                      _pct(row["validation_mean"]), _num(row["final_loss"]),
+                      _seconds(row["train_seconds"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Accuracies in %.", ""]
+
+    lines += [
+        "## How to read the numbers",
+        "",
+        "- Recognition chance is a mean of 50 %: a model that always says Yes scores 100 % "
+        "positive and 0 % negative (mean 50 %), one that always says No the reverse. Compare "
+        "methods by the mean; a high positive with a low negative is a Yes-sayer.",
+        f"- MCQ chance (a blind guess among each question's 2 to 4 options): visual "
+        f"{_pct(testset['visual_chance'])} %, text {_pct(testset['text_chance'])} % on this "
+        "test set.",
+        "- Seconds per concept are CPU wall times on the machine below; tokens per concept are "
+        "exact.",
+        "",
+        "## How it was made",
+        "",
+        "```",
+        summary["command"],
+        "```",
+        "",
+        f"- Machine: {machine['cpu_count']} CPU cores ({machine['processor']}), torch "
+        f"{machine['torch']} with {machine['torch_threads']} thread(s) "
+        f"(OMP_NUM_THREADS={machine['omp_num_threads'] or 'unset'}), Python "
+        f"{machine['python']}, {machine['platform']}, device {machine['device']}.",
+        f"- Date: {machine['date']}.",
+        "",
+        "| step | wall time (s) |",
+        "|---|---:|",
+    ]
+    for step in summary["steps"]:
+        note = " (reused from an earlier run: its time then)" if step["reused"] else ""
+        lines.append(f"| {step['name']}{note} | {step['seconds']:.1f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole run
+
+
+def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every step of this module's docstring; write --doc and OUT/results.json."""
+    import torch
+
+    from .evaluate import load_testset
+
+    options.check()
+    torch.set_num_threads(options.threads)
+    started = time.perf_counter()
+    out = options.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    steps = StepRunner(out, echo)
+
+    ensure_testset(options, steps)
+    testset = load_testset(options.testset)
+    main = evaluate_step("main", options, [], options.methods, out / "main", steps)
+
+    ablations = None
+    aligner_settings = None
+    if not options.skip_ablations:
+        aligner_settings = pocket_aligner_settings()
+        if options.aligner_steps is not None:
+            aligner_settings["steps"] = options.aligner_steps
+        manifest = training_data_step(options, aligner_settings, out / "ablations" / "toy", steps)
+        trained = {run: train_step(run, aligner_settings, manifest,
+                                   out / "ablations" / run.name / "train", steps)
+                   for run in ablation_plan()}
+        ablations = []
+        for run in ablation_plan():
+            aligner_dir = out / "ablations" / run.name / "train" / "aligner"
+            results = evaluate_step(f"eval-{run.name}", options,
+                                    evaluation_overrides(run, aligner_dir), ["plvm"],
+                                    out / "ablations" / run.name / "eval", steps)
+            ablations.append((run, results, trained[run]))
+
+    began = time.perf_counter()
+    summary = build_summary(options, testset, main, ablations, aligner_settings, steps.records,
+                            machine_facts(options.threads))
+    summary["steps"].append({"name": "doc", "seconds": round(time.perf_counter() - began, 1),
+                             "reused": False})
+    summary["steps"].append({"name": "total (this run)",
+                             "seconds": round(time.perf_counter() - started, 1), "reused": False})
+    write_json_atomic(out / "results.json", summary)
+    write_text_atomic(options.doc, render_results_markdown(summary))
+    echo(f"[results] wrote {options.doc} and {out / 'results.json'} "
+         f"in {time.perf_counter() - started:.0f} s")
+    return summary
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out-dir", default=DEFAULTS["out_dir"], show_default=True,
+              type=click.Path(path_type=Path),
+              help="Everything the run makes (evaluations, Aligners, step markers); reuse it "
+                   "to resume or to skip finished steps.")
+@click.option("--doc", default=DEFAULTS["doc"], show_default=True,
+              type=click.Path(path_type=Path), help="The markdown file to write.")
+@click.option("--testset", default=DEFAULTS["testset"], show_default=True,
+              type=click.Path(path_type=Path),
+              help="Test set folder (plvm-val layout); a toy one is written there if missing.")
+@click.option("--identities", default=DEFAULTS["identities"], show_default=True, type=int,
+              help="Held-out identities of a new toy test set (and of an existing toy one).")
+@click.option("--neg-per-identity", default=DEFAULTS["neg_per_identity"], show_default=True,
+              type=int, help="Sampled negative recognition pairs per identity (as `make eval`).")
+@click.option("--skip-yollava", is_flag=True, help="Leave Yo'LLaVA out of the main table.")
+@click.option("--skip-ablations", is_flag=True, help="Train and evaluate no ablation Aligner.")
+@click.option("--aligner-steps", default=None, type=int,
+              help="Training steps of each ablation Aligner [default: the pocket profile's, 1000].")
+@click.option("--limit", default=None, type=int,
+              help="At most N items per task in every evaluation (smoke runs only).")
+@click.option("--threads", default=DEFAULTS["threads"], show_default=True, type=int,
+              help="torch CPU threads (one is fastest for the pocket model).")
+def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_identity: int,
+         skip_yollava: bool, skip_ablations: bool, aligner_steps: int | None, limit: int | None,
+         threads: int) -> None:
+    """Measure the pocket model and write docs/results.md: one command, numbers from the run.
+
+    \b
+    Main table on held-out toy identities: pocket PLVM, the pocket LVLM with no prompt,
+    with a ~16-token description written by the base model, and Yo'LLaVA, each with
+    recognition positive / negative / mean, visual and text MCQ accuracy, seconds to add
+    a concept and tokens per concept. Ablations: Aligners trained as the pocket one with
+    Yes/No weight w = 1 vs 20 (k = 16) and k = 4 / 8 / 16 context tokens (w = 20).
+
+    \b
+    Full size takes about 20 minutes on 2 CPU cores; a repeated run with the same
+    --out-dir reuses every finished step. Smoke run:
+      python -m plvmctl.results --out-dir /tmp/r --doc /tmp/r.md --testset /tmp/ts \\
+          --identities 4 --aligner-steps 5 --skip-yollava
+    """
+    options = Options(out_dir=out_dir, doc=doc, testset=testset, identities=identities,
+                      neg_per_identity=neg_per_identity, skip_yollava=skip_yollava,
+                      skip_ablations=skip_ablations, aligner_steps=aligner_steps, limit=limit,
+                      threads=threads)
+    try:
+        make_results(options, echo=lambda message: click.echo(message, err=True))
+    except PlvmError as error:
+        raise click.ClickException(str(error)) from None
+
+
+if __name__ == "__main__":
+    main()
