@@ -8,6 +8,7 @@ the first-answer-token accuracy on held-out identities among the row's possible 
     python bench/reading.py --questions hair  --steps 400    # one template, one trait
     python bench/reading.py --questions open  --steps 3000   # every trait, open answers
     python bench/reading.py --questions mixed --steps 1500   # as in pretraining (+ Yes/No, MCQ)
+    python bench/reading.py --questions mcq   --steps 1500   # the evaluation's multiple choice only
     python bench/reading.py --format keyvalue ...            # "face round skin pale hair ..."
 
 Prints one JSON object per evaluation and a summary at the end.
@@ -24,6 +25,7 @@ import time
 import torch
 
 from plvmctl.data import toy
+from plvmctl.tiny import BOS_ID, SPECIAL_TOKENS
 from plvmctl.train import lvlm
 
 KEY_WORDS = {"face": "face", "skin": "skin", "hair_colour": "hair", "hair_style": "style",
@@ -38,8 +40,8 @@ def keyvalue(identity: toy.Identity) -> str:
 def make_row(identity: toy.Identity, rng: random.Random, questions: str, describe) -> lvlm.Row:
     """One text-only row about `identity`, its description in the preamble."""
     descriptions = {identity.name: describe(identity)}
-    if questions == "mixed":
-        row = lvlm.text_row(identity, rng, lvlm.LvlmTrainConfig(mcq_share=0.5))
+    if questions in ("mixed", "mcq"):
+        row = lvlm.text_row(identity, rng, lvlm.LvlmTrainConfig(mcq_share=0.5 if questions == "mixed" else 1.0))
         return dataclasses.replace(row, descriptions=descriptions)
     trait = "hair_colour" if questions == "hair" else rng.choice(list(toy._ATTRIBUTE_TEMPLATES))
     templates = toy._ATTRIBUTE_TEMPLATES[trait]
@@ -64,10 +66,31 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row]) -> float:
     return hits / len(rows)
 
 
+def copy_warmup(model, optimizer, vocabulary_size: int, steps: int, rng: random.Random,
+                rows: int = 64, length: int = 16) -> list[float]:
+    """Next-token loss on random word sequences shown twice: the second copy is predictable
+    only by looking back (induction heads), a stand-in for a real LM's text pretraining."""
+    losses = []
+    first_word = len(SPECIAL_TOKENS)  # no special token (BOS, EOS, <image> ...)
+    for _ in range(steps):
+        half = torch.tensor([[rng.randrange(first_word, vocabulary_size) for _ in range(length)]
+                             for _ in range(rows)])
+        ids = torch.cat([torch.full((rows, 1), BOS_ID), half, half], dim=1)  # BOS + x + x
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, length:-1].reshape(-1, logits.shape[-1]),
+                                                 ids[:, length + 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--format", choices=("sentence", "keyvalue"), default="sentence")
-    parser.add_argument("--questions", choices=("hair", "open", "mixed"), default="open")
+    parser.add_argument("--questions", choices=("hair", "open", "mixed", "mcq"), default="open")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=64, help="rows per step")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -75,6 +98,8 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copy-warmup", type=int, default=0,
+                        help="first train N steps on repeated random word sequences")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     describe = keyvalue if args.format == "keyvalue" else lvlm.describe
@@ -88,6 +113,11 @@ def main() -> None:
     chance = sum(1 / len(row.options) for row in eval_rows) / len(eval_rows)
     model.train()
     started = time.perf_counter()
+    if args.copy_warmup:
+        losses = copy_warmup(model, optimizer, len(tokenizer), args.copy_warmup, random.Random(args.seed + 7))
+        print(json.dumps({"copy_warmup_steps": args.copy_warmup, "loss_first": round(losses[0], 3),
+                          "loss_last": round(sum(losses[-10:]) / 10, 3),
+                          "seconds": round(time.perf_counter() - started, 1)}), flush=True)
     curve = []
     for step in range(args.steps + 1):
         if step % args.every == 0:
@@ -107,7 +137,7 @@ def main() -> None:
         optimizer.step()
     first_90 = next((p["step"] for p in curve if p["heldout_accuracy"] >= 0.9), None)
     print(json.dumps({"format": args.format, "questions": args.questions, "rows_per_step": args.rows,
-                      "lr": args.lr, "steps": args.steps, "chance": round(chance, 3),
+                      "lr": args.lr, "steps": args.steps, "copy_warmup": args.copy_warmup, "chance": round(chance, 3),
                       "final_accuracy": curve[-1]["heldout_accuracy"], "first_step_at_0.9": first_90,
                       "seconds": round(time.perf_counter() - started, 1)}))
 

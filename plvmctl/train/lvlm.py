@@ -23,6 +23,13 @@ unknown word to the tokenizer):
 * ``text``: text-only attribute questions about the described person (no image): the
   answer must be read off the description (hair colour, skin tone, accessory ...), open and
   multiple choice.
+* reference rows (a share ``reference_share`` of recognition, about and text rows): the
+  person is introduced by a reference *portrait* in the description's place, ``<name> is
+  <image>.``, the way a multi-image LVLM is shown "this is <name>: [photo]". The LM then
+  matches photo against photo (feature against feature, which attention does natively)
+  instead of binding words to what it sees; PLVM's Aligner later writes its k soft tokens
+  where the portrait's tokens were. Measured accuracies are reported per kind with a "-ref"
+  suffix for these rows.
 * ``describe``: a reference portrait and "Describe the person in this photo in one short
   sentence." -> the description. This keeps the "LLaVA + text prompt" baseline honest: the
   base model can write the descriptions that baseline feeds back to it.
@@ -61,7 +68,7 @@ from transformers import LlavaForConditionalGeneration
 from ..data import templates as recognition_templates
 from ..data import toy
 from ..errors import PlvmError
-from ..prompt import POCKET, build_prompt, encode_segments
+from ..prompt import IMAGE_PLACEHOLDER, POCKET, build_prompt, encode_segments
 from ..tiny import (
     EOS_ID,
     IMAGE_ID,
@@ -184,6 +191,7 @@ class LvlmTrainConfig:
     mcq_share: float = 0.5  # share of about/text rows asked as multiple choice
     hard_negative_share: float = 0.5
     vision_aux_weight: float = 0.5  # weight of the VisionProbe loss (0 turns it off)
+    reference_share: float = 0.0  # share of recognition/about/text rows whose person is shown by a portrait
     reading_steps: int = 0  # first steps with text-only rows (learn to read descriptions first)
     reading_rows: int = 64  # text-only rows per reading step
     max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
@@ -199,6 +207,12 @@ class Row:
     image: int | None  # index into the step's photos, None for text-only rows
     descriptions: dict[str, str] = field(default_factory=dict)
     options: tuple[str, ...] = ()  # the possible answers (for accuracy among them)
+    reference: int | None = None  # a portrait shown in the preamble as the person's description
+
+    @property
+    def group(self) -> str:
+        """The kind, with "-ref" when the person is shown by a reference portrait."""
+        return self.kind + ("-ref" if self.reference is not None else "")
 
     @property
     def chance(self) -> float:
@@ -251,8 +265,21 @@ def _pick_kind(shares: Sequence[tuple[str, float]], point: float) -> str:
     return shares[-1][0]
 
 
+PortraitMaker = Callable[[toy.Identity], int]  # renders a portrait, returns its photo index
+
+
+def _introduce(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig,
+               portrait: PortraitMaker | None) -> tuple[dict[str, str], int | None]:
+    """How the prompt introduces the person: a description sentence, or (a share
+    `reference_share` of the time, when photos can be added) a reference portrait in the
+    sentence's place ("<name> is <image>.")."""
+    if portrait is not None and config.reference_share > 0 and rng.random() < config.reference_share:
+        return {identity.name: IMAGE_PLACEHOLDER}, portrait(identity)
+    return {identity.name: describe(identity)}, None
+
+
 def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
-               config: LvlmTrainConfig, count: int) -> list[Row]:
+               config: LvlmTrainConfig, count: int, portrait: PortraitMaker | None = None) -> list[Row]:
     """`count` rows about one photo, kinds drawn by the configured shares."""
     shares = [("scene", config.scene_share), ("recognition", config.recognition_share),
               ("about", config.about_share)]
@@ -271,37 +298,40 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             name = who.name
             question = _named(rng.choice(recognition_templates.RECOGNITION_QUESTIONS), name)
             answers = recognition_templates.POSITIVE_ANSWERS if positive else recognition_templates.NEGATIVE_ANSWERS
+            descriptions, reference = _introduce(who, rng, config, portrait)
             rows.append(Row("recognition", question, _named(rng.choice(answers), name), image,
-                            {name: describe(who)}, ("Yes", "No")))
+                            descriptions, ("Yes", "No"), reference))
         else:
             person = rng.choice(info.people)
             name = person.identity.name
+            descriptions, reference = _introduce(person.identity, rng, config, portrait)
             if rng.random() < config.mcq_share:
                 kind_name = rng.choice(tuple(toy._VISUAL_QUESTIONS))
                 template, values = toy._VISUAL_QUESTIONS[kind_name]
                 prompt, letter, letters = _mcq(_named(template, name), values,
                                                toy._visual_answer(kind_name, person, info), rng)
-                rows.append(Row("about", prompt, letter, image, {name: describe(person.identity)}, letters))
+                rows.append(Row("about", prompt, letter, image, descriptions, letters, reference))
             else:
                 qa = toy.scene_qa_about(person.identity, info, rng)
                 question, answer = qa[rng.randrange(len(qa))]
-                rows.append(Row("about", _named(question, name), answer, image,
-                                {name: describe(person.identity)}, _open_options(answer)))
+                rows.append(Row("about", _named(question, name), answer, image, descriptions,
+                                _open_options(answer), reference))
     return rows
 
 
-def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig) -> Row:
-    """A text-only attribute question about a described person."""
+def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig,
+             portrait: PortraitMaker | None = None) -> Row:
+    """An attribute question about a described (or portrayed) person, no photo to look at."""
     name = identity.name
-    descriptions = {name: describe(identity)}
+    descriptions, reference = _introduce(identity, rng, config, portrait)
     if rng.random() < config.mcq_share:
         trait = rng.choice(tuple(toy._TEXT_QUESTIONS))
         template, values = toy._TEXT_QUESTIONS[trait]
         prompt, letter, letters = _mcq(_named(template, name), values, getattr(identity, trait), rng)
-        return Row("text", prompt, letter, None, descriptions, letters)
+        return Row("text", prompt, letter, None, descriptions, letters, reference)
     qa = toy.attribute_qa(identity)
     question, answer = qa[rng.randrange(len(qa))]
-    return Row("text", _named(question, name), answer, None, descriptions, _open_options(answer))
+    return Row("text", _named(question, name), answer, None, descriptions, _open_options(answer), reference)
 
 
 _VALUE_SETS: list[tuple[str, ...]] = [tuple(values) for values in toy.TRAITS.values()] + [
@@ -324,19 +354,23 @@ def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTr
     images: list[Image.Image] = []
     infos: list[toy.SceneInfo | None] = []
     rows: list[Row] = []
+
+    def portrait(identity: toy.Identity) -> int:
+        images.append(toy.render_portrait(identity, rng, size=portrait_size))
+        infos.append(None)
+        return len(images) - 1
+
     for _ in range(config.scenes_per_step if scenes is None else scenes):
         subject = pool[rng.randrange(len(pool))]
         image, info = toy.random_scene(subject, rng, pool, size=scene_size)
         images.append(image)
         infos.append(info)
-        rows += scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene)
+        rows += scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene, portrait)
     for _ in range(config.describe_rows_per_step):
         identity = pool[rng.randrange(len(pool))]
-        images.append(toy.render_portrait(identity, rng, size=portrait_size))
-        infos.append(None)
-        rows.append(Row("describe", DESCRIBE_PROMPT, describe(identity), len(images) - 1))
+        rows.append(Row("describe", DESCRIBE_PROMPT, describe(identity), portrait(identity)))
     for _ in range(config.text_rows_per_step):
-        rows.append(text_row(pool[rng.randrange(len(pool))], rng, config))
+        rows.append(text_row(pool[rng.randrange(len(pool))], rng, config, portrait))
     return rows, images, infos
 
 
@@ -350,7 +384,7 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] right-padded
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T] answer tokens, -100 elsewhere
-    image_index: list[int]  # photo of each row that has one, in row order
+    image_index: list[int]  # the photos of the rows, in order of appearance (reference first)
     prompt_lengths: list[int]
 
 
@@ -369,6 +403,8 @@ def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int) -> Batch:
         sequences.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)
         lengths.append(len(prompt))
+        if row.reference is not None:  # in the preamble, before the question's photo
+            image_index.append(row.reference)
         if row.image is not None:
             image_index.append(row.image)
     width = max(len(s) for s in sequences)
@@ -545,11 +581,13 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
 
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
-        remap = {}
+        remap: dict[int, int] = {}  # step photo -> position in this chunk's pixels
         for row in chunk:
-            if row.image is not None:
-                remap.setdefault(row.image, len(remap))
-        local = [dataclasses.replace(row, image=remap[row.image]) if row.image is not None else row
+            for index in (row.reference, row.image):
+                if index is not None:
+                    remap.setdefault(index, len(remap))
+        local = [dataclasses.replace(row, image=None if row.image is None else remap[row.image],
+                                     reference=None if row.reference is None else remap[row.reference])
                  for row in chunk]
         batch = encode_rows(local, tokenizer, num_image_tokens(model))
         order = sorted(remap, key=remap.get)
@@ -561,9 +599,9 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
             expected = int(batch.labels[i, batch.prompt_lengths[i]])
             candidates = [first_token(option) for option in row.options]
             best = max(candidates, key=lambda token: float(scores[token]))
-            hits.setdefault(row.kind, []).append(int(best == expected))
-            greedy.setdefault(row.kind, []).append(int(int(scores.argmax()) == expected))
-            chances.setdefault(row.kind, []).append(row.chance)
+            hits.setdefault(row.group, []).append(int(best == expected))
+            greedy.setdefault(row.group, []).append(int(int(scores.argmax()) == expected))
+            chances.setdefault(row.group, []).append(row.chance)
 
     def summary(h: list[int], g: list[int], c: list[float]) -> dict[str, float]:
         return {"accuracy": round(sum(h) / len(h), 4), "greedy": round(sum(g) / len(g), 4),
@@ -592,11 +630,13 @@ class LvlmResult:
 
 def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
                logger: JsonlLogger | None = None,
-               echo: Callable[[str], None] | None = None) -> LvlmResult:
+               echo: Callable[[str], None] | None = None,
+               after_step: Callable[[int], None] | None = None) -> LvlmResult:
     """Train the whole pocket LLaVA (vision tower, projector, LM) on fresh toy photos.
 
     AdamW, linear warm-up then cosine decay to `min_lr_ratio`, gradient clipping. Only
-    training-part identities are ever drawn.
+    training-part identities are ever drawn. `after_step(step)` runs after every step (to
+    measure along the way; it must leave the model in training mode).
     """
     say = echo or (lambda message: None)
     seed_everything(config.seed)
@@ -653,6 +693,8 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
             if logger is not None:
                 logger.log({"stage": "lvlm", "step": step, "loss": value, "vision_probe": aux_value,
                             "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed, 2)})
+        if after_step is not None:
+            after_step(step)
         if config.max_seconds and elapsed > config.max_seconds:
             say(f"lvlm: time limit reached after {step + 1} steps")
             break

@@ -1,0 +1,57 @@
+"""What does more base-model training buy? Pretrain the pocket LVLM (the committed sizes and
+settings of `make pocket`) for --steps and measure it on held-out people along the way.
+
+    python bench/pretrain.py --steps 8000 --measure-every 1000           # as `make pocket`, longer
+    python bench/pretrain.py --steps 1200 --reference-share 1.0          # people shown by portraits
+
+Prints one JSON object per measurement: first-answer-token accuracy per row kind on fresh
+photos of held-out identities (plvmctl.train.lvlm.measure; "-ref" kinds introduce the person
+with a reference portrait instead of a description), with the chance level of each kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from plvmctl.pocket import profile
+from plvmctl.train import lvlm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--measure-every", type=int, default=600)
+    parser.add_argument("--measure-scenes", type=int, default=40)
+    parser.add_argument("--reference-share", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = profile("full")
+    config = dataclasses.replace(settings.lvlm, steps=args.steps, seed=args.seed,
+                                 reference_share=args.reference_share, log_every=max(1, args.steps // 20))
+    model, tokenizer, processor = lvlm.build_pocket_llava(lvlm.collect_vocabulary(seed=args.seed),
+                                                          settings.lvlm_sizes, args.seed)
+    started = time.perf_counter()
+
+    def report(step: int) -> None:
+        accuracy = lvlm.measure(model, tokenizer, processor, scenes=args.measure_scenes, config=config)
+        model.train()
+        print(json.dumps({"step": step, "seconds": round(time.perf_counter() - started, 1),
+                          "accuracy": {kind: [v["accuracy"], v["chance"]] for kind, v in accuracy.items()}}),
+              flush=True)
+
+    def after_step(step: int) -> None:
+        if (step + 1) % args.measure_every == 0 or step + 1 == args.steps:
+            report(step + 1)
+
+    lvlm.train_lvlm(model, tokenizer, processor, config, after_step=after_step)
+
+
+if __name__ == "__main__":
+    main()

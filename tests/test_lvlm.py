@@ -1,0 +1,100 @@
+"""Pretraining rows of the pocket base LVLM (plvmctl.train.lvlm): prompts exactly as at
+inference, answers as the only labels, reference portraits in the description's place."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from plvmctl.data import toy
+from plvmctl.prompt import POCKET, build_prompt, encode_segments
+from plvmctl.tiny import IMAGE_ID
+from plvmctl.train import lvlm
+
+SIZES = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                       vision_layers=1)
+TOKENS_PER_IMAGE = (SIZES.image_size // SIZES.patch_size) ** 2
+
+
+@pytest.fixture(scope="module")
+def small():
+    model, tokenizer, processor = lvlm.build_pocket_llava(lvlm.collect_vocabulary(samples=40), SIZES, 0)
+    return model.eval(), tokenizer, processor
+
+
+def _step(reference_share: float, seed: int = 0):
+    config = lvlm.LvlmTrainConfig(scenes_per_step=2, rows_per_scene=4, text_rows_per_step=3,
+                                  describe_rows_per_step=1, reference_share=reference_share)
+    return lvlm.sample_step(random.Random(seed), toy.training_identities(), config, scene_size=32,
+                            portrait_size=32)
+
+
+def test_a_row_is_its_inference_prompt_then_the_answer(small):
+    _, tokenizer, _ = small
+    row = lvlm.text_row(toy.training_identities()[7], random.Random(3), lvlm.LvlmTrainConfig())
+    batch = lvlm.encode_rows([row], tokenizer, TOKENS_PER_IMAGE)
+    prompt = encode_segments(build_prompt(row.question, template=POCKET, has_image=False,
+                                          descriptions=row.descriptions, literal_names=True),
+                             tokenizer, slot_id=lambda slot: -1, image_token_id=IMAGE_ID,
+                             num_image_tokens=TOKENS_PER_IMAGE)
+    length = batch.prompt_lengths[0]
+    assert batch.input_ids[0, :length].tolist() == prompt
+    labelled = batch.labels[0][batch.labels[0] != lvlm.IGNORE].tolist()
+    answer = tokenizer(" " + row.answer, add_special_tokens=False)["input_ids"]
+    assert labelled == answer + [tokenizer.eos_token_id]
+    assert (batch.labels[0, :length] == lvlm.IGNORE).all()
+
+
+def test_without_reference_share_every_person_is_described_in_words():
+    rows, images, infos = _step(0.0)
+    assert all(row.reference is None for row in rows)
+    assert sum(info is None for info in infos) == 1  # the describe row's portrait only
+
+
+def test_reference_rows_show_a_portrait_where_the_description_was(small):
+    _, tokenizer, _ = small
+    rows, images, infos = _step(1.0)
+    referenced = [row for row in rows if row.reference is not None]
+    assert referenced and all(row.kind in ("recognition", "about", "text") for row in referenced)
+    for row in referenced:
+        assert infos[row.reference] is None  # a portrait, not a scene
+        assert list(row.descriptions.values()) == ["<image>"]
+    row = next(row for row in referenced if row.image is not None)
+    batch = lvlm.encode_rows([row], tokenizer, TOKENS_PER_IMAGE)
+    ids = batch.input_ids[0].tolist()
+    assert ids.count(IMAGE_ID) == 2 * TOKENS_PER_IMAGE
+    assert batch.image_index == [row.reference, row.image]  # preamble first, then the photo
+    words = tokenizer.convert_ids_to_tokens(ids[:ids.index(IMAGE_ID)])
+    assert words[-1] == "is"  # "<name> is <image>."
+
+
+def test_a_batch_answers_each_row_as_alone(small):
+    model, tokenizer, processor = small
+    rows, images, _ = _step(0.5, seed=4)
+    pixels = lvlm.pixel_values(processor, images)
+    rows = [row for row in rows if row.reference is not None or row.image is not None][:4]
+    batch = lvlm.encode_rows(rows, tokenizer, TOKENS_PER_IMAGE)
+    with torch.no_grad():
+        together = lvlm.forward_logits(model, batch, pixels)
+        for i, row in enumerate(rows):
+            alone = lvlm.forward_logits(model, lvlm.encode_rows([row], tokenizer, TOKENS_PER_IMAGE), pixels)
+            length = batch.prompt_lengths[i]
+            torch.testing.assert_close(together[i, :length], alone[0, :length], atol=1e-4, rtol=1e-4)
+
+
+def test_the_step_is_a_function_of_the_seed():
+    first, second = _step(0.5, seed=9), _step(0.5, seed=9)
+    assert [dataclasses.astuple(row) for row in first[0]] == [dataclasses.astuple(row) for row in second[0]]
+    assert [image.tobytes() for image in first[1]] == [image.tobytes() for image in second[1]]
+
+
+def test_measure_reports_reference_rows_apart(small):
+    model, tokenizer, processor = small
+    config = lvlm.LvlmTrainConfig(rows_per_scene=4, text_rows_per_step=4, reference_share=0.5)
+    report = lvlm.measure(model, tokenizer, processor, scenes=4, config=config)
+    assert {"recognition-ref", "recognition"} & set(report)
+    assert any(kind.endswith("-ref") for kind in report)
+    assert report["all"]["count"] == sum(v["count"] for k, v in report.items() if k != "all")
