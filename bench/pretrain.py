@@ -3,6 +3,7 @@ settings of `make pocket`) for --steps and measure it on held-out people along t
 
     python bench/pretrain.py --steps 8000 --measure-every 1000           # as `make pocket`, longer
     python bench/pretrain.py --steps 1200 --reference-share 1.0          # people shown by portraits
+    python bench/pretrain.py --description keyvalue --copy-steps 300     # "key value" + copy warm-up
 
 Prints one JSON object per measurement: first-answer-token accuracy per row kind on fresh
 photos of held-out identities (plvmctl.train.lvlm.measure; "-ref" kinds introduce the person
@@ -28,15 +29,18 @@ def main() -> None:
     parser.add_argument("--measure-every", type=int, default=600)
     parser.add_argument("--measure-scenes", type=int, default=40)
     parser.add_argument("--reference-share", type=float, default=0.0)
+    parser.add_argument("--description", choices=lvlm.DESCRIPTION_STYLES, default="sentence")
+    parser.add_argument("--copy-steps", type=int, default=0, help="copy warm-up steps first")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = profile("full")
     config = dataclasses.replace(settings.lvlm, steps=args.steps, seed=args.seed,
-                                 reference_share=args.reference_share, log_every=max(1, args.steps // 20))
-    model, tokenizer, processor = lvlm.build_pocket_llava(lvlm.collect_vocabulary(seed=args.seed),
-                                                          settings.lvlm_sizes, args.seed)
+                                 reference_share=args.reference_share, description=args.description,
+                                 copy_steps=args.copy_steps, log_every=max(1, args.steps // 20))
+    vocabulary = lvlm.collect_vocabulary(seed=args.seed, description=args.description)
+    model, tokenizer, processor = lvlm.build_pocket_llava(vocabulary, settings.lvlm_sizes, args.seed)
     started = time.perf_counter()
 
     def report(step: int) -> None:

@@ -9,7 +9,8 @@ the first-answer-token accuracy on held-out identities among the row's possible 
     python bench/reading.py --questions open  --steps 3000   # every trait, open answers
     python bench/reading.py --questions mixed --steps 1500   # as in pretraining (+ Yes/No, MCQ)
     python bench/reading.py --questions mcq   --steps 1500   # the evaluation's multiple choice only
-    python bench/reading.py --format keyvalue ...            # "face round skin pale hair ..."
+    python bench/reading.py --format keyvalue ...            # "face round skin pale hair black ..."
+    python bench/reading.py --copy-warmup 300 ...            # induction heads first (as `make pocket`)
 
 Prints one JSON object per evaluation and a summary at the end.
 """
@@ -25,17 +26,7 @@ import time
 import torch
 
 from plvmctl.data import toy
-from plvmctl.tiny import BOS_ID, SPECIAL_TOKENS
 from plvmctl.train import lvlm
-
-KEY_WORDS = {"face": "face", "skin": "skin", "hair_colour": "hair", "hair_style": "style",
-             "eye_colour": "eyes", "facial_hair": "facial", "accessory": "accessory"}
-
-
-def keyvalue(identity: toy.Identity) -> str:
-    """Every trait, always, in a fixed order: "face round skin pale hair black ..."."""
-    return " ".join(f"{key} {getattr(identity, trait)}" for trait, key in KEY_WORDS.items())
-
 
 def make_row(identity: toy.Identity, rng: random.Random, questions: str, describe) -> lvlm.Row:
     """One text-only row about `identity`, its description in the preamble."""
@@ -66,19 +57,11 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row]) -> float:
     return hits / len(rows)
 
 
-def copy_warmup(model, optimizer, vocabulary_size: int, steps: int, rng: random.Random,
-                rows: int = 64, length: int = 16) -> list[float]:
-    """Next-token loss on random word sequences shown twice: the second copy is predictable
-    only by looking back (induction heads), a stand-in for a real LM's text pretraining."""
+def copy_warmup(model, optimizer, steps: int, rng: random.Random) -> list[float]:
+    """`steps` optimizer steps on lvlm.copy_warmup_loss (repeated random word sequences)."""
     losses = []
-    first_word = len(SPECIAL_TOKENS)  # no special token (BOS, EOS, <image> ...)
     for _ in range(steps):
-        half = torch.tensor([[rng.randrange(first_word, vocabulary_size) for _ in range(length)]
-                             for _ in range(rows)])
-        ids = torch.cat([torch.full((rows, 1), BOS_ID), half, half], dim=1)  # BOS + x + x
-        logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, length:-1].reshape(-1, logits.shape[-1]),
-                                                 ids[:, length + 1:].reshape(-1))
+        loss = lvlm.copy_warmup_loss(model, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -89,7 +72,7 @@ def copy_warmup(model, optimizer, vocabulary_size: int, steps: int, rng: random.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--format", choices=("sentence", "keyvalue"), default="sentence")
+    parser.add_argument("--format", choices=lvlm.DESCRIPTION_STYLES, default="sentence")
     parser.add_argument("--questions", choices=("hair", "open", "mixed", "mcq"), default="open")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=64, help="rows per step")
@@ -102,8 +85,10 @@ def main() -> None:
                         help="first train N steps on repeated random word sequences")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    describe = keyvalue if args.format == "keyvalue" else lvlm.describe
-    vocabulary = sorted(set(lvlm.collect_vocabulary()) | set(KEY_WORDS.values()))
+    def describe(identity: toy.Identity) -> str:
+        return lvlm.describe(identity, args.format)
+
+    vocabulary = lvlm.collect_vocabulary(description=args.format)
     model, tokenizer, _ = lvlm.build_pocket_llava(vocabulary, lvlm.LvlmSizes(), args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     pool, heldout = toy.training_identities(), toy.heldout_identities()
@@ -114,7 +99,7 @@ def main() -> None:
     model.train()
     started = time.perf_counter()
     if args.copy_warmup:
-        losses = copy_warmup(model, optimizer, len(tokenizer), args.copy_warmup, random.Random(args.seed + 7))
+        losses = copy_warmup(model, optimizer, args.copy_warmup, random.Random(args.seed + 7))
         print(json.dumps({"copy_warmup_steps": args.copy_warmup, "loss_first": round(losses[0], 3),
                           "loss_last": round(sum(losses[-10:]) / 10, 3),
                           "seconds": round(time.perf_counter() - started, 1)}), flush=True)

@@ -189,7 +189,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         stage("data", began)
         # 2. tokenizer ------------------------------------------------------------------
         began = time.perf_counter()
-        vocabulary = collect_vocabulary(seed=seed)
+        vocabulary = collect_vocabulary(seed=seed, description=settings.lvlm.description)
         stage("tokenizer", began)
         say(f"[pocket] vocabulary: {len(vocabulary)} words")
         # 3. base LVLM -----------------------------------------------------------------

@@ -98,3 +98,37 @@ def test_measure_reports_reference_rows_apart(small):
     assert {"recognition-ref", "recognition"} & set(report)
     assert any(kind.endswith("-ref") for kind in report)
     assert report["all"]["count"] == sum(v["count"] for k, v in report.items() if k != "all")
+
+
+def test_the_committed_model_reads_english_sentences():
+    identity = toy.training_identities()[11]
+    assert lvlm.describe(identity) == "a person with " + identity.describe()
+    assert lvlm.LvlmTrainConfig().description == "sentence"
+
+
+def test_a_keyvalue_description_is_every_trait_in_a_fixed_order():
+    identity = toy.training_identities()[11]
+    words = lvlm.describe(identity, "keyvalue").split()
+    assert len(words) == 2 * len(toy.TRAITS)
+    assert words[0::2] == list(lvlm.DESCRIPTION_KEYS.values())
+    assert words[1::2] == [getattr(identity, trait) for trait in lvlm.DESCRIPTION_KEYS]
+
+
+def test_the_copy_warm_up_teaches_the_lm_to_look_back():
+    """Random words cannot be guessed better than ln(vocabulary) from what came before,
+    except by copying the first half: a loss well under that floor means induction heads."""
+    torch.manual_seed(0)
+    sizes = dataclasses.replace(SIZES, layers=2)
+    model, tokenizer, _ = lvlm.build_pocket_llava(lvlm.collect_vocabulary(samples=40), sizes, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = random.Random(0)
+    losses = []
+    for _ in range(200):
+        loss = lvlm.copy_warmup_loss(model, rng, rows=16, length=8)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    floor = torch.log(torch.tensor(float(len(tokenizer) - len(lvlm.SPECIAL_TOKENS)))).item()
+    assert losses[0] > 0.95 * floor
+    assert sum(losses[-10:]) / 10 < 0.7 * floor

@@ -11,8 +11,8 @@ unknown word to the tokenizer):
 * ``scene``: see the photo. The toy world's generic scene questions (`scene_qa`): how many
   people, is there a person with red hair, shirt/hair colour of the person on the left, ...
 * ``recognition``: match a description against the photo. The prompt carries a description
-  sentence in the very place where PLVM later puts its concept sentence
-  (`build_prompt(..., descriptions={name: "a person with a round face, tan skin, ..."})`
+  (`describe`: "a person with a round face, tan skin, ...") in the very place where PLVM
+  later puts its concept sentence (`build_prompt(..., descriptions={name: "a person ..."})`
   renders ``a chat. <name> is a person with .... user: <image>\\nIs <name> in this photo?``),
   answered "Yes, ..." / "No, ..." with the recognition templates. Negatives are people absent
   from the photo, half of them differing from someone present in ONE trait (hard negatives),
@@ -38,6 +38,9 @@ Why descriptions in the preamble rather than names: the frozen LM must already k
 use a sentence "<name> is ..." about a person, since the Aligner can only write embeddings
 into that sentence; it cannot teach the LM a new skill. The LM learns the skill from words
 here and the Aligner learns to say the same thing in 16 soft tokens, from a reference photo.
+
+Before any of these, `copy_steps` steps of repeated random word sequences (`copy_warmup_loss`)
+give the LM the induction heads that reading the descriptions reuses.
 
 Every prompt is built exactly as at inference (`build_prompt` with the pocket template +
 `encode_segments`), the answer is " {answer}" + EOS and only answer tokens carry loss; each
@@ -70,6 +73,7 @@ from ..data import toy
 from ..errors import PlvmError
 from ..prompt import IMAGE_PLACEHOLDER, POCKET, build_prompt, encode_segments
 from ..tiny import (
+    BOS_ID,
     EOS_ID,
     IMAGE_ID,
     PAD_ID,
@@ -95,9 +99,31 @@ GENERIC_WORDS = (
 # --------------------------------------------------------------------------------------------
 
 
-def describe(identity: toy.Identity) -> str:
-    """The sentence the base model reads (and writes) about a person: "a person with ..."."""
-    return "a person with " + identity.describe()
+# The key word of each trait in a "keyvalue" description, in the order they are written:
+# mostly the word the questions use for that trait ("What colour is <name>'s hair?").
+DESCRIPTION_KEYS: dict[str, str] = {"face": "face", "skin": "skin", "hair_colour": "hair",
+                                    "hair_style": "style", "eye_colour": "eyes",
+                                    "facial_hair": "facial", "accessory": "accessory"}
+DESCRIPTION_STYLES = ("sentence", "keyvalue")
+
+
+def describe(identity: toy.Identity, style: str = "sentence") -> str:
+    """What the base model reads (and writes) about a person.
+
+    ``sentence`` (the committed pocket model's): "a person with a round face, pale skin, short
+    black hair, blue eyes, glasses". ``keyvalue``: every trait as "key value", always in the
+    same order: "face round skin pale hair black style short eyes blue facial none accessory
+    glasses" (14 words). Answering from the sentence needs a different lookup for every trait
+    (the word before "hair", two before it, a noun that is there or not ...); "key value" pairs
+    need one, the induction pattern (find the question's word earlier, read the word after
+    it), which the copy warm-up (`copy_steps`) teaches first. `bench/reading.py` measures
+    both; docs and the README give the numbers.
+    """
+    if style == "keyvalue":
+        return " ".join(f"{key} {getattr(identity, trait)}" for trait, key in DESCRIPTION_KEYS.items())
+    if style == "sentence":
+        return "a person with " + identity.describe()
+    raise PlvmError(f"unknown description style {style!r} (known: {', '.join(DESCRIPTION_STYLES)})")
 
 
 def _split_words(text: str) -> list[str]:
@@ -105,7 +131,7 @@ def _split_words(text: str) -> list[str]:
     return [piece for piece, _ in splitter.pre_tokenize_str(text.lower())]
 
 
-def collect_vocabulary(samples: int = 400, seed: int = 0) -> list[str]:
+def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "sentence") -> list[str]:
     """Every word of the toy world's questions, answers, templates and descriptions.
 
     The generators are run over `samples` random scenes and identities of both parts (small
@@ -136,7 +162,7 @@ def collect_vocabulary(samples: int = 400, seed: int = 0) -> list[str]:
         texts.extend(q + " " + a for q, a in toy.scene_qa(info, rng))
         texts.extend(q + " " + a for q, a in toy.scene_qa_about(subject, info, rng))
         texts.extend(q + " " + a for q, a in toy.attribute_qa(subject))
-        texts.append(describe(subject))
+        texts.append(describe(subject, description))
     texts.extend(GENERIC_WORDS)
     specials = set(SPECIAL_TOKENS) | set(PUNCTUATION)
     words: list[str] = []
@@ -192,6 +218,8 @@ class LvlmTrainConfig:
     hard_negative_share: float = 0.5
     vision_aux_weight: float = 0.5  # weight of the VisionProbe loss (0 turns it off)
     reference_share: float = 0.0  # share of recognition/about/text rows whose person is shown by a portrait
+    description: str = "sentence"  # how people are described: "sentence" | "keyvalue" (`describe`)
+    copy_steps: int = 0  # first steps on repeated random word sequences (see `copy_warmup_loss`)
     reading_steps: int = 0  # first steps with text-only rows (learn to read descriptions first)
     reading_rows: int = 64  # text-only rows per reading step
     max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
@@ -275,7 +303,7 @@ def _introduce(identity: toy.Identity, rng: random.Random, config: LvlmTrainConf
     sentence's place ("<name> is <image>.")."""
     if portrait is not None and config.reference_share > 0 and rng.random() < config.reference_share:
         return {identity.name: IMAGE_PLACEHOLDER}, portrait(identity)
-    return {identity.name: describe(identity)}, None
+    return {identity.name: describe(identity, config.description)}, None
 
 
 def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
@@ -368,7 +396,8 @@ def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTr
         rows += scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene, portrait)
     for _ in range(config.describe_rows_per_step):
         identity = pool[rng.randrange(len(pool))]
-        rows.append(Row("describe", DESCRIBE_PROMPT, describe(identity), portrait(identity)))
+        rows.append(Row("describe", DESCRIBE_PROMPT, describe(identity, config.description),
+                        portrait(identity)))
     for _ in range(config.text_rows_per_step):
         rows.append(text_row(pool[rng.randrange(len(pool))], rng, config, portrait))
     return rows, images, infos
@@ -495,6 +524,24 @@ class VisionProbe(torch.nn.Module):
         total = total + F.cross_entropy(background, torch.tensor([colours.index(infos[i].background.colour)
                                                                   for i in keep]))
         return total / (len(PROBE_TRAITS) + 1)
+
+
+def copy_warmup_loss(model, rng: random.Random, rows: int = 64, length: int = 16) -> torch.Tensor:
+    """Next-token loss on random word sequences shown twice ("x1 ... xn x1 ... xn"), on the
+    second copy, which is predictable only by looking back.
+
+    A stand-in for the text pretraining a real LM has had: a few hundred of these steps give
+    the pocket LM induction heads (find the current word earlier, copy what followed it; the
+    loss falls from ~5.3 to ~0.001 in 300 steps), the circuit that reading "key value"
+    descriptions reuses. Special tokens are never drawn.
+    """
+    vocabulary = model.config.text_config.vocab_size
+    first = len(SPECIAL_TOKENS)
+    half = torch.tensor([[rng.randrange(first, vocabulary) for _ in range(length)] for _ in range(rows)])
+    ids = torch.cat([torch.full((rows, 1), BOS_ID), half, half], dim=1)  # BOS x x
+    logits = model(input_ids=ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, length:-1].reshape(-1, logits.shape[-1]).float(),
+                           ids[:, length + 1:].reshape(-1))
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 0.5) -> torch.Tensor:
@@ -658,6 +705,21 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
     model.requires_grad_(True)
     losses: list[float] = []
     started = time.perf_counter()
+    copy_rng = random.Random(f"plvmctl-pocket-copy-{config.seed}")
+    for step in range(config.copy_steps):  # induction heads first, at the peak learning rate
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+        loss = copy_warmup_loss(model, copy_rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        if step % config.log_every == 0 or step == config.copy_steps - 1:
+            say(f"lvlm copy warm-up {step:5d}  loss {float(loss.detach()):.4f}  "
+                f"{time.perf_counter() - started:6.0f}s")
+            if logger is not None:
+                logger.log({"stage": "lvlm-copy", "step": step, "loss": float(loss.detach())})
     step = 0
     for step in range(config.steps):
         factor = lr_multiplier(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
