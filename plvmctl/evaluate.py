@@ -806,22 +806,24 @@ def _method_names(results: Mapping[str, Any]) -> list[str]:
     return list(results.get("method_order") or results["methods"])
 
 
+def method_row(results: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The table figures of one evaluated method (accuracies as fractions)."""
+    result = results["methods"][name]
+    return {
+        "method": name,
+        "positive": result["recognition"]["positive"],
+        "negative": result["recognition"]["negative"],
+        "mean": result["recognition"]["mean"],
+        "text_qa": result["text_qa"]["accuracy"],
+        "visual_qa": result["visual_qa"]["accuracy"],
+        "seconds_per_concept": result["seconds_per_concept"],
+        "tokens_per_concept": result["tokens_per_concept"],
+    }
+
+
 def table_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per method (accuracies as fractions), then the paper's rows when present."""
-    rows = []
-    for name in _method_names(results):
-        result = results["methods"][name]
-        rows.append({
-            "method": name,
-            "positive": result["recognition"]["positive"],
-            "negative": result["recognition"]["negative"],
-            "mean": result["recognition"]["mean"],
-            "text_qa": result["text_qa"]["accuracy"],
-            "visual_qa": result["visual_qa"]["accuracy"],
-            "seconds_per_concept": result["seconds_per_concept"],
-            "tokens_per_concept": result["tokens_per_concept"],
-            "paper": False,
-        })
+    rows = [dict(method_row(results, name), paper=False) for name in _method_names(results)]
     for figures in results.get("paper", []):
         row = dict(figures, paper=True)
         for key in ("positive", "negative", "mean", "text_qa", "visual_qa"):

@@ -427,21 +427,13 @@ def mcq_chance(rows) -> float | None:
 
 
 def method_row(results: Mapping[str, Any], method: str) -> dict[str, Any]:
-    """One table row from an evaluation's results dict (accuracies as fractions)."""
+    """One table row from an evaluation's results dict (accuracies as fractions), with the
+    method's title and how many items were skipped or unparseable."""
+    from .evaluate import method_row as figures
+
     result = results["methods"][method]
-    return {
-        "method": method,
-        "title": METHOD_TITLES.get(method, method),
-        "positive": result["recognition"]["positive"],
-        "negative": result["recognition"]["negative"],
-        "mean": result["recognition"]["mean"],
-        "visual_qa": result["visual_qa"]["accuracy"],
-        "text_qa": result["text_qa"]["accuracy"],
-        "seconds_per_concept": result["seconds_per_concept"],
-        "tokens_per_concept": result["tokens_per_concept"],
-        "skipped": result["skipped"]["total"],
-        "unparseable": result["unparseable"]["total"],
-    }
+    return {**figures(results, method), "title": METHOD_TITLES.get(method, method),
+            "skipped": result["skipped"]["total"], "unparseable": result["unparseable"]["total"]}
 
 
 def yollava_negatives() -> str:

@@ -25,11 +25,11 @@ unknown word to the tokenizer):
   multiple choice.
 * reference rows (a share ``reference_share`` of recognition, about and text rows): the
   person is introduced by a reference *portrait* in the description's place, ``<name> is
-  <image>.``, the way a multi-image LVLM is shown "this is <name>: [photo]". The LM then
-  matches photo against photo (feature against feature, which attention does natively)
-  instead of binding words to what it sees; PLVM's Aligner later writes its k soft tokens
-  where the portrait's tokens were. Measured accuracies are reported per kind with a "-ref"
-  suffix for these rows.
+  <image>.``, the way a multi-image LVLM is shown "this is <name>: [photo]". The LM would
+  then match photo against photo instead of binding words to what it sees, and PLVM's
+  Aligner would write its k soft tokens where the portrait's tokens were. An experiment
+  (off by default; 1,200 steps with every person shown this way left recognition at chance,
+  see the README); `measure` reports these rows' accuracies under kinds with a "-ref" suffix.
 * ``describe``: a reference portrait and "Describe the person in this photo in one short
   sentence." -> the description. This keeps the "LLaVA + text prompt" baseline honest: the
   base model can write the descriptions that baseline feeds back to it.
