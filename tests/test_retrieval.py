@@ -133,6 +133,23 @@ def test_ivfpq_recall_with_nprobe(hundred_k, tmp_path):
     assert ten > raw_ten
 
 
+@pytest.mark.slow
+def test_the_ten_million_tier_opq_ivf_hnsw_pq_builds_and_searches(hundred_k, tmp_path):
+    """The factory of ≥ 10 M vectors (OPQ rotation, HNSW coarse quantizer), forced on 100 k
+    (slow: OPQ training takes about a minute here)."""
+    path, x, q, truth = hundred_k
+    factory = retrieval.choose_factory(len(x), 64, exact_limit=10_000, large_limit=50_000)
+    assert factory == "OPQ32_64,IVF1024_HNSW32,PQ32x8np"
+    info = retrieval.build_index(path, tmp_path / "large.index", factory=factory,
+                                 train_sample=10_000, progress=False)
+    assert info.search == {"nprobe": 16, "efSearch": 64}
+    opened = retrieval.open_index(tmp_path / "large.index")
+    assert opened.search_params == {"nprobe": 16, "efSearch": 64}
+    opened.set_search_params(efSearch=128)
+    ten, one = recall_at_10(opened.search(q, 10), truth)  # re-ranked exactly from the source
+    assert ten >= 0.9 and one >= 0.95
+
+
 def test_set_search_params_on_flat_is_an_error(tmp_path):
     path = save_npy(tmp_path / "v.npy", unit(np.random.default_rng(0).standard_normal((50, 8))))
     retrieval.build_index(path, tmp_path / "f.index", progress=False)
