@@ -10,7 +10,7 @@ the first-answer-token accuracy on held-out identities among the row's possible 
     python bench/reading.py --questions mixed --steps 1500   # as in pretraining (+ Yes/No, MCQ)
     python bench/reading.py --questions mcq   --steps 1500   # the evaluation's multiple choice only
     python bench/reading.py --format keyvalue ...            # "face round skin pale hair black ..."
-    python bench/reading.py --copy-warmup 300 ...            # induction heads first (as `make pocket`)
+    python bench/reading.py --copy-warmup 300 ...            # induction heads first (lvlm's copy_steps)
 
 Prints one JSON object per evaluation and a summary at the end.
 """
@@ -27,6 +27,7 @@ import torch
 
 from plvmctl.data import toy
 from plvmctl.train import lvlm
+
 
 def make_row(identity: toy.Identity, rng: random.Random, questions: str, describe) -> lvlm.Row:
     """One text-only row about `identity`, its description in the preamble."""
