@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--reference-share", type=float, default=0.0)
     parser.add_argument("--description", choices=lvlm.DESCRIPTION_STYLES, default="sentence")
     parser.add_argument("--copy-steps", type=int, default=0, help="copy warm-up steps first")
+    parser.add_argument("--recognition-only", action="store_true",
+                        help="every photo row a recognition question (no scene, about, text or describe rows)")
     parser.add_argument("--text-rows", type=int, default=None,
                         help="text-only rows per step [default: the pocket profile's]")
     parser.add_argument("--threads", type=int, default=1)
@@ -41,6 +43,9 @@ def main() -> None:
     config = dataclasses.replace(settings.lvlm, steps=args.steps, seed=args.seed,
                                  reference_share=args.reference_share, description=args.description,
                                  copy_steps=args.copy_steps, log_every=max(1, args.steps // 20))
+    if args.recognition_only:
+        config = dataclasses.replace(config, scene_share=0.0, about_share=0.0, recognition_share=1.0,
+                                     text_rows_per_step=0, describe_rows_per_step=0)
     if args.text_rows is not None:
         config = dataclasses.replace(config, text_rows_per_step=args.text_rows)
     vocabulary = lvlm.collect_vocabulary(seed=args.seed, description=args.description)
