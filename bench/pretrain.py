@@ -4,6 +4,8 @@ settings of `make pocket`) for --steps and measure it on held-out people along t
     python bench/pretrain.py --steps 8000 --measure-every 1000           # as `make pocket`, longer
     python bench/pretrain.py --steps 1200 --reference-share 1.0          # people shown by portraits
     python bench/pretrain.py --description keyvalue --copy-steps 300     # "key value" + copy warm-up
+    python bench/pretrain.py --steps 1200 --position-weight 1.0 --save runs/bench/position
+                                          # image tokens told their column; then bench/looking.py --backbone
 
 Prints one JSON object per measurement: first-answer-token accuracy per row kind on fresh
 photos of held-out identities (plvmctl.train.lvlm.measure; "-ref" kinds introduce the person
@@ -35,6 +37,9 @@ def main() -> None:
                         help="every photo row a recognition question (no scene, about, text or describe rows)")
     parser.add_argument("--text-rows", type=int, default=None,
                         help="text-only rows per step [default: the pocket profile's]")
+    parser.add_argument("--position-weight", type=float, default=0.0,
+                        help="weight of a per-patch column head in the vision probe (0: none, as committed)")
+    parser.add_argument("--save", default=None, help="save the trained backbone to this folder (for bench/looking.py)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -42,7 +47,8 @@ def main() -> None:
     settings = profile("full")
     config = dataclasses.replace(settings.lvlm, steps=args.steps, seed=args.seed,
                                  reference_share=args.reference_share, description=args.description,
-                                 copy_steps=args.copy_steps, log_every=max(1, args.steps // 20))
+                                 copy_steps=args.copy_steps, position_aux_weight=args.position_weight,
+                                 log_every=max(1, args.steps // 20))
     if args.recognition_only:
         config = dataclasses.replace(config, scene_share=0.0, about_share=0.0, recognition_share=1.0,
                                      text_rows_per_step=0, describe_rows_per_step=0)
@@ -64,6 +70,9 @@ def main() -> None:
             report(step + 1)
 
     lvlm.train_lvlm(model, tokenizer, processor, config, after_step=after_step)
+    if args.save:
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,41 @@ def test_the_copy_warm_up_teaches_the_lm_to_look_back():
     floor = torch.log(torch.tensor(float(len(tokenizer) - len(lvlm.SPECIAL_TOKENS)))).item()
     assert losses[0] > 0.95 * floor
     assert sum(losses[-10:]) / 10 < 0.7 * floor
+
+
+def test_the_position_head_exists_only_when_asked_for():
+    assert not hasattr(lvlm.VisionProbe(16, 3), "column")  # the committed build's parameters, as they were
+    assert lvlm.VisionProbe(16, 3, position_weight=1.0).column.out_features == 3
+
+
+def test_the_position_head_reads_columns_only_when_patches_carry_them():
+    """Patch features that hold their column one-hot are learned to near zero loss; features
+    without any position stay at the ln(columns) floor."""
+    grid, hidden = 3, 8
+    columns = torch.arange(grid).repeat(grid)  # row-major patches
+    located = torch.nn.functional.one_hot(columns, hidden).float().expand(4, -1, -1)
+    blind = torch.ones(4, grid * grid, hidden)
+    floor = torch.log(torch.tensor(float(grid))).item()
+    for features, low in ((located, True), (blind, False)):
+        torch.manual_seed(0)
+        probe = lvlm.VisionProbe(hidden, grid, position_weight=1.0)
+        optimizer = torch.optim.Adam(probe.column.parameters(), lr=0.1)
+        for _ in range(100):
+            loss = probe.position_loss(features)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        final = float(probe.position_loss(features).detach())
+        assert (final < 0.1 * floor) if low else (final > 0.95 * floor)
+
+
+def test_the_probe_loss_adds_the_position_term_by_its_weight():
+    infos = [toy.random_scene(toy.training_identities()[0], random.Random(1), toy.training_identities(),
+                              size=32)[1]]
+    features = torch.randn(1, 9, 16)  # a 3 x 3 grid: one column per third
+    torch.manual_seed(0)
+    plain = lvlm.VisionProbe(16, 3)
+    torch.manual_seed(0)
+    located = lvlm.VisionProbe(16, 3, position_weight=2.0)
+    expected = plain.loss(features, infos) + 2.0 * located.position_loss(features)
+    torch.testing.assert_close(located.loss(features, infos), expected)

@@ -217,6 +217,7 @@ class LvlmTrainConfig:
     mcq_share: float = 0.5  # share of about/text rows asked as multiple choice
     hard_negative_share: float = 0.5
     vision_aux_weight: float = 0.5  # weight of the VisionProbe loss (0 turns it off)
+    position_aux_weight: float = 0.0  # weight of the probe's per-patch column loss (0: no such head)
     reference_share: float = 0.0  # share of recognition/about/text rows whose person is shown by a portrait
     description: str = "sentence"  # how people are described: "sentence" | "keyvalue" (`describe`)
     copy_steps: int = 0  # first steps on repeated random word sequences (see `copy_warmup_loss`)
@@ -488,8 +489,10 @@ class VisionProbe(torch.nn.Module):
     to see in a fraction of the steps. The LM still has to learn to use what it sees.
     """
 
-    def __init__(self, hidden: int, grid: int) -> None:
+    def __init__(self, hidden: int, grid: int, position_weight: float = 0.0) -> None:
         super().__init__()
+        self.grid = grid
+        self.position_weight = position_weight
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(hidden, len(values) + 1)
                                           for name, values in PROBE_TRAITS.items()})
         self.background = torch.nn.Linear(hidden, len(toy.BACKGROUND_COLOURS))
@@ -498,6 +501,8 @@ class VisionProbe(torch.nn.Module):
             for column in range(grid):
                 pool[min(len(toy.POSITIONS) - 1, column * len(toy.POSITIONS) // grid), row * grid + column] = 1.0
         self.register_buffer("pool", pool / pool.sum(dim=1, keepdim=True), persistent=False)
+        if position_weight > 0:  # made only when used: the committed model's RNG stream stays as it was
+            self.column = torch.nn.Linear(hidden, grid)
 
     def loss(self, features: torch.Tensor, infos: Sequence[toy.SceneInfo | None]) -> torch.Tensor:
         keep = [i for i, info in enumerate(infos) if info is not None]
@@ -523,7 +528,17 @@ class VisionProbe(torch.nn.Module):
         background = self.background(features.mean(dim=1))
         total = total + F.cross_entropy(background, torch.tensor([colours.index(infos[i].background.colour)
                                                                   for i in keep]))
-        return total / (len(PROBE_TRAITS) + 1)
+        total = total / (len(PROBE_TRAITS) + 1)
+        if self.position_weight > 0:
+            total = total + self.position_weight * self.position_loss(features)
+        return total
+
+    def position_loss(self, features: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each patch's column read from its own feature: whether the image
+        tokens say where they are (the region heads above cannot tell, they see region means)."""
+        columns = torch.arange(self.grid).repeat(self.grid)  # patches are row-major
+        logits = self.column(features.float())  # [N, P, grid]
+        return F.cross_entropy(logits.reshape(-1, self.grid), columns.repeat(features.shape[0]))
 
 
 def copy_warmup_loss(model, rng: random.Random, rows: int = 64, length: int = 16) -> torch.Tensor:
@@ -699,7 +714,7 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
     probe = None
     if config.vision_aux_weight > 0:
         grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
-        probe = VisionProbe(model.config.text_config.hidden_size, grid)
+        probe = VisionProbe(model.config.text_config.hidden_size, grid, config.position_aux_weight)
         optimizer.add_param_group({"params": list(probe.parameters()), "weight_decay": 0.0})
     model.train()
     model.requires_grad_(True)
