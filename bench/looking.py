@@ -94,8 +94,7 @@ def probe_accuracy(model, processor, size: int, photos_count: int, steps: int = 
                 for r, position in enumerate(toy.POSITIONS):
                     person = info.person_at(position)
                     if person is not None:
-                        value = getattr(person, name) if name in ("shirt", "expression") else getattr(person.identity, name)
-                        hits.append(int(int(predicted[n, r]) == values.index(value)))
+                        hits.append(int(int(predicted[n, r]) == values.index(lvlm.probe_value(person, name))))
             report[name] = [round(sum(hits) / len(hits), 3), round(1 / len(values), 3)]
     return report
 

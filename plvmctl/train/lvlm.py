@@ -479,6 +479,12 @@ PROBE_TRAITS: dict[str, tuple[str, ...]] = {"shirt": tuple(toy.SHIRT_COLOURS),
                                             "expression": toy.EXPRESSIONS, **toy.TRAITS}
 
 
+def probe_value(person: toy.PersonInScene, name: str) -> str:
+    """What `person` shows for one of `PROBE_TRAITS`: the shirt and expression of this photo,
+    or a trait of their identity."""
+    return getattr(person, name) if name in ("shirt", "expression") else getattr(person.identity, name)
+
+
 class VisionProbe(torch.nn.Module):
     """Throw-away linear heads that read, from the projected image features, what is drawn
     in each third of the photo (each trait of the person there, or "nobody") and the
@@ -516,12 +522,7 @@ class VisionProbe(torch.nn.Module):
             for index in keep:
                 for position in toy.POSITIONS:
                     person = infos[index].person_at(position)
-                    if person is None:
-                        targets.append(len(values))
-                    elif name in ("shirt", "expression"):
-                        targets.append(values.index(getattr(person, name)))
-                    else:
-                        targets.append(values.index(getattr(person.identity, name)))
+                    targets.append(len(values) if person is None else values.index(probe_value(person, name)))
             logits = self.heads[name](regions).reshape(-1, len(values) + 1)
             total = total + F.cross_entropy(logits, torch.tensor(targets))
         colours = tuple(toy.BACKGROUND_COLOURS)
