@@ -6,6 +6,8 @@ settings of `make pocket`) for --steps and measure it on held-out people along t
     python bench/pretrain.py --description keyvalue --copy-steps 300     # "key value" + copy warm-up
     python bench/pretrain.py --steps 1200 --position-weight 1.0 --save runs/bench/position
                                           # image tokens told their column; then bench/looking.py --backbone
+    python bench/pretrain.py --steps 1200 --caption-rows 2 --caption-steps 300 --save runs/bench/captions
+                                          # dense place-by-place captions, first alone (a seeing warm-up)
 
 Prints one JSON object per measurement: first-answer-token accuracy per row kind on fresh
 photos of held-out identities (plvmctl.train.lvlm.measure; "-ref" kinds introduce the person
@@ -39,6 +41,8 @@ def main() -> None:
                         help="text-only rows per step [default: the pocket profile's]")
     parser.add_argument("--position-weight", type=float, default=0.0,
                         help="weight of a per-patch column head in the vision probe (0: none, as committed)")
+    parser.add_argument("--caption-rows", type=int, default=0, help="caption rows per photo (lvlm.scene_caption)")
+    parser.add_argument("--caption-steps", type=int, default=0, help="first steps with caption rows only")
     parser.add_argument("--save", default=None, help="save the trained backbone to this folder (for bench/looking.py)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -48,6 +52,7 @@ def main() -> None:
     config = dataclasses.replace(settings.lvlm, steps=args.steps, seed=args.seed,
                                  reference_share=args.reference_share, description=args.description,
                                  copy_steps=args.copy_steps, position_aux_weight=args.position_weight,
+                                 caption_rows=args.caption_rows, caption_steps=args.caption_steps,
                                  log_every=max(1, args.steps // 20))
     if args.recognition_only:
         config = dataclasses.replace(config, scene_share=0.0, about_share=0.0, recognition_share=1.0,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from plvmctl.data import toy
+from plvmctl.errors import PlvmError
 from plvmctl.prompt import POCKET, build_prompt, encode_segments
 from plvmctl.tiny import IMAGE_ID
 from plvmctl.train import lvlm
@@ -134,6 +135,11 @@ def test_the_copy_warm_up_teaches_the_lm_to_look_back():
     assert sum(losses[-10:]) / 10 < 0.7 * floor
 
 
+def test_the_vision_probe_refuses_a_grid_without_three_places():
+    with pytest.raises(PlvmError, match="at least 3 patch columns"):
+        lvlm.VisionProbe(16, 2)
+
+
 def test_the_position_head_exists_only_when_asked_for():
     assert not hasattr(lvlm.VisionProbe(16, 3), "column")  # the committed build's parameters, as they were
     assert lvlm.VisionProbe(16, 3, position_weight=1.0).column.out_features == 3
@@ -170,3 +176,52 @@ def test_the_probe_loss_adds_the_position_term_by_its_weight():
     located = lvlm.VisionProbe(16, 3, position_weight=2.0)
     expected = plain.loss(features, infos) + 2.0 * located.position_loss(features)
     torch.testing.assert_close(located.loss(features, infos), expected)
+
+
+def test_a_caption_says_what_is_drawn_place_by_place():
+    rng = random.Random(5)
+    pool = toy.training_identities()
+    image, info = toy.random_scene(pool[3], rng, pool, n_people=2, size=32)
+    words = lvlm.scene_caption(info).split()
+    starts = [words.index(position) for position in toy.POSITIONS]
+    assert starts == sorted(starts)  # left, middle, right
+    for position, start in zip(toy.POSITIONS, starts):
+        person = info.person_at(position)
+        said = words[start + 1:start + 2] if person is None else words[start + 1:start + 12]
+        if person is None:
+            assert said == ["nobody"]
+        else:
+            who = person.identity
+            assert said == ["hair", who.hair_colour, who.hair_style, "shirt", person.shirt, "skin", who.skin,
+                            "face", who.face, who.accessory, person.expression]
+
+
+def test_caption_rows_are_added_per_photo_only_when_asked_for():
+    for count in (0, 2):
+        config = lvlm.LvlmTrainConfig(scenes_per_step=3, rows_per_scene=2, text_rows_per_step=1,
+                                      describe_rows_per_step=1, caption_rows=count)
+        rows, _, infos = lvlm.sample_step(random.Random(2), toy.training_identities(), config,
+                                          scene_size=32, portrait_size=32)
+        captions = [row for row in rows if row.kind == "caption"]
+        scenes = [i for i, info in enumerate(infos) if info is not None]
+        assert sorted(row.image for row in captions) == sorted(scenes * count)
+        assert all(row.answer == lvlm.scene_caption(infos[row.image]) and not row.options for row in captions)
+
+
+def test_caption_steps_train_on_captions_alone_first(monkeypatch, small):
+    _, tokenizer, processor = small
+    model, _, _ = lvlm.build_pocket_llava(lvlm.collect_vocabulary(samples=40), SIZES, 0)
+    seen: list[set[str]] = []
+    encode = lvlm.encode_rows
+
+    def spy(rows, *args, **kwargs):
+        seen.append({row.kind for row in rows})
+        return encode(rows, *args, **kwargs)
+
+    monkeypatch.setattr(lvlm, "encode_rows", spy)
+    config = lvlm.LvlmTrainConfig(steps=3, scenes_per_step=2, rows_per_scene=3, text_rows_per_step=2,
+                                  caption_rows=1, caption_steps=2, warmup_steps=1,
+                                  vision_aux_weight=0.0)  # a 2 x 2 grid has no thirds to probe
+    lvlm.train_lvlm(model, tokenizer, processor, config)
+    assert seen[0] == seen[1] == {"caption"}
+    assert "caption" in seen[2] and len(seen[2]) > 1

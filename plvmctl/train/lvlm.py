@@ -30,6 +30,9 @@ unknown word to the tokenizer):
   Aligner would write its k soft tokens where the portrait's tokens were. An experiment
   (off by default; 1,200 steps with every person shown this way left recognition at chance,
   see the README); `measure` reports these rows' accuracies under kinds with a "-ref" suffix.
+* ``caption`` (off by default, `caption_rows`): "Describe the photo." answered with every
+  trait drawn, place by place (`scene_caption`); dense grounding, optionally alone for the
+  first `caption_steps` steps.
 * ``describe``: a reference portrait and "Describe the person in this photo in one short
   sentence." -> the description. This keeps the "LLaVA + text prompt" baseline honest: the
   base model can write the descriptions that baseline feeds back to it.
@@ -86,8 +89,9 @@ from ..tiny import (
 from .common import JsonlLogger, lr_multiplier, seed_everything
 
 IGNORE = -100
-KINDS = ("scene", "recognition", "about", "text", "describe")
+KINDS = ("scene", "recognition", "about", "text", "describe", "caption")
 DESCRIBE_PROMPT = "Describe the person in this photo in one short sentence."
+CAPTION_PROMPT = "Describe the photo."
 GENERIC_WORDS = (
     "i you we it this that photo image picture person people man woman name unknown maybe "
     "sorry know don't see answer question left right middle one two three none nobody < >"
@@ -143,7 +147,7 @@ def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "se
 
     rng = random.Random(f"plvmctl-pocket-vocab-{seed}")
     texts: list[str] = [POCKET.system, POCKET.user, POCKET.assistant, MCQ_INSTRUCTION,
-                        RECOGNITION_QUESTION, DESCRIPTION_PROMPT, DESCRIBE_PROMPT]
+                        RECOGNITION_QUESTION, DESCRIPTION_PROMPT, DESCRIBE_PROMPT, CAPTION_PROMPT]
     for group in (recognition_templates.RECOGNITION_QUESTIONS, recognition_templates.POSITIVE_ANSWERS,
                   recognition_templates.NEGATIVE_ANSWERS, recognition_templates.ATTRIBUTE_QUESTIONS):
         texts.extend(group)
@@ -163,6 +167,7 @@ def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "se
         texts.extend(q + " " + a for q, a in toy.scene_qa_about(subject, info, rng))
         texts.extend(q + " " + a for q, a in toy.attribute_qa(subject))
         texts.append(describe(subject, description))
+        texts.append(scene_caption(info))
     texts.extend(GENERIC_WORDS)
     specials = set(SPECIAL_TOKENS) | set(PUNCTUATION)
     words: list[str] = []
@@ -221,6 +226,8 @@ class LvlmTrainConfig:
     reference_share: float = 0.0  # share of recognition/about/text rows whose person is shown by a portrait
     description: str = "sentence"  # how people are described: "sentence" | "keyvalue" (`describe`)
     copy_steps: int = 0  # first steps on repeated random word sequences (see `copy_warmup_loss`)
+    caption_rows: int = 0  # caption rows per photo ("left hair red curly shirt blue ...", `scene_caption`)
+    caption_steps: int = 0  # first steps with caption rows only (a seeing warm-up; needs caption_rows)
     reading_steps: int = 0  # first steps with text-only rows (learn to read descriptions first)
     reading_rows: int = 64  # text-only rows per reading step
     max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
@@ -348,6 +355,28 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
     return rows
 
 
+def scene_caption(info: toy.SceneInfo) -> str:
+    """Everything drawn in a photo, place by place, always in the same order: "left hair red
+    curly shirt blue skin tan face round glasses smiling middle nobody right ...".
+
+    Caption rows (`caption_rows`) are the dense grounding of LLaVA's first stage: every word
+    after a place must be read from that place of the photo, about 30 answer words a photo
+    where a question row has one. Measured with `bench/pretrain.py --caption-rows 2
+    --caption-steps 300` and `bench/looking.py` (README): they help the LM pick out the
+    person a question names among others.
+    """
+    words = []
+    for position in toy.POSITIONS:
+        person = info.person_at(position)
+        if person is None:
+            words += [position, "nobody"]
+        else:
+            who = person.identity
+            words += [position, "hair", who.hair_colour, who.hair_style, "shirt", person.shirt, "skin", who.skin,
+                      "face", who.face, who.accessory, person.expression]
+    return " ".join(words)
+
+
 def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig,
              portrait: PortraitMaker | None = None) -> Row:
     """An attribute question about a described (or portrayed) person, no photo to look at."""
@@ -395,6 +424,7 @@ def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTr
         images.append(image)
         infos.append(info)
         rows += scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene, portrait)
+        rows += [Row("caption", CAPTION_PROMPT, scene_caption(info), len(images) - 1)] * config.caption_rows
     for _ in range(config.describe_rows_per_step):
         identity = pool[rng.randrange(len(pool))]
         rows.append(Row("describe", DESCRIBE_PROMPT, describe(identity, config.description),
@@ -497,6 +527,9 @@ class VisionProbe(torch.nn.Module):
 
     def __init__(self, hidden: int, grid: int, position_weight: float = 0.0) -> None:
         super().__init__()
+        if grid < len(toy.POSITIONS):
+            raise PlvmError(f"the vision probe needs at least {len(toy.POSITIONS)} patch columns "
+                            f"(one per place), got {grid}; use smaller patches or vision_aux_weight=0")
         self.grid = grid
         self.position_weight = position_weight
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(hidden, len(values) + 1)
@@ -747,6 +780,8 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
                                    for _ in range(config.reading_rows)], [], []
         else:
             rows, images, infos = sample_step(rng, pool, config, scene_size=size)
+            if step < config.caption_steps:  # captions only: learn to see place by place first
+                rows = [row for row in rows if row.kind == "caption"]
         batch = encode_rows(rows, tokenizer, tokens_per_image)
         pixels = pixel_values(image_processor, images) if images else None
         logits, features = forward_logits(model, batch, pixels, return_features=True)
