@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import random
 import re
@@ -48,12 +47,7 @@ def image_features(model, processor, images) -> torch.Tensor:
     """The projected image features [N, P, H] (what the LM's image tokens are)."""
     chunks = []
     for start in range(0, len(images), 64):
-        pixels = lvlm.pixel_values(processor, images[start:start + 64])
-        features = model.model.get_image_features(
-            pixel_values=pixels, vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            return_dict=True).pooler_output
-        chunks.append(torch.stack(list(features)))
+        chunks.append(lvlm.image_tokens(model, lvlm.pixel_values(processor, images[start:start + 64])))
     return torch.cat(chunks)
 
 
@@ -124,39 +118,28 @@ def position_accuracy(model, processor, size: int, photos_count: int, steps: int
 
 
 @torch.no_grad()
-def question_accuracy(model, tokenizer, processor, size: int, photos_count: int) -> dict[str, list[float]]:
-    """First-answer-token accuracy per scene-question template (held-out photos)."""
+def question_accuracy(model, tokenizer, processor, size: int, photos_count: int):
+    """First-answer-token accuracy (`lvlm.first_answer_hits`) on held-out photos: per scene
+    question template, and for questions about "the person X" split by whether that person
+    is alone in the photo. Returns ({template: [accuracy, count]}, {"alone" | "with others":
+    {accuracy, chance, count}})."""
     rng = random.Random("plvmctl-bench-looking-questions")
     images, infos = photos(toy.heldout_identities(), photos_count, 2, size)
     rows = [lvlm.Row("scene", question, answer, n, options=lvlm._open_options(answer))
             for n, info in enumerate(infos) for question, answer in toy.scene_qa(info, rng)]
-    pixels = lvlm.pixel_values(processor, images)
-    tokens = lvlm.num_image_tokens(model)
-
-    def first(text: str) -> int:
-        return tokenizer(" " + text, add_special_tokens=False)["input_ids"][0]
-
-    hits: dict[str, list[int]] = collections.defaultdict(list)
-    crowd: dict[str, list[int]] = collections.defaultdict(list)  # questions about "the person X"
     model.eval()
-    for start in range(0, len(rows), 64):
-        chunk = rows[start:start + 64]
-        used = sorted({row.image for row in chunk})
-        local = [dataclasses.replace(row, image=used.index(row.image)) for row in chunk]
-        batch = lvlm.encode_rows(local, tokenizer, tokens)
-        logits = lvlm.forward_logits(model, batch, pixels[used])
-        for i, row in enumerate(chunk):
-            scores = logits[i, batch.prompt_lengths[i] - 1]
-            expected = int(batch.labels[i, batch.prompt_lengths[i]])
-            best = max((first(option) for option in row.options), key=lambda token: float(scores[token]))
-            hits[_MASK.sub("X", row.question)].append(int(best == expected))
-            if "the person " in row.question:
-                crowd["alone" if len(infos[row.image].people) == 1 else "with others"].append(
-                    (int(best == expected), row.chance))
-    report = {template: [round(sum(h) / len(h), 3), len(h)] for template, h in sorted(hits.items())}
-    return report, {key: {"accuracy": round(sum(h for h, _ in pairs) / len(pairs), 3),
-                          "chance": round(sum(c for _, c in pairs) / len(pairs), 3), "count": len(pairs)}
-                    for key, pairs in sorted(crowd.items())}
+    scored = lvlm.first_answer_hits(model, tokenizer, rows, lvlm.pixel_values(processor, images), 64)
+    hits: dict[str, list[int]] = collections.defaultdict(list)
+    crowd: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+    for row, (hit, _) in zip(rows, scored):
+        hits[_MASK.sub("X", row.question)].append(int(hit))
+        if "the person " in row.question:
+            crowd["alone" if len(infos[row.image].people) == 1 else "with others"].append((int(hit), row.chance))
+    templates = {template: [round(sum(h) / len(h), 3), len(h)] for template, h in sorted(hits.items())}
+    people = {key: {"accuracy": round(sum(h for h, _ in pairs) / len(pairs), 3),
+                    "chance": round(sum(c for _, c in pairs) / len(pairs), 3), "count": len(pairs)}
+              for key, pairs in sorted(crowd.items())}
+    return templates, people
 
 
 def main() -> None:
@@ -170,11 +153,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.backbone)
     size = model.config.vision_config.image_size
     processor = clip_image_processor(size)
+    templates, people = question_accuracy(model, tokenizer, processor, size, args.photos)
     print(json.dumps({"backbone": args.backbone,
                       "probe": probe_accuracy(model, processor, size, args.photos),
                       "position": position_accuracy(model, processor, size, args.photos),
-                      **dict(zip(("questions", "the person X"),
-                                 question_accuracy(model, tokenizer, processor, size, args.photos)))}, indent=1))
+                      "questions": templates, "the person X": people}, indent=1))
 
 
 if __name__ == "__main__":

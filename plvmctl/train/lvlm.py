@@ -484,6 +484,15 @@ def pixel_values(image_processor, images: Sequence[Image.Image]) -> torch.Tensor
     return image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
 
 
+def image_tokens(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+    """The projected image features [N, P, H]: what the LM reads in each photo's `<image>` slots."""
+    features = model.model.get_image_features(
+        pixel_values=pixels, vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        return_dict=True).pooler_output
+    return torch.stack(list(features))
+
+
 def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: torch.Tensor | None,
                    *, return_features: bool = False):
     """Logits [B, T, V] (and, with `return_features`, the projected image features [N, P, H]
@@ -492,11 +501,7 @@ def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: t
     embeds = model.get_input_embeddings()(batch.input_ids)  # [B, T, H]
     features = None
     if pixels is not None and len(pixels):
-        features = model.model.get_image_features(
-            pixel_values=pixels, vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-            return_dict=True).pooler_output
-        features = torch.stack(list(features))  # [N, P, H]
+        features = image_tokens(model, pixels)  # [N, P, H]
         if batch.image_index:
             per_row = features[torch.tensor(batch.image_index)]  # [B_img, P, H]
             mask = (batch.input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
@@ -647,6 +652,40 @@ def num_image_tokens(model) -> int:
 
 
 @torch.no_grad()
+def first_answer_hits(model, tokenizer, rows: Sequence[Row], pixels: torch.Tensor | None,
+                      batch_rows: int = 48) -> list[tuple[bool, bool] | None]:
+    """For each row, (the most likely first answer token among its options' first tokens is
+    the right one, the most likely token over the whole vocabulary is), or None for rows
+    without options. `pixels` holds the photos the rows' `image` / `reference` index."""
+    def first_token(text: str) -> int:
+        return tokenizer(" " + text, add_special_tokens=False)["input_ids"][0]
+
+    results: list[tuple[bool, bool] | None] = []
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start:start + batch_rows]
+        remap: dict[int, int] = {}  # photo index -> position in this chunk's pixels
+        for row in chunk:
+            for index in (row.reference, row.image):
+                if index is not None:
+                    remap.setdefault(index, len(remap))
+        local = [dataclasses.replace(row, image=None if row.image is None else remap[row.image],
+                                     reference=None if row.reference is None else remap[row.reference])
+                 for row in chunk]
+        batch = encode_rows(local, tokenizer, num_image_tokens(model))
+        order = sorted(remap, key=remap.get)
+        logits = forward_logits(model, batch, pixels[order] if order else None)
+        for i, row in enumerate(chunk):
+            if not row.options:
+                results.append(None)
+                continue
+            scores = logits[i, batch.prompt_lengths[i] - 1].float()
+            expected = int(batch.labels[i, batch.prompt_lengths[i]])
+            best = max((first_token(option) for option in row.options), key=lambda token: float(scores[token]))
+            results.append((best == expected, int(scores.argmax()) == expected))
+    return results
+
+
+@torch.no_grad()
 def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 1,
             config: LvlmTrainConfig | None = None, heldout: bool = True,
             batch_rows: int = 48) -> dict[str, dict[str, float]]:
@@ -671,32 +710,10 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
     hits: dict[str, list[int]] = {}
     greedy: dict[str, list[int]] = {}
     chances: dict[str, list[float]] = {}
-
-    def first_token(text: str) -> int:
-        return tokenizer(" " + text, add_special_tokens=False)["input_ids"][0]
-
-    for start in range(0, len(rows), batch_rows):
-        chunk = rows[start:start + batch_rows]
-        remap: dict[int, int] = {}  # step photo -> position in this chunk's pixels
-        for row in chunk:
-            for index in (row.reference, row.image):
-                if index is not None:
-                    remap.setdefault(index, len(remap))
-        local = [dataclasses.replace(row, image=None if row.image is None else remap[row.image],
-                                     reference=None if row.reference is None else remap[row.reference])
-                 for row in chunk]
-        batch = encode_rows(local, tokenizer, num_image_tokens(model))
-        order = sorted(remap, key=remap.get)
-        logits = forward_logits(model, batch, pixels[order] if order else None)
-        for i, row in enumerate(chunk):
-            if not row.options:
-                continue
-            scores = logits[i, batch.prompt_lengths[i] - 1].float()
-            expected = int(batch.labels[i, batch.prompt_lengths[i]])
-            candidates = [first_token(option) for option in row.options]
-            best = max(candidates, key=lambda token: float(scores[token]))
-            hits.setdefault(row.group, []).append(int(best == expected))
-            greedy.setdefault(row.group, []).append(int(int(scores.argmax()) == expected))
+    for row, scored in zip(rows, first_answer_hits(model, tokenizer, rows, pixels, batch_rows)):
+        if scored is not None:
+            hits.setdefault(row.group, []).append(int(scored[0]))
+            greedy.setdefault(row.group, []).append(int(scored[1]))
             chances.setdefault(row.group, []).append(row.chance)
 
     def summary(h: list[int], g: list[int], c: list[float]) -> dict[str, float]:
