@@ -225,3 +225,5 @@ def test_caption_steps_train_on_captions_alone_first(monkeypatch, small):
     lvlm.train_lvlm(model, tokenizer, processor, config)
     assert seen[0] == seen[1] == {"caption"}
     assert "caption" in seen[2] and len(seen[2]) > 1
+    with pytest.raises(PlvmError, match="caption_rows"):
+        lvlm.train_lvlm(model, tokenizer, processor, dataclasses.replace(config, caption_rows=0))

@@ -360,7 +360,7 @@ def scene_caption(info: toy.SceneInfo) -> str:
     curly shirt blue skin tan face round glasses smiling middle nobody right ...".
 
     Caption rows (`caption_rows`) are the dense grounding of LLaVA's first stage: every word
-    after a place must be read from that place of the photo, about 30 answer words a photo
+    after a place must be read from that place of the photo, 16 to 36 answer words a photo
     where a question row has one. Measured with `bench/pretrain.py --caption-rows 2
     --caption-steps 300` and `bench/looking.py` (README): they help the LM pick out the
     person a question names among others.
@@ -752,6 +752,8 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
     measure along the way; it must leave the model in training mode).
     """
     say = echo or (lambda message: None)
+    if config.caption_steps > 0 and config.caption_rows < 1:
+        raise PlvmError("caption_steps trains on caption rows alone: set caption_rows to 1 or more")
     seed_everything(config.seed)
     rng = random.Random(f"plvmctl-pocket-lvlm-{config.seed}")
     pool = toy.training_identities()
