@@ -1,5 +1,6 @@
-"""What does a pocket base LVLM see, and what does its LM read? Two measurements side by side,
-on fresh photos of held-out identities:
+"""What a pocket base LVLM's image tokens hold, next to what its LM reads from them.
+
+Measured on fresh photos of held-out identities:
 
 * ``probe``: a linear probe trained on the FROZEN projected image features (the LM's image
   tokens), averaged over each third of the photo, predicts what the person there looks like.
