@@ -60,15 +60,7 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row]) -> float:
 
 def copy_warmup(model, optimizer, steps: int, rng: random.Random) -> list[float]:
     """`steps` optimizer steps on lvlm.copy_warmup_loss (repeated random word sequences)."""
-    losses = []
-    for _ in range(steps):
-        loss = lvlm.copy_warmup_loss(model, rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return [lvlm.copy_warmup_step(model, optimizer, rng) for _ in range(steps)]
 
 
 def main() -> None:

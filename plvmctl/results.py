@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import click
 
 from .errors import PlvmError
+from .evaluate import method_row as evaluated_row
 from .fileio import sha256_file, write_json_atomic, write_text_atomic
 from .methods import DESCRIPTION_MAX_NEW_TOKENS
 
@@ -429,10 +430,8 @@ def mcq_chance(rows) -> float | None:
 def method_row(results: Mapping[str, Any], method: str) -> dict[str, Any]:
     """One table row from an evaluation's results dict (accuracies as fractions), with the
     method's title and how many items were skipped or unparseable."""
-    from .evaluate import method_row as figures
-
     result = results["methods"][method]
-    return {**figures(results, method), "title": METHOD_TITLES.get(method, method),
+    return {**evaluated_row(results, method), "title": METHOD_TITLES.get(method, method),
             "skipped": result["skipped"]["total"], "unparseable": result["unparseable"]["total"]}
 
 

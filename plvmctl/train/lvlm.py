@@ -598,6 +598,18 @@ def copy_warmup_loss(model, rng: random.Random, rows: int = 64, length: int = 16
                            ids[:, length + 1:].reshape(-1))
 
 
+def copy_warmup_step(model, optimizer, rng: random.Random, grad_clip: float = 1.0) -> float:
+    """One optimizer step on `copy_warmup_loss` (gradients clipped to `grad_clip`, 0: no
+    clipping); returns the loss."""
+    loss = copy_warmup_loss(model, rng)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 0.5) -> torch.Tensor:
     """Cross-entropy of the answer tokens, every row weighing the same.
 
@@ -777,17 +789,11 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
     for step in range(config.copy_steps):  # induction heads first, at the peak learning rate
         for group in optimizer.param_groups:
             group["lr"] = config.lr
-        loss = copy_warmup_loss(model, copy_rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        loss = copy_warmup_step(model, optimizer, copy_rng, config.grad_clip)
         if step % config.log_every == 0 or step == config.copy_steps - 1:
-            say(f"lvlm copy warm-up {step:5d}  loss {float(loss.detach()):.4f}  "
-                f"{time.perf_counter() - started:6.0f}s")
+            say(f"lvlm copy warm-up {step:5d}  loss {loss:.4f}  {time.perf_counter() - started:6.0f}s")
             if logger is not None:
-                logger.log({"stage": "lvlm-copy", "step": step, "loss": float(loss.detach())})
+                logger.log({"stage": "lvlm-copy", "step": step, "loss": loss})
     step = 0
     for step in range(config.steps):
         factor = lr_multiplier(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
