@@ -43,6 +43,15 @@ def main() -> None:
                         help="weight of a per-patch column head in the vision probe (0: none, as committed)")
     parser.add_argument("--caption-rows", type=int, default=0, help="caption rows per photo (lvlm.scene_caption)")
     parser.add_argument("--caption-steps", type=int, default=0, help="first steps with caption rows only")
+    parser.add_argument("--recognition-answer", choices=lvlm.RECOGNITION_ANSWERS, default="plain",
+                        help="compare: recognition answers check the description person by person first")
+    parser.add_argument("--name-share", type=float, default=0.0, help="share of rows with a name token")
+    parser.add_argument("--single-person-steps", type=int, default=0, help="first steps with one person a photo")
+    parser.add_argument("--recognition-share", type=float, default=None)
+    parser.add_argument("--vision-steps", type=int, default=0, help="vision-only probe steps before the LM trains")
+    parser.add_argument("--rows-per-scene", type=int, default=None)
+    parser.add_argument("--patch-size", type=int, default=None, help="vision patch size [default: the profile's]")
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--save", default=None, help="save the trained backbone to this folder (for bench/looking.py)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -53,14 +62,24 @@ def main() -> None:
                                  reference_share=args.reference_share, description=args.description,
                                  copy_steps=args.copy_steps, position_aux_weight=args.position_weight,
                                  caption_rows=args.caption_rows, caption_steps=args.caption_steps,
-                                 log_every=max(1, args.steps // 20))
+                                 log_every=max(1, args.steps // 20),
+                                 recognition_answer=args.recognition_answer, name_share=args.name_share,
+                                 single_person_steps=args.single_person_steps, vision_steps=args.vision_steps)
+    if args.rows_per_scene is not None:
+        config = dataclasses.replace(config, rows_per_scene=args.rows_per_scene)
+    if args.recognition_share is not None:
+        config = dataclasses.replace(config, recognition_share=args.recognition_share)
+    if args.lr is not None:
+        config = dataclasses.replace(config, lr=args.lr)
+    sizes = settings.lvlm_sizes if args.patch_size is None else dataclasses.replace(
+        settings.lvlm_sizes, patch_size=args.patch_size)
     if args.recognition_only:
         config = dataclasses.replace(config, scene_share=0.0, about_share=0.0, recognition_share=1.0,
                                      text_rows_per_step=0, describe_rows_per_step=0)
     if args.text_rows is not None:
         config = dataclasses.replace(config, text_rows_per_step=args.text_rows)
     vocabulary = lvlm.collect_vocabulary(seed=args.seed, description=args.description)
-    model, tokenizer, processor = lvlm.build_pocket_llava(vocabulary, settings.lvlm_sizes, args.seed)
+    model, tokenizer, processor = lvlm.build_pocket_llava(vocabulary, sizes, args.seed)
     started = time.perf_counter()
 
     def report(step: int) -> None:

@@ -376,17 +376,8 @@ def _plain_words(text: str) -> list[str]:
     return [word.strip("'") for word in re.findall(r"[a-z0-9']+", lowered) if word.strip("'")]
 
 
-def parse_yes_no(answer: str | None) -> str | None:
-    """Map a free-text recognition answer to "yes", "no", or None when it says neither.
-
-    The first word decides when it is a yes/no word ("Yes, <a> is ...", "No.", "**Yes**");
-    "Absolutely not" is no. Otherwise a hedge ("I'm not sure") is None, any negation
-    ("I don't see <a>", "<a> is not in this photo", "There is no ...") is no, and a statement
-    of presence ("<a> is in this photo") is yes.
-    """
-    if not answer:
-        return None
-    words = _plain_words(answer)
+def _opening_verdict(words: list[str]) -> str | None:
+    """"yes" / "no" when `words` open with a yes or no word ("Absolutely not" is no)."""
     if not words:
         return None
     first, second = words[0], (words[1] if len(words) > 1 else "")
@@ -396,6 +387,29 @@ def parse_yes_no(answer: str | None) -> str | None:
         return "no"
     if first in _SOFT_YES_WORDS:
         return "no" if second in ("not", "no") else "yes"
+    return None
+
+
+def parse_yes_no(answer: str | None) -> str | None:
+    """Map a free-text recognition answer to "yes", "no", or None when it says neither.
+
+    The first word decides when it is a yes/no word ("Yes, <a> is ...", "No.", "**Yes**");
+    "Absolutely not" is no. Otherwise the first later sentence that opens with one does (an
+    answer that reasons first: "left hair red red same ... match. Yes, <a> is ..."). Otherwise a hedge ("I'm not sure") is None, any negation
+    ("I don't see <a>", "<a> is not in this photo", "There is no ...") is no, and a statement
+    of presence ("<a> is in this photo") is yes.
+    """
+    if not answer:
+        return None
+    words = _plain_words(answer)
+    if not words:
+        return None
+    # The first sentence that opens with a yes/no word decides: "Yes, ..." as well as a
+    # reasoning first and the verdict after it ("left hair red red same ... match. Yes, ...").
+    for part in re.split(r"[.!?;\n]+", answer):
+        decided = _opening_verdict(_plain_words(part))
+        if decided is not None:
+            return decided
     sentence = " ".join(words)
     if any(re.search(rf"\b{re.escape(phrase)}\b", sentence) for phrase in _UNSURE_PHRASES):
         return None

@@ -41,7 +41,7 @@ import torch
 from .errors import PlvmError
 from .fileio import replace_folder, write_json_atomic
 from .train.encoder import EncoderSizes, EncoderTrainConfig
-from .train.lvlm import LvlmSizes, LvlmTrainConfig
+from .train.lvlm import DESCRIPTION_KEYS, LvlmSizes, LvlmTrainConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "pocket"
 MAX_BYTES = 20 * 1024 * 1024
@@ -101,9 +101,11 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
     from .train.aligner import TrainConfig
 
     steps = settings.aligner_steps if steps is None else steps
+    keys = [DESCRIPTION_KEYS[trait] for trait in settings.lvlm.compare_traits]
     return TrainConfig(lr=settings.aligner_lr, batch_size=settings.aligner_batch, steps=steps,
                        warmup_steps=min(20, steps // 5), schedule="cosine", seed=seed,
                        yes_no_weight=yes_no_weight, positive_share=0.6, recognition_share=0.5,
+                       recognition_answer=settings.lvlm.recognition_answer, compare_keys=keys,
                        checkpoint_every=0, val_identities=settings.aligner_val_identities,
                        aligner_sizes=dict(settings.aligner_sizes), data=str(manifest), out=str(out),
                        cache_references=False)
@@ -129,7 +131,7 @@ def _stage_recipe(backbone_dir: Path, encoder_dir: Path, aligner_dir: Path | Non
         "model": {"source": str(backbone_dir.resolve()), "template": "pocket", "dtype": "float32"},
         "encoder": {"source": str(encoder_dir.resolve())},
         "aligner": {"layout": "paper", "num_context": num_context},
-        "generation": {"max_new_tokens": 8},
+        "generation": {"max_new_tokens": 64},
     }
     if aligner_dir is not None:
         data["aligner"]["path"] = str(aligner_dir.resolve())

@@ -227,3 +227,130 @@ def test_caption_steps_train_on_captions_alone_first(monkeypatch, small):
     assert "caption" in seen[2] and len(seen[2]) > 1
     with pytest.raises(PlvmError, match="caption_rows"):
         lvlm.train_lvlm(model, tokenizer, processor, dataclasses.replace(config, caption_rows=0))
+
+
+# -- compare answers, name tokens, the curriculum ---------------------------------------------
+
+
+def _compare_config(**changes) -> lvlm.LvlmTrainConfig:
+    base = lvlm.LvlmTrainConfig(scenes_per_step=6, rows_per_scene=6, text_rows_per_step=4,
+                                describe_rows_per_step=0, recognition_share=1.0, scene_share=0.0,
+                                about_share=0.0, recognition_answer="compare")
+    return dataclasses.replace(base, **changes)
+
+
+def test_a_comparison_checks_every_person_trait_by_trait():
+    pool = toy.training_identities()
+    image, info = toy.random_scene(pool[5], random.Random(1), pool, n_people=2, size=32)
+    words, found = lvlm.comparison(pool[5], info)
+    assert found
+    text = words.split()
+    per_person = 1 + 4 * len(lvlm.COMPARE_TRAITS) + 1
+    assert len(text) == 2 * per_person
+    for start, person in zip((0, per_person), sorted(info.people, key=lambda p: toy.POSITIONS.index(p.position))):
+        chunk = text[start:start + per_person]
+        assert chunk[0] == person.position
+        for i, trait in enumerate(lvlm.COMPARE_TRAITS):
+            key, stated, seen, verdict = chunk[1 + 4 * i:5 + 4 * i]
+            assert (key, stated, seen) == (lvlm.DESCRIPTION_KEYS[trait], getattr(pool[5], trait),
+                                           getattr(person.identity, trait))
+            assert verdict == ("same" if stated == seen else "different")
+        everything = all(getattr(pool[5], t) == getattr(person.identity, t) for t in lvlm.COMPARE_TRAITS)
+        assert chunk[-1] == ("match" if everything else "mismatch")
+
+
+def test_compare_answers_reason_then_give_a_verdict_that_follows_from_the_reasoning():
+    from plvmctl.evaluate import parse_yes_no
+
+    rows, _, infos = lvlm.sample_step(random.Random(4), toy.training_identities(), _compare_config(),
+                                      scene_size=32)
+    recognition = [row for row in rows if row.kind == "recognition"]
+    assert len(recognition) >= 30
+    verdicts = []
+    for row in recognition:
+        reasoning, verdict = row.answer.split(". ", 1)
+        said = parse_yes_no(verdict)
+        verdicts.append(said)
+        assert (" match" in " " + reasoning) == (said == "yes")  # never "match" with a No
+        assert parse_yes_no(row.answer) == said
+    assert {"yes", "no"} <= set(verdicts)
+
+
+def test_compare_negatives_differ_from_everyone_in_a_trait_the_photo_shows():
+    rng = random.Random(0)
+    pool = toy.training_identities()
+    for _ in range(200):
+        _, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, size=32)
+        absent = lvlm._absent_identity(info, rng, pool, 1.0, lvlm.COMPARE_TRAITS)
+        assert all(any(getattr(absent, t) != getattr(p.identity, t) for t in lvlm.COMPARE_TRAITS)
+                   for p in info.people)
+
+
+def test_the_first_steps_of_the_curriculum_show_one_person_a_photo(monkeypatch, small):
+    model, tokenizer, processor = small
+    counts = []
+    real = toy.random_scene
+
+    def counting(*args, **kwargs):
+        image, info = real(*args, **kwargs)
+        counts.append(len(info.people))
+        return image, info
+
+    monkeypatch.setattr(toy, "random_scene", counting)
+    config = dataclasses.replace(_compare_config(scenes_per_step=4, text_rows_per_step=0), steps=4,
+                                 single_person_steps=2, vision_aux_weight=0.0, log_every=100)
+    lvlm.train_lvlm(model, tokenizer, processor, config)
+    model.eval()
+    assert counts[:8] == [1] * 8
+    assert max(counts[8:]) > 1
+
+
+def test_name_rows_carry_one_name_token_in_prompt_and_answer(small):
+    model, tokenizer, _ = small
+    name_id = model.config.text_config.vocab_size
+    rows, _, _ = lvlm.sample_step(random.Random(2), toy.training_identities(),
+                                  _compare_config(name_share=1.0), scene_size=32)
+    batch = lvlm.encode_rows(rows, tokenizer, TOKENS_PER_IMAGE, name_id=name_id)
+    for i, row in enumerate(rows):
+        assert row.name_token
+        length = batch.prompt_lengths[i]
+        prompt = batch.input_ids[i, :length]
+        assert int((prompt == name_id).sum()) == row.question.count("<") + 1  # description + question
+        if row.kind == "recognition" and "<" in row.answer:
+            assert name_id in batch.labels[i].tolist()  # the answer says the name
+    with pytest.raises(PlvmError, match="name_id"):
+        lvlm.encode_rows(rows[:1], tokenizer, TOKENS_PER_IMAGE)
+
+
+def test_a_name_token_is_one_vector_in_and_out(small):
+    model, tokenizer, processor = small
+    name_id = model.config.text_config.vocab_size
+    row = lvlm.text_row(toy.training_identities()[3], random.Random(0),
+                        lvlm.LvlmTrainConfig(name_share=1.0, mcq_share=0.0))
+    batch = lvlm.encode_rows([row], tokenizer, TOKENS_PER_IMAGE, name_id=name_id)
+    names = lvlm.name_vectors(model, 1)
+    logits = lvlm.forward_logits(model, batch, None, names=names)
+    assert logits.shape[-1] == name_id + 1
+    # the name's logit is the hidden state times the same vector that was fed in
+    embeds = model.get_input_embeddings()(batch.input_ids.clamp(max=name_id - 1))
+    embeds = torch.where((batch.input_ids == name_id).unsqueeze(-1), names.unsqueeze(1), embeds)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+    assert torch.allclose(logits[..., -1], (hidden * names.unsqueeze(1)).sum(-1), atol=1e-5)
+    assert torch.allclose(logits[..., :-1], model.lm_head(hidden), atol=1e-5)
+
+
+def test_generated_answers_write_a_name_token_back_as_the_name(small, monkeypatch):
+    model, tokenizer, _ = small
+    name_id = model.config.text_config.vocab_size
+    row = lvlm.text_row(toy.training_identities()[3], random.Random(0),
+                        lvlm.LvlmTrainConfig(name_share=1.0, mcq_share=0.0))
+    script = iter([name_id, tokenizer.convert_tokens_to_ids("is"), tokenizer.eos_token_id])
+
+    def scripted(model_, batch, pixels, **kwargs):
+        logits = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1], name_id + 1)
+        logits[:, :, next(script)] = 1.0
+        return logits
+
+    monkeypatch.setattr(lvlm, "forward_logits", scripted)
+    answer = lvlm.generate_answers(model, tokenizer, [row], None, max_new_tokens=5)
+    assert answer == [f"<{toy.training_identities()[3].name}> is"]

@@ -20,6 +20,7 @@ from plvmctl.cli.toy import toy
 from plvmctl.data import templates
 from plvmctl.data.toy import (
     EXPRESSIONS,
+    POSITIONS,
     TRAITS,
     Background,
     Identity,
@@ -292,6 +293,13 @@ def test_generate_training_data(tmp_path):
             assert row["identity"] in people
             assert not any(is_heldout(Identity.from_id(person)) for person in people)
             assert not (set(people) - {row["identity"]}) & subjects  # clean negatives
+        # what "compare" answers are written from: the traits as words, and who is in each photo
+        assert row["traits"] == identity.trait_words() and row["traits"]["hair"] == identity.hair_colour
+        for scene, people in zip(row["scenes"], row["people"]):
+            places = [person["place"] for person in people]
+            assert places == sorted(places, key=POSITIONS.index)
+            assert sorted((p["position"], Identity.from_id(p["identity"]).trait_words()) for p in scene["people"]) \
+                == sorted((p["place"], p["traits"]) for p in people)
         assert row["attributes"] and {"question", "answer"} == set(row["attributes"][0])
     qa_rows = [json.loads(line) for line in (root / "scene_qa.jsonl").read_text().splitlines()]
     assert {row["image"] for row in qa_rows} >= {q for row in rows for q in row["queries"]}

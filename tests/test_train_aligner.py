@@ -432,3 +432,94 @@ def test_data_attributes_fills_missing_answers_and_skips_filled(runtime, tmp_pat
 
     result = CliRunner().invoke(main, ["data", "attributes", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 1 and "manifest not found" in result.output
+
+
+# ------------------------------------------------------------------------------ compare answers
+
+
+def write_compared_world(root: Path) -> Path:
+    """The three-identity world with traits and, per query photo, who is in it."""
+    manifest = write_world(root)
+    hair = {"ann": "red", "bob": "green", "cid": "blue"}
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        row["traits"] = {"hair": hair[row["name"]], "skin": "tan"}
+        row["people"] = [[{"place": "left", "traits": row["traits"]},
+                          {"place": "right", "traits": {"hair": "grey", "skin": "dark"}}]] * len(row["queries"])
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return manifest
+
+
+def test_the_manifest_keeps_traits_and_who_is_in_each_photo(tmp_path):
+    identities = read_manifest(write_compared_world(tmp_path)).identities
+    ann = identities[0]
+    assert ann.traits == {"hair": "red", "skin": "tan"}
+    assert ann.people[1] == [("left", {"hair": "red", "skin": "tan"}), ("right", {"hair": "grey", "skin": "dark"})]
+
+
+def test_compare_samples_reason_about_the_photo_they_show(tmp_path):
+    identities = read_manifest(write_compared_world(tmp_path)).identities
+    sampler = PlvmSampler(identities, seed=0, recognition_share=1.0, compare_keys=["hair", "skin"])
+    samples = [sampler.sample(i) for i in range(40)]
+    assert {s.kind for s in samples} == {"positive", "negative"}
+    for sample in samples:
+        assert sample.answer.startswith("Yes" if sample.kind == "positive" else "No")
+        own = sample.reasoning.startswith("left hair red red same skin tan tan same match") if sample.name == "ann" else None
+        if sample.name == "ann":
+            assert own == (sample.kind == "positive")
+        assert sample.reasoning.endswith("right hair " + {"ann": "red", "bob": "green", "cid": "blue"}[sample.name]
+                                         + " grey different skin tan dark different mismatch")
+    plain = PlvmSampler(identities, seed=0, recognition_share=1.0)
+    assert all(plain.sample(i).reasoning == "" for i in range(10))
+
+
+def test_compare_answers_need_traits_for_every_photo(world):
+    identities = read_manifest(world).identities  # no traits, no people
+    with pytest.raises(PlvmError, match="traits hair"):
+        PlvmSampler(identities, seed=0, compare_keys=["hair"])
+
+
+def test_the_yes_no_weight_lands_on_the_verdict_after_the_reasoning(runtime, world):
+    backbone = runtime.backbone
+    ann = world.parent / "ann"
+    sample = Sample("ann", "negative", "Is <ann> in this photo?", "No, <ann> is not here.", ann / "q0.png",
+                    reasoning="left hair red blue different mismatch")
+    batch = encode_batch([sample], backbone, runtime.template, 4, yes_no_weight=20.0)
+    start = batch.prompt_lengths[0]
+    reasoning = backbone.tokenizer(" left hair red blue different mismatch.", add_special_tokens=False)["input_ids"]
+    no_id = backbone.tokenizer(" no", add_special_tokens=False)["input_ids"][0]
+    ids = batch.input_ids[0].tolist()
+    assert ids[start:start + len(reasoning)] == reasoning
+    assert ids[start + len(reasoning)] == no_id
+    weights = batch.weights[0, start:int(batch.attention_mask[0].sum())].tolist()
+    assert weights[len(reasoning)] == 20.0
+    assert sorted(set(weights[:len(reasoning)] + weights[len(reasoning) + 1:])) == [1.0]
+
+
+def test_compare_validation_generates_and_reads_the_verdict(runtime, tmp_path, monkeypatch):
+    from plvmctl.train.aligner import validate_recognition
+    from plvmctl.train.data import validation_samples
+
+    identities = read_manifest(write_compared_world(tmp_path)).identities
+    samples = validation_samples(identities[:1], identities, seed=0, photos_per_identity=2,
+                                 compare_keys=["hair", "skin"])
+    assert all(s.reasoning for s in samples)
+    config = config_for(tmp_path / "manifest.jsonl", tmp_path / "out")
+    from plvmctl.train.aligner import ReferenceTokens, new_aligner
+
+    aligner = new_aligner(runtime, config)
+    references = ReferenceTokens(runtime.encoder)
+    references.prepare(identities)
+    result = validate_recognition(aligner, samples, references, runtime, max_new_tokens=4)
+    assert set(result) == {"val_positive", "val_negative", "val_mean"}
+    assert all(0.0 <= value <= 1.0 for value in result.values())
+    # the verdict after the reasoning is what counts: a model that always finds a match says yes
+    from plvmctl import engine
+
+    def always_a_match(self, requests, **kwargs):
+        assert kwargs["max_new_tokens"] == 4
+        return [engine.AskResult(r, "left hair red red same match. Yes, <ann> is here.") for r in requests]
+
+    monkeypatch.setattr(engine.Engine, "ask", always_a_match)
+    result = validate_recognition(aligner, samples, references, runtime, max_new_tokens=4)
+    assert (result["val_positive"], result["val_negative"]) == (1.0, 0.0)

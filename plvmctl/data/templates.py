@@ -7,6 +7,8 @@ trainer (or an evaluator) can read the label off the first word.
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 PLACEHOLDER = "<sks>"
 
 RECOGNITION_QUESTIONS: tuple[str, ...] = (
@@ -89,3 +91,37 @@ def fill(template: str, name: str) -> str:
     """Replace every `<sks>` in `template` by `<name>` (angle brackets on `name` are optional)."""
     bare = name.strip().strip("<>")
     return template.replace(PLACEHOLDER, f"<{bare}>")
+
+
+# A "compare" recognition answer: the described person checked against everyone in the photo
+# before the verdict (see `comparison`). The words are the pocket model's; a real LVLM answers
+# "Yes"/"No" first and never needs them.
+SAME, DIFFERENT, MATCH, MISMATCH = "same", "different", "match", "mismatch"
+COMPARE_WORDS: tuple[str, ...] = (SAME, DIFFERENT, MATCH, MISMATCH)
+RECOGNITION_ANSWER_STYLES: tuple[str, ...] = ("plain", "compare")
+
+
+def comparison(stated: Mapping[str, str], people: Sequence[tuple[str, Mapping[str, str]]],
+               keys: Sequence[str]) -> tuple[str, bool]:
+    """Check a description against every person in a photo, trait by trait: (the words,
+    whether someone matches in every key).
+
+    `stated` and each person's traits map a key word ("hair") to a value word ("red");
+    `people` are (place, traits) in reading order. For each person: the place, then per key
+    the key, the stated value, the value seen and "same" / "different", then "match" or
+    "mismatch":
+
+        "left hair red red same skin tan dark different mismatch right hair red red same ..."
+    """
+    words: list[str] = []
+    found = False
+    for place, seen in people:
+        words.append(place)
+        everything = True
+        for key in keys:
+            want, have = stated[key], seen[key]
+            words += [key, want, have, SAME if want == have else DIFFERENT]
+            everything = everything and want == have
+        words.append(MATCH if everything else MISMATCH)
+        found = found or everything
+    return " ".join(words), found

@@ -79,6 +79,11 @@ TRAITS: dict[str, tuple[str, ...]] = {
     "eye_colour": tuple(EYE_COLOURS),
 }
 
+# The word that names each trait in descriptions and comparisons ("hair red", "style long"),
+# in the order a "key value" description lists them.
+TRAIT_KEYS: dict[str, str] = {"face": "face", "skin": "skin", "hair_colour": "hair", "hair_style": "style",
+                              "eye_colour": "eyes", "facial_hair": "facial", "accessory": "accessory"}
+
 # What varies from photo to photo.
 SHIRT_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -179,6 +184,10 @@ class Identity:
         count = len(_SYLLABLES)
         syllables = [_SYLLABLES[(code // count**k) % count] for k in range(3)]
         return "".join(syllables).capitalize()
+
+    def trait_words(self) -> dict[str, str]:
+        """Every trait as key word -> value word ({"face": "round", "skin": "tan", "hair": "red", ...})."""
+        return {key: getattr(self, trait) for trait, key in TRAIT_KEYS.items()}
 
     def describe(self) -> str:
         """A short English description of the traits."""
@@ -317,6 +326,11 @@ class SceneInfo:
         ]
         background = Background(data["background"]["colour"], data["background"]["pattern"])
         return cls(people=people, background=background, subject=data.get("subject"), size=int(data["size"]))
+
+    def people_traits(self) -> list[tuple[str, dict[str, str]]]:
+        """(place, trait words) of everyone in the photo, left to right."""
+        ordered = sorted(self.people, key=lambda person: POSITIONS.index(person.position))
+        return [(person.position, person.identity.trait_words()) for person in ordered]
 
     def person_at(self, position: str) -> PersonInScene | None:
         """The person at `position` (left/middle/right), or None."""
@@ -906,6 +920,9 @@ def generate_training_data(
             "reference": f"{folder}/ref.png",
             "queries": queries,
             "scenes": scenes,
+            "traits": identity.trait_words(),
+            "people": [[{"place": place, "traits": traits} for place, traits in SceneInfo.from_dict(scene).people_traits()]
+                       for scene in scenes],
             "attributes": [{"question": q, "answer": a} for q, a in attribute_qa(identity)],
         })
     for i in tqdm(range(extra), desc="toy scenes", unit="img", disable=not progress):

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from ..aligner import Aligner, AlignerConfig, load_aligner, save_aligner
 from ..concept import Concept
+from ..data.templates import RECOGNITION_ANSWER_STYLES
 from ..errors import PlvmError
 from ..fileio import atomic_path, sha256_file, write_json_atomic
 from ..images import load_image
@@ -107,6 +108,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     yes_no_weight: float = 20.0  # w of Eq. 2 on the Yes/No token of recognition answers
+    # "compare": recognition answers check the identity's traits against everyone in the photo
+    # first ("left hair red red same ... match. Yes, ..."), as a base model trained to reason so
+    # answers (the pocket model); the manifest then needs "traits" and "people". w lands on the
+    # verdict's first token wherever it stands, and validation generates and reads the verdict.
+    recognition_answer: str = "plain"
+    compare_keys: list = field(default_factory=lambda: ["hair", "skin", "style"])
+    compare_max_new_tokens: int = 64  # validation's answer length for "compare" answers
     positive_share: float = 0.6  # p: share of positives among recognition samples
     recognition_share: float = 0.5  # recognition : attribute = 1 : 1
     negatives: str = "random"  # random | hard (most similar references by encoder CLS cosine)
@@ -145,6 +153,11 @@ class TrainConfig:
         if self.negatives not in NEGATIVE_MODES:
             raise PlvmError(f"train.negatives must be one of {', '.join(NEGATIVE_MODES)}, "
                             f"got {self.negatives!r}")
+        if self.recognition_answer not in RECOGNITION_ANSWER_STYLES:
+            raise PlvmError(f"train.recognition_answer must be one of {', '.join(RECOGNITION_ANSWER_STYLES)}, "
+                            f"got {self.recognition_answer!r}")
+        if self.recognition_answer == "compare" and not self.compare_keys:
+            raise PlvmError("train.recognition_answer compare needs train.compare_keys (the traits to compare)")
         fixed = {"layout", "encoder_dim", "lm_dim", "num_context", "encoder", "base_model"}
         known = set(AlignerConfig.__dataclass_fields__) - fixed
         unknown = sorted(set(self.aligner_sizes) - known)
@@ -230,8 +243,9 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
     Virtual ids depend only on the order of the names and k, so they are laid out with
     placeholder concepts here; the real table (same order) is built from the Aligner's output
     at forward time. The answer is `split_names(" " + answer)` + EOS, so a `<name>` in the
-    answer is the concept's word id and its head row gets trained too. The first answer token
-    of a recognition sample (the "Yes"/"No") gets weight `yes_no_weight`, the others 1.
+    answer is the concept's word id and its head row gets trained too; a sample's `reasoning`
+    comes first (" {reasoning}."). The verdict's first token of a recognition sample (the
+    "Yes"/"No", after any reasoning) gets weight `yes_no_weight`, the others 1.
     """
     names = list(dict.fromkeys(sample.name for sample in samples))
     layout = ConceptTable([_placeholder_concept(n, num_context, 1) for n in names],
@@ -246,15 +260,20 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
                                  image_token_id=backbone.image_token_id,
                                  num_image_tokens=backbone.num_image_tokens)
         answer: list[int] = []
+        reasoning: list[int] = []
         if with_answers:
-            answer = encode_segments(split_names(" " + sample.answer.strip(), [sample.name]),
-                                     tokenizer, slot_id=layout.slot_id,
-                                     image_token_id=backbone.image_token_id,
-                                     num_image_tokens=backbone.num_image_tokens, add_bos=False)
+            if sample.reasoning:
+                reasoning = encode_segments([" " + sample.reasoning.strip() + "."], tokenizer,
+                                            slot_id=layout.slot_id, image_token_id=backbone.image_token_id,
+                                            num_image_tokens=backbone.num_image_tokens, add_bos=False)
+            answer = reasoning + encode_segments(split_names(" " + sample.answer.strip(), [sample.name]),
+                                                 tokenizer, slot_id=layout.slot_id,
+                                                 image_token_id=backbone.image_token_id,
+                                                 num_image_tokens=backbone.num_image_tokens, add_bos=False)
             answer.append(backbone.eos_token_id)
         answer_weights = [1.0] * len(answer)
         if answer and sample.kind in ("positive", "negative"):
-            answer_weights[0] = float(yes_no_weight)
+            answer_weights[len(reasoning)] = float(yes_no_weight)  # the verdict's first token
         rows.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)
         weights.append([0.0] * len(prompt) + answer_weights)
@@ -439,12 +458,18 @@ def first_token_id(backbone, text: str) -> int:
 @torch.no_grad()
 def validate_recognition(aligner: torch.nn.Module, samples: Sequence[Sample],
                          references: ReferenceTokens, runtime, *, batch_size: int = 8,
-                         image_cache: dict[Path, Any] | None = None) -> dict[str, float]:
-    """Recognition accuracy by comparing the "Yes" and "No" logits as the first answer token.
+                         image_cache: dict[Path, Any] | None = None,
+                         max_new_tokens: int = 64) -> dict[str, float]:
+    """Recognition accuracy by comparing the "Yes" and "No" logits as the first answer token,
+    or, for samples whose answer reasons first, by generating the answer (at most
+    `max_new_tokens`) and reading its verdict as the evaluation does.
 
     Returns positive / negative accuracy and their mean (each NaN if there is no such sample).
     """
     backbone = runtime.backbone
+    if any(sample.reasoning for sample in samples):
+        return _validate_by_generating(aligner, samples, references, runtime, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens)
     yes_id, no_id = first_token_id(backbone, " Yes"), first_token_id(backbone, " No")
     was_training = aligner.training
     aligner.eval()
@@ -469,6 +494,40 @@ def validate_recognition(aligner: torch.nn.Module, samples: Sequence[Sample],
     negative = correct["negative"] / total["negative"] if total["negative"] else nan
     return {"val_positive": positive, "val_negative": negative,
             "val_mean": (positive + negative) / 2}
+
+
+@torch.no_grad()
+def _validate_by_generating(aligner: torch.nn.Module, samples: Sequence[Sample], references: ReferenceTokens,
+                            runtime, *, batch_size: int, max_new_tokens: int) -> dict[str, float]:
+    """`validate_recognition` for answers that reason before the verdict: the Aligner's concepts
+    go through the engine (greedy answers), parsed as `plvmctl eval` parses them."""
+    from ..engine import AskRequest, Engine
+    from ..evaluate import parse_yes_no
+
+    was_training = aligner.training
+    aligner.eval()
+    try:
+        names = list(dict.fromkeys(sample.name for sample in samples))
+        concepts = {}
+        for start in range(0, len(names), batch_size):
+            chunk = names[start:start + batch_size]
+            output = _unwrap(aligner)(references.stack(chunk, runtime.backbone.device))
+            for i, name in enumerate(chunk):
+                concepts[name] = Concept(name, output.word[i].float(), output.head[i].float(),
+                                         output.context[i].float())
+        results = Engine(runtime, concepts).ask([AskRequest(s.question, s.photo) for s in samples],
+                                                batch_size=batch_size, max_new_tokens=max_new_tokens)
+    finally:
+        aligner.train(was_training)
+    correct = {"positive": 0, "negative": 0}
+    total = {"positive": 0, "negative": 0}
+    for sample, result in zip(samples, results):
+        total[sample.kind] += 1
+        correct[sample.kind] += int(parse_yes_no(result.answer) == ("yes" if sample.kind == "positive" else "no"))
+    nan = float("nan")
+    positive = correct["positive"] / total["positive"] if total["positive"] else nan
+    negative = correct["negative"] / total["negative"] if total["negative"] else nan
+    return {"val_positive": positive, "val_negative": negative, "val_mean": (positive + negative) / 2}
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -581,11 +640,13 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
     if config.negatives == "hard":
         names = [identity.name for identity in train_ids]
         ranking = hard_neighbours(names, references.stack(names, torch.device("cpu"))[:, 0])
+    compare_keys = list(config.compare_keys) if config.recognition_answer == "compare" else []
     sampler = PlvmSampler(train_ids, seed=config.seed, positive_share=config.positive_share,
                           recognition_share=config.recognition_share, negatives=config.negatives,
-                          hard_neighbours=ranking)
+                          hard_neighbours=ranking, compare_keys=compare_keys)
     val_samples = validation_samples(val_ids, manifest.identities, seed=config.seed,
-                                     photos_per_identity=config.val_photos) if val_ids else []
+                                     photos_per_identity=config.val_photos,
+                                     compare_keys=compare_keys) if val_ids else []
 
     optimizer = torch.optim.AdamW(aligner.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = make_scheduler(optimizer, total_steps=config.steps,
@@ -695,7 +756,8 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
                         and completed < config.steps and main:
                     validation = validate_recognition(aligner, val_samples, references, runtime,
                                                       batch_size=2 * config.batch_size,
-                                                      image_cache=image_cache)
+                                                      image_cache=image_cache,
+                                                      max_new_tokens=config.compare_max_new_tokens)
                     logger.log({"step": step, **validation})
                 if on_step is not None:
                     on_step(step, step_loss)
@@ -730,7 +792,8 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
         if val_samples:
             validation = validate_recognition(aligner, val_samples, references, runtime,
                                               batch_size=2 * config.batch_size,
-                                              image_cache=image_cache)
+                                              image_cache=image_cache,
+                                              max_new_tokens=config.compare_max_new_tokens)
             logger.log({"step": completed - 1, **validation})
         save_aligner(_unwrap(aligner), aligner_path)
         if losses:

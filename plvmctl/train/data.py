@@ -37,6 +37,7 @@ from ..data.templates import (
     PLACEHOLDER,
     POSITIVE_ANSWERS,
     RECOGNITION_QUESTIONS,
+    comparison,
     fill,
 )
 from ..errors import PlvmError
@@ -62,6 +63,9 @@ class Identity:
     queries: list[Path]
     attributes: list[tuple[str, str]]  # (question, answer), `<sks>` or `<name>` for the person
     line: int = 0  # where it is in the manifest (1-based), for messages
+    traits: dict[str, str] = field(default_factory=dict)  # key word -> value word ("hair": "red")
+    # per query photo (aligned with `queries`), everyone in it: (place, traits), or None if unknown
+    people: list[list[tuple[str, dict[str, str]]] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +135,19 @@ def _parse_attributes(value: Any, name: str, where: str,
     return pairs
 
 
+def _parse_people(value: Any) -> list[tuple[str, dict[str, str]]] | None:
+    """A query photo's "people" entry ([{"place": "left", "traits": {...}}, ...]), or None."""
+    if not isinstance(value, list):
+        return None
+    people = []
+    for person in value:
+        if not (isinstance(person, dict) and isinstance(person.get("place"), str)
+                and isinstance(person.get("traits"), dict)):
+            return None
+        people.append((person["place"], {str(k): str(v) for k, v in person["traits"].items()}))
+    return people
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read the manifest; identities or photos that cannot be used are skipped and reported.
 
@@ -160,14 +177,19 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         if not isinstance(reference, str) or not (folder / reference).is_file():
             problems.append(f"{where}: skipped <{name}>: reference photo {reference!r} not found")
             continue
-        queries = []
+        queries, people = [], []
         raw_queries = row.get("queries") or []
         if not isinstance(raw_queries, list):
             problems.append(f"{where}: <{name}>: 'queries' is not a list; no query photos used")
             raw_queries = []
-        for query in raw_queries:
+        raw_people = row.get("people")
+        if raw_people is not None and not (isinstance(raw_people, list) and len(raw_people) == len(raw_queries)):
+            problems.append(f"{where}: <{name}>: 'people' is not a list aligned with 'queries'; ignored")
+            raw_people = None
+        for number_in_row, query in enumerate(raw_queries):
             if isinstance(query, str) and (folder / query).is_file():
                 queries.append(folder / query)
+                people.append(_parse_people(raw_people[number_in_row] if raw_people else None))
             else:
                 problems.append(f"{where}: <{name}>: query photo {query!r} not found; skipped")
         attributes = _parse_attributes(row.get("attributes"), name, where, problems)
@@ -175,7 +197,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             problems.append(f"{where}: skipped <{name}>: no query photo and no answered attribute")
             continue
         seen[name] = number
-        identities.append(Identity(name, folder / reference, queries, attributes, number))
+        traits = row.get("traits")
+        traits = {str(k): str(v) for k, v in traits.items()} if isinstance(traits, dict) else {}
+        identities.append(Identity(name, folder / reference, queries, attributes, number, traits, people))
     return Manifest(path, identities, problems)
 
 
@@ -213,6 +237,7 @@ class Sample:
     question: str
     answer: str
     photo: Path | None
+    reasoning: str = ""  # said before the answer ("left hair red red same ... match"); the answer is the verdict
 
 
 def _with_name(text: str, name: str) -> str:
@@ -233,7 +258,8 @@ class PlvmSampler:
     def __init__(self, identities: Sequence[Identity], *, seed: int = 0,
                  positive_share: float = 0.6, recognition_share: float = 0.5,
                  negatives: str = "random",
-                 hard_neighbours: dict[str, list[str]] | None = None) -> None:
+                 hard_neighbours: dict[str, list[str]] | None = None,
+                 compare_keys: Sequence[str] = ()) -> None:
         if not identities:
             raise PlvmError("the sampler needs at least one identity")
         if not 0.0 <= positive_share <= 1.0:
@@ -244,6 +270,9 @@ class PlvmSampler:
             raise PlvmError(f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
         if negatives == "hard" and hard_neighbours is None:
             raise PlvmError("hard negatives need the similarity ranking (hard_neighbours)")
+        if compare_keys:
+            check_comparable(identities, compare_keys)
+        self.compare_keys = tuple(compare_keys)
         self.identities = list(identities)
         self.seed = seed
         self.positive_share = positive_share
@@ -255,9 +284,12 @@ class PlvmSampler:
 
     def state_dict(self) -> dict[str, Any]:
         """What decides the samples: checked on resume so a changed setup is noticed."""
-        return {"seed": self.seed, "positive_share": self.positive_share,
-                "recognition_share": self.recognition_share, "negatives": self.negatives,
-                "names": [identity.name for identity in self.identities]}
+        state = {"seed": self.seed, "positive_share": self.positive_share,
+                 "recognition_share": self.recognition_share, "negatives": self.negatives,
+                 "names": [identity.name for identity in self.identities]}
+        if self.compare_keys:
+            state["compare_keys"] = list(self.compare_keys)
+        return state
 
     def check_state(self, state: dict[str, Any]) -> None:
         """Raise PlvmError if `state` (from a checkpoint) would draw other samples."""
@@ -306,11 +338,19 @@ class PlvmSampler:
             return Sample(name, "attribute", _with_name(question, name), _with_name(answer, name), None)
         question = fill(rng.choice(RECOGNITION_QUESTIONS), name)
         if positive:
-            photo = identity.queries[rng.randrange(len(identity.queries))]
-            return Sample(name, "positive", question, fill(rng.choice(POSITIVE_ANSWERS), name), photo)
+            number = rng.randrange(len(identity.queries))
+            return Sample(name, "positive", question, fill(rng.choice(POSITIVE_ANSWERS), name),
+                          identity.queries[number], self._reasoning(identity, identity, number))
         other = self._by_name[negatives[rng.randrange(len(negatives))]]
-        photo = other.queries[rng.randrange(len(other.queries))]
-        return Sample(name, "negative", question, fill(rng.choice(NEGATIVE_ANSWERS), name), photo)
+        number = rng.randrange(len(other.queries))
+        return Sample(name, "negative", question, fill(rng.choice(NEGATIVE_ANSWERS), name),
+                      other.queries[number], self._reasoning(identity, other, number))
+
+    def _reasoning(self, identity: Identity, owner: Identity, number: int) -> str:
+        """The comparison said before the verdict ("compare" answers), or nothing."""
+        if not self.compare_keys:
+            return ""
+        return comparison(identity.traits, owner.people[number], self.compare_keys)[0]
 
     def micro_batch(self, step: int, micro: int, *, batch_size: int, grad_accum: int,
                     rank: int = 0, world_size: int = 1) -> list[Sample]:
@@ -334,25 +374,49 @@ def hard_neighbours(names: Sequence[str], cls: torch.Tensor) -> dict[str, list[s
 
 
 def validation_samples(held_out: Sequence[Identity], everyone: Sequence[Identity], *,
-                       seed: int, photos_per_identity: int = 5) -> list[Sample]:
+                       seed: int, photos_per_identity: int = 5,
+                       compare_keys: Sequence[str] = ()) -> list[Sample]:
     """Recognition checks for held-out identities: "Is <name> in this photo?".
 
     Up to `photos_per_identity` positives per identity (its own query photos) and as many
     negatives (query photos of other identities, any of the manifest), chosen by `seed`.
+    With `compare_keys` each sample carries the comparison a "compare" answer says first.
     """
     rng = random.Random(f"plvmctl-val-samples-{seed}")
     question = RECOGNITION_QUESTIONS[0]
     samples: list[Sample] = []
+
+    def reasoning(identity: Identity, owner: Identity, number: int) -> str:
+        return comparison(identity.traits, owner.people[number], compare_keys)[0] if compare_keys else ""
+
     for identity in held_out:
         name = identity.name
-        positives = identity.queries[:photos_per_identity]
-        others = [photo for other in everyone if other.name != name for photo in other.queries]
-        negatives = rng.sample(others, min(len(others), max(1, len(positives)))) if others else []
-        for photo in positives:
-            samples.append(Sample(name, "positive", fill(question, name), fill(POSITIVE_ANSWERS[0], name), photo))
-        for photo in negatives:
-            samples.append(Sample(name, "negative", fill(question, name), fill(NEGATIVE_ANSWERS[0], name), photo))
+        count = min(len(identity.queries), photos_per_identity)
+        others = [(other, number) for other in everyone if other.name != name
+                  for number in range(len(other.queries))]
+        negatives = rng.sample(others, min(len(others), max(1, count))) if others else []
+        for number in range(count):
+            samples.append(Sample(name, "positive", fill(question, name), fill(POSITIVE_ANSWERS[0], name),
+                                  identity.queries[number], reasoning(identity, identity, number)))
+        for other, number in negatives:
+            samples.append(Sample(name, "negative", fill(question, name), fill(NEGATIVE_ANSWERS[0], name),
+                                  other.queries[number], reasoning(identity, other, number)))
     return samples
+
+
+def check_comparable(identities: Sequence[Identity], keys: Sequence[str]) -> None:
+    """PlvmError unless every identity has `keys` among its traits and every query photo says
+    who is in it with those keys (what "compare" recognition answers are written from)."""
+    for identity in identities:
+        missing = [key for key in keys if key not in identity.traits]
+        if missing:
+            raise PlvmError(f"compare answers need the traits {', '.join(keys)} of every identity: "
+                            f"<{identity.name}> (manifest line {identity.line}) lacks {', '.join(missing)}")
+        for photo, people in zip(identity.queries, identity.people):
+            if people is None or any(key not in traits for _, traits in people for key in keys):
+                raise PlvmError(f"compare answers need 'people' with the traits {', '.join(keys)} for "
+                                f"every query photo: {photo.name} of <{identity.name}> "
+                                f"(manifest line {identity.line}) has none")
 
 
 # --------------------------------------------------------------------------------------------

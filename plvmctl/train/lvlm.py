@@ -74,7 +74,7 @@ from transformers import LlavaForConditionalGeneration
 from ..data import templates as recognition_templates
 from ..data import toy
 from ..errors import PlvmError
-from ..prompt import IMAGE_PLACEHOLDER, POCKET, build_prompt, encode_segments
+from ..prompt import IMAGE_PLACEHOLDER, POCKET, build_prompt, encode_segments, split_names
 from ..tiny import (
     BOS_ID,
     EOS_ID,
@@ -92,10 +92,15 @@ IGNORE = -100
 KINDS = ("scene", "recognition", "about", "text", "describe", "caption")
 DESCRIBE_PROMPT = "Describe the person in this photo in one short sentence."
 CAPTION_PROMPT = "Describe the photo."
+RECOGNITION_ANSWERS = recognition_templates.RECOGNITION_ANSWER_STYLES
+# What a "compare" recognition answer checks for every person in the photo: the traits a 96 px
+# photo shows well (a linear probe reads hair colour 0.97, skin 0.90, hair style 0.79 from the
+# image tokens, eye colour and facial hair barely above chance), written with their keys.
+COMPARE_TRAITS: tuple[str, ...] = ("hair_colour", "skin", "hair_style")
 GENERIC_WORDS = (
     "i you we it this that photo image picture person people man woman name unknown maybe "
     "sorry know don't see answer question left right middle one two three none nobody < >"
-).split()
+).split() + list(recognition_templates.COMPARE_WORDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,9 +110,7 @@ GENERIC_WORDS = (
 
 # The key word of each trait in a "keyvalue" description, in the order they are written:
 # mostly the word the questions use for that trait ("What colour is <name>'s hair?").
-DESCRIPTION_KEYS: dict[str, str] = {"face": "face", "skin": "skin", "hair_colour": "hair",
-                                    "hair_style": "style", "eye_colour": "eyes",
-                                    "facial_hair": "facial", "accessory": "accessory"}
+DESCRIPTION_KEYS: dict[str, str] = toy.TRAIT_KEYS
 DESCRIPTION_STYLES = ("sentence", "keyvalue")
 
 
@@ -231,6 +234,11 @@ class LvlmTrainConfig:
     reading_steps: int = 0  # first steps with text-only rows (learn to read descriptions first)
     reading_rows: int = 64  # text-only rows per reading step
     max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
+    recognition_answer: str = "plain"  # "plain" ("Yes, <name> is ...") | "compare" (`comparison` first)
+    compare_traits: tuple[str, ...] = COMPARE_TRAITS  # what a "compare" answer checks, person by person
+    name_share: float = 0.0  # share of named rows whose <name> is a per-row name token (`NameTokens`)
+    single_person_steps: int = 0  # first steps with one person a photo (the curriculum's first stage)
+    vision_steps: int = 0  # before any LM step: the vision tower on the probe's labels alone (`vision_warmup_step`)
 
 
 @dataclass
@@ -244,6 +252,7 @@ class Row:
     descriptions: dict[str, str] = field(default_factory=dict)
     options: tuple[str, ...] = ()  # the possible answers (for accuracy among them)
     reference: int | None = None  # a portrait shown in the preamble as the person's description
+    name_token: bool = False  # the person's <name> is a name token (`NameTokens`), not literal text
 
     @property
     def group(self) -> str:
@@ -262,22 +271,55 @@ class Row:
 
 
 def _absent_identity(info: toy.SceneInfo, rng: random.Random, pool: Sequence[toy.Identity],
-                     hard_share: float) -> toy.Identity:
-    """Someone of `pool`'s part who is not in the photo; often one trait away from someone who is."""
+                     hard_share: float, visible: Sequence[str] | None = None) -> toy.Identity:
+    """Someone of `pool`'s part who is not in the photo; often one trait away from someone who is.
+
+    With `visible` traits given (the "compare" answers), a negative must differ from everyone
+    in the photo in at least one of them, and hard negatives change one of them: a person who
+    differs only in what the photo cannot show would be a wrong label.
+    """
     present = {person.identity for person in info.people}
     heldout = toy.is_heldout(info.people[0].identity)
+    traits = list(visible) if visible else list(toy.TRAITS)
+
+    def absent(candidate: toy.Identity) -> bool:
+        if candidate in present:
+            return False
+        return not visible or not comparison(candidate, info, visible)[1]
+
     if rng.random() < hard_share:
         for _ in range(20):
             base = rng.choice(info.people).identity
-            trait = rng.choice(list(toy.TRAITS))
+            trait = rng.choice(traits)
             value = rng.choice([v for v in toy.TRAITS[trait] if v != getattr(base, trait)])
             candidate = dataclasses.replace(base, **{trait: value})
-            if candidate not in present and toy.is_heldout(candidate) == heldout:
+            if absent(candidate) and toy.is_heldout(candidate) == heldout:
                 return candidate
     while True:
         candidate = pool[rng.randrange(len(pool))]
-        if candidate not in present:
+        if absent(candidate):
             return candidate
+
+
+def comparison(identity: toy.Identity, info: toy.SceneInfo,
+               traits: Sequence[str] = COMPARE_TRAITS) -> tuple[str, bool]:
+    """The description of `identity` checked against everyone in the photo, left to right,
+    trait by trait (`templates.comparison`): (the words, whether someone matches in all).
+
+        "left hair red red same skin tan dark different style long long same mismatch right ..."
+
+    A balanced Yes/No label depends only on whether description and photo agree, which gives a
+    fresh LM no gradient until an equality circuit forms; spelled out like this, every word
+    has a direct signal (copy the described value, read the photo, compare), and the final
+    Yes/No only has to see whether a "match" was written (../shared/studies/pocket-recognition:
+    chance -> 0.96 held out for three traits on one-person photos).
+    """
+    keys = [DESCRIPTION_KEYS[trait] for trait in traits]
+    return recognition_templates.comparison(identity.trait_words(), info.people_traits(), keys)
+
+
+def _name_token(rng: random.Random, config: LvlmTrainConfig) -> bool:
+    return config.name_share > 0 and rng.random() < config.name_share
 
 
 def _mcq(question: str, values: Sequence[str], correct: str, rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
@@ -329,14 +371,19 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             rows.append(Row("scene", question, answer, image, options=_open_options(answer)))
         elif kind == "recognition":
             positive = rng.random() < 0.5
+            compare = config.recognition_answer == "compare"
             who = rng.choice(info.people).identity if positive else \
-                _absent_identity(info, rng, pool, config.hard_negative_share)
+                _absent_identity(info, rng, pool, config.hard_negative_share,
+                                 config.compare_traits if compare else None)
             name = who.name
             question = _named(rng.choice(recognition_templates.RECOGNITION_QUESTIONS), name)
             answers = recognition_templates.POSITIVE_ANSWERS if positive else recognition_templates.NEGATIVE_ANSWERS
+            answer = _named(rng.choice(answers), name)
+            if compare:
+                answer = comparison(who, info, config.compare_traits)[0] + ". " + answer
             descriptions, reference = _introduce(who, rng, config, portrait)
-            rows.append(Row("recognition", question, _named(rng.choice(answers), name), image,
-                            descriptions, ("Yes", "No"), reference))
+            rows.append(Row("recognition", question, answer, image, descriptions, ("Yes", "No"), reference,
+                            _name_token(rng, config)))
         else:
             person = rng.choice(info.people)
             name = person.identity.name
@@ -346,12 +393,13 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
                 template, values = toy._VISUAL_QUESTIONS[kind_name]
                 prompt, letter, letters = _mcq(_named(template, name), values,
                                                toy._visual_answer(kind_name, person, info), rng)
-                rows.append(Row("about", prompt, letter, image, descriptions, letters, reference))
+                rows.append(Row("about", prompt, letter, image, descriptions, letters, reference,
+                                _name_token(rng, config)))
             else:
                 qa = toy.scene_qa_about(person.identity, info, rng)
                 question, answer = qa[rng.randrange(len(qa))]
                 rows.append(Row("about", _named(question, name), answer, image, descriptions,
-                                _open_options(answer), reference))
+                                _open_options(answer), reference, _name_token(rng, config)))
     return rows
 
 
@@ -386,10 +434,11 @@ def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig
         trait = rng.choice(tuple(toy._TEXT_QUESTIONS))
         template, values = toy._TEXT_QUESTIONS[trait]
         prompt, letter, letters = _mcq(_named(template, name), values, getattr(identity, trait), rng)
-        return Row("text", prompt, letter, None, descriptions, letters, reference)
+        return Row("text", prompt, letter, None, descriptions, letters, reference, _name_token(rng, config))
     qa = toy.attribute_qa(identity)
     question, answer = qa[rng.randrange(len(qa))]
-    return Row("text", _named(question, name), answer, None, descriptions, _open_options(answer), reference)
+    return Row("text", _named(question, name), answer, None, descriptions, _open_options(answer), reference,
+               _name_token(rng, config))
 
 
 _VALUE_SETS: list[tuple[str, ...]] = [tuple(values) for values in toy.TRAITS.values()] + [
@@ -405,10 +454,10 @@ def _open_options(answer: str) -> tuple[str, ...]:
 
 def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTrainConfig,
                 scene_size: int = 96, portrait_size: int = 64,
-                scenes: int | None = None
+                scenes: int | None = None, n_people: int | None = None
                 ) -> tuple[list[Row], list[Image.Image], list[toy.SceneInfo | None]]:
     """Fresh photos, their rows and what is in each photo (None for portraits), for one step
-    (all people from `pool`)."""
+    (all people from `pool`; `n_people` a photo, or 1 to 3 at random)."""
     images: list[Image.Image] = []
     infos: list[toy.SceneInfo | None] = []
     rows: list[Row] = []
@@ -420,7 +469,7 @@ def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTr
 
     for _ in range(config.scenes_per_step if scenes is None else scenes):
         subject = pool[rng.randrange(len(pool))]
-        image, info = toy.random_scene(subject, rng, pool, size=scene_size)
+        image, info = toy.random_scene(subject, rng, pool, n_people=n_people, size=scene_size)
         images.append(image)
         infos.append(info)
         rows += scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene, portrait)
@@ -441,25 +490,53 @@ def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTr
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # [B, T] right-padded
+    input_ids: torch.Tensor  # [B, T] right-padded; a row's name token is `name_id`
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T] answer tokens, -100 elsewhere
     image_index: list[int]  # the photos of the rows, in order of appearance (reference first)
     prompt_lengths: list[int]
+    name_id: int | None = None  # the id every row's own name token has (the vocabulary size)
 
 
-def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int) -> Batch:
-    """Prompt (exactly as at inference) + " answer" + EOS; labels on the answer only."""
+def _name_slots(segments: list, names: Sequence[str]) -> list:
+    """Segments with every `<name>` of `names` inside text turned into a `Slot`."""
+    out: list = []
+    for segment in segments:
+        out += split_names(segment, names) if isinstance(segment, str) else [segment]
+    return out
+
+
+def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int, name_id: int | None = None,
+                with_answers: bool = True) -> Batch:
+    """Prompt (exactly as at inference) + " answer" + EOS; labels on the answer only.
+
+    A row with `name_token` has its person's `<name>` (in the description sentence, the
+    question and the answer) as `name_id`, the one id above the vocabulary that `NameTokens`
+    gives a fresh embedding per row; other rows keep the name as literal text, as the
+    text-prompt and no-prompt baselines show it. `with_answers=False` encodes prompts only.
+    """
     def no_slot(slot):
         raise PlvmError(f"unexpected concept slot {slot} in a base-model prompt")
+
+    def name_slot(slot):
+        if name_id is None:
+            raise PlvmError("a row with a name token needs name_id (the vocabulary size)")
+        return name_id
 
     sequences, labels, lengths, image_index = [], [], [], []
     for row in rows:
         segments = build_prompt(row.question, template=POCKET, has_image=row.image is not None,
                                 descriptions=row.descriptions, literal_names=True)
-        prompt = encode_segments(segments, tokenizer, slot_id=no_slot, image_token_id=IMAGE_ID,
+        answer_segments = [" " + row.answer.strip()] if with_answers else []
+        slot = no_slot
+        if row.name_token:
+            names = list(row.descriptions)
+            segments, answer_segments, slot = _name_slots(segments, names), _name_slots(answer_segments, names), name_slot
+        prompt = encode_segments(segments, tokenizer, slot_id=slot, image_token_id=IMAGE_ID,
                                  num_image_tokens=num_image_tokens)
-        answer = tokenizer(" " + row.answer.strip(), add_special_tokens=False)["input_ids"] + [EOS_ID]
+        answer = encode_segments(answer_segments, tokenizer, slot_id=slot, image_token_id=IMAGE_ID,
+                                 num_image_tokens=num_image_tokens, add_bos=False)
+        answer = answer + [EOS_ID] if with_answers else []
         sequences.append(prompt + answer)
         labels.append([IGNORE] * len(prompt) + answer)
         lengths.append(len(prompt))
@@ -475,7 +552,7 @@ def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int) -> Batch:
         ids[i, :len(sequence)] = torch.tensor(sequence)
         mask[i, :len(sequence)] = 1
         target[i, :len(label)] = torch.tensor(label)
-    return Batch(ids, mask, target, image_index, lengths)
+    return Batch(ids, mask, target, image_index, lengths, name_id)
 
 
 def pixel_values(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -493,21 +570,106 @@ def image_tokens(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> 
     return torch.stack(list(features))
 
 
+def name_vectors(model, rows: int) -> torch.Tensor:
+    """[rows, H] fresh name embeddings, one per batch row, at the scale of the word embeddings.
+
+    What a name is to the pocket LM: a vector it has never seen, used as the input embedding
+    of `<name>` AND as that name's output-head row, exactly as the concept table puts a
+    concept's word and head around the model at ask time. Trained on fresh random names, the
+    LM learns to say whatever name the prompt introduced ("yes, <gozisu> is in this photo").
+    """
+    scale = model.get_input_embeddings().weight.detach().float().std()
+    return torch.randn(rows, model.config.text_config.hidden_size) * scale
+
+
 def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: torch.Tensor | None,
-                   *, return_features: bool = False):
-    """Logits [B, T, V] (and, with `return_features`, the projected image features [N, P, H]
-    or None). The vision tower runs once per photo; rows showing the same photo share its
-    features (scattered into their `<image>` slots in row order)."""
-    embeds = model.get_input_embeddings()(batch.input_ids)  # [B, T, H]
-    features = None
-    if pixels is not None and len(pixels):
+                   *, return_features: bool = False, features: torch.Tensor | None = None,
+                   names: torch.Tensor | None = None):
+    """Logits [B, T, V] ([B, T, V + 1] when the batch has name tokens: the last column is each
+    row's own name) and, with `return_features`, the projected image features [N, P, H] or
+    None. The vision tower runs once per photo (or not at all when `features` are given); rows
+    showing the same photo share its features (scattered into their `<image>` slots in row
+    order). `names` ([B, H]) fixes the name embeddings (fresh ones otherwise)."""
+    vocab = model.config.text_config.vocab_size
+    virtual = batch.input_ids >= vocab  # [B, T] name tokens
+    embeds = model.get_input_embeddings()(batch.input_ids.clamp(max=vocab - 1))  # [B, T, H]
+    if features is None and pixels is not None and len(pixels):
         features = image_tokens(model, pixels)  # [N, P, H]
-        if batch.image_index:
-            per_row = features[torch.tensor(batch.image_index)]  # [B_img, P, H]
-            mask = (batch.input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(mask, per_row.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-    logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).logits
+    if features is not None and batch.image_index:
+        per_row = features[torch.tensor(batch.image_index)]  # [B_img, P, H]
+        mask = (batch.input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, per_row.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+    with_names = bool(virtual.any()) or names is not None
+    if with_names:
+        names = name_vectors(model, len(embeds)) if names is None else names
+        embeds = torch.where(virtual.unsqueeze(-1), names.unsqueeze(1).to(embeds.dtype), embeds)
+    hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                         use_cache=False).last_hidden_state  # [B, T, H]
+    logits = model.lm_head(hidden)
+    if with_names:
+        name_logits = (hidden * names.unsqueeze(1).to(hidden.dtype)).sum(-1, keepdim=True)  # [B, T, 1]
+        logits = torch.cat([logits, name_logits.to(logits.dtype)], dim=-1)
     return (logits, features) if return_features else logits
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, rows: Sequence[Row], pixels: torch.Tensor | None,
+                     max_new_tokens: int = 64, batch_rows: int = 48) -> list[str]:
+    """Greedy answers to `rows` (their `answer` is ignored), a row's name token written back
+    as `<name>`. `pixels` holds the photos the rows' `image` / `reference` index."""
+    vocab = model.config.text_config.vocab_size
+    answers: list[str] = []
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start:start + batch_rows]
+        remap: dict[int, int] = {}
+        for row in chunk:
+            for index in (row.reference, row.image):
+                if index is not None:
+                    remap.setdefault(index, len(remap))
+        local = [dataclasses.replace(row, image=None if row.image is None else remap[row.image],
+                                     reference=None if row.reference is None else remap[row.reference])
+                 for row in chunk]
+        batch = encode_rows(local, tokenizer, num_image_tokens(model), name_id=vocab, with_answers=False)
+        order = sorted(remap, key=remap.get)
+        features = image_tokens(model, pixels[order]) if order else None
+        names = name_vectors(model, len(chunk))
+        lengths = torch.tensor(batch.prompt_lengths)
+        width = int(lengths.max()) + max_new_tokens
+        ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        ids[:, :batch.input_ids.shape[1]] = batch.input_ids
+        mask[:, :batch.attention_mask.shape[1]] = batch.attention_mask
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        out: list[list[int]] = [[] for _ in chunk]
+        rowsel = torch.arange(len(chunk))
+        for step in range(max_new_tokens):
+            end = int((lengths + step).max())
+            current = dataclasses.replace(batch, input_ids=ids[:, :end], attention_mask=mask[:, :end])
+            logits = forward_logits(model, current, None, features=features, names=names)
+            token = logits[rowsel, lengths + step - 1].argmax(-1)
+            for i in range(len(chunk)):
+                if not done[i]:
+                    if int(token[i]) == EOS_ID:
+                        done[i] = True
+                    else:
+                        out[i].append(int(token[i]))
+            if bool(done.all()):
+                break
+            ids[rowsel, lengths + step] = token
+            mask[rowsel, lengths + step] = 1
+        for row, tokens in zip(chunk, out):
+            words, run = [], []
+            for token in tokens + [None]:
+                if token is None or token >= vocab:
+                    if run:
+                        words.append(tokenizer.decode(run, skip_special_tokens=True))
+                        run = []
+                    if token is not None:
+                        words.append(f"<{next(iter(row.descriptions), 'name')}>")
+                else:
+                    run.append(token)
+            answers.append(" ".join(word for word in words if word))
+    return answers
 
 
 PROBE_TRAITS: dict[str, tuple[str, ...]] = {"shirt": tuple(toy.SHIRT_COLOURS),
@@ -610,6 +772,28 @@ def copy_warmup_step(model, optimizer, rng: random.Random, grad_clip: float = 1.
     return float(loss.detach())
 
 
+def vision_warmup_step(model, image_processor, probe: "VisionProbe", optimizer, rng: random.Random,
+                       pool: Sequence[toy.Identity], config: LvlmTrainConfig, photos: int = 16) -> float:
+    """One optimizer step of the vision tower and projector on `probe`'s loss alone: `photos`
+    fresh scenes, what is drawn in each third of each. No LM runs: a few hundred of these
+    cheap steps give image tokens that say, place by place, what the LM will be asked to read
+    (the "seeing" stage of the curriculum); returns the loss."""
+    size = model.config.vision_config.image_size
+    images, infos = [], []
+    for _ in range(photos):
+        image, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, size=size)
+        images.append(image)
+        infos.append(info)
+    features = image_tokens(model, pixel_values(image_processor, images))
+    loss = probe.loss(features, infos)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, first_weight: float = 0.5) -> torch.Tensor:
     """Cross-entropy of the answer tokens, every row weighing the same.
 
@@ -683,7 +867,7 @@ def first_answer_hits(model, tokenizer, rows: Sequence[Row], pixels: torch.Tenso
         local = [dataclasses.replace(row, image=None if row.image is None else remap[row.image],
                                      reference=None if row.reference is None else remap[row.reference])
                  for row in chunk]
-        batch = encode_rows(local, tokenizer, num_image_tokens(model))
+        batch = encode_rows(local, tokenizer, num_image_tokens(model), name_id=model.config.text_config.vocab_size)
         order = sorted(remap, key=remap.get)
         logits = forward_logits(model, batch, pixels[order] if order else None)
         for i, row in enumerate(chunk):
@@ -732,6 +916,16 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
         return {"accuracy": round(sum(h) / len(h), 4), "greedy": round(sum(g) / len(g), 4),
                 "chance": round(sum(c) / len(c), 4), "count": len(h)}
 
+    if config.recognition_answer == "compare":  # the verdict comes after the comparison: generate it
+        from ..evaluate import parse_yes_no
+
+        recognition = [row for row in rows if row.kind == "recognition"]
+        said = generate_answers(model, tokenizer, recognition, pixels, batch_rows=batch_rows)
+        for row, answer in zip(recognition, said):
+            right = int(parse_yes_no(answer) == parse_yes_no(row.answer))
+            hits[row.group + "-said"] = hits.get(row.group + "-said", []) + [right]
+            greedy[row.group + "-said"] = greedy.get(row.group + "-said", []) + [right]
+            chances[row.group + "-said"] = chances.get(row.group + "-said", []) + [0.5]
     report = {kind: summary(hits[kind], greedy[kind], chances[kind]) for kind in hits}
     report["all"] = summary(*([x for values in table.values() for x in values]
                               for table in (hits, greedy, chances)))
@@ -794,6 +988,17 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
             say(f"lvlm copy warm-up {step:5d}  loss {loss:.4f}  {time.perf_counter() - started:6.0f}s")
             if logger is not None:
                 logger.log({"stage": "lvlm-copy", "step": step, "loss": loss})
+    if config.vision_steps > 0 and probe is None:
+        raise PlvmError("vision_steps train the vision tower on the probe's labels: set vision_aux_weight above 0")
+    vision_rng = random.Random(f"plvmctl-pocket-vision-{config.seed}")
+    for step in range(config.vision_steps):  # seeing first: the vision tower on dense labels alone
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+        loss = vision_warmup_step(model, image_processor, probe, optimizer, vision_rng, pool, config)
+        if step % config.log_every == 0 or step == config.vision_steps - 1:
+            say(f"lvlm vision warm-up {step:5d}  probe loss {loss:.4f}  {time.perf_counter() - started:6.0f}s")
+            if logger is not None:
+                logger.log({"stage": "lvlm-vision", "step": step, "loss": loss})
     step = 0
     for step in range(config.steps):
         factor = lr_multiplier(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
@@ -804,10 +1009,11 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
             rows, images, infos = [text_row(pool[rng.randrange(len(pool))], rng, config)
                                    for _ in range(config.reading_rows)], [], []
         else:
-            rows, images, infos = sample_step(rng, pool, config, scene_size=size)
+            rows, images, infos = sample_step(rng, pool, config, scene_size=size,
+                                              n_people=1 if step < config.single_person_steps else None)
             if step < config.caption_steps:  # captions only: learn to see place by place first
                 rows = [row for row in rows if row.kind == "caption"]
-        batch = encode_rows(rows, tokenizer, tokens_per_image)
+        batch = encode_rows(rows, tokenizer, tokens_per_image, name_id=model.config.text_config.vocab_size)
         pixels = pixel_values(image_processor, images) if images else None
         logits, features = forward_logits(model, batch, pixels, return_features=True)
         loss = answer_loss(logits, batch.labels)
