@@ -28,7 +28,7 @@ test-slow: install
 
 # The main job, offline: the pocket model encodes references and answers questions.
 demo: install
-	$(PYTHON) -m plvmctl.demo
+	$(PYTHON) -m plvmctl.lab.demo
 
 # The paper's protocol. Default: pocket model on a toy test set of held-out identities.
 #   make eval TESTSET=../shared/testsets/plvm-val RECIPE=llava15-7b   (real model, GPU)
@@ -42,7 +42,7 @@ eval: install $(if $(filter runs/toy-testset,$(TESTSET)),$(TESTSET)/validation_r
 # identities plus the w and k ablations, every number measured by the run (~20 min, 2 cores).
 # Reruns reuse runs/results (finished steps are skipped); RESULTS_ARGS adds options.
 results: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m plvmctl.results $(RESULTS_ARGS)
+	OMP_NUM_THREADS=1 $(PYTHON) -m plvmctl.lab.results $(RESULTS_ARGS)
 
 bench: install
 	$(PYTHON) bench/ask.py --recipe tiny
@@ -50,10 +50,10 @@ bench: install
 
 # Retrain the whole pocket model from scratch (about 30 minutes on 2 CPU cores).
 pocket: install
-	$(PYTHON) -m plvmctl.pocket --out plvmctl/assets/pocket
+	$(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket
 
 pocket-smoke: install
-	$(PYTHON) -m plvmctl.pocket --out runs/pocket-smoke --smoke
+	$(PYTHON) -m plvmctl.lab.pocket --out runs/pocket-smoke --smoke
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

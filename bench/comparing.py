@@ -23,11 +23,11 @@ import random
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from plvmctl.data import toy
+from plvmctl.lab import toy
 from plvmctl.evaluate import parse_yes_no
-from plvmctl.pocket import ASSETS
+from plvmctl.lab.pocket import ASSETS
 from plvmctl.tiny import clip_image_processor
-from plvmctl.train import lvlm
+from plvmctl.lab import lvlm
 
 
 def score(rows: list[lvlm.Row], infos: list, said: list[str], traits: tuple[str, ...]) -> dict:

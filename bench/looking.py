@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from plvmctl.data import toy
+from plvmctl.lab import toy
 from plvmctl.tiny import clip_image_processor
-from plvmctl.train import lvlm
+from plvmctl.lab import lvlm
 
 COMMITTED = Path(__file__).resolve().parents[1] / "plvmctl" / "assets" / "pocket" / "backbone"
 _MASK = re.compile(r"\b(" + "|".join(sorted({*toy.HAIR_COLOURS, *toy.SHIRT_COLOURS, *toy.BACKGROUND_COLOURS},

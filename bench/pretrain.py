@@ -10,7 +10,7 @@ settings of `make pocket`) for --steps and measure it on held-out people along t
                                           # dense place-by-place captions, first alone (a seeing warm-up)
 
 Prints one JSON object per measurement: first-answer-token accuracy per row kind on fresh
-photos of held-out identities (plvmctl.train.lvlm.measure; "-ref" kinds introduce the person
+photos of held-out identities (plvmctl.lab.lvlm.measure; "-ref" kinds introduce the person
 with a reference portrait instead of a description), with the chance level of each kind.
 """
 
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from plvmctl.pocket import profile
-from plvmctl.train import lvlm
+from plvmctl.lab.pocket import profile
+from plvmctl.lab import lvlm
 
 
 def main() -> None:

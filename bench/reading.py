@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from plvmctl.data import toy
-from plvmctl.train import lvlm
+from plvmctl.lab import toy
+from plvmctl.lab import lvlm
 
 
 def make_row(identity: toy.Identity, rng: random.Random, questions: str, describe) -> lvlm.Row:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from plvmctl.data import toy
+from plvmctl.lab import toy
 from plvmctl.recipe import load_recipe
 from plvmctl.runtime import load_runtime
 from plvmctl.train.yollava import (

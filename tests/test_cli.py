@@ -150,3 +150,16 @@ def test_ask_sampling_flags_are_seeded(cli, photos):
     first = cli("ask", photos["plain1.png"], "Is <avril> here?", "--sample", "--temperature", "1.5", "--seed", "3")
     second = cli("ask", photos["plain1.png"], "Is <avril> here?", "--sample", "--temperature", "1.5", "--seed", "3")
     assert first.exit_code == 0 and first.output == second.output
+
+
+def test_the_product_never_imports_the_laboratory():
+    """plvmctl.lab (toy world, pocket build, results, demo) stays apart: loading the CLI, the
+    engine, the trainers and the evaluation leaves it unimported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, plvmctl.cli, plvmctl.engine, plvmctl.evaluate, plvmctl.methods, plvmctl.train, "
+            "plvmctl.train.yollava, plvmctl.retrieval; "
+            "print(sorted(m for m in sys.modules if m.startswith('plvmctl.lab')))")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"

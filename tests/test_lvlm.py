@@ -1,4 +1,4 @@
-"""Pretraining rows of the pocket base LVLM (plvmctl.train.lvlm): prompts exactly as at
+"""Pretraining rows of the pocket base LVLM (plvmctl.lab.lvlm): prompts exactly as at
 inference, answers as the only labels, reference portraits in the description's place."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import random
 import pytest
 import torch
 
-from plvmctl.data import toy
+from plvmctl.lab import toy
 from plvmctl.errors import PlvmError
 from plvmctl.prompt import POCKET, build_prompt, encode_segments
 from plvmctl.tiny import IMAGE_ID
-from plvmctl.train import lvlm
+from plvmctl.lab import lvlm
 
 SIZES = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
                        vision_layers=1)

@@ -13,9 +13,9 @@ import random
 import pytest
 import torch
 
-from plvmctl.data import toy
+from plvmctl.lab import toy
 from plvmctl.evaluate import parse_yes_no
-from plvmctl.pocket import ASSETS, CARD_FILE, MAX_BYTES, folder_bytes
+from plvmctl.lab.pocket import ASSETS, CARD_FILE, MAX_BYTES, folder_bytes
 
 pytestmark = pytest.mark.skipif(
     not (ASSETS / "backbone" / "config.json").is_file(),

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from plvmctl.pocket import CARD_FILE, MAX_BYTES, build_pocket, folder_bytes
+from plvmctl.lab.pocket import CARD_FILE, MAX_BYTES, build_pocket, folder_bytes
 
 
 @pytest.mark.slow

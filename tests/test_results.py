@@ -1,4 +1,4 @@
-"""`python -m plvmctl.results`: what docs/results.md says, what it trains, how it refuses.
+"""`python -m plvmctl.lab.results`: what docs/results.md says, what it trains, how it refuses.
 
 The fast tests build the document from synthetic evaluation results (no model runs); the one
 slow test runs the whole command at toy size and reads the file it wrote.
@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from plvmctl.errors import PlvmError
-from plvmctl.pocket import profile
+from plvmctl.lab.pocket import profile
 from plvmctl.recipe import load_recipe
-from plvmctl.results import (
+from plvmctl.lab.results import (
     AblationRun,
     Options,
     StepRecord,
@@ -161,7 +161,7 @@ def test_command_machine_and_step_times_are_recorded():
     options = Options(out_dir=Path("runs/r"), doc=Path("docs/r.md"), aligner_steps=50,
                       skip_yollava=True)
     markdown = render_results_markdown(summary(options))
-    assert ("OMP_NUM_THREADS=1 python -m plvmctl.results --out-dir runs/r --doc docs/r.md "
+    assert ("OMP_NUM_THREADS=1 python -m plvmctl.lab.results --out-dir runs/r --doc docs/r.md "
             "--testset runs/toy-testset --identities 40 --neg-per-identity 30 "
             "--aligner-steps 50 --threads 1 --skip-yollava") in markdown
     assert "torch 9.9.9 with 1 thread(s)" in markdown and "2 CPU cores" in markdown

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from plvmctl.cli.toy import toy
 from plvmctl.data import templates
-from plvmctl.data.toy import (
+from plvmctl.lab.toy import (
     EXPRESSIONS,
     POSITIONS,
     TRAITS,
@@ -87,7 +87,7 @@ def test_split_is_a_stable_hash_of_the_id_not_seeded_and_not_python_hash():
         assert is_heldout(identity) == (bucket < 20)
     # Another interpreter with another string-hash salt computes the very same split.
     code = (
-        "import hashlib; from plvmctl.data.toy import heldout_identities as h; "
+        "import hashlib; from plvmctl.lab.toy import heldout_identities as h; "
         "print(hashlib.sha256(','.join(i.identity_id for i in h()).encode()).hexdigest())"
     )
     other = subprocess.run(

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from plvmctl.concept import Concept, ConceptStore
-from plvmctl.data import toy
+from plvmctl.lab import toy
 from plvmctl.engine import AskRequest, Engine
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
@@ -461,7 +461,7 @@ POCKET = Path(__file__).resolve().parents[1] / "plvmctl" / "assets" / "pocket"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not POCKET.is_dir(), reason="needs the pocket model (python -m plvmctl.pocket)")
+@pytest.mark.skipif(not POCKET.is_dir(), reason="needs the pocket model (python -m plvmctl.lab.pocket)")
 @pytest.mark.xfail(strict=False, reason="the committed pocket base model does not use what its prompt "
                    "says about a person: its LM cannot pick a person out of a photo (bench/looking.py: "
                    "0.57 among others vs 0.84 alone); docs/results.md: Yo'LLaVA recognition mean 52.3 "

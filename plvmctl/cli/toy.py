@@ -50,7 +50,7 @@ def generate(out: Path, seed: int, n_identities: int, photos: int, scene_size: i
     manifest.jsonl           one identity a line: photos, what is in them, attribute Q&As
     scene_qa.jsonl           generic scene questions for pretraining a base model
     """
-    from ..data.toy import generate_training_data
+    from ..lab.toy import generate_training_data
 
     _prepare_out(out, force)
     manifest = generate_training_data(out, n_identities, photos, seed, scene_size=scene_size, portrait_size=portrait_size)
@@ -77,7 +77,7 @@ def testset(out: Path, n_identities: int, seed: int, queries: int, scene_size: i
     validation_recognition/non_query_ques.json   text-only multiple choice
     README.md, toy_world.json                    provenance and the truth of every photo
     """
-    from ..data.toy import write_testset
+    from ..lab.toy import write_testset
 
     _prepare_out(out, force)
     folder = write_testset(out, n_identities, seed, queries_per_identity=queries, scene_size=scene_size, portrait_size=portrait_size)

@@ -1,1 +1,1 @@
-"""Training and evaluation data: the procedural toy world and shared Q&A templates."""
+"""Shared Q&A templates of the trainers and the evaluation (the toy world is in `plvmctl.lab.toy`)."""

@@ -1,6 +1,6 @@
 """docs/results.md from one command: the main table and two ablations, measured, never typed.
 
-    python -m plvmctl.results [--out-dir runs/results] [--doc docs/results.md] ...   (make results)
+    python -m plvmctl.lab.results [--out-dir runs/results] [--doc docs/results.md] ...   (make results)
 
 Steps (each one's outputs stay under --out-dir, so a repeated run skips what is finished):
 
@@ -10,7 +10,7 @@ Steps (each one's outputs stay under --out-dir, so a repeated run skips what is 
                   it (as `make eval`: sampled negatives, option-letter likelihood for MCQ)
     data          the toy training data `make pocket` trains its Aligner on (same profile)
     train-wW-kK   an Aligner trained exactly as the pocket one (profile "full", stage 5 of
-                  plvmctl.pocket) except for the Yes/No weight w or the context tokens k:
+                  plvmctl.lab.pocket) except for the Yes/No weight w or the context tokens k:
                   w in {1, 20} at k = 16 and k in {4, 8, 16} at w = 20 (4 trainings: the
                   w = 20, k = 16 one serves both ablations)
     eval-wW-kK    `eval --method plvm` with that Aligner (aligner.path / aligner.num_context)
@@ -41,10 +41,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import click
 
-from .errors import PlvmError
-from .evaluate import method_row as evaluated_row
-from .fileio import sha256_file, write_json_atomic, write_text_atomic
-from .methods import DESCRIPTION_MAX_NEW_TOKENS
+from ..errors import PlvmError
+from ..evaluate import method_row as evaluated_row
+from ..fileio import sha256_file, write_json_atomic, write_text_atomic
+from ..methods import DESCRIPTION_MAX_NEW_TOKENS
 
 RECIPE = "pocket"
 DEVICE = "cpu"  # the pocket model is made for a CPU; its timings are CPU timings
@@ -95,7 +95,7 @@ def ablation_plan() -> list[AblationRun]:
 
 
 def pocket_aligner_settings() -> dict[str, Any]:
-    """The pocket model's Aligner settings (`profile("full")` of plvmctl.pocket)."""
+    """The pocket model's Aligner settings (`profile("full")` of plvmctl.lab.pocket)."""
     from .pocket import profile
 
     full = profile("full")
@@ -108,7 +108,7 @@ def pocket_aligner_settings() -> dict[str, Any]:
 
 def aligner_train_config(run: AblationRun, settings: Mapping[str, Any], manifest: str | Path,
                          out: str | Path):
-    """Stage 5 of `build_pocket` (`plvmctl.pocket.aligner_train_config`) with the run's Yes/No
+    """Stage 5 of `build_pocket` (`plvmctl.lab.pocket.aligner_train_config`) with the run's Yes/No
     weight and `settings`' step count.
 
     k is not a training setting: a new Aligner takes it from the recipe's aligner.num_context
@@ -138,7 +138,7 @@ def evaluation_overrides(run: AblationRun, aligner_dir: str | Path) -> list[str]
 
 @dataclass
 class Options:
-    """What one `python -m plvmctl.results` run does (the command line, checked)."""
+    """What one `python -m plvmctl.lab.results` run does (the command line, checked)."""
 
     out_dir: Path = Path(DEFAULTS["out_dir"])
     doc: Path = Path(DEFAULTS["doc"])
@@ -177,7 +177,7 @@ class Options:
 
     def command(self) -> str:
         """The command line that repeats this run exactly (every value spelt out)."""
-        words = ["OMP_NUM_THREADS=" + str(self.threads), "python", "-m", "plvmctl.results",
+        words = ["OMP_NUM_THREADS=" + str(self.threads), "python", "-m", "plvmctl.lab.results",
                  "--out-dir", str(self.out_dir), "--doc", str(self.doc),
                  "--testset", str(self.testset), "--identities", str(self.identities),
                  "--neg-per-identity", str(self.neg_per_identity)]
@@ -267,7 +267,7 @@ def _file_identity(path: str | Path) -> str:
 
 def _model_identity(recipe) -> dict[str, str]:
     """What makes answers comparable: the weights of the backbone and of the encoder."""
-    from .runtime import resolve_recipe_path
+    from ..runtime import resolve_recipe_path
 
     return {"backbone": _file_identity(resolve_recipe_path(recipe, recipe.model.source)),
             "encoder": _file_identity(resolve_recipe_path(recipe, recipe.encoder.source))}
@@ -275,7 +275,7 @@ def _model_identity(recipe) -> dict[str, str]:
 
 def _toy_identity_count(testset: Path) -> int | None:
     """How many identities a toy test set was written with (None: not a toy set)."""
-    from .data.toy import TESTSET_SIDECAR
+    from .toy import TESTSET_SIDECAR
 
     sidecar = testset / TESTSET_SIDECAR
     if not sidecar.is_file():
@@ -292,8 +292,8 @@ def ensure_testset(options: Options, steps: StepRunner) -> StepRecord:
     An existing test set is used as it is; a toy one must have --identities identities, so a
     table never silently reports a different set than the command line says.
     """
-    from .data.toy import write_testset
-    from .evaluate import SET_FOLDER
+    from .toy import write_testset
+    from ..evaluate import SET_FOLDER
 
     folder = options.testset
     if (folder / SET_FOLDER).is_dir():
@@ -331,8 +331,8 @@ def _evaluated(folder: Path, methods: Sequence[str]) -> bool:
 def evaluate_step(name: str, options: Options, overrides: list[str], methods: list[str],
                   folder: Path, steps: StepRunner) -> dict[str, Any]:
     """`plvmctl --recipe pocket [--set ...] eval` into `folder`; its results dict."""
-    from .evaluate import load_testset, run_evaluation
-    from .recipe import load_recipe
+    from ..evaluate import load_testset, run_evaluation
+    from ..recipe import load_recipe
 
     recipe = load_recipe(RECIPE, overrides)
     testset = load_testset(options.testset)
@@ -341,12 +341,12 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
                 "neg_per_identity": options.neg_per_identity, "limit": options.limit,
                 "mcq": MCQ, "seed": SEED}
     if recipe.aligner.path:
-        from .runtime import resolve_recipe_path
+        from ..runtime import resolve_recipe_path
 
         settings["aligner"] = _file_identity(resolve_recipe_path(recipe, recipe.aligner.path))
 
     def work() -> None:
-        from .runtime import load_runtime
+        from ..runtime import load_runtime
 
         runtime = load_runtime(recipe, device=DEVICE)
         run_evaluation(runtime, testset, methods, folder, limit=options.limit,
@@ -360,7 +360,7 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
 def training_data_step(options: Options, settings: Mapping[str, Any], folder: Path,
                        steps: StepRunner) -> Path:
     """The toy training data of `build_pocket` (same identities, photos and seed)."""
-    from .data.toy import generate_training_data
+    from .toy import generate_training_data
 
     manifest = folder / "manifest.jsonl"
     wanted = {"identities": settings["identities"], "photos": settings["photos"],
@@ -378,9 +378,9 @@ def train_step(run: AblationRun, settings: Mapping[str, Any], manifest: Path, fo
                steps: StepRunner) -> dict[str, Any]:
     """Train the run's Aligner into `folder` (resumed from its checkpoint when interrupted);
     return its run.json (steps, final loss, seconds, validation)."""
-    from .recipe import load_recipe
-    from .train.aligner import ALIGNER_DIR, RUN_FILE
-    from .train.common import find_checkpoint
+    from ..recipe import load_recipe
+    from ..train.aligner import ALIGNER_DIR, RUN_FILE
+    from ..train.common import find_checkpoint
 
     recipe = load_recipe(RECIPE, training_overrides(run))
     config = aligner_train_config(run, settings, manifest, folder)
@@ -395,9 +395,9 @@ def train_step(run: AblationRun, settings: Mapping[str, Any], manifest: Path, fo
         return (folder / RUN_FILE).is_file() and weights.is_file()
 
     def work() -> None:
-        from .runtime import load_runtime
-        from .train.aligner import train_aligner
-        from .train.common import TrainingInterrupted
+        from ..runtime import load_runtime
+        from ..train.aligner import train_aligner
+        from ..train.common import TrainingInterrupted
 
         resume = find_checkpoint(folder) is not None
         if not resume and folder.exists():
@@ -437,8 +437,8 @@ def method_row(results: Mapping[str, Any], method: str) -> dict[str, Any]:
 
 def yollava_negatives() -> str:
     """Where `eval --method yollava` takes each concept's negative photos from (the recipe)."""
-    from .recipe import load_recipe
-    from .train.yollava import YollavaConfig
+    from ..recipe import load_recipe
+    from ..train.yollava import YollavaConfig
 
     config = load_recipe(RECIPE).section("yollava", YollavaConfig)
     if config.index:
@@ -557,7 +557,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
     lines = [
         "# Results: the pocket model on held-out identities",
         "",
-        "Written by `python -m plvmctl.results` (`make results`); every number below comes from "
+        "Written by `python -m plvmctl.lab.results` (`make results`); every number below comes from "
         "that run. Do not edit by hand: run the command again.",
         "",
     ]
@@ -628,7 +628,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
             steps += f" (--aligner-steps; the profile has {training.get('profile_steps')})"
         lines += [
             "Each row is an Aligner trained from scratch exactly as the pocket model's "
-            f"(`plvmctl.pocket` profile \"full\": {steps}, batch {training.get('batch_size')}, "
+            f"(`plvmctl.lab.pocket` profile \"full\": {steps}, batch {training.get('batch_size')}, "
             f"lr {training.get('lr')}, {training.get('identities')} training identities × "
             f"{training.get('photos')} photos, seed {training.get('seed')}) except for the one "
             "setting varied, then evaluated as `plvm` above. The w = 20, k = 16 Aligner is "
@@ -704,7 +704,7 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
     """Run every step of this module's docstring; write --doc and OUT/results.json."""
     import torch
 
-    from .evaluate import load_testset
+    from ..evaluate import load_testset
 
     options.check()
     torch.set_num_threads(options.threads)
@@ -786,7 +786,7 @@ def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_ident
     \b
     Full size takes about 20 minutes on 2 CPU cores; a repeated run with the same
     --out-dir reuses every finished step. Smoke run:
-      python -m plvmctl.results --out-dir /tmp/r --doc /tmp/r.md --testset /tmp/ts \\
+      python -m plvmctl.lab.results --out-dir /tmp/r --doc /tmp/r.md --testset /tmp/ts \\
           --identities 4 --aligner-steps 5 --skip-yollava
     """
     options = Options(out_dir=out_dir, doc=doc, testset=testset, identities=identities,

@@ -72,7 +72,7 @@ from tokenizers import pre_tokenizers
 from transformers import LlavaForConditionalGeneration
 
 from ..data import templates as recognition_templates
-from ..data import toy
+from . import toy
 from ..errors import PlvmError
 from ..prompt import IMAGE_PLACEHOLDER, POCKET, build_prompt, encode_segments, split_names
 from ..tiny import (
@@ -86,7 +86,7 @@ from ..tiny import (
     clip_image_processor,
     tiny_llava_config,
 )
-from .common import JsonlLogger, lr_multiplier, seed_everything
+from ..train.common import JsonlLogger, lr_multiplier, seed_everything
 
 IGNORE = -100
 KINDS = ("scene", "recognition", "about", "text", "describe", "caption")

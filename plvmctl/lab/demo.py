@@ -1,6 +1,6 @@
 """The offline demo: the pocket model, two toy people, the real command line.
 
-    python -m plvmctl.demo [--out runs/demo]
+    python -m plvmctl.lab.demo [--out runs/demo]
 
 Draws two held-out identities of the toy world (never seen in any training), writes each
 one's reference portrait and two photos: one with the first person (and a stranger), one
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import click
 
-from .data import toy
-from .errors import PlvmError
+from . import toy
+from ..errors import PlvmError
 from .pocket import ASSETS
 
 

@@ -36,10 +36,10 @@ from PIL import Image, ImageOps
 from torch import nn
 from transformers import Dinov2Model
 
-from ..data import toy
+from . import toy
 from ..errors import PlvmError
 from ..tiny import dinov2_image_processor, tiny_dinov2_config
-from .common import JsonlLogger, lr_multiplier, seed_everything
+from ..train.common import JsonlLogger, lr_multiplier, seed_everything
 
 
 @dataclass

@@ -8,9 +8,9 @@ recipe loads:
     2. tokenizer  a word-level vocabulary of every word the toy world's questions, answers,
                   templates and the pocket chat template use
     3. base LVLM  a pocket LLaVA (CLIP tower + Llama LM) pretrained from scratch on fresh toy
-                  photos with generic questions (plvmctl.train.lvlm), then frozen
+                  photos with generic questions (plvmctl.lab.lvlm), then frozen
     4. encoder    a tiny DINOv2 pretrained on training-part portraits with a supervised
-                  contrastive loss (plvmctl.train.encoder), then frozen
+                  contrastive loss (plvmctl.lab.encoder), then frozen
     5. Aligner    PLVM's Aligner (paper layout, k = 16) trained with the weighted Yes/No loss
                   (w = 20, p = 0.6) by plvmctl.train.aligner, base and encoder frozen
     6. write      OUT/backbone (HF LLaVA folder), OUT/encoder (HF Dinov2Model folder),
@@ -19,8 +19,8 @@ recipe loads:
 The folder is assembled next to OUT and renamed into place, so OUT is either the old
 checkpoint or the new one, never half of each. Every stage prints its wall time.
 
-    python -m plvmctl.pocket --out plvmctl/assets/pocket          # full (<= ~30 min, 2 cores)
-    python -m plvmctl.pocket --out /tmp/pocket-smoke --smoke      # reduced (~3 min)
+    python -m plvmctl.lab.pocket --out plvmctl/assets/pocket          # full (<= ~30 min, 2 cores)
+    python -m plvmctl.lab.pocket --out /tmp/pocket-smoke --smoke      # reduced (~3 min)
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ from typing import Any, Callable
 import click
 import torch
 
-from .errors import PlvmError
-from .fileio import replace_folder, write_json_atomic
-from .train.encoder import EncoderSizes, EncoderTrainConfig
-from .train.lvlm import DESCRIPTION_KEYS, LvlmSizes, LvlmTrainConfig
+from ..errors import PlvmError
+from ..fileio import replace_folder, write_json_atomic
+from .encoder import EncoderSizes, EncoderTrainConfig
+from .lvlm import DESCRIPTION_KEYS, LvlmSizes, LvlmTrainConfig
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "pocket"
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "pocket"
 MAX_BYTES = 20 * 1024 * 1024
 CARD_FILE = "card.json"
 
@@ -98,7 +98,7 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
     `make results` trains its ablation Aligners with this too, changing only the Yes/No
     weight (and k, which comes from the recipe), so the ablations are the pocket recipe's.
     """
-    from .train.aligner import TrainConfig
+    from ..train.aligner import TrainConfig
 
     steps = settings.aligner_steps if steps is None else steps
     keys = [DESCRIPTION_KEYS[trait] for trait in settings.lvlm.compare_traits]
@@ -125,7 +125,7 @@ def _make_readable(folder: Path) -> None:
 
 
 def _stage_recipe(backbone_dir: Path, encoder_dir: Path, aligner_dir: Path | None, num_context: int):
-    from .recipe import recipe_from_dict
+    from ..recipe import recipe_from_dict
 
     data: dict[str, Any] = {
         "model": {"source": str(backbone_dir.resolve()), "template": "pocket", "dtype": "float32"},
@@ -148,14 +148,14 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     one thread is the default because these models are so small that a second thread mostly
     adds synchronisation, and on a shared machine it made every step several times slower.
     """
-    from .aligner import load_aligner, save_aligner
-    from .backbone import Backbone, save_backbone
-    from .data.toy import generate_training_data
-    from .runtime import load_runtime
-    from .train.aligner import train_aligner
-    from .train.common import JsonlLogger
-    from .train.encoder import build_pocket_dinov2, measure_retrieval, train_encoder
-    from .train.lvlm import build_pocket_llava, collect_vocabulary, measure, train_lvlm
+    from ..aligner import load_aligner, save_aligner
+    from ..backbone import Backbone, save_backbone
+    from .toy import generate_training_data
+    from ..runtime import load_runtime
+    from ..train.aligner import train_aligner
+    from ..train.common import JsonlLogger
+    from .encoder import build_pocket_dinov2, measure_retrieval, train_encoder
+    from .lvlm import build_pocket_llava, collect_vocabulary, measure, train_lvlm
 
     say = echo or (lambda message: None)
     if threads is not None:
@@ -245,7 +245,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         save_aligner(aligner, staging / "aligner")
         card.update({
             "what": "pocket PLVM stack for the toy world: base LLaVA, reference DINOv2 and Aligner "
-                    "trained from scratch by `python -m plvmctl.pocket`",
+                    "trained from scratch by `python -m plvmctl.lab.pocket`",
             "settings": _jsonable(dataclasses.asdict(settings)),
             "vocabulary_size": len(tokenizer),
             "parameters": {
