@@ -64,6 +64,31 @@ def score(rows: list[lvlm.Row], infos: list, said: list[str], traits: tuple[str,
     return result
 
 
+def compared(model, tokenizer, processor, *, scenes: int = 80, seed: int = 1, name_share: float = 0.5,
+             examples: int = 2) -> dict:
+    """`score` of the answers `model` generates to fresh recognition rows about held-out people."""
+    config = lvlm.LvlmTrainConfig(recognition_answer="compare", description="keyvalue", scene_share=0.0,
+                                  about_share=0.0, recognition_share=1.0, rows_per_scene=2,
+                                  name_share=name_share)
+    rng = random.Random(f"bench-comparing-{seed}")
+    pool = toy.heldout_identities()
+    rows, images, row_infos = [], [], []
+    for _ in range(scenes):
+        image, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool,
+                                       size=model.config.vision_config.image_size)
+        images.append(image)
+        for row in lvlm.scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene):
+            rows.append(row)
+            row_infos.append(info)
+    was_training = model.training
+    model.eval()
+    said = lvlm.generate_answers(model, tokenizer, rows, lvlm.pixel_values(processor, images))
+    model.train(was_training)
+    report = score(rows, row_infos, said, config.compare_traits)
+    report["examples"] = [{"said": s, "truth": r.answer} for r, s in list(zip(rows, said))[:examples]]
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default=str(ASSETS / "backbone"))
@@ -76,23 +101,8 @@ def main() -> None:
     model = LlavaForConditionalGeneration.from_pretrained(args.backbone).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.backbone)
     processor = clip_image_processor(model.config.vision_config.image_size)
-    config = lvlm.LvlmTrainConfig(recognition_answer="compare", description="keyvalue", scene_share=0.0,
-                                  about_share=0.0, recognition_share=1.0, rows_per_scene=2,
-                                  name_share=args.name_share)
-    rng = random.Random(f"bench-comparing-{args.seed}")
-    pool = toy.heldout_identities()
-    rows, images, row_infos = [], [], []
-    for _ in range(args.scenes):
-        image, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool,
-                                       size=model.config.vision_config.image_size)
-        images.append(image)
-        for row in lvlm.scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene):
-            rows.append(row)
-            row_infos.append(info)
-    said = lvlm.generate_answers(model, tokenizer, rows, lvlm.pixel_values(processor, images))
-    report = score(rows, row_infos, said, config.compare_traits)
-    report["examples"] = [{"question": r.question, "said": s, "truth": r.answer} for r, s in list(zip(rows, said))[:4]]
-    print(json.dumps(report, indent=1))
+    print(json.dumps(compared(model, tokenizer, processor, scenes=args.scenes, seed=args.seed,
+                              name_share=args.name_share, examples=4), indent=1))
 
 
 if __name__ == "__main__":

@@ -84,9 +84,14 @@ def main() -> None:
 
     def report(step: int) -> None:
         accuracy = lvlm.measure(model, tokenizer, processor, scenes=args.measure_scenes, config=config)
+        if config.recognition_answer == "compare":
+            from comparing import compared
+
+            accuracy["comparing"] = compared(model, tokenizer, processor, scenes=args.measure_scenes)
         model.train()
         print(json.dumps({"step": step, "seconds": round(time.perf_counter() - started, 1),
-                          "accuracy": {kind: [v["accuracy"], v["chance"]] for kind, v in accuracy.items()}}),
+                          "accuracy": {kind: [v["accuracy"], v["chance"]] if "chance" in v else v
+                                       for kind, v in accuracy.items()}}),
               flush=True)
 
     def after_step(step: int) -> None:

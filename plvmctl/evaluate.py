@@ -713,17 +713,20 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                    out_dir: str | Path, *, limit: int | None = None,
                    neg_per_identity: int | None = None, seed: int = 0, mcq: str = "likelihood",
                    batch_size: int | None = None, progress: bool = True,
-                   engine_api: Any = None) -> dict[str, Any]:
+                   engine_api: Any = None,
+                   extra_methods: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate `methods` on `testset` with `runtime`, writing the report into `out_dir`.
 
     Returns the results dict that is also written to `out_dir/results.json`. `engine_api`
-    (anything with `Engine` and `AskRequest`) defaults to `plvmctl.engine`.
+    (anything with `Engine` and `AskRequest`) defaults to `plvmctl.engine`. `extra_methods`
+    maps further method names to their factories (a laboratory's own baselines).
     """
     if mcq not in MCQ_MODES:
         raise PlvmError(f"--mcq must be one of {', '.join(MCQ_MODES)}, got {mcq!r}")
     if not methods:
         raise PlvmError("no method to evaluate: pass --method")
-    factories = {name: get_method(name) for name in dict.fromkeys(methods)}
+    extra = dict(extra_methods or {})
+    factories = {name: extra[name] if name in extra else get_method(name) for name in dict.fromkeys(methods)}
     if limit is not None and limit < 1:
         raise PlvmError(f"--limit must be at least 1, got {limit}")
     if neg_per_identity is not None and neg_per_identity < 0:

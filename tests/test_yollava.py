@@ -508,3 +508,28 @@ def test_samples_mention_the_name(runtime, trained):
     assert all("<ana>" in s.question for s in samples)
     assert all(s.answer.startswith("Yes") for s in samples if s.kind == "positive")
     assert all(s.answer.startswith("No") for s in samples if s.kind == "negative")
+
+
+def test_a_reasoning_base_gets_no_recognition_conversations_and_scores_verdicts(runtime, world, monkeypatch,
+                                                                                 tmp_path):
+    """For a base that compares before its verdict, the concept learns from attribute
+    conversations only, and an epoch is scored by the verdict its generated answers reach."""
+    from plvmctl import engine
+
+    config = small_config(reasoning_base=True, epochs=2, select_after_epoch=0, reasoning_max_new_tokens=7)
+    positives = list_photos(world["ana"])
+    negatives = gather_negatives(runtime, positives, config, negatives_dir=world["negatives"]).photos
+    asked = []
+
+    def always_a_match(self, requests, **kwargs):
+        if "Is <ana>" in requests[0].question:
+            asked.append(kwargs["max_new_tokens"])
+            return [engine.AskResult(r, "middle hair red red same match. Yes, <ana> is here.") for r in requests]
+        return [engine.AskResult(r, "red") for r in requests]  # the attribute answers
+
+    monkeypatch.setattr(engine.Engine, "ask", always_a_match)
+    result = train_yollava(runtime, "ana", positives, negatives, config, tmp_path / "run")
+    assert result.counts["positive"] == result.counts["negative"] == 0
+    assert result.counts["attribute"] > 0
+    assert asked == [7, 7]  # both epochs scored by generating
+    assert result.best_accuracy == {"positive": 1.0, "negative": 0.0, "mean": 0.5}

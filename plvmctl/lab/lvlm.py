@@ -60,11 +60,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -86,10 +89,20 @@ from ..tiny import (
     clip_image_processor,
     tiny_llava_config,
 )
-from ..train.common import JsonlLogger, lr_multiplier, seed_everything
+from ..train.common import (
+    CHECKPOINT_MODULE,
+    JsonlLogger,
+    capture_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    lr_multiplier,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
 
 IGNORE = -100
-KINDS = ("scene", "recognition", "about", "text", "describe", "caption")
+KINDS = ("scene", "recognition", "about", "text", "describe", "caption", "portrait")
 DESCRIBE_PROMPT = "Describe the person in this photo in one short sentence."
 CAPTION_PROMPT = "Describe the photo."
 RECOGNITION_ANSWERS = recognition_templates.RECOGNITION_ANSWER_STYLES
@@ -239,6 +252,7 @@ class LvlmTrainConfig:
     name_share: float = 0.0  # share of named rows whose <name> is a per-row name token (`NameTokens`)
     single_person_steps: int = 0  # first steps with one person a photo (the curriculum's first stage)
     vision_steps: int = 0  # before any LM step: the vision tower on the probe's labels alone (`vision_warmup_step`)
+    portrait_rows_per_step: int = 0  # a portrait and a question about "the person" in it (`portrait_row`)
 
 
 @dataclass
@@ -480,7 +494,19 @@ def sample_step(rng: random.Random, pool: Sequence[toy.Identity], config: LvlmTr
                         portrait(identity)))
     for _ in range(config.text_rows_per_step):
         rows.append(text_row(pool[rng.randrange(len(pool))], rng, config, portrait))
+    for _ in range(config.portrait_rows_per_step):
+        rows.append(portrait_row(pool[rng.randrange(len(pool))], rng, portrait))
     return rows, images, infos
+
+
+def portrait_row(identity: toy.Identity, rng: random.Random, portrait: PortraitMaker) -> Row:
+    """A portrait of `identity` and an attribute question about "the person" in it ("What
+    colour is the person's hair?" -> "red"): what a per-concept trainer (Yo'LLaVA) asks the
+    base model about its photos to write its training conversations."""
+    from ..train.data import neutral_question
+
+    question, answer = rng.choice(toy.attribute_qa(identity))
+    return Row("portrait", neutral_question(question), answer, portrait(identity), options=_open_options(answer))
 
 
 # --------------------------------------------------------------------------------------------
@@ -742,22 +768,56 @@ class VisionProbe(torch.nn.Module):
         return F.cross_entropy(logits.reshape(-1, self.grid), columns.repeat(features.shape[0]))
 
 
-def copy_warmup_loss(model, rng: random.Random, rows: int = 64, length: int = 16) -> torch.Tensor:
-    """Next-token loss on random word sequences shown twice ("x1 ... xn x1 ... xn"), on the
-    second copy, which is predictable only by looking back.
+def copy_warmup_loss(model, rng: random.Random, rows: int = 64, length: int = 16,
+                     repeat_share: float = 0.5) -> torch.Tensor:
+    """Next-token loss on random-word recall, where only looking back by content helps.
 
-    A stand-in for the text pretraining a real LM has had: a few hundred of these steps give
-    the pocket LM induction heads (find the current word earlier, copy what followed it; the
-    loss falls from ~5.3 to ~0.001 in 300 steps), the circuit that reading "key value"
-    descriptions reuses. Special tokens are never drawn.
+    Each row lists random pairs "k1 v1 k2 v2 ..." (up to `length` words), then a random
+    number of filler words, then asks pairs back in a random order: a key to be followed by
+    its value ("k3 v3"), or, for a third of the rows, a value to be followed by its key.
+    Only the answers carry loss. A stand-in for the text pretraining a real LM has had: it
+    builds induction heads (find the word asked about earlier, copy its neighbour), the
+    circuit that reading "key value" descriptions, copying the described value into a
+    comparison and finding an option's letter all reuse. Lengths, gaps and order vary from
+    row to row so that looking back a fixed distance never works (with one fixed-length
+    repeat, "x1 ... xn x1 ... xn", the LM learned exactly that and its reading did not
+    improve). Special tokens are never drawn.
     """
     vocabulary = model.config.text_config.vocab_size
     first = len(SPECIAL_TOKENS)
-    half = torch.tensor([[rng.randrange(first, vocabulary) for _ in range(length)] for _ in range(rows)])
-    ids = torch.cat([torch.full((rows, 1), BOS_ID), half, half], dim=1)  # BOS x x
-    logits = model(input_ids=ids, use_cache=False).logits
-    return F.cross_entropy(logits[:, length:-1].reshape(-1, logits.shape[-1]).float(),
-                           ids[:, length + 1:].reshape(-1))
+    sequences, targets = [], []
+    for _ in range(rows):
+        filler = [rng.randrange(first, vocabulary) for _ in range(rng.randint(0, length // 2))]
+        if rng.random() < repeat_share:  # a span shown twice, the second time predictable
+            span = [rng.randrange(first, vocabulary) for _ in range(rng.randint(length // 2, length))]
+            sequence = [BOS_ID] + span + filler + span
+            target = [IGNORE] * (1 + len(span) + len(filler) + 1) + span[1:]
+        else:
+            pairs = rng.randint(2, max(2, length // 2))
+            words = rng.sample(range(first, vocabulary), 2 * pairs)
+            keys, values = words[:pairs], words[pairs:]
+            reverse = rng.random() < 1 / 3
+            listing = [word for pair in zip(keys, values) for word in pair]
+            asked = rng.sample(range(pairs), rng.randint(1, pairs))
+            sequence = [BOS_ID] + listing + filler
+            target = [IGNORE] * len(sequence)
+            for index in asked:
+                cue, answer = (values[index], keys[index]) if reverse else (keys[index], values[index])
+                sequence += [cue, answer]
+                target += [IGNORE, answer]
+        sequences.append(sequence)
+        targets.append(target)
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((rows, width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE, dtype=torch.long)
+    for row, (sequence, target) in enumerate(zip(sequences, targets)):
+        ids[row, :len(sequence)] = torch.tensor(sequence)
+        mask[row, :len(sequence)] = 1
+        labels[row, :len(target)] = torch.tensor(target)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE)
 
 
 def copy_warmup_step(model, optimizer, rng: random.Random, grad_clip: float = 1.0) -> float:
@@ -899,7 +959,8 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
     rng = random.Random(f"plvmctl-pocket-measure-{seed}")
     size = model.config.vision_config.image_size
     rows, images, _ = sample_step(rng, pool, dataclasses.replace(
-        config, describe_rows_per_step=0, text_rows_per_step=max(config.text_rows_per_step, scenes * 2)),
+        config, describe_rows_per_step=0, text_rows_per_step=max(config.text_rows_per_step, scenes * 2),
+        portrait_rows_per_step=scenes if config.portrait_rows_per_step else 0),
         scene_size=size, scenes=scenes)
     model.eval()
     pixels = pixel_values(image_processor, images)
@@ -943,19 +1004,70 @@ class LvlmResult:
     tokenizer: object
     image_processor: object
     losses: list[float]
-    seconds: float
+    seconds: float  # training time, earlier runs of a resumed training included
     steps: int
+    seconds_before: float = 0.0  # the part of `seconds` spent before this run resumed
+    copy_losses: list[float] = field(default_factory=list)  # the copy warm-up's
+    vision_losses: list[float] = field(default_factory=list)  # the vision warm-up's probe losses
+
+
+class _NoScheduler:
+    """train_lvlm sets the lr itself each step; the checkpoint format wants a scheduler state."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def _save_weights(module: torch.nn.Module, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_model(module, str(folder / "model.safetensors"))
+
+
+def save_lvlm_checkpoint(out_dir: str | os.PathLike, model, probe: "VisionProbe | None", optimizer, *,
+                         step: int, rngs: dict[str, random.Random], losses: list[float],
+                         seconds: float, warm_up_losses: dict[str, list[float]] | None = None) -> Path:
+    """OUT/checkpoint of a pretraining run, written atomically: the model and probe weights
+    (safetensors), optimizer state and global RNGs (weights-only torch file), and in
+    state.json the step, the row samplers' states and the losses so far."""
+    modules = torch.nn.ModuleDict({"model": model, **({"probe": probe} if probe is not None else {})})
+    state = {"step": step, "seconds": round(seconds, 2), "losses": losses, "warm_up_losses": warm_up_losses or {},
+             "rngs": {name: [r.getstate()[0], list(r.getstate()[1]), r.getstate()[2]] for name, r in rngs.items()}}
+    return save_checkpoint(out_dir, module=modules, optimizer=optimizer, scheduler=_NoScheduler(),
+                           rng=capture_rng_state(), state=state, save_module=_save_weights)
+
+
+def load_lvlm_checkpoint(folder: str | os.PathLike, model, probe: "VisionProbe | None", optimizer,
+                         rngs: dict[str, random.Random]) -> dict:
+    """Put a `save_lvlm_checkpoint` back into `model`, `probe`, `optimizer` and `rngs`; returns
+    the saved state (step, losses, seconds)."""
+    state, tensors = load_checkpoint(folder)
+    modules = torch.nn.ModuleDict({"model": model, **({"probe": probe} if probe is not None else {})})
+    missing, unexpected = safetensors.torch.load_model(
+        modules, str(Path(folder) / CHECKPOINT_MODULE / "model.safetensors"), strict=False)
+    if unexpected or [key for key in missing if not key.endswith("lm_head.weight")]:
+        raise PlvmError(f"{folder}: the checkpoint holds another model than this configuration's")
+    optimizer.load_state_dict(tensors["optimizer"])
+    restore_rng_state(tensors["rng"])
+    for name, saved in state["rngs"].items():
+        rngs[name].setstate((saved[0], tuple(saved[1]), saved[2]))
+    return state
 
 
 def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
                logger: JsonlLogger | None = None,
                echo: Callable[[str], None] | None = None,
-               after_step: Callable[[int], None] | None = None) -> LvlmResult:
+               after_step: Callable[[int], None] | None = None,
+               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 200,
+               resume: bool = False) -> LvlmResult:
     """Train the whole pocket LLaVA (vision tower, projector, LM) on fresh toy photos.
 
     AdamW, linear warm-up then cosine decay to `min_lr_ratio`, gradient clipping. Only
     training-part identities are ever drawn. `after_step(step)` runs after every step (to
     measure along the way; it must leave the model in training mode).
+
+    With `checkpoint_dir`, CHECKPOINT_DIR/checkpoint is written every `checkpoint_every` main
+    steps and at the end; `resume` continues from it exactly where it stopped (the warm-ups
+    are behind a checkpoint, so they are not run again).
     """
     say = echo or (lambda message: None)
     if config.caption_steps > 0 and config.caption_rows < 1:
@@ -980,27 +1092,51 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
     losses: list[float] = []
     started = time.perf_counter()
     copy_rng = random.Random(f"plvmctl-pocket-copy-{config.seed}")
-    for step in range(config.copy_steps):  # induction heads first, at the peak learning rate
+    vision_rng = random.Random(f"plvmctl-pocket-vision-{config.seed}")
+    rngs = {"rows": rng, "copy": copy_rng, "vision": vision_rng}
+    copy_losses: list[float] = []
+    vision_losses: list[float] = []
+    first_step, seconds_before = 0, 0.0
+    if resume:
+        found = find_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        if found is None:
+            raise PlvmError(f"nothing to resume: no pretraining checkpoint in {checkpoint_dir}")
+        state = load_lvlm_checkpoint(found, model, probe, optimizer, rngs)
+        first_step, losses, seconds_before = int(state["step"]), list(state["losses"]), float(state["seconds"])
+        copy_losses = list(state.get("warm_up_losses", {}).get("copy", []))
+        vision_losses = list(state.get("warm_up_losses", {}).get("vision", []))
+        say(f"lvlm: resuming at step {first_step} of {config.steps}")
+    started -= seconds_before
+
+    def save(completed: int) -> None:
+        if checkpoint_dir is not None:
+            save_lvlm_checkpoint(checkpoint_dir, model, probe, optimizer, step=completed, rngs=rngs,
+                                 losses=losses, seconds=time.perf_counter() - started,
+                                 warm_up_losses={"copy": copy_losses, "vision": vision_losses})
+
+    warm_ups = first_step == 0  # a checkpoint is past them
+    for step in range(config.copy_steps if warm_ups else 0):  # induction heads first
         for group in optimizer.param_groups:
             group["lr"] = config.lr
         loss = copy_warmup_step(model, optimizer, copy_rng, config.grad_clip)
+        copy_losses.append(loss)
         if step % config.log_every == 0 or step == config.copy_steps - 1:
             say(f"lvlm copy warm-up {step:5d}  loss {loss:.4f}  {time.perf_counter() - started:6.0f}s")
             if logger is not None:
                 logger.log({"stage": "lvlm-copy", "step": step, "loss": loss})
     if config.vision_steps > 0 and probe is None:
         raise PlvmError("vision_steps train the vision tower on the probe's labels: set vision_aux_weight above 0")
-    vision_rng = random.Random(f"plvmctl-pocket-vision-{config.seed}")
-    for step in range(config.vision_steps):  # seeing first: the vision tower on dense labels alone
+    for step in range(config.vision_steps if warm_ups else 0):  # seeing first: dense labels alone
         for group in optimizer.param_groups:
             group["lr"] = config.lr
         loss = vision_warmup_step(model, image_processor, probe, optimizer, vision_rng, pool, config)
+        vision_losses.append(loss)
         if step % config.log_every == 0 or step == config.vision_steps - 1:
             say(f"lvlm vision warm-up {step:5d}  probe loss {loss:.4f}  {time.perf_counter() - started:6.0f}s")
             if logger is not None:
                 logger.log({"stage": "lvlm-vision", "step": step, "loss": loss})
     step = 0
-    for step in range(config.steps):
+    for step in range(first_step, config.steps):
         factor = lr_multiplier(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
                                schedule="cosine")
         for group in optimizer.param_groups:
@@ -1039,10 +1175,13 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
                             "lr": optimizer.param_groups[0]["lr"], "seconds": round(elapsed, 2)})
         if after_step is not None:
             after_step(step)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < config.steps:
+            save(step + 1)
         if config.max_seconds and elapsed > config.max_seconds:
             say(f"lvlm: time limit reached after {step + 1} steps")
             break
+    save(len(losses))
     model.eval()
     model.requires_grad_(False)
     return LvlmResult(model, tokenizer, image_processor, losses, time.perf_counter() - started,
-                      len(losses))
+                      len(losses), seconds_before, copy_losses, vision_losses)

@@ -70,18 +70,33 @@ class PocketProfile:
     measure_identities: int = 200  # held-out identities for the encoder's retrieval
 
 
+# 96 px photos in 32 px patches: 3 x 3 image tokens, one column per place a person can stand
+# (left, middle, right), so "the person on the left" is a fixed set of three tokens.
+POCKET_SIZES = LvlmSizes(patch_size=32)
+
+# How the base LVLM learns, stage by stage, each with a direct signal (README "The toy world"):
+# seeing (the vision tower on what is drawn where), copying (induction heads), then the full
+# mix in which recognition answers spell out the comparison, people are described "key
+# value", and half the rows carry the person's name as a name token it must say back.
+CURRICULUM = LvlmTrainConfig(
+    description="keyvalue", recognition_answer="compare", name_share=0.5,
+    vision_steps=500, copy_steps=900, single_person_steps=0, portrait_rows_per_step=4,
+    scene_share=0.25, recognition_share=0.5, about_share=0.25)
+
+
 def profile(name: str) -> PocketProfile:
     """`full` (the committed model) or `smoke` (a few minutes, still shows learning)."""
     if name == "full":
         return PocketProfile(
-            name="full", identities=300, photos=4,
-            lvlm=LvlmTrainConfig(steps=2400, warmup_steps=60, lr=2e-3, log_every=50),
+            name="full", identities=300, photos=4, lvlm_sizes=POCKET_SIZES,
+            lvlm=dataclasses.replace(CURRICULUM, steps=6000, warmup_steps=60, lr=2e-3, log_every=50),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
             aligner_steps=1000, aligner_batch=8)
     if name == "smoke":
         return PocketProfile(
-            name="smoke", identities=40, photos=3,
-            lvlm=LvlmTrainConfig(steps=400, warmup_steps=20, lr=3e-3, text_rows_per_step=6, log_every=50),
+            name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
+            lvlm=dataclasses.replace(CURRICULUM, steps=300, warmup_steps=20, lr=3e-3, text_rows_per_step=6,
+                                     copy_steps=30, vision_steps=30, single_person_steps=100, log_every=50),
             encoder_sizes=EncoderSizes(hidden=48, layers=2),
             encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
@@ -138,26 +153,38 @@ def _stage_recipe(backbone_dir: Path, encoder_dir: Path, aligner_dir: Path | Non
     return recipe_from_dict(data, name="pocket-build")
 
 
+def _stage_record(work: Path, name: str) -> dict[str, Any] | None:
+    """What a finished stage of an earlier run in `work` recorded, or None."""
+    path = work / f"stage-{name}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: int = 0, *,
                  work_dir: str | os.PathLike | None = None, threads: int | None = 1,
-                 echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+                 resume: bool = False, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Train the whole pocket stack and write the checkpoint folder `out_dir`; return the card.
 
-    `work_dir` keeps the intermediate files (toy data, training logs); by default a temporary
-    folder that is removed at the end. `threads` sets torch's CPU threads (None: leave it):
-    one thread is the default because these models are so small that a second thread mostly
-    adds synchronisation, and on a shared machine it made every step several times slower.
+    `work_dir` keeps the intermediate files (toy data, training logs, checkpoints); by
+    default a temporary folder that is removed at the end. With `resume` (which needs
+    `work_dir`), finished stages of an earlier run there are reused (each records itself in
+    WORK/stage-NAME.json when done) and an interrupted base-LVLM or Aligner stage continues
+    from its last checkpoint; their time so far counts in the card. `threads` sets torch's CPU
+    threads (None: leave it): one thread is the default because these models are so small
+    that a second thread mostly adds synchronisation, and on a shared machine it made every
+    step several times slower.
     """
     from ..aligner import load_aligner, save_aligner
-    from ..backbone import Backbone, save_backbone
-    from .toy import generate_training_data
+    from ..backbone import Backbone, load_backbone, save_backbone
     from ..runtime import load_runtime
     from ..train.aligner import train_aligner
-    from ..train.common import JsonlLogger
+    from ..train.common import JsonlLogger, find_checkpoint
     from .encoder import build_pocket_dinov2, measure_retrieval, train_encoder
     from .lvlm import build_pocket_llava, collect_vocabulary, measure, train_lvlm
+    from .toy import generate_training_data
 
     say = echo or (lambda message: None)
+    if resume and work_dir is None:
+        raise PlvmError("--resume continues the run kept in --work: give --work")
     if threads is not None:
         if threads < 1:
             raise PlvmError(f"--threads must be at least 1, got {threads}")
@@ -172,23 +199,40 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="plvmctl-pocket-")) if own_work else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    plan = _jsonable(dataclasses.asdict(settings)) | {"seed": seed}
+    plan_file = work / "plan.json"
+    if resume and plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
+        raise PlvmError(f"cannot resume: {work} holds a build with other settings (profile or seed)")
+    if not resume and any(work.glob("stage-*.json")):
+        raise PlvmError(f"{work} already holds a build: pass --resume to continue it, or choose another --work")
+    write_json_atomic(plan_file, plan)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     timings: dict[str, float] = {}
     card: dict[str, Any] = {"format": "plvmctl.pocket-card", "profile": settings.name, "seed": seed,
                             "torch": torch.__version__, "threads": torch.get_num_threads()}
     started = time.perf_counter()
 
-    def stage(name: str, began: float) -> None:
-        timings[name] = round(time.perf_counter() - began, 1)
+    def stage(name: str, began: float, before: float = 0.0) -> None:
+        timings[name] = round(time.perf_counter() - began + before, 1)
         say(f"[pocket] stage {name}: {timings[name]:.1f} s (total {time.perf_counter() - started:.0f} s)")
+
+    def done(name: str, record: dict[str, Any]) -> dict[str, Any]:
+        record = {**record, "stage_seconds": timings[name]}
+        write_json_atomic(work / f"stage-{name}.json", record)
+        return record
 
     try:
         logger = JsonlLogger(work / "log.jsonl")
         # 1. data -----------------------------------------------------------------------
         began = time.perf_counter()
-        manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
-                                          extra_scenes=0, progress=False)
-        stage("data", began)
+        manifest = work / "toy" / "manifest.jsonl"
+        data = _stage_record(work, "data") if resume else None
+        if data is None:
+            manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
+                                              extra_scenes=0, progress=False)
+            stage("data", began)
+            data = done("data", {})
+        timings["data"] = data["stage_seconds"]
         # 2. tokenizer ------------------------------------------------------------------
         began = time.perf_counter()
         vocabulary = collect_vocabulary(seed=seed, description=settings.lvlm.description)
@@ -196,74 +240,98 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         say(f"[pocket] vocabulary: {len(vocabulary)} words")
         # 3. base LVLM -----------------------------------------------------------------
         began = time.perf_counter()
-        model, tokenizer, image_processor = build_pocket_llava(vocabulary, settings.lvlm_sizes, seed)
-        before = measure(model, tokenizer, image_processor, scenes=settings.measure_scenes // 3,
-                         config=settings.lvlm)
-        lvlm = train_lvlm(model, tokenizer, image_processor, settings.lvlm, logger=logger,
-                          echo=lambda m: say(f"[pocket] {m}"))
-        after = measure(model, tokenizer, image_processor, scenes=settings.measure_scenes,
-                        config=settings.lvlm)
         backbone_dir = work / "backbone"
-        save_backbone(Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
-        stage("lvlm", began)
-        say("[pocket] base LVLM held-out accuracy: " + ", ".join(
-            f"{k} {v['accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in after.items()))
+        lvlm = _stage_record(work, "lvlm") if resume else None
+        if lvlm is None:
+            model, tokenizer, image_processor = build_pocket_llava(vocabulary, settings.lvlm_sizes, seed)
+            before = measure(model, tokenizer, image_processor, scenes=settings.measure_scenes // 3,
+                             config=settings.lvlm)
+            run = work / "lvlm-run"
+            result = train_lvlm(model, tokenizer, image_processor, settings.lvlm, logger=logger,
+                                echo=lambda m: say(f"[pocket] {m}"), checkpoint_dir=run,
+                                resume=resume and find_checkpoint(run) is not None)
+            after = measure(model, tokenizer, image_processor, scenes=settings.measure_scenes,
+                            config=settings.lvlm)
+            save_backbone(Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
+            stage("lvlm", began, before=result.seconds_before)  # training time of interrupted runs too
+            lvlm = done("lvlm", {
+                "steps": result.steps, "seconds": round(result.seconds, 1),
+                "loss_first10": _mean(result.losses[:10]), "loss_last10": _mean(result.losses[-10:]),
+                "copy_loss_first10": _mean(result.copy_losses[:10]),
+                "copy_loss_last10": _mean(result.copy_losses[-10:]),
+                "vision_probe_loss_first10": _mean(result.vision_losses[:10]),
+                "vision_probe_loss_last10": _mean(result.vision_losses[-10:]),
+                "heldout_accuracy_before": before, "heldout_accuracy": after})
+            say("[pocket] base LVLM held-out accuracy: " + ", ".join(
+                f"{k} {v['accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in after.items()))
+        timings["lvlm"] = lvlm["stage_seconds"]
+        backbone = load_backbone(str(backbone_dir), device="cpu", dtype="float32")
+        vocabulary_size = len(backbone.tokenizer)
+        backbone_parameters = sum(p.numel() for p in backbone.model.parameters())
         # 4. encoder -------------------------------------------------------------------
         began = time.perf_counter()
-        encoder_model, encoder_processor = build_pocket_dinov2(settings.encoder_sizes, seed)
-        retrieval_before = measure_retrieval(encoder_model, encoder_processor,
-                                             identities=settings.measure_identities)
-        encoder = train_encoder(encoder_model, encoder_processor, settings.encoder, logger=logger,
-                                echo=lambda m: say(f"[pocket] {m}"))
-        retrieval = measure_retrieval(encoder_model, encoder_processor,
-                                      identities=settings.measure_identities)
         encoder_dir = work / "encoder"
-        encoder_model.save_pretrained(encoder_dir, safe_serialization=True)
-        encoder_processor.save_pretrained(encoder_dir)
-        stage("encoder", began)
-        say(f"[pocket] encoder held-out retrieval top-1: {retrieval['top1']:.3f} "
-            f"(untrained {retrieval_before['top1']:.3f}, chance {retrieval['chance']:.3f})")
+        encoder = _stage_record(work, "encoder") if resume else None
+        if encoder is None:
+            encoder_model, encoder_processor = build_pocket_dinov2(settings.encoder_sizes, seed)
+            retrieval_before = measure_retrieval(encoder_model, encoder_processor,
+                                                 identities=settings.measure_identities)
+            trained = train_encoder(encoder_model, encoder_processor, settings.encoder, logger=logger,
+                                    echo=lambda m: say(f"[pocket] {m}"))
+            retrieval = measure_retrieval(encoder_model, encoder_processor,
+                                          identities=settings.measure_identities)
+            encoder_model.save_pretrained(encoder_dir, safe_serialization=True)
+            encoder_processor.save_pretrained(encoder_dir)
+            stage("encoder", began)
+            encoder = done("encoder", {
+                "steps": trained.steps, "seconds": round(trained.seconds, 1),
+                "loss_first10": _mean(trained.losses[:10]), "loss_last10": _mean(trained.losses[-10:]),
+                "heldout_retrieval_before": retrieval_before, "heldout_retrieval": retrieval,
+                "parameters": sum(p.numel() for p in encoder_model.parameters())})
+            say(f"[pocket] encoder held-out retrieval top-1: {retrieval['top1']:.3f} "
+                f"(untrained {retrieval_before['top1']:.3f}, chance {retrieval['chance']:.3f})")
+        timings["encoder"] = encoder["stage_seconds"]
         # 5. Aligner -------------------------------------------------------------------
         began = time.perf_counter()
         runtime = load_runtime(_stage_recipe(backbone_dir, encoder_dir, None, settings.num_context),
                                device="cpu")
         config = aligner_train_config(settings, manifest, work / "aligner-run", seed)
-        result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"))
+        result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"),
+                               resume=resume and find_checkpoint(work / "aligner-run") is not None)
         stage("aligner", began)
         first = sum(result.losses[:10]) / max(1, len(result.losses[:10]))
         last = sum(result.losses[-10:]) / max(1, len(result.losses[-10:]))
         say(f"[pocket] Aligner loss {first:.3f} -> {last:.3f}; validation {result.validation}")
         # 6. write ---------------------------------------------------------------------
         began = time.perf_counter()
-        save_backbone(Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"),
-                      staging / "backbone")
-        encoder_model.save_pretrained(staging / "encoder", safe_serialization=True)
-        encoder_processor.save_pretrained(staging / "encoder")
+        shutil.copytree(backbone_dir, staging / "backbone")
+        shutil.copytree(encoder_dir, staging / "encoder")
         aligner = load_aligner(result.aligner_path)
         aligner.config = dataclasses.replace(aligner.config, encoder="plvmctl/assets/pocket/encoder",
                                              base_model="plvmctl/assets/pocket/backbone")
         save_aligner(aligner, staging / "aligner")
+        lvlm_card = {key: value for key, value in lvlm.items() if key != "stage_seconds"}
+        encoder_card = {key: encoder[key] for key in ("steps", "seconds", "loss_first10", "loss_last10",
+                                                        "heldout_retrieval_before", "heldout_retrieval")}
         card.update({
             "what": "pocket PLVM stack for the toy world: base LLaVA, reference DINOv2 and Aligner "
                     "trained from scratch by `python -m plvmctl.lab.pocket`",
             "settings": _jsonable(dataclasses.asdict(settings)),
-            "vocabulary_size": len(tokenizer),
+            "vocabulary_size": vocabulary_size,
             "parameters": {
-                "backbone": sum(p.numel() for p in model.parameters()),
-                "encoder": sum(p.numel() for p in encoder_model.parameters()),
+                "backbone": backbone_parameters,
+                "encoder": encoder["parameters"],
                 "aligner": sum(p.numel() for p in aligner.parameters()),
             },
-            "lvlm": {"steps": lvlm.steps, "seconds": round(lvlm.seconds, 1),
-                     "loss_first10": _mean(lvlm.losses[:10]), "loss_last10": _mean(lvlm.losses[-10:]),
-                     "heldout_accuracy_before": before, "heldout_accuracy": after},
-            "encoder": {"steps": encoder.steps, "seconds": round(encoder.seconds, 1),
-                        "loss_first10": _mean(encoder.losses[:10]),
-                        "loss_last10": _mean(encoder.losses[-10:]),
-                        "heldout_retrieval_before": retrieval_before, "heldout_retrieval": retrieval},
+            "lvlm": lvlm_card,
+            "encoder": encoder_card,
             "aligner": {"steps": result.steps, "loss_first10": first, "loss_last10": last,
                         "validation_recognition": result.validation,
-                        "validation_note": "Yes/No first-token logits on manifest identities held "
-                                           "out of Aligner training (training part of the world)"},
+                        "validation_note": "recognition on manifest identities held out of Aligner "
+                                           "training (training part of the world): "
+                                           + ("generated answers, verdict read as by `plvmctl eval`"
+                                              if settings.lvlm.recognition_answer == "compare"
+                                              else "Yes/No first-token logits")},
             "timings_seconds": timings,
         })
         write_json_atomic(staging / CARD_FILE, card)
@@ -275,7 +343,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         stage("write", began)
         card["timings_seconds"] = timings
         card["bytes"] = folder_bytes(out)
-        card["total_seconds"] = round(time.perf_counter() - started, 1)
+        card["total_seconds"] = round(sum(timings.values()), 1)
         write_json_atomic(out / CARD_FILE, card)
         (out / CARD_FILE).chmod(0o644)
         say(f"[pocket] wrote {out} ({card['bytes'] / 1e6:.2f} MB) in {card['total_seconds']:.0f} s")
@@ -304,11 +372,14 @@ def _jsonable(value: Any) -> Any:
 @click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
               help="Keep intermediate files (toy data, logs) here [default: a temporary folder].")
 @click.option("--threads", default=1, show_default=True, type=int, help="torch CPU threads.")
-def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: int) -> None:
+@click.option("--resume", is_flag=True,
+              help="Continue the build kept in --work: finished stages are reused, an interrupted "
+                   "one continues from its last checkpoint.")
+def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: int, resume: bool) -> None:
     """Train the pocket PLVM stack from scratch and write it to --out."""
     try:
         build_pocket(out_dir, "smoke" if smoke else "full", seed, work_dir=work_dir, threads=threads,
-                     echo=lambda message: click.echo(message, err=True))
+                     resume=resume, echo=lambda message: click.echo(message, err=True))
     except PlvmError as error:
         raise click.ClickException(str(error)) from None
 

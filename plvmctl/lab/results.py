@@ -52,8 +52,10 @@ SEED = 0  # the seed of `make pocket` and of `make eval`'s test set
 MCQ = "likelihood"
 MIN_IDENTITIES = 40  # the issue asks for at least 40 held-out identities
 
-MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava")
+TRUTH = "llava-truth"
+MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava", TRUTH)
 METHOD_TITLES = {
+    TRUTH: "pocket LVLM + the true description (what the base model can do with words)",
     "plvm": "pocket PLVM",
     "llava-none": "pocket LVLM, no prompt",
     "llava-text": "pocket LVLM + ~16-token text prompt",
@@ -351,7 +353,7 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
         runtime = load_runtime(recipe, device=DEVICE)
         run_evaluation(runtime, testset, methods, folder, limit=options.limit,
                        neg_per_identity=options.neg_per_identity, seed=SEED, mcq=MCQ,
-                       progress=True)
+                       progress=True, extra_methods={TRUTH: prepare_truth})
 
     steps.run(name, settings, work, lambda: _evaluated(folder, methods))
     return json.loads((folder / "results.json").read_text(encoding="utf-8"))
@@ -433,6 +435,26 @@ def method_row(results: Mapping[str, Any], method: str) -> dict[str, Any]:
     result = results["methods"][method]
     return {**evaluated_row(results, method), "title": METHOD_TITLES.get(method, method),
             "skipped": result["skipped"]["total"], "unparseable": result["unparseable"]["total"]}
+
+
+def prepare_truth(context) -> Any:
+    """The base LVLM given each identity's TRUE "key value" description in words, as the
+    text-prompt baseline gives it the description the model wrote: what recognition from a
+    written description reaches before any Aligner (the toy test set knows everyone's traits:
+    toy_world.json)."""
+    from ..methods import PreparedMethod, count_tokens
+    from .lvlm import describe
+    from .toy import TESTSET_SIDECAR, Identity
+
+    descriptions: dict[str, str] = {}
+    for reference in context.references:
+        root = Path(reference.path).parents[2]  # DIR/validation_recognition/<identity>/ref_img.png
+        identities = json.loads((root / TESTSET_SIDECAR).read_text(encoding="utf-8"))["identities"]
+        descriptions[reference.name] = describe(Identity.from_id(identities[reference.name]), "keyvalue")
+    tokens = [t for t in (count_tokens(context.runtime, text) for text in descriptions.values()) if t is not None]
+    return PreparedMethod(name=TRUTH, engine=context.engine_api.Engine(context.runtime, {}, descriptions=descriptions),
+                          seconds_per_concept=0.0, tokens_per_concept=sum(tokens) / max(1, len(tokens)),
+                          details={"descriptions": descriptions})
 
 
 def yollava_negatives() -> str:

@@ -140,6 +140,13 @@ class YollavaConfig:
     cache_features: bool = True
     flip: bool = False  # random horizontal flip of photos (features of both sides cached)
     attribute_max_new_tokens: int = 32
+    # A base model that compares before its verdict ("left hair red red same ... match. Yes,
+    # ..."; the pocket model) is not given recognition conversations: their "Yes"/"No" answers
+    # would teach the concept to skip the comparison it needs. The concept learns what the
+    # person looks like from the attribute conversations, and epochs are scored by the verdict
+    # of generated answers (at most `reasoning_max_new_tokens`), as `plvmctl eval` reads them.
+    reasoning_base: bool = False
+    reasoning_max_new_tokens: int = 64
     seed: int = 0
     out: str = "runs/yollava"  # OUT/<name>/ holds conversations, log, curve, result
     index: str | None = None  # used by `plvmctl eval --method yollava` for hard negatives
@@ -147,7 +154,7 @@ class YollavaConfig:
 
     def validate(self) -> None:
         """PlvmError naming the first bad value."""
-        positive_ints = ("num_context", "epochs", "batch_size", "attribute_max_new_tokens")
+        positive_ints = ("num_context", "epochs", "batch_size", "attribute_max_new_tokens", "reasoning_max_new_tokens")
         for key in positive_ints:
             if getattr(self, key) < 1:
                 raise PlvmError(f"yollava.{key} must be at least 1, got {getattr(self, key)}")
@@ -417,8 +424,8 @@ def build_conversations(runtime, name: str, positives: Sequence[Path], negatives
             if not result.ok:
                 raise PlvmError(f"the base model could not answer {question!r} about {photo}: {result.error}")
             answers.setdefault(digests[photo], {})[question] = (result.answer or "").strip()
-    samples = recognition_samples(name, positives, negatives, per_photo=config.recognition_per_photo,
-                                  seed=config.seed)
+    samples = [] if config.reasoning_base else recognition_samples(
+        name, positives, negatives, per_photo=config.recognition_per_photo, seed=config.seed)
     for photo, question in plan:
         answer = name_answer(answers[digests[photo]][question], name)
         if answer:  # an empty answer teaches nothing
@@ -591,9 +598,12 @@ class YollavaTrainer:
     @torch.no_grad()
     def recognition_accuracy(self, positives: Sequence[Path], negatives: Sequence[Path], *,
                              cached: bool = True) -> dict[str, float]:
-        """Yes-vs-No as the first answer token to "Is <name> in this photo?": accuracy on
-        `positives`, on `negatives` and their mean (NaN parts when a list is empty)."""
+        """Yes-vs-No as the first answer token to "Is <name> in this photo?" (the verdict of
+        the generated answer with `reasoning_base`): accuracy on `positives`, on `negatives`
+        and their mean (NaN parts when a list is empty)."""
         question = fill(RECOGNITION_QUESTIONS[0], self.name)
+        if self.config.reasoning_base:
+            return self._generated_accuracy(question, positives, negatives)
         rows = [Sample(self.name, "positive", question, "", Path(p)) for p in positives]
         rows += [Sample(self.name, "negative", question, "", Path(p)) for p in negatives]
         yes, no = self._yes_no
@@ -611,6 +621,23 @@ class YollavaTrainer:
         nan = float("nan")
         positive = correct["positive"] / total["positive"] if total["positive"] else nan
         negative = correct["negative"] / total["negative"] if total["negative"] else nan
+        return {"positive": positive, "negative": negative, "mean": (positive + negative) / 2}
+
+
+    @torch.no_grad()
+    def _generated_accuracy(self, question: str, positives: Sequence[Path],
+                            negatives: Sequence[Path]) -> dict[str, float]:
+        from ..engine import AskRequest, Engine
+        from ..evaluate import parse_yes_no
+
+        photos = [Path(p) for p in list(positives) + list(negatives)]
+        results = Engine(self.runtime, {self.name: self.concept()}).ask(
+            [AskRequest(question, photo) for photo in photos], batch_size=max(1, self.config.batch_size),
+            max_new_tokens=self.config.reasoning_max_new_tokens)
+        said = [parse_yes_no(result.answer) for result in results]
+        nan = float("nan")
+        positive = sum(s == "yes" for s in said[:len(positives)]) / len(positives) if positives else nan
+        negative = sum(s == "no" for s in said[len(positives):]) / len(negatives) if negatives else nan
         return {"positive": positive, "negative": negative, "mean": (positive + negative) / 2}
 
 
