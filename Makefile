@@ -48,9 +48,13 @@ bench: install
 	$(PYTHON) bench/ask.py --recipe tiny
 	$(PYTHON) bench/ask.py --recipe pocket
 
-# Retrain the whole pocket model from scratch (about 30 minutes on 2 CPU cores).
+# Retrain the whole pocket model (about an hour on 2 CPU cores; card.json says how long it
+# took). Resumable: an interrupted build continues from runs/pocket-build (finished stages are
+# reused, the base LVLM and the Aligner from their last checkpoint); delete that folder to
+# start over.
+POCKET_WORK ?= runs/pocket-build
 pocket: install
-	$(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket
+	$(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket --work $(POCKET_WORK) --resume
 
 pocket-smoke: install
 	$(PYTHON) -m plvmctl.lab.pocket --out runs/pocket-smoke --smoke

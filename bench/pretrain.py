@@ -85,9 +85,8 @@ def main() -> None:
     def report(step: int) -> None:
         accuracy = lvlm.measure(model, tokenizer, processor, scenes=args.measure_scenes, config=config)
         if config.recognition_answer == "compare":
-            from comparing import compared
-
-            accuracy["comparing"] = compared(model, tokenizer, processor, scenes=args.measure_scenes)
+            accuracy["comparing"] = lvlm.measure_comparisons(model, tokenizer, processor,
+                                                             scenes=args.measure_scenes, config=config)
         model.train()
         print(json.dumps({"step": step, "seconds": round(time.perf_counter() - started, 1),
                           "accuracy": {kind: [v["accuracy"], v["chance"]] if "chance" in v else v

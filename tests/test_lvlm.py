@@ -277,7 +277,7 @@ def test_a_comparison_checks_every_person_trait_by_trait():
         chunk = text[start:start + per_person]
         assert chunk[0] == person.position
         for i, trait in enumerate(lvlm.COMPARE_TRAITS):
-            key, stated, seen, verdict = chunk[1 + 4 * i:5 + 4 * i]
+            seen, key, stated, verdict = chunk[1 + 4 * i:5 + 4 * i]
             assert (key, stated, seen) == (lvlm.DESCRIPTION_KEYS[trait], getattr(pool[5], trait),
                                            getattr(person.identity, trait))
             assert verdict == ("same" if stated == seen else "different")
@@ -411,3 +411,20 @@ def test_an_interrupted_pretraining_resumes_exactly(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(PlvmError, match="nothing to resume"):
         lvlm.train_lvlm(resumed, tokenizer, processor, config, checkpoint_dir=tmp_path / "empty", resume=True)
+
+
+def test_generated_answers_never_hold_image_or_padding_tokens(small, monkeypatch):
+    """An untrained model may rank `<image>` first; writing it would break the next step."""
+    model, tokenizer, _ = small
+    name_id = model.config.text_config.vocab_size
+
+    def image_first(model_, batch, pixels, **kwargs):
+        logits = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1], name_id + 1)
+        logits[:, :, IMAGE_ID] = 3.0
+        logits[:, :, lvlm.PAD_ID] = 2.0
+        logits[:, :, tokenizer.eos_token_id] = 1.0
+        return logits
+
+    monkeypatch.setattr(lvlm, "forward_logits", image_first)
+    row = lvlm.text_row(toy.training_identities()[3], random.Random(0), lvlm.LvlmTrainConfig())
+    assert lvlm.generate_answers(model, tokenizer, [row], None, max_new_tokens=3) == [""]

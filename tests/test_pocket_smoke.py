@@ -47,6 +47,20 @@ def test_smoke_pipeline_learns(tmp_path):
     assert after["all"]["accuracy"] > after["all"]["chance"], after
     assert after["all"]["accuracy"] > before["all"]["accuracy"], (before, after)
 
+    # the warm-ups did their part: induction (copy loss) and seeing (vision probe loss)
+    assert lvlm["copy_loss_last10"] < lvlm["copy_loss_first10"]
+    assert lvlm["vision_probe_loss_last10"] < lvlm["vision_probe_loss_first10"]
+
+    # the same --work with --resume reuses every finished stage instead of training again
+    again = build_pocket(tmp_path / "again", "smoke", seed=0, work_dir=tmp_path / "work", resume=True,
+                         echo=None)
+    assert again["lvlm"] == card["lvlm"] and again["encoder"] == card["encoder"]
+    assert again["timings_seconds"]["lvlm"] == card["timings_seconds"]["lvlm"]
+    from plvmctl.errors import PlvmError
+
+    with pytest.raises(PlvmError, match="already holds a build"):
+        build_pocket(tmp_path / "other", "smoke", seed=0, work_dir=tmp_path / "work", echo=None)
+
 
 def test_unknown_profile_is_a_plvm_error(tmp_path):
     from plvmctl.errors import PlvmError

@@ -464,11 +464,11 @@ def test_compare_samples_reason_about_the_photo_they_show(tmp_path):
     assert {s.kind for s in samples} == {"positive", "negative"}
     for sample in samples:
         assert sample.answer.startswith("Yes" if sample.kind == "positive" else "No")
-        own = sample.reasoning.startswith("left hair red red same skin tan tan same match") if sample.name == "ann" else None
+        own = sample.reasoning.startswith("left red hair red same tan skin tan same match") if sample.name == "ann" else None
         if sample.name == "ann":
             assert own == (sample.kind == "positive")
-        assert sample.reasoning.endswith("right hair " + {"ann": "red", "bob": "green", "cid": "blue"}[sample.name]
-                                         + " grey different skin tan dark different mismatch")
+        assert sample.reasoning.endswith("right grey hair " + {"ann": "red", "bob": "green", "cid": "blue"}[sample.name]
+                                         + " different dark skin tan different mismatch")
     plain = PlvmSampler(identities, seed=0, recognition_share=1.0)
     assert all(plain.sample(i).reasoning == "" for i in range(10))
 

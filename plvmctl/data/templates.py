@@ -108,10 +108,16 @@ def comparison(stated: Mapping[str, str], people: Sequence[tuple[str, Mapping[st
 
     `stated` and each person's traits map a key word ("hair") to a value word ("red");
     `people` are (place, traits) in reading order. For each person: the place, then per key
-    the key, the stated value, the value seen and "same" / "different", then "match" or
+    the value seen, the key, the stated value and "same" / "different", then "match" or
     "mismatch":
 
-        "left hair red red same skin tan dark different mismatch right hair red red same ..."
+        "left red hair red same dark skin tan different mismatch right blue hair red different ..."
+
+    The value seen comes first and without its key before it, so that nothing in the words so
+    far says what it is: it can only be read from the photo. With the key first ("hair red
+    ..."), a model that cannot yet read the photo copies the description's value (the word
+    after "hair" there), and with the stated value first it repeats that value; either way it
+    finds a match everywhere. The key then cues the stated value, copied from the description.
     """
     words: list[str] = []
     found = False
@@ -120,7 +126,7 @@ def comparison(stated: Mapping[str, str], people: Sequence[tuple[str, Mapping[st
         everything = True
         for key in keys:
             want, have = stated[key], seen[key]
-            words += [key, want, have, SAME if want == have else DIFFERENT]
+            words += [have, key, want, SAME if want == have else DIFFERENT]
             everything = everything and want == have
         words.append(MATCH if everything else MISMATCH)
         found = found or everything

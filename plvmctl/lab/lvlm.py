@@ -320,7 +320,7 @@ def comparison(identity: toy.Identity, info: toy.SceneInfo,
     """The description of `identity` checked against everyone in the photo, left to right,
     trait by trait (`templates.comparison`): (the words, whether someone matches in all).
 
-        "left hair red red same skin tan dark different style long long same mismatch right ..."
+        "left red hair red same dark skin tan different long style long same mismatch right ..."
 
     A balanced Yes/No label depends only on whether description and photo agree, which gives a
     fresh LM no gradient until an equality circuit forms; spelled out like this, every word
@@ -672,7 +672,9 @@ def generate_answers(model, tokenizer, rows: Sequence[Row], pixels: torch.Tensor
             end = int((lengths + step).max())
             current = dataclasses.replace(batch, input_ids=ids[:, :end], attention_mask=mask[:, :end])
             logits = forward_logits(model, current, None, features=features, names=names)
-            token = logits[rowsel, lengths + step - 1].argmax(-1)
+            scores = logits[rowsel, lengths + step - 1]
+            scores[:, [IMAGE_ID, PAD_ID, BOS_ID]] = float("-inf")  # never said (an untrained model might)
+            token = scores.argmax(-1)
             for i in range(len(chunk)):
                 if not done[i]:
                     if int(token[i]) == EOS_ID:
@@ -990,6 +992,73 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
     report = {kind: summary(hits[kind], greedy[kind], chances[kind]) for kind in hits}
     report["all"] = summary(*([x for values in table.values() for x in values]
                               for table in (hits, greedy, chances)))
+    return report
+
+
+@torch.no_grad()
+def measure_comparisons(model, tokenizer, image_processor, *, scenes: int = 60, seed: int = 1,
+                        config: LvlmTrainConfig | None = None) -> dict:
+    """Where a "compare" recognition answer goes right or wrong, on fresh photos of held-out
+    people (two recognition questions a photo, half with name tokens as `config` says):
+
+    `read` per trait (the value said for a person against what is drawn there), `copy` (the
+    stated value against the description in the prompt), `compare` (same / different against
+    the two words written), `places` (the people named in order), and the verdict's accuracy
+    on `positive` and `negative` questions and their mean (`verdict_mean`), read as the
+    evaluation reads it. `examples`: two answers next to the truth.
+    """
+    from ..evaluate import parse_yes_no
+
+    config = dataclasses.replace(config or LvlmTrainConfig(), recognition_answer="compare", scene_share=0.0,
+                                 about_share=0.0, recognition_share=1.0, rows_per_scene=2)
+    rng = random.Random(f"plvmctl-pocket-comparisons-{seed}")
+    pool = toy.heldout_identities()
+    rows, images, infos = [], [], []
+    for _ in range(scenes):
+        image, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool,
+                                       size=model.config.vision_config.image_size)
+        images.append(image)
+        for row in scene_rows(info, len(images) - 1, rng, pool, config, config.rows_per_scene):
+            rows.append(row)
+            infos.append(info)
+    was_training = model.training
+    model.eval()
+    said = generate_answers(model, tokenizer, rows, pixel_values(image_processor, images))
+    model.train(was_training)
+    traits = config.compare_traits
+    counts = {name: [0, 0] for name in ("copy", "compare", "positive", "negative", "places")}
+    read = {trait: [0, 0] for trait in traits}
+    width = 2 + 4 * len(traits)  # place, (seen key stated verdict) per trait, match word
+    for row, info, answer in zip(rows, infos, said):
+        truth = parse_yes_no(row.answer)
+        kind = "positive" if truth == "yes" else "negative"
+        counts[kind][0] += int(parse_yes_no(answer) == truth)
+        counts[kind][1] += 1
+        words = answer.split(".")[0].split()
+        people = sorted(info.people, key=lambda p: toy.POSITIONS.index(p.position))
+        counts["places"][0] += int(words[0::width][:len(people)] == [p.position for p in people])
+        counts["places"][1] += 1
+        description = next(iter(row.descriptions.values())).split()
+        described = dict(zip(description[0::2], description[1::2]))  # "hair red skin tan ..."
+        for number, person in enumerate(people):
+            chunk = words[number * width:(number + 1) * width]
+            if len(chunk) < width:
+                break
+            for i, trait in enumerate(traits):
+                seen, _, stated, verdict = chunk[1 + 4 * i:5 + 4 * i]
+                counts["copy"][0] += int(stated == described[DESCRIPTION_KEYS[trait]])
+                counts["copy"][1] += 1
+                read[trait][0] += int(seen == getattr(person.identity, trait))
+                read[trait][1] += 1
+                counts["compare"][0] += int(verdict == (recognition_templates.SAME if stated == seen
+                                                        else recognition_templates.DIFFERENT))
+                counts["compare"][1] += 1
+    report = {name: round(hit / total, 4) if total else None for name, (hit, total) in counts.items()}
+    report["read"] = {trait: round(hit / total, 4) if total else None for trait, (hit, total) in read.items()}
+    if report["positive"] is not None and report["negative"] is not None:
+        report["verdict_mean"] = round((report["positive"] + report["negative"]) / 2, 4)
+    report["rows"] = len(rows)
+    report["examples"] = [{"said": answer, "truth": row.answer} for row, answer in list(zip(rows, said))[:2]]
     return report
 
 

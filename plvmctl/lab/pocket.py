@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import click
 import torch
+import yaml
 
 from ..errors import PlvmError
 from ..fileio import replace_folder, write_json_atomic
@@ -67,6 +68,7 @@ class PocketProfile:
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
     measure_scenes: int = 60  # fresh held-out photos for the base model's accuracy
+    check_every: int = 1000  # base-LVLM steps between two looks at its comparisons (the log)
     measure_identities: int = 200  # held-out identities for the encoder's retrieval
 
 
@@ -102,7 +104,7 @@ def profile(name: str) -> PocketProfile:
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
-            measure_scenes=40, measure_identities=50)
+            measure_scenes=40, measure_identities=50, check_every=150)
     raise PlvmError(f"unknown pocket profile {name!r} (known: full, smoke)")
 
 
@@ -161,7 +163,8 @@ def _stage_record(work: Path, name: str) -> dict[str, Any] | None:
 
 def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: int = 0, *,
                  work_dir: str | os.PathLike | None = None, threads: int | None = 1,
-                 resume: bool = False, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+                 resume: bool = False, lvlm_overrides: dict[str, Any] | None = None,
+                 echo: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Train the whole pocket stack and write the checkpoint folder `out_dir`; return the card.
 
     `work_dir` keeps the intermediate files (toy data, training logs, checkpoints); by
@@ -171,7 +174,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     from its last checkpoint; their time so far counts in the card. `threads` sets torch's CPU
     threads (None: leave it): one thread is the default because these models are so small
     that a second thread mostly adds synchronisation, and on a shared machine it made every
-    step several times slower.
+    step several times slower. `lvlm_overrides` changes fields of the profile's base-LVLM
+    settings (`LvlmTrainConfig`) for an experiment; the card records the settings used.
     """
     from ..aligner import load_aligner, save_aligner
     from ..backbone import Backbone, load_backbone, save_backbone
@@ -179,7 +183,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     from ..train.aligner import train_aligner
     from ..train.common import JsonlLogger, find_checkpoint
     from .encoder import build_pocket_dinov2, measure_retrieval, train_encoder
-    from .lvlm import build_pocket_llava, collect_vocabulary, measure, train_lvlm
+    from .lvlm import build_pocket_llava, collect_vocabulary, measure, measure_comparisons, train_lvlm
     from .toy import generate_training_data
 
     say = echo or (lambda message: None)
@@ -190,7 +194,10 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             raise PlvmError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     settings = profile(profile_name)
-    settings.lvlm = dataclasses.replace(settings.lvlm, seed=seed)
+    unknown = sorted(set(lvlm_overrides or {}) - {f.name for f in dataclasses.fields(LvlmTrainConfig)})
+    if unknown:
+        raise PlvmError(f"--lvlm {unknown[0]}: not a base-LVLM setting (see LvlmTrainConfig)")
+    settings.lvlm = dataclasses.replace(settings.lvlm, **(lvlm_overrides or {}), seed=seed)
     settings.encoder = dataclasses.replace(settings.encoder, seed=seed)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -247,11 +254,24 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             before = measure(model, tokenizer, image_processor, scenes=settings.measure_scenes // 3,
                              config=settings.lvlm)
             run = work / "lvlm-run"
+            comparing = settings.lvlm.recognition_answer == "compare"
+
+            def check(step: int) -> None:  # how far the comparison has come, now and then
+                if comparing and (step + 1) % settings.check_every == 0 and step + 1 < settings.lvlm.steps:
+                    report = measure_comparisons(model, tokenizer, image_processor, scenes=20,
+                                                 config=settings.lvlm)
+                    logger.log({"stage": "lvlm-comparisons", "step": step + 1, **report})
+                    say(f"[pocket] lvlm step {step + 1}: " + json.dumps(
+                        {k: v for k, v in report.items() if k not in ("examples", "rows")}))
+
             result = train_lvlm(model, tokenizer, image_processor, settings.lvlm, logger=logger,
                                 echo=lambda m: say(f"[pocket] {m}"), checkpoint_dir=run,
-                                resume=resume and find_checkpoint(run) is not None)
+                                resume=resume and find_checkpoint(run) is not None, after_step=check)
             after = measure(model, tokenizer, image_processor, scenes=settings.measure_scenes,
                             config=settings.lvlm)
+            comparisons = measure_comparisons(model, tokenizer, image_processor,
+                                              scenes=settings.measure_scenes, config=settings.lvlm) \
+                if comparing else None
             save_backbone(Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
             stage("lvlm", began, before=result.seconds_before)  # training time of interrupted runs too
             lvlm = done("lvlm", {
@@ -261,7 +281,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
                 "copy_loss_last10": _mean(result.copy_losses[-10:]),
                 "vision_probe_loss_first10": _mean(result.vision_losses[:10]),
                 "vision_probe_loss_last10": _mean(result.vision_losses[-10:]),
-                "heldout_accuracy_before": before, "heldout_accuracy": after})
+                "heldout_accuracy_before": before, "heldout_accuracy": after,
+                "heldout_comparisons": comparisons})
             say("[pocket] base LVLM held-out accuracy: " + ", ".join(
                 f"{k} {v['accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in after.items()))
         timings["lvlm"] = lvlm["stage_seconds"]
@@ -372,14 +393,25 @@ def _jsonable(value: Any) -> Any:
 @click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
               help="Keep intermediate files (toy data, logs) here [default: a temporary folder].")
 @click.option("--threads", default=1, show_default=True, type=int, help="torch CPU threads.")
+@click.option("--lvlm", "lvlm_settings", multiple=True, metavar="KEY=VALUE",
+              help="Change one base-LVLM setting of the profile (LvlmTrainConfig), for experiments; "
+                   "repeatable. The card records the settings used.")
 @click.option("--resume", is_flag=True,
               help="Continue the build kept in --work: finished stages are reused, an interrupted "
                    "one continues from its last checkpoint.")
-def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: int, resume: bool) -> None:
+def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: int, resume: bool,
+         lvlm_settings: tuple[str, ...]) -> None:
     """Train the pocket PLVM stack from scratch and write it to --out."""
+    overrides: dict[str, Any] = {}
+    for setting in lvlm_settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{setting!r} is not KEY=VALUE", param_hint="--lvlm")
+        overrides[key.strip()] = yaml.safe_load(value)
     try:
         build_pocket(out_dir, "smoke" if smoke else "full", seed, work_dir=work_dir, threads=threads,
-                     resume=resume, echo=lambda message: click.echo(message, err=True))
+                     resume=resume, lvlm_overrides=overrides,
+                     echo=lambda message: click.echo(message, err=True))
     except PlvmError as error:
         raise click.ClickException(str(error)) from None
 

@@ -599,7 +599,9 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         f"(reference, photo) pairs: {testset['recognition_positive']} positive, "
         f"{testset['recognition_items'] - testset['recognition_positive']} negative (at most "
         f"{negatives} sampled per identity, seed {protocol['seed']}); the answer is generated "
-        "and read as yes / no.",
+        "and read as yes / no. The pocket model compares before it answers (\"left hair red "
+        "red same skin dark tan different ... mismatch. No, ...\"): its verdict is the first "
+        "sentence that opens with yes or no.",
         f"- Visual MCQ ({testset['visual_items']} questions, with the photo) and text MCQ "
         f"({testset['text_items']} questions, no photo): the option whose letter the model finds "
         "most likely.",
@@ -610,7 +612,12 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         f"base model from the photo in at most {DESCRIPTION_MAX_NEW_TOKENS} tokens"
         + ("; Yo'LLaVA trains soft tokens per identity (the recipe's yollava settings; "
            f"negatives: {summary.get('yollava_negatives') or 'as the recipe says'})"
-           if any(row["method"] == "yollava" for row in summary["main"]) else "") + ".",
+           if any(row["method"] == "yollava" for row in summary["main"]) else "")
+        + (f"; the true description (`{TRUTH}`, not a method: a yardstick) puts each identity's "
+           "real traits in words (\"face round skin pale hair black style short ...\", from the "
+           "test set's toy_world.json), which is what the base LVLM can do with a written "
+           "description before any Aligner" if any(row["method"] == TRUTH for row in summary["main"])
+           else "") + ".",
         "- Seconds to add a concept: wall time per concept (PLVM: one reference-encoder + "
         "Aligner pass; text prompt: the base model writing the description; Yo'LLaVA: training "
         "its soft prompt; no prompt: nothing to add).",
@@ -655,9 +662,9 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
             f"{training.get('photos')} photos, seed {training.get('seed')}) except for the one "
             "setting varied, then evaluated as `plvm` above. The w = 20, k = 16 Aligner is "
             "trained again here, so its row can differ slightly from the main table's (the "
-            "committed Aligner). Validation: Yes-vs-No first-token accuracy (mean of positive "
-            f"and negative) on {training.get('val_identities')} training-part identities held "
-            "out of that Aligner's training.",
+            "committed Aligner). Validation: recognition accuracy (mean of positive and "
+            f"negative, the verdict of generated answers) on {training.get('val_identities')} "
+            "training-part identities held out of that Aligner's training.",
             "",
             "### Yes/No weight w (k = 16)",
             "",
