@@ -36,6 +36,7 @@ from torch import nn
 
 from plvmctl.errors import PlvmError
 from plvmctl.fileio import atomic_folder, sha256_file, write_json_atomic
+from plvmctl.state_dict import read_state_dict
 
 FORMAT_NAME = "plvmctl.aligner"
 FORMAT_VERSION = 1
@@ -517,38 +518,6 @@ def released_key_shapes(config: AlignerConfig) -> dict[str, tuple[int, ...]]:
 RELEASED_KEYS: dict[str, tuple[int, ...]] = released_key_shapes(AlignerConfig(layout="released"))
 
 
-def _read_state_dict(checkpoint_path: Path) -> dict[str, torch.Tensor]:
-    """torch.load (weights only) a checkpoint and unwrap it to a flat name -> tensor dict."""
-    if not checkpoint_path.is_file():
-        raise PlvmError(f"no checkpoint file at {checkpoint_path}")
-    try:
-        obj = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PlvmError(
-            f"cannot read {checkpoint_path} as a PyTorch state dict (weights only): {reason}"
-        ) from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not obj:
-        raise PlvmError(
-            f"{checkpoint_path} is not a state dict (found {type(obj).__name__}); expected the "
-            f"released PLVM checkpoint.ckpt"
-        )
-    state: dict[str, torch.Tensor] = {}
-    for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise PlvmError(
-                f"{checkpoint_path} is not a state dict: entry {key!r} is a "
-                f"{type(value).__name__}, not a tensor"
-            )
-        name = key[len("module.") :] if key.startswith("module.") else key
-        state[name] = value
-    return state
-
-
 def import_released_checkpoint(
     checkpoint_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -564,12 +533,14 @@ def import_released_checkpoint(
     (default: the released 16 × 64, 4 blocks, ×4, 1024). Every key and shape is checked.
     """
     checkpoint_path = Path(checkpoint_path)
-    state = _read_state_dict(checkpoint_path)
+    state = read_state_dict(checkpoint_path)
     latents = state.get("latents")
     proj_out = state.get("proj_out.weight")
     if latents is None or proj_out is None or latents.dim() != 3 or proj_out.dim() != 2:
+        keys = ", ".join(repr(key) for key in list(state)[:3])
         raise PlvmError(
-            f"{checkpoint_path} does not look like the released PLVM Aligner: it needs "
+            f"{checkpoint_path} is a state dict of another model ({len(state)} tensors: {keys}"
+            f"{', ...' if len(state) > 3 else ''}); the released PLVM Aligner has "
             f"'latents' [1, k+1, D] and 'proj_out.weight' [H, D]"
         )
     template = config if config is not None else AlignerConfig(layout="released")

@@ -22,6 +22,7 @@ from .errors import PlvmError
 from .images import load_image
 from .prompt import build_prompt, encode_segments, mentioned_names, split_names
 from .table import ConceptTable
+from .tokens import decode_with_names
 
 
 @dataclass
@@ -170,34 +171,15 @@ class Engine:
         return GenerationConfig(**kwargs)
 
     def decode(self, ids: list[int], table: ConceptTable) -> str:
-        """Generated ids → text, concept words restored as `<name>`."""
-        tokenizer = self.backbone.tokenizer
-        parts: list[str] = []
-        run: list[int] = []
+        """Generated ids → text, concept words restored as `<name>` with natural spacing."""
+        return decode_with_names(self.backbone.tokenizer, ids, table.name_for_id,
+                                 vocab_size=table.vocab_size, eos_token_id=self.backbone.eos_token_id)
 
-        def flush():
-            if not run:
-                return
-            text = tokenizer.decode(run, skip_special_tokens=True).strip()
-            first = tokenizer.convert_ids_to_tokens(run[0]) or ""
-            if parts and text and (first.startswith(("▁", "Ġ")) or text[0].isalnum()):
-                text = " " + text
-            parts.append(text)
-            run.clear()
-
-        for token in ids:
-            if token == self.backbone.eos_token_id:
-                break
-            name = table.name_for_id(token)
-            if name is None:
-                if token < table.vocab_size:
-                    run.append(token)
-                continue
-            flush()
-            previous = parts[-1] if parts else ""
-            parts.append(("" if not previous or previous.endswith((" ", "(", "\n")) else " ") + f"<{name}>")
-        flush()
-        return "".join(parts).strip()
+    def answer_ids(self, text: str, names: Sequence[str], table: ConceptTable) -> list[int]:
+        """Ids of `text` as the assistant's answer, right after its prompt: " A" is "▁A", with
+        no stray "▁" of a text tokenized on its own; `<name>`s of `names` are concept words."""
+        mentioned = [n for n in mentioned_names(text) if n in names]
+        return self._encode(split_names(" " + text.strip(), mentioned), table, add_bos=False)
 
     @torch.no_grad()
     def ask(self, requests: Sequence[AskRequest], *, batch_size: int | None = None,
@@ -247,20 +229,12 @@ class Engine:
         bar = tqdm(total=len(prepared), desc="scoring", unit="q", disable=not progress)
         for batch in self._batches(prepared, batch_size):
             try:
-                names = [n for item in batch for n in item.names]
-                option_segments = []
-                for item in batch:
-                    per_item = []
-                    for text in options[item.index]:
-                        option_names = [n for n in mentioned_names(text) if n in item.names]
-                        per_item.append(split_names(" " + text.strip(), option_names))
-                    option_segments.append(per_item)
-                table = self._table(names)
+                table = self._table([n for item in batch for n in item.names])
                 rows, spans, owners, images = [], [], [], []
-                for item, per_item in zip(batch, option_segments):
+                for item in batch:
                     prompt_ids = self._encode(item.segments, table)
-                    for choice in per_item:
-                        answer_ids = self._encode(choice, table, add_bos=False)
+                    for text in options[item.index]:
+                        answer_ids = self.answer_ids(text, item.names, table)
                         rows.append(prompt_ids + answer_ids)
                         spans.append(len(answer_ids))
                         owners.append(item.index)

@@ -2,7 +2,8 @@
 
 A segment is plain text or a `Slot`: the place of a concept's word (`<name>`) or of one of its
 k context tokens. The concept table (table.py) gives each slot a virtual token id; text is
-tokenized piece by piece, `<image>` expands to the model's image slots.
+tokenized as it reads in the whole prompt (tokens.py), `<image>` expands to the model's image
+slots.
 
 With LLaVA-1.5's Vicuna-v1 template and two concepts the prompt reads
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Union
 
 from .errors import PlvmError
+from .tokens import RUNNING_TEXT, text_ids
 
 NAME_RE = re.compile(r"<([A-Za-z0-9_-]+)>")
 IMAGE_PLACEHOLDER = "<image>"
@@ -146,19 +148,35 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool,
 
 def encode_segments(segments: list[Segment], tokenizer, *, slot_id: Callable[[Slot], int],
                     image_token_id: int, num_image_tokens: int, add_bos: bool = True) -> list[int]:
-    """Token ids for `segments`: text tokenized piece by piece, slots via `slot_id`,
-    each `<image>` expanded to `num_image_tokens` copies of `image_token_id`."""
+    """Token ids for `segments`, the one place a prompt or an answer becomes ids.
+
+    The ids are those the tokenizer gives the whole text in one go with every slot an atomic
+    token: each text piece is tokenized as it reads where it stands (tokens.py), the space
+    before a slot belongs to the slot (as a word's space belongs to the word), slots get
+    `slot_id`, each `<image>` becomes `num_image_tokens` copies of `image_token_id`.
+    `add_bos=False` means the segments continue a text already encoded (an answer after its
+    prompt): their first piece is tokenized as running text, never as the start of one.
+    """
+    segments = merge_text(list(segments))
     ids: list[int] = []
     if add_bos and tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
-    for segment in segments:
+    image_text = tokenizer.convert_ids_to_tokens(image_token_id)
+    after: str | None = None if add_bos else RUNNING_TEXT  # what the next text piece follows
+    for position, segment in enumerate(segments):
         if isinstance(segment, Slot):
             ids.append(slot_id(segment))
+            after = RUNNING_TEXT
             continue
+        before_slot = position + 1 < len(segments) and isinstance(segments[position + 1], Slot)
         pieces = segment.split(IMAGE_PLACEHOLDER)
         for number, piece in enumerate(pieces):
             if number > 0:
                 ids.extend([image_token_id] * num_image_tokens)
+                after = image_text or None
+            if before_slot and number == len(pieces) - 1 and piece.endswith(" "):
+                piece = piece[:-1]  # the slot's own space, as in " <name>"
             if piece:
-                ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+                ids.extend(text_ids(tokenizer, piece, after))
+                after = RUNNING_TEXT
     return ids

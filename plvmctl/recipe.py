@@ -18,7 +18,15 @@ import yaml
 
 from .errors import PlvmError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Named recipes: the top-level recipes/ folder of a source checkout (the source of truth), then
+# the copy an installed package ships as plvmctl/recipes (pyproject.toml's package-dir).
+_CHECKOUT = PACKAGE_DIR.parent
+RECIPES_DIRS = ((_CHECKOUT / "recipes",) if (_CHECKOUT / "pyproject.toml").is_file() else ()) \
+    + (PACKAGE_DIR / "recipes",)
+# What `plvmctl` runs without --recipe: the pocket model, trained and offline. `tiny` (random
+# weights) is for tests and for trying the machinery.
+DEFAULT_RECIPE = "pocket"
 
 
 @dataclass
@@ -27,7 +35,8 @@ class ModelSection:
 
     source: str = "tiny"  # "tiny" (random, built from configs), a hub id, or a local folder
     revision: str | None = None
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    # auto (bf16 on GPU, fp16 there with the released Aligner, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"
     quantization: str = "none"  # none | 8bit | 4bit (needs bitsandbytes and a GPU)
     image_preprocess: str = "pad"  # pad (LLaVA-1.5's pad-to-square, mean colour) | crop
     template: str = "vicuna_v1"
@@ -143,6 +152,15 @@ def build_dataclass(cls: type, data: dict[str, Any] | None, where: str):
     return cls(**values)
 
 
+def known_recipes() -> dict[str, Path]:
+    """Every named recipe → its file, the checkout's recipes/ before the installed copy."""
+    found: dict[str, Path] = {}
+    for folder in RECIPES_DIRS:
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
+
+
 def resolve_recipe_path(name_or_path: str) -> Path:
     """`NAME` → recipes/NAME.yaml; anything with a slash or .yaml suffix is a path."""
     candidate = Path(name_or_path)
@@ -150,11 +168,10 @@ def resolve_recipe_path(name_or_path: str) -> Path:
         if not candidate.is_file():
             raise PlvmError(f"recipe file not found: {candidate}")
         return candidate
-    path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-        raise PlvmError(f"unknown recipe {name_or_path!r} (known: {', '.join(known)})")
-    return path
+    known = known_recipes()
+    if name_or_path not in known:
+        raise PlvmError(f"unknown recipe {name_or_path!r} (known: {', '.join(known) or 'none'})")
+    return known[name_or_path]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -184,7 +201,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Recipe:
+def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe by name or path, apply `--set` overrides, validate everything."""
     path = resolve_recipe_path(name_or_path)
     try:

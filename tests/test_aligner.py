@@ -446,7 +446,7 @@ def test_released_import_rejects_non_state_dicts(tmp_path):
         import_released_checkpoint(not_a_dict, tmp_path / "out")
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(PlvmError, match="cannot read"):
+    with pytest.raises(PlvmError, match="not a PyTorch file"):
         import_released_checkpoint(noise, tmp_path / "out")
     with pytest.raises(PlvmError, match="no checkpoint file"):
         import_released_checkpoint(tmp_path / "absent.ckpt", tmp_path / "out")
@@ -454,6 +454,41 @@ def test_released_import_rejects_non_state_dicts(tmp_path):
     torch.save({"weight": torch.zeros(2)}, no_latents)
     with pytest.raises(PlvmError, match="latents"):
         import_released_checkpoint(no_latents, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_checkpoints(folder: Path) -> dict[str, Path]:
+    """One file of every kind `aligner import` must refuse, by kind."""
+    files = {kind: folder / f"{kind}.ckpt" for kind in
+             ("empty", "text", "jpeg", "module", "truncated", "old-truncated", "other-layout")}
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("hello, this is a note\n")
+    files["jpeg"].write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    torch.save(torch.nn.Linear(2, 2), files["module"])
+    torch.save({"latents": torch.zeros(1, 3, 4)}, folder / "whole.ckpt")
+    files["truncated"].write_bytes((folder / "whole.ckpt").read_bytes()[:300])
+    torch.save({"latents": torch.zeros(1, 3, 4)}, folder / "old.ckpt", _use_new_zipfile_serialization=False)
+    files["old-truncated"].write_bytes((folder / "old.ckpt").read_bytes()[:40])
+    torch.save({"encoder.weight": torch.zeros(2, 2), "encoder.bias": torch.zeros(2)}, files["other-layout"])
+    return files
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("empty", "is empty (0 bytes)"),
+    ("text", "is not a PyTorch file"),
+    ("jpeg", "is not a PyTorch file"),
+    ("module", "holds pickled Python objects"),
+    ("truncated", "is a damaged or truncated PyTorch file"),
+    ("old-truncated", "is a damaged or truncated PyTorch file"),
+    ("other-layout", "is a state dict of another model (2 tensors: 'encoder.weight', 'encoder.bias')"),
+])
+def test_every_kind_of_bad_checkpoint_gets_one_clear_line(tmp_path, kind, says):
+    path = _bad_checkpoints(tmp_path)[kind]
+    with pytest.raises(PlvmError) as info:
+        import_released_checkpoint(path, tmp_path / "out")
+    message = str(info.value)
+    assert says in message and str(path) in message
+    assert "\n" not in message and "weights_only=False" not in message
     assert not (tmp_path / "out").exists()
 
 

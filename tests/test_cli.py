@@ -163,3 +163,36 @@ def test_the_product_never_imports_the_laboratory():
             "print(sorted(m for m in sys.modules if m.startswith('plvmctl.lab')))")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_recipes_lists_the_named_recipes_and_marks_the_default():
+    result = CliRunner().invoke(main, ["recipes"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("\t")[0]: line.split("\t") for line in result.output.splitlines()}
+    assert {"pocket (default)", "tiny", "llava15-7b", "train-tiny"} <= set(lines)
+    assert lines["pocket (default)"][1] == "The pocket model of the toy world"
+    assert lines["tiny"][2].endswith("tiny.yaml")
+
+
+def test_without_recipe_the_pocket_model_answers_and_loading_is_quiet(tmp_path, photos):
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    store = ["--store", str(tmp_path / "store"), "--device", "cpu"]
+    loud = CliRunner().invoke(main, ["-v", "--recipe", "pocket", *store, "encode", str(photos["plain0.png"]),
+                                     "--name", "avril"])
+    assert loud.exit_code == 0, loud.output
+    assert "Loading weights" in loud.output  # what -v still shows
+    quiet = CliRunner().invoke(main, [*store, "ask", str(photos["plain1.png"]), "is <avril> in this photo?"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "Loading weights" not in quiet.output and quiet.output.strip()
+
+
+def test_aligner_import_of_a_pickled_module_is_refused_in_one_line(tmp_path):
+    checkpoint = tmp_path / "checkpoint.ckpt"
+    torch.save(torch.nn.Linear(2, 2), checkpoint)
+    result = CliRunner().invoke(main, ["aligner", "import", str(checkpoint), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("error: ") and "holds pickled Python objects" in line
+    assert "weights_only" not in result.output and not (tmp_path / "x").exists()

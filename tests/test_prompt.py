@@ -1,9 +1,11 @@
 """Prompts: the Vicuna-v1 template with one `<name> is <ctx…>.` sentence per concept."""
 
+from pathlib import Path
+
 import pytest
 
 from plvmctl.errors import PlvmError
-from plvmctl.prompt import (VICUNA_V1, Slot, build_prompt, encode_segments, mentioned_names,
+from plvmctl.prompt import (POCKET, VICUNA_V1, Slot, build_prompt, encode_segments, mentioned_names,
                             split_names)
 from plvmctl.tiny import IMAGE_ID, build_word_tokenizer
 
@@ -57,3 +59,68 @@ def test_encoding_expands_image_and_places_slots():
     photo, is_, red = tokenizer.convert_tokens_to_ids(["photo", "is", "red"])
     # the word-level tokenizer treats the newline as whitespace
     assert ids == [tokenizer.bos_token_id, photo, IMAGE_ID, IMAGE_ID, IMAGE_ID, 1000, is_, red]
+
+
+# -- word-level tokenizers (tiny, pocket) keep exactly the ids they had piece by piece -----------
+
+POCKET_BACKBONE = Path(__file__).resolve().parents[1] / "plvmctl" / "assets" / "pocket" / "backbone"
+
+
+def _piece_by_piece(segments, tokenizer, *, slot_id, image_token_id, num_image_tokens, add_bos=True):
+    """How segments became ids before ids were read in context: every text piece on its own.
+    The pocket model was trained on these ids; word-level tokenizers must still get them."""
+    ids = [tokenizer.bos_token_id] if add_bos else []
+    for segment in segments:
+        if isinstance(segment, Slot):
+            ids.append(slot_id(segment))
+            continue
+        for number, piece in enumerate(segment.split("<image>")):
+            if number > 0:
+                ids.extend([image_token_id] * num_image_tokens)
+            if piece:
+                ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def _word_level_tokenizers():
+    from transformers import AutoProcessor
+
+    from plvmctl.tiny import TINY_WORDS
+
+    yield "tiny", build_word_tokenizer(TINY_WORDS), VICUNA_V1
+    if (POCKET_BACKBONE / "tokenizer.json").is_file():
+        yield "pocket", AutoProcessor.from_pretrained(POCKET_BACKBONE).tokenizer, POCKET
+
+
+WORD_LEVEL_QUESTIONS = [
+    ("is <avril> in this photo?", True),
+    ("<avril> and <bob>: who is on the left?", True),
+    ("what color is the hair of <bob>", False),
+    ("is <avril>'s shirt (left) red? answer yes or no.", True),
+    ("describe the face of <avril>.\nbe brief", False),
+]
+WORD_LEVEL_ANSWERS = ["yes", "no", "left hair red blue different mismatch.", "<avril>'s hat is red.",
+                      "a", "(<bob>)", "<avril> and <bob>"]
+
+
+@pytest.mark.parametrize("question, has_image", WORD_LEVEL_QUESTIONS)
+def test_word_level_prompts_answers_and_options_keep_their_ids(question, has_image):
+    slot_id = {"avril": 900, "bob": 950}
+
+    def slot(s):
+        return slot_id[s.name] + 1 + s.index
+
+    for label, tokenizer, template in _word_level_tokenizers():
+        segments = build_prompt(question, template=template, has_image=has_image,
+                                concepts={"avril": 16, "bob": 16})
+        kwargs = dict(slot_id=slot, image_token_id=IMAGE_ID, num_image_tokens=3)
+        assert encode_segments(segments, tokenizer, **kwargs) == \
+            _piece_by_piece(segments, tokenizer, **kwargs), label
+        for answer in WORD_LEVEL_ANSWERS:
+            answer_segments = split_names(" " + answer, ["avril", "bob"])
+            assert encode_segments(answer_segments, tokenizer, add_bos=False, **kwargs) == \
+                _piece_by_piece(answer_segments, tokenizer, add_bos=False, **kwargs), (label, answer)
+
+
+def test_both_word_level_tokenizers_are_checked():
+    assert [label for label, _, _ in _word_level_tokenizers()] == ["tiny", "pocket"]

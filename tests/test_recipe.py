@@ -41,3 +41,46 @@ def test_overrides_are_typed():
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(PlvmError, match=message):
         load_recipe("tiny", [override])
+
+
+def test_the_default_recipe_is_the_trained_offline_pocket_model():
+    from plvmctl.recipe import DEFAULT_RECIPE, known_recipes
+
+    assert DEFAULT_RECIPE == "pocket" and load_recipe().name == "pocket"
+    assert {"pocket", "tiny", "llava15-7b", "train-tiny"} <= set(known_recipes())
+
+
+def test_an_installed_copy_of_the_recipes_resolves_from_any_folder(tmp_path, monkeypatch):
+    """As from a wheel: no checkout recipes/, the copy inside the package, another cwd."""
+    import shutil
+
+    import plvmctl.recipe as recipe_module
+    from plvmctl.runtime import resolve_recipe_path
+
+    installed = tmp_path / "site" / "plvmctl" / "recipes"
+    installed.mkdir(parents=True)
+    shutil.copyfile(recipe_module.known_recipes()["pocket"], installed / "pocket.yaml")
+    monkeypatch.setattr(recipe_module, "RECIPES_DIRS", (installed,))
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("pocket")
+    assert recipe.path == installed / "pocket.yaml"
+    backbone = resolve_recipe_path(recipe, recipe.model.source)
+    assert backbone == str(recipe_module.PACKAGE_DIR / "assets" / "pocket" / "backbone")
+    with pytest.raises(PlvmError, match=r"unknown recipe 'tiny' \(known: pocket\)"):
+        load_recipe("tiny")
+
+
+def test_auto_dtype_is_fp16_on_a_gpu_only_for_the_released_aligner():
+    import torch
+
+    from plvmctl.backbone import resolve_dtype
+    from plvmctl.runtime import recipe_dtype
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    released = load_recipe("llava15-7b")
+    assert released.aligner.layout == "released"
+    assert resolve_dtype(recipe_dtype(released, gpu), gpu) == torch.float16
+    assert resolve_dtype(recipe_dtype(released, cpu), cpu) == torch.float32
+    assert resolve_dtype(recipe_dtype(load_recipe("tiny"), gpu), gpu) == torch.bfloat16
+    chosen = load_recipe("llava15-7b", ["model.dtype=bfloat16"])
+    assert resolve_dtype(recipe_dtype(chosen, gpu), gpu) == torch.bfloat16

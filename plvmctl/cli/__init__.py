@@ -21,9 +21,10 @@ def main(**_):
     then ask questions that mention <name> about any photo.
 
     \b
-    Quick start (offline, tiny random model):
-      plvmctl --recipe tiny encode ref.jpg --name avril
-      plvmctl --recipe tiny ask photo.jpg "Is <avril> in this photo?"
+    Quick start (offline: the pocket model, trained on the toy world, is the default):
+      plvmctl encode ref.jpg --name avril
+      plvmctl ask photo.jpg "Is <avril> in this photo?"
+      plvmctl recipes          (the others: llava15-7b, tiny, ...)
     """
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from ..recipe import DEFAULT_RECIPE
+
 STORE_ENV = "PLVMCTL_STORE"
 
 
@@ -33,7 +35,7 @@ class ReportingGroup(click.Group):
 class App:
     """The `ctx.obj` of every command. Heavy things load lazily, once."""
 
-    recipe_name: str = "tiny"
+    recipe_name: str = DEFAULT_RECIPE
     overrides: list[str] = field(default_factory=list)
     store_dir: str | None = None
     device: str = "auto"
@@ -61,6 +63,7 @@ class App:
         """Backbone + reference encoder + Aligner, loaded as the recipe says."""
         from ..runtime import load_runtime
 
+        quiet_model_loading(self.verbose)
         return load_runtime(self.recipe, device=self.device, verbose=self.verbose)
 
     def log(self, message: str, level: int = 1) -> None:
@@ -68,17 +71,28 @@ class App:
             click.echo(message, err=True)
 
 
+def quiet_model_loading(verbose: int) -> None:
+    """Without -v, transformers' "Loading weights" bars and advisory log lines stay silent."""
+    if verbose:
+        return
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 def global_options(function):
     """The options that stand before the command name: `plvmctl [OPTIONS] COMMAND`."""
 
-    @click.option("--recipe", "recipe_name", default="tiny", show_default=True,
-                  help="Recipe NAME (recipes/NAME.yaml) or path to a YAML file.")
+    @click.option("--recipe", "recipe_name", default=DEFAULT_RECIPE, show_default=True,
+                  help="Recipe NAME (see `plvmctl recipes`) or path to a YAML file.")
     @click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
                   help=f"Concept store folder [default: the recipe's store, or ${STORE_ENV}].")
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
                   show_default=True, help="Where to run the models.")
     @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                  default=None, help="Model dtype [default: bf16 on GPU, fp32 on CPU].")
+                  default=None,
+                  help="Model dtype [default: bf16 on GPU (fp16 with the released Aligner), fp32 on CPU].")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a recipe value, e.g. --set generation.max_new_tokens=32.")
     @click.option("-v", "--verbose", count=True, help="More log lines on stderr (-vv for more).")

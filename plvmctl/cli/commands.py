@@ -1,8 +1,9 @@
-"""Core commands: encode, ask, concepts, chat, aligner import."""
+"""Core commands: encode, ask, concepts, chat, recipes, aligner import."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -151,6 +152,27 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
             click.echo(f"failed: {row['image'] or row['question']}: {row['error']}", err=True)
     if failed:
         sys.exit(1)
+
+
+# -- recipes --------------------------------------------------------------------------------
+def _summary(path: Path) -> str:
+    """A recipe's opening comment up to its first ':' or '.' (what the recipe is)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return re.split(r"[:.](?:\s|$)", " ".join(lines), maxsplit=1)[0].strip()
+
+
+@main.command()
+def recipes():
+    """The named recipes (use one with --recipe NAME): name, what it is, its file."""
+    from ..recipe import DEFAULT_RECIPE, known_recipes
+
+    for name, path in known_recipes().items():
+        default = " (default)" if name == DEFAULT_RECIPE else ""
+        click.echo(f"{name}{default}\t{_summary(path)}\t{path}")
 
 
 # -- concepts -------------------------------------------------------------------------------

@@ -242,9 +242,9 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
 
     Virtual ids depend only on the order of the names and k, so they are laid out with
     placeholder concepts here; the real table (same order) is built from the Aligner's output
-    at forward time. The answer is `split_names(" " + answer)` + EOS, so a `<name>` in the
-    answer is the concept's word id and its head row gets trained too; a sample's `reasoning`
-    comes first (" {reasoning}."). The verdict's first token of a recognition sample (the
+    at forward time. The answer is `split_names(" " + answer)` + EOS, tokenized as it continues
+    the prompt, so a `<name>` in the answer is the concept's word id and its head row gets
+    trained too; a sample's `reasoning` comes first (" {reasoning}."). The verdict's first token of a recognition sample (the
     "Yes"/"No", after any reasoning) gets weight `yes_no_weight`, the others 1.
     """
     names = list(dict.fromkeys(sample.name for sample in samples))
@@ -446,7 +446,8 @@ def batch_loss(aligner: torch.nn.Module, batch: EncodedBatch, references: Refere
 
 
 def first_token_id(backbone, text: str) -> int:
-    """The first token of `text` as the start of an answer (e.g. " Yes")."""
+    """The first token of `text` as the start of an answer, right after its prompt: " Yes" is
+    "▁Yes" (never the bare "▁" that the legacy LLaMA normalizer puts before a lone text)."""
     ids = encode_segments([text], backbone.tokenizer, slot_id=lambda slot: 0,
                           image_token_id=backbone.image_token_id,
                           num_image_tokens=backbone.num_image_tokens, add_bos=False)
