@@ -114,11 +114,20 @@ def test_recognition_answers_the_question(pocket):
     assert sum(positives) / len(positives) >= 0.5, said
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the committed pocket model answers Yes to every recognition question: its base LM "
-    "learned to see but not to read the description sentence a concept stands in for, so "
-    "the Aligner has nothing to steer (card.json; eval: negative recognition 0 %)"))
 def test_recognition_rejects_a_stranger(pocket):
     said, truths = _recognition(pocket)
     negatives = [s == t for s, t in zip(said, truths) if t == "no"]
     assert sum(negatives) / len(negatives) >= 0.5, said
+
+
+def test_a_recognised_person_is_named_in_the_answer(pocket):
+    """The pocket LM says a concept's name back ("yes, <person0> is in this photo.")."""
+    from plvmctl.engine import AskRequest, Engine
+
+    rng = random.Random("test-pocket-names")
+    pool = list(toy.heldout_identities())
+    person = rng.choice(pool)
+    concept = pocket.encode_concept("person0", toy.render_portrait(person, rng))
+    photo, _ = toy.random_scene(person, rng, pool, n_people=1)
+    answer = Engine(pocket, {"person0": concept}).ask([AskRequest("Is <person0> in this photo?", photo)])[0]
+    assert answer.ok and "<person0>" in answer.answer, answer.answer

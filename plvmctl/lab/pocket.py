@@ -46,6 +46,8 @@ from .lvlm import DESCRIPTION_KEYS, LvlmSizes, LvlmTrainConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "pocket"
 MAX_BYTES = 20 * 1024 * 1024
+# PocketProfile fields that only the Aligner's data and training depend on
+ALIGNER_PREFIXES = ("aligner_", "num_context", "identities", "photos")
 CARD_FILE = "card.json"
 
 
@@ -77,12 +79,14 @@ class PocketProfile:
 POCKET_SIZES = LvlmSizes(patch_size=32)
 
 # How the base LVLM learns, stage by stage, each with a direct signal (README "The toy world"):
-# seeing (the vision tower on what is drawn where), copying (induction heads), then the full
-# mix in which recognition answers spell out the comparison, people are described "key
-# value", and half the rows carry the person's name as a name token it must say back.
+# copying (induction heads), seeing (the vision tower on what is drawn where, each patch told
+# its column), then the full mix in which recognition answers spell out the comparison, every
+# photo also gets a place-by-place caption, people are described "key value", and half the
+# rows carry the person's name as a name token it must say back.
 CURRICULUM = LvlmTrainConfig(
     description="keyvalue", recognition_answer="compare", name_share=0.5,
     vision_steps=500, copy_steps=900, single_person_steps=0, portrait_rows_per_step=4,
+    caption_rows=1, position_aux_weight=1.0,
     scene_share=0.25, recognition_share=0.5, about_share=0.25)
 
 
@@ -90,10 +94,10 @@ def profile(name: str) -> PocketProfile:
     """`full` (the committed model) or `smoke` (a few minutes, still shows learning)."""
     if name == "full":
         return PocketProfile(
-            name="full", identities=300, photos=4, lvlm_sizes=POCKET_SIZES,
-            lvlm=dataclasses.replace(CURRICULUM, steps=6000, warmup_steps=60, lr=2e-3, log_every=50),
+            name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
+            lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=2e-3, log_every=50),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
-            aligner_steps=1000, aligner_batch=8)
+            aligner_steps=2500, aligner_batch=8)
     if name == "smoke":
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
@@ -206,13 +210,25 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="plvmctl-pocket-")) if own_work else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    plan = _jsonable(dataclasses.asdict(settings)) | {"seed": seed}
+    everything = _jsonable(dataclasses.asdict(settings)) | {"seed": seed}
+    # What the base-LVLM and encoder stages depend on; the Aligner's data and training (the
+    # first and the last stage) are made again when only their own settings changed.
+    plan = {key: value for key, value in everything.items() if not key.startswith(ALIGNER_PREFIXES)}
     plan_file = work / "plan.json"
     if resume and plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
         raise PlvmError(f"cannot resume: {work} holds a build with other settings (profile or seed)")
     if not resume and any(work.glob("stage-*.json")):
         raise PlvmError(f"{work} already holds a build: pass --resume to continue it, or choose another --work")
     write_json_atomic(plan_file, plan)
+    aligner_plan = {key: value for key, value in everything.items() if key.startswith(ALIGNER_PREFIXES)}
+    aligner_run = work / "aligner-run"
+    aligner_plan_file = work / "aligner-plan.json"
+    if aligner_run.exists() and (not aligner_plan_file.is_file()
+                                 or json.loads(aligner_plan_file.read_text(encoding="utf-8")) != aligner_plan):
+        say(f"[pocket] the Aligner settings changed: its data and training are made again")
+        shutil.rmtree(aligner_run)
+        (work / "stage-data.json").unlink(missing_ok=True)
+    write_json_atomic(aligner_plan_file, aligner_plan)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     timings: dict[str, float] = {}
     card: dict[str, Any] = {"format": "plvmctl.pocket-card", "profile": settings.name, "seed": seed,
@@ -316,9 +332,9 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         began = time.perf_counter()
         runtime = load_runtime(_stage_recipe(backbone_dir, encoder_dir, None, settings.num_context),
                                device="cpu")
-        config = aligner_train_config(settings, manifest, work / "aligner-run", seed)
+        config = aligner_train_config(settings, manifest, aligner_run, seed)
         result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"),
-                               resume=resume and find_checkpoint(work / "aligner-run") is not None)
+                               resume=resume and find_checkpoint(aligner_run) is not None)
         stage("aligner", began)
         first = sum(result.losses[:10]) / max(1, len(result.losses[:10]))
         last = sum(result.losses[-10:]) / max(1, len(result.losses[-10:]))
