@@ -395,9 +395,10 @@ def parse_yes_no(answer: str | None) -> str | None:
 
     The first word decides when it is a yes/no word ("Yes, <a> is ...", "No.", "**Yes**");
     "Absolutely not" is no. Otherwise the first later sentence that opens with one does (an
-    answer that reasons first: "left hair red red same ... match. Yes, <a> is ..."). Otherwise a hedge ("I'm not sure") is None, any negation
-    ("I don't see <a>", "<a> is not in this photo", "There is no ...") is no, and a statement
-    of presence ("<a> is in this photo") is yes.
+    answer that reasons first: "left red hair red same ... match. Yes, <a> is ..."). Otherwise
+    a hedge ("I'm not sure") is None, any negation ("I don't see <a>", "<a> is not in this
+    photo", "There is no ...") is no, and a statement of presence ("<a> is in this photo") is
+    yes.
     """
     if not answer:
         return None
@@ -405,7 +406,7 @@ def parse_yes_no(answer: str | None) -> str | None:
     if not words:
         return None
     # The first sentence that opens with a yes/no word decides: "Yes, ..." as well as a
-    # reasoning first and the verdict after it ("left hair red red same ... match. Yes, ...").
+    # reasoning first and the verdict after it ("left red hair red same ... match. Yes, ...").
     for part in re.split(r"[.!?;\n]+", answer):
         decided = _opening_verdict(_plain_words(part))
         if decided is not None:

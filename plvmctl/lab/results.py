@@ -599,8 +599,8 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         f"(reference, photo) pairs: {testset['recognition_positive']} positive, "
         f"{testset['recognition_items'] - testset['recognition_positive']} negative (at most "
         f"{negatives} sampled per identity, seed {protocol['seed']}); the answer is generated "
-        "and read as yes / no. The pocket model compares before it answers (\"left hair red "
-        "red same skin dark tan different ... mismatch. No, ...\"): its verdict is the first "
+        "and read as yes / no. The pocket model compares before it answers (\"left red hair "
+        "red same dark skin tan different ... mismatch. No, ...\"): its verdict is the first "
         "sentence that opens with yes or no.",
         f"- Visual MCQ ({testset['visual_items']} questions, with the photo) and text MCQ "
         f"({testset['text_items']} questions, no photo): the option whose letter the model finds "

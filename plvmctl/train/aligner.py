@@ -109,7 +109,7 @@ class TrainConfig:
     seed: int = 0
     yes_no_weight: float = 20.0  # w of Eq. 2 on the Yes/No token of recognition answers
     # "compare": recognition answers check the identity's traits against everyone in the photo
-    # first ("left hair red red same ... match. Yes, ..."), as a base model trained to reason so
+    # first ("left red hair red same ... match. Yes, ..."), as a base model trained to reason so
     # answers (the pocket model); the manifest then needs "traits" and "people". w lands on the
     # verdict's first token wherever it stands, and validation generates and reads the verdict.
     recognition_answer: str = "plain"
@@ -244,8 +244,9 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
     placeholder concepts here; the real table (same order) is built from the Aligner's output
     at forward time. The answer is `split_names(" " + answer)` + EOS, tokenized as it continues
     the prompt, so a `<name>` in the answer is the concept's word id and its head row gets
-    trained too; a sample's `reasoning` comes first (" {reasoning}."). The verdict's first token of a recognition sample (the
-    "Yes"/"No", after any reasoning) gets weight `yes_no_weight`, the others 1.
+    trained too; a sample's `reasoning` comes first (" {reasoning}."). The verdict's first
+    token of a recognition sample (the "Yes"/"No", after any reasoning) gets weight
+    `yes_no_weight`, the others 1.
     """
     names = list(dict.fromkeys(sample.name for sample in samples))
     layout = ConceptTable([_placeholder_concept(n, num_context, 1) for n in names],

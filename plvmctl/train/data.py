@@ -6,7 +6,12 @@ The manifest is JSONL, one identity a line, paths relative to the manifest's fol
      "queries": ["images/avril/q0.png", ...],
      "attributes": [{"question": "What colour is <sks>'s hair?", "answer": "Blonde."}, ...]}
 
-Other keys are allowed and kept when the file is rewritten. Attribute questions use `<sks>`
+Optional, for a base model that compares before its verdict (`train.recognition_answer:
+compare`, the pocket model): "traits", the identity's traits as key word -> value word
+({"hair": "red", "skin": "tan", ...}), and "people", per query photo everyone in it as
+[{"place": "left", "traits": {...}}, ...]; recognition answers then say the comparison
+(`templates.comparison`) before the verdict. Other keys are allowed and kept when the file is
+rewritten. Attribute questions use `<sks>`
 for the identity (they may use `<name>` too); `data attributes` fills missing answers by asking
 the frozen base model about the reference photo.
 
@@ -237,7 +242,7 @@ class Sample:
     question: str
     answer: str
     photo: Path | None
-    reasoning: str = ""  # said before the answer ("left hair red red same ... match"); the answer is the verdict
+    reasoning: str = ""  # said before the answer ("left red hair red same ... match"); the answer is the verdict
 
 
 def _with_name(text: str, name: str) -> str:

@@ -140,7 +140,7 @@ class YollavaConfig:
     cache_features: bool = True
     flip: bool = False  # random horizontal flip of photos (features of both sides cached)
     attribute_max_new_tokens: int = 32
-    # A base model that compares before its verdict ("left hair red red same ... match. Yes,
+    # A base model that compares before its verdict ("left red hair red same ... match. Yes,
     # ..."; the pocket model) is not given recognition conversations: their "Yes"/"No" answers
     # would teach the concept to skip the comparison it needs. The concept learns what the
     # person looks like from the attribute conversations, and epochs are scored by the verdict
