@@ -954,7 +954,9 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
     possible answers (the option letters, Yes/No, the colours ...) is the right one, as the
     evaluation's likelihood scoring picks; `chance` is 1 / number of possible answers.
     `greedy`: the most likely token over the WHOLE vocabulary is the right one (what greedy
-    decoding would start with). Returns {kind: {...}} plus "all".
+    decoding would start with). With "compare" recognition answers the first token is a place,
+    not the verdict: those rows are answered by greedy generation instead and scored by their
+    verdict (kind "recognition-said", chance 0.5). Returns {kind: {...}} plus "all".
     """
     config = config or LvlmTrainConfig()
     pool = toy.heldout_identities() if heldout else toy.training_identities()
@@ -969,7 +971,10 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
     hits: dict[str, list[int]] = {}
     greedy: dict[str, list[int]] = {}
     chances: dict[str, list[float]] = {}
+    compare = config.recognition_answer == "compare"
     for row, scored in zip(rows, first_answer_hits(model, tokenizer, rows, pixels, batch_rows)):
+        if compare and row.kind == "recognition":
+            continue  # its first token is a place, not the verdict: scored below by generating
         if scored is not None:
             hits.setdefault(row.group, []).append(int(scored[0]))
             greedy.setdefault(row.group, []).append(int(scored[1]))
@@ -979,7 +984,7 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
         return {"accuracy": round(sum(h) / len(h), 4), "greedy": round(sum(g) / len(g), 4),
                 "chance": round(sum(c) / len(c), 4), "count": len(h)}
 
-    if config.recognition_answer == "compare":  # the verdict comes after the comparison: generate it
+    if compare:  # the verdict comes after the comparison: generate it
         from ..evaluate import parse_yes_no
 
         recognition = [row for row in rows if row.kind == "recognition"]
