@@ -638,6 +638,20 @@ def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: t
     return (logits, features) if return_features else logits
 
 
+def _with_own_photos(chunk: Sequence[Row]) -> tuple[list[Row], list[int]]:
+    """`chunk`'s rows with their photo indexes renumbered 0, 1, ... in order of appearance,
+    and the original indexes in that order (what to take from the caller's pixels)."""
+    remap: dict[int, int] = {}  # photo index -> position in this chunk's pixels
+    for row in chunk:
+        for index in (row.reference, row.image):
+            if index is not None:
+                remap.setdefault(index, len(remap))
+    local = [dataclasses.replace(row, image=None if row.image is None else remap[row.image],
+                                 reference=None if row.reference is None else remap[row.reference])
+             for row in chunk]
+    return local, sorted(remap, key=remap.get)
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, rows: Sequence[Row], pixels: torch.Tensor | None,
                      max_new_tokens: int = 64, batch_rows: int = 48) -> list[str]:
@@ -647,16 +661,8 @@ def generate_answers(model, tokenizer, rows: Sequence[Row], pixels: torch.Tensor
     answers: list[str] = []
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
-        remap: dict[int, int] = {}
-        for row in chunk:
-            for index in (row.reference, row.image):
-                if index is not None:
-                    remap.setdefault(index, len(remap))
-        local = [dataclasses.replace(row, image=None if row.image is None else remap[row.image],
-                                     reference=None if row.reference is None else remap[row.reference])
-                 for row in chunk]
+        local, order = _with_own_photos(chunk)
         batch = encode_rows(local, tokenizer, num_image_tokens(model), name_id=vocab, with_answers=False)
-        order = sorted(remap, key=remap.get)
         features = image_tokens(model, pixels[order]) if order else None
         names = name_vectors(model, len(chunk))
         lengths = torch.tensor(batch.prompt_lengths)
@@ -921,16 +927,8 @@ def first_answer_hits(model, tokenizer, rows: Sequence[Row], pixels: torch.Tenso
     results: list[tuple[bool, bool] | None] = []
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start:start + batch_rows]
-        remap: dict[int, int] = {}  # photo index -> position in this chunk's pixels
-        for row in chunk:
-            for index in (row.reference, row.image):
-                if index is not None:
-                    remap.setdefault(index, len(remap))
-        local = [dataclasses.replace(row, image=None if row.image is None else remap[row.image],
-                                     reference=None if row.reference is None else remap[row.reference])
-                 for row in chunk]
+        local, order = _with_own_photos(chunk)
         batch = encode_rows(local, tokenizer, num_image_tokens(model), name_id=model.config.text_config.vocab_size)
-        order = sorted(remap, key=remap.get)
         logits = forward_logits(model, batch, pixels[order] if order else None)
         for i, row in enumerate(chunk):
             if not row.options:

@@ -491,11 +491,7 @@ def validate_recognition(aligner: torch.nn.Module, samples: Sequence[Sample],
                 correct[sample.kind] += int(says_yes == (sample.kind == "positive"))
     finally:
         aligner.train(was_training)
-    nan = float("nan")
-    positive = correct["positive"] / total["positive"] if total["positive"] else nan
-    negative = correct["negative"] / total["negative"] if total["negative"] else nan
-    return {"val_positive": positive, "val_negative": negative,
-            "val_mean": (positive + negative) / 2}
+    return _recognition_rates(correct, total)
 
 
 @torch.no_grad()
@@ -526,6 +522,11 @@ def _validate_by_generating(aligner: torch.nn.Module, samples: Sequence[Sample],
     for sample, result in zip(samples, results):
         total[sample.kind] += 1
         correct[sample.kind] += int(parse_yes_no(result.answer) == ("yes" if sample.kind == "positive" else "no"))
+    return _recognition_rates(correct, total)
+
+
+def _recognition_rates(correct: dict[str, int], total: dict[str, int]) -> dict[str, float]:
+    """Accuracy on positives, on negatives and their mean (NaN parts where there is none)."""
     nan = float("nan")
     positive = correct["positive"] / total["positive"] if total["positive"] else nan
     negative = correct["negative"] / total["negative"] if total["negative"] else nan
