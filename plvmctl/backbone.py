@@ -48,6 +48,7 @@ class Backbone:
     image_processor: object
     name: str
     image_preprocess: str = "pad"  # pad | crop
+    prompt_pieces: str = "natural"  # natural | per_piece (prompt.encode_segments)
 
     # -- shapes and ids ---------------------------------------------------------------
     @property

@@ -132,7 +132,8 @@ class Engine:
     def _encode(self, segments: list, table: ConceptTable, add_bos: bool = True) -> list[int]:
         return encode_segments(segments, self.backbone.tokenizer, slot_id=table.slot_id,
                                image_token_id=self.backbone.image_token_id,
-                               num_image_tokens=self.backbone.num_image_tokens, add_bos=add_bos)
+                               num_image_tokens=self.backbone.num_image_tokens, add_bos=add_bos,
+                               pieces=self.backbone.prompt_pieces)
 
     def _table(self, names: Sequence[str]) -> ConceptTable:
         ordered = list(dict.fromkeys(names))

@@ -146,8 +146,12 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool,
     return template.render(split_names(question, soft), preamble, has_image)
 
 
+PROMPT_PIECES = ("natural", "per_piece")
+
+
 def encode_segments(segments: list[Segment], tokenizer, *, slot_id: Callable[[Slot], int],
-                    image_token_id: int, num_image_tokens: int, add_bos: bool = True) -> list[int]:
+                    image_token_id: int, num_image_tokens: int, add_bos: bool = True,
+                    pieces: str = "natural") -> list[int]:
     """Token ids for `segments`, the one place a prompt or an answer becomes ids.
 
     The ids are those the tokenizer gives the whole text in one go with every slot an atomic
@@ -156,27 +160,44 @@ def encode_segments(segments: list[Segment], tokenizer, *, slot_id: Callable[[Sl
     `slot_id`, each `<image>` becomes `num_image_tokens` copies of `image_token_id`.
     `add_bos=False` means the segments continue a text already encoded (an answer after its
     prompt): their first piece is tokenized as running text, never as the start of one.
+
+    `pieces="per_piece"` gives the ids of PLVM's released code instead (the `released` Aligner
+    was trained on them): the text right after `<image>` and the text right after a concept
+    word are each tokenized on their own (after the word, without its leading spaces), so a
+    SentencePiece tokenizer puts a "▁" in front of them: "<sks>?" is `<sks> ▁?`, not `<sks> ?`.
+    Everything else is as in natural text.
     """
+    if pieces not in PROMPT_PIECES:
+        raise PlvmError(f"prompt pieces must be one of {', '.join(PROMPT_PIECES)}, got {pieces!r}")
+    per_piece = pieces == "per_piece"
     segments = merge_text(list(segments))
     ids: list[int] = []
     if add_bos and tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
     image_text = tokenizer.convert_ids_to_tokens(image_token_id)
     after: str | None = None if add_bos else RUNNING_TEXT  # what the next text piece follows
+    alone = False  # per_piece: the next text piece is tokenized on its own
     for position, segment in enumerate(segments):
         if isinstance(segment, Slot):
             ids.append(slot_id(segment))
             after = RUNNING_TEXT
+            alone = per_piece and segment.index == -1
             continue
         before_slot = position + 1 < len(segments) and isinstance(segments[position + 1], Slot)
-        pieces = segment.split(IMAGE_PLACEHOLDER)
-        for number, piece in enumerate(pieces):
+        texts = segment.split(IMAGE_PLACEHOLDER)
+        for number, piece in enumerate(texts):
             if number > 0:
                 ids.extend([image_token_id] * num_image_tokens)
                 after = image_text or None
-            if before_slot and number == len(pieces) - 1 and piece.endswith(" "):
+                alone = per_piece
+            if before_slot and number == len(texts) - 1 and piece.endswith(" "):
                 piece = piece[:-1]  # the slot's own space, as in " <name>"
-            if piece:
+            if alone:
+                piece = piece.lstrip(" ")
+                ids.extend(text_ids(tokenizer, piece))
+            elif piece:
                 ids.extend(text_ids(tokenizer, piece, after))
+            if piece:
                 after = RUNNING_TEXT
+            alone = False
     return ids

@@ -40,6 +40,10 @@ class ModelSection:
     quantization: str = "none"  # none | 8bit | 4bit (needs bitsandbytes and a GPU)
     image_preprocess: str = "pad"  # pad (LLaVA-1.5's pad-to-square, mean colour) | crop
     template: str = "vicuna_v1"
+    # How prompt text becomes ids: natural (the whole text at once, concept slots as words) |
+    # per_piece (PLVM's released code: the text after a concept word or after <image> is
+    # tokenized on its own; the released Aligner was trained on those ids)
+    prompt_pieces: str = "natural"
     seed: int = 0  # for the random tiny preset only
 
 
@@ -249,6 +253,7 @@ def _validate(recipe: Recipe) -> None:
     choice("model.dtype", recipe.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     choice("model.quantization", recipe.model.quantization, ("none", "8bit", "4bit"))
     choice("model.image_preprocess", recipe.model.image_preprocess, ("pad", "crop"))
+    choice("model.prompt_pieces", recipe.model.prompt_pieces, ("natural", "per_piece"))
     choice("aligner.layout", recipe.aligner.layout, ("paper", "released"))
     if recipe.aligner.num_context < 1:
         raise PlvmError("aligner.num_context: must be at least 1")

@@ -188,5 +188,6 @@ def load_runtime(recipe: Recipe, device: str = "auto", verbose: int = 0) -> Runt
                              quantization=recipe.model.quantization,
                              image_preprocess=recipe.model.image_preprocess,
                              revision=recipe.model.revision, seed=recipe.model.seed)
+    backbone.prompt_pieces = recipe.model.prompt_pieces
     return Runtime(recipe=recipe, backbone=backbone, device=torch_device, dtype=torch_dtype,
                    verbose=verbose)

@@ -116,6 +116,8 @@ def test_word_level_prompts_answers_and_options_keep_their_ids(question, has_ima
         kwargs = dict(slot_id=slot, image_token_id=IMAGE_ID, num_image_tokens=3)
         assert encode_segments(segments, tokenizer, **kwargs) == \
             _piece_by_piece(segments, tokenizer, **kwargs), label
+        assert encode_segments(segments, tokenizer, pieces="per_piece", **kwargs) == \
+            _piece_by_piece(segments, tokenizer, **kwargs), label
         for answer in WORD_LEVEL_ANSWERS:
             answer_segments = split_names(" " + answer, ["avril", "bob"])
             assert encode_segments(answer_segments, tokenizer, add_bos=False, **kwargs) == \
@@ -124,3 +126,10 @@ def test_word_level_prompts_answers_and_options_keep_their_ids(question, has_ima
 
 def test_both_word_level_tokenizers_are_checked():
     assert [label for label, _, _ in _word_level_tokenizers()] == ["tiny", "pocket"]
+
+
+def test_an_unknown_way_of_cutting_pieces_is_refused():
+    tokenizer = build_word_tokenizer(["is"])
+    with pytest.raises(PlvmError, match="per_piece"):
+        encode_segments(["is"], tokenizer, slot_id=lambda slot: 0, image_token_id=IMAGE_ID,
+                        num_image_tokens=1, pieces="sentencepiece")

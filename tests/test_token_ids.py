@@ -288,3 +288,43 @@ def test_names_come_back_with_natural_spacing(backbone, answer):
     table = _table(concepts)
     ids = _answer(backbone, answer, concepts) + [backbone.eos_token_id, 319]
     assert _engine(backbone, concepts).decode(ids, table) == answer
+
+
+# -- the released Aligner's prompts: the authors' piece-by-piece ids ---------------------------
+
+
+def _released_prompt(backbone, question: str, concepts: dict[str, int]) -> list[int]:
+    segments = build_prompt(question, template=VICUNA_V1, has_image=True, concepts=concepts)
+    return encode_segments(segments, backbone.tokenizer, slot_id=_table(concepts).slot_id,
+                           image_token_id=IMAGE_ID, num_image_tokens=IMAGE_SLOTS, pieces="per_piece")
+
+
+@pytest.mark.parametrize("question, tail", [
+    # the authors' code: "\nIs" after <image> on its own, then "in this photo? ASSISTANT:" on its own
+    ("Is <avril> in this photo?", ("Is", "A", "▁in", "▁this", "▁photo", "?")),
+    # "? ASSISTANT:" on its own: a "▁?" where natural text has "?"
+    ("Where is <avril>?", ("Where", "▁is", "A", "▁?")),
+    ("What is <avril>'s shirt?", ("What", "▁is", "A", "▁'", "s", "▁sh", "irt", "?")),
+])
+def test_per_piece_prompts_are_the_ids_of_the_authors_code(backbone, question, tail):
+    concepts = {"avril": 16}
+    avril, *context = _slots(concepts, "avril")
+    ids = _released_prompt(backbone, question, concepts)
+    expected = (_system(backbone) + [avril] + _pieces(backbone, "▁is") + context + _pieces(backbone, ".")
+                + _pieces(backbone, "▁US", "ER", ":", "▁") + [IMAGE_ID] * IMAGE_SLOTS
+                + _pieces(backbone, "▁", "<0x0A>", *[avril if p == "A" else p for p in tail], *ASSISTANT))
+    assert ids == expected
+
+
+def test_per_piece_changes_nothing_for_a_prompt_without_concepts_on_the_legacy_tokenizer(backbone):
+    if backbone.folder != "llama2-legacy":
+        pytest.skip("under Metaspace the natural text after <image> has no '▁'; per_piece adds it")
+    question = "Is the man in this photo smiling?"
+    assert _released_prompt(backbone, question, {}) == _prompt(backbone, question, {}, has_image=True)
+
+
+def test_the_llava15_recipe_asks_for_the_authors_ids():
+    from plvmctl.recipe import load_recipe
+
+    assert load_recipe("llava15-7b").model.prompt_pieces == "per_piece"
+    assert load_recipe("pocket").model.prompt_pieces == "natural"

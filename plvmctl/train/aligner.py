@@ -259,7 +259,8 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
                                 concepts={sample.name: num_context})
         prompt = encode_segments(segments, tokenizer, slot_id=layout.slot_id,
                                  image_token_id=backbone.image_token_id,
-                                 num_image_tokens=backbone.num_image_tokens)
+                                 num_image_tokens=backbone.num_image_tokens,
+                                 pieces=backbone.prompt_pieces)
         answer: list[int] = []
         reasoning: list[int] = []
         if with_answers:
@@ -270,7 +271,8 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
             answer = reasoning + encode_segments(split_names(" " + sample.answer.strip(), [sample.name]),
                                                  tokenizer, slot_id=layout.slot_id,
                                                  image_token_id=backbone.image_token_id,
-                                                 num_image_tokens=backbone.num_image_tokens, add_bos=False)
+                                                 num_image_tokens=backbone.num_image_tokens, add_bos=False,
+                                                 pieces=backbone.prompt_pieces)
             answer.append(backbone.eos_token_id)
         answer_weights = [1.0] * len(answer)
         if answer and sample.kind in ("positive", "negative"):
