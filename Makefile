@@ -11,7 +11,7 @@ EVAL_ARGS ?= $(if $(filter runs/toy-testset,$(TESTSET)),--neg-per-identity 30)
 # One torch thread is faster than two for the pocket model's small matrices.
 EVAL_ENV ?= $(if $(filter pocket,$(RECIPE)),OMP_NUM_THREADS=1)
 
-.PHONY: install test test-slow demo eval bench pocket pocket-smoke results clean
+.PHONY: install test test-slow demo eval bench pocket pocket-aligner pocket-smoke results clean
 
 # torch is pinned first: that exact version takes the local CPU wheel instead of a CUDA build.
 install:
@@ -55,6 +55,11 @@ bench: install
 POCKET_WORK ?= runs/pocket-build
 pocket: install
 	$(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket --work $(POCKET_WORK) --resume
+
+# Only the Aligner again (its toy data and training, ~10 min), on the committed base LVLM and
+# encoder: for when only the profile's Aligner settings change.
+pocket-aligner: install
+	OMP_NUM_THREADS=1 $(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket --aligner-only --work runs/pocket-aligner --resume
 
 pocket-smoke: install
 	$(PYTHON) -m plvmctl.lab.pocket --out runs/pocket-smoke --smoke

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from plvmctl.lab.pocket import CARD_FILE, MAX_BYTES, build_pocket, folder_bytes
+from plvmctl.lab.pocket import CARD_FILE, MAX_BYTES, build_pocket, folder_bytes, retrain_aligner
 
 
 @pytest.mark.slow
@@ -60,6 +60,18 @@ def test_smoke_pipeline_learns(tmp_path):
 
     with pytest.raises(PlvmError, match="already holds a build"):
         build_pocket(tmp_path / "other", "smoke", seed=0, work_dir=tmp_path / "work", echo=None)
+
+    # --aligner-only trains a new Aligner on the folder's own base LVLM and encoder, which it
+    # keeps byte for byte, and rewrites the card's Aligner part
+    kept = {part: (out / part / "model.safetensors").read_bytes() for part in ("backbone", "encoder")}
+    again = retrain_aligner(out, "smoke", seed=1, echo=None)
+    for part, content in kept.items():
+        assert (out / part / "model.safetensors").read_bytes() == content, part
+    assert again["lvlm"] == card["lvlm"] and again["aligner"]["steps"] == card["aligner"]["steps"]
+    assert "retrained" in again["aligner"]
+    assert json.loads((out / CARD_FILE).read_text())["aligner"] == again["aligner"]
+    with pytest.raises(PlvmError, match="not a pocket model folder"):
+        retrain_aligner(tmp_path / "work", "smoke", echo=None)
 
 
 def test_unknown_profile_is_a_plvm_error(tmp_path):

@@ -25,6 +25,7 @@ from plvmctl.lab.results import (
     ablation_plan,
     aligner_train_config,
     build_summary,
+    committed_training,
     evaluation_overrides,
     main,
     mcq_chance,
@@ -192,6 +193,38 @@ def test_ablation_plan_is_four_aligners():
     assert AblationRun(20.0, 16).name == "w20-k16"
 
 
+def _card(folder: Path, **settings) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    full = profile("full")
+    trained = {"aligner_steps": full.aligner_steps, "aligner_yes_no_weight": 20.0, "num_context": 16,
+               "identities": full.identities} | settings
+    (folder / "card.json").write_text(json.dumps({
+        "seed": 0, "settings": trained,
+        "aligner": {"training_seconds": 512.5, "final_loss": 0.125,
+                    "validation_recognition": {"val_mean": 0.95}}}))
+
+
+def test_the_committed_aligner_is_the_shared_run_when_trained_as_the_profile_says(tmp_path, monkeypatch):
+    import plvmctl.lab.pocket as pocket
+
+    monkeypatch.setattr(pocket, "ASSETS", tmp_path / "pocket")
+    settings = pocket_aligner_settings()
+    _card(tmp_path / "pocket")
+    assert committed_training(settings) == {"seconds": 512.5, "final_loss": 0.125,
+                                            "validation": {"val_mean": 0.95}, "committed": True}
+    for changed in ({"aligner_steps": 10}, {"aligner_yes_no_weight": 1.0}, {"num_context": 8}):
+        _card(tmp_path / "pocket", **changed)
+        assert committed_training(settings) is None, changed
+
+
+def test_the_document_says_when_the_shared_row_is_the_committed_aligner():
+    made = summary()
+    assert "is trained again here" in render_results_markdown(made)
+    for row in made["ablations"]["num_context"] + made["ablations"]["yes_no_weight"]:
+        row["committed"] = row["yes_no_weight"] == 20.0 and row["num_context"] == 16
+    assert "row is the committed Aligner itself" in render_results_markdown(made)
+
+
 def test_each_aligner_is_trained_as_the_pocket_one_except_w_and_k(tmp_path):
     full = profile("full")
     settings = pocket_aligner_settings()
@@ -312,7 +345,7 @@ def test_whole_command_at_toy_size(tmp_path):
                 / "model.safetensors").is_file()
     assert "**Smoke run**: 4 identities" in markdown
     assert "--identities 4 --neg-per-identity 30 --aligner-steps 5 --threads 1" in markdown
-    assert "5 steps (--aligner-steps; the profile has 1000)" in markdown
+    assert f"5 steps (--aligner-steps; the profile has {profile('full').aligner_steps})" in markdown
 
     again = CliRunner().invoke(main, arguments)  # everything finished: reused, same numbers
     assert again.exit_code == 0, again.output

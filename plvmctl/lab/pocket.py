@@ -63,6 +63,7 @@ class PocketProfile:
     encoder_sizes: EncoderSizes = field(default_factory=EncoderSizes)
     encoder: EncoderTrainConfig = field(default_factory=EncoderTrainConfig)
     aligner_steps: int = 600
+    aligner_yes_no_weight: float = 20.0  # PLVM's w on the verdict's first token
     aligner_batch: int = 8
     aligner_lr: float = 1e-3
     aligner_val_identities: int = 20
@@ -97,7 +98,7 @@ def profile(name: str) -> PocketProfile:
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
             lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=2e-3, log_every=50),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
-            aligner_steps=2500, aligner_batch=8)
+            aligner_steps=6000, aligner_batch=8)
     if name == "smoke":
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
@@ -113,8 +114,9 @@ def profile(name: str) -> PocketProfile:
 
 
 def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike,
-                         seed: int, *, yes_no_weight: float = 20.0, steps: int | None = None):
-    """The Aligner stage's TrainConfig (PLVM's w = 20, p = 0.6, 1 : 1 recognition : attribute).
+                         seed: int, *, yes_no_weight: float | None = None, steps: int | None = None):
+    """The Aligner stage's TrainConfig (the profile's w, PLVM's p = 0.6 and 1 : 1 recognition :
+    attribute).
 
     `make results` trains its ablation Aligners with this too, changing only the Yes/No
     weight (and k, which comes from the recipe), so the ablations are the pocket recipe's.
@@ -122,6 +124,7 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
     from ..train.aligner import TrainConfig
 
     steps = settings.aligner_steps if steps is None else steps
+    yes_no_weight = settings.aligner_yes_no_weight if yes_no_weight is None else yes_no_weight
     keys = [DESCRIPTION_KEYS[trait] for trait in settings.lvlm.compare_traits]
     return TrainConfig(lr=settings.aligner_lr, batch_size=settings.aligner_batch, steps=steps,
                        warmup_steps=min(20, steps // 5), schedule="cosine", seed=seed,
@@ -336,9 +339,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"),
                                resume=resume and find_checkpoint(aligner_run) is not None)
         stage("aligner", began)
-        first = sum(result.losses[:10]) / max(1, len(result.losses[:10]))
-        last = sum(result.losses[-10:]) / max(1, len(result.losses[-10:]))
-        say(f"[pocket] Aligner loss {first:.3f} -> {last:.3f}; validation {result.validation}")
+        say(f"[pocket] Aligner validation {result.validation}")
         # 6. write ---------------------------------------------------------------------
         began = time.perf_counter()
         shutil.copytree(backbone_dir, staging / "backbone")
@@ -362,13 +363,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             },
             "lvlm": lvlm_card,
             "encoder": encoder_card,
-            "aligner": {"steps": result.steps, "loss_first10": first, "loss_last10": last,
-                        "validation_recognition": result.validation,
-                        "validation_note": "recognition on manifest identities held out of Aligner "
-                                           "training (training part of the world): "
-                                           + ("generated answers, verdict read as by `plvmctl eval`"
-                                              if settings.lvlm.recognition_answer == "compare"
-                                              else "Yes/No first-token logits")},
+            "aligner": _aligner_card(settings, result),
             "timings_seconds": timings,
         })
         write_json_atomic(staging / CARD_FILE, card)
@@ -385,6 +380,110 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         (out / CARD_FILE).chmod(0o644)
         say(f"[pocket] wrote {out} ({card['bytes'] / 1e6:.2f} MB) in {card['total_seconds']:.0f} s")
         logger.close()
+        return card
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _aligner_card(settings: PocketProfile, result) -> dict[str, Any]:
+    """The card's `aligner` section: what stage 5 trained and how it validated."""
+    first = sum(result.losses[:10]) / max(1, len(result.losses[:10]))
+    last = sum(result.losses[-10:]) / max(1, len(result.losses[-10:]))
+    run = json.loads((result.out / "run.json").read_text(encoding="utf-8"))
+    return {"steps": result.steps, "loss_first10": first, "loss_last10": last,
+            "final_loss": run.get("final_loss"), "training_seconds": run.get("seconds"),
+            "validation_recognition": result.validation,
+            "validation_note": "recognition on manifest identities held out of Aligner "
+                               "training (training part of the world): "
+                               + ("generated answers, verdict read as by `plvmctl eval`"
+                                  if settings.lvlm.recognition_answer == "compare"
+                                  else "Yes/No first-token logits")}
+
+
+def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed: int = 0, *,
+                    work_dir: str | os.PathLike | None = None, threads: int | None = 1,
+                    resume: bool = False, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Stages 1 and 5 again on a finished pocket folder: new toy data, a new Aligner trained
+    on its frozen base LVLM and encoder with the profile's Aligner settings; the folder's
+    aligner/ and the card's Aligner parts are replaced (atomically, as a whole folder), the
+    base LVLM and the encoder are kept byte for byte.
+
+    For when only the Aligner's settings change: the base LVLM is most of `make pocket`'s hour.
+    """
+    from ..aligner import load_aligner, save_aligner
+    from ..runtime import load_runtime
+    from ..train.aligner import train_aligner
+    from ..train.common import find_checkpoint
+    from .toy import generate_training_data
+
+    say = echo or (lambda message: None)
+    if resume and work_dir is None:
+        raise PlvmError("--resume continues the run kept in --work: give --work")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    card_file = out / CARD_FILE
+    if not card_file.is_file() or not (out / "backbone").is_dir() or not (out / "encoder").is_dir():
+        raise PlvmError(f"{out} is not a pocket model folder (card.json, backbone/, encoder/)")
+    card = json.loads(card_file.read_text(encoding="utf-8"))
+    settings = profile(profile_name)
+    own_work = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="plvmctl-aligner-")) if own_work else Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    aligner_plan = {key: value for key, value in _jsonable(dataclasses.asdict(settings)).items()
+                    if key.startswith(ALIGNER_PREFIXES)} | {"seed": seed}
+    plan_file = work / "aligner-plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != aligner_plan:
+        say(f"[pocket] {work} holds an Aligner run with other settings: made again")
+        for kept in ("toy", "aligner-run"):
+            shutil.rmtree(work / kept, ignore_errors=True)
+    write_json_atomic(plan_file, aligner_plan)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    timings = dict(card.get("timings_seconds", {}))
+    try:
+        began = time.perf_counter()
+        manifest = work / "toy" / "manifest.jsonl"
+        if not (resume and manifest.is_file()):  # (a resumed run keeps the card's data time)
+            manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
+                                              extra_scenes=0, progress=False)
+            timings["data"] = round(time.perf_counter() - began, 1)
+        began = time.perf_counter()
+        runtime = load_runtime(_stage_recipe(out / "backbone", out / "encoder", None, settings.num_context),
+                               device="cpu")
+        aligner_run = work / "aligner-run"
+        config = aligner_train_config(settings, manifest, aligner_run, seed)
+        result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"),
+                               resume=resume and find_checkpoint(aligner_run) is not None)
+        aligner_card = _aligner_card(settings, result)
+        # a resumed training counts its earlier part too (the run's own clock)
+        timings["aligner"] = round(max(time.perf_counter() - began, aligner_card["training_seconds"] or 0.0), 1)
+        say(f"[pocket] Aligner validation {result.validation} in {timings['aligner']:.0f} s")
+        for part in ("backbone", "encoder"):
+            shutil.copytree(out / part, staging / part)
+        aligner = load_aligner(result.aligner_path)
+        aligner.config = dataclasses.replace(aligner.config, encoder="plvmctl/assets/pocket/encoder",
+                                             base_model="plvmctl/assets/pocket/backbone")
+        save_aligner(aligner, staging / "aligner")
+        trained = _jsonable(dataclasses.asdict(settings))
+        card["settings"] = {**card.get("settings", {}),
+                            **{key: value for key, value in trained.items() if key.startswith(ALIGNER_PREFIXES)}}
+        card["parameters"] = {**card.get("parameters", {}),
+                              "aligner": sum(p.numel() for p in aligner.parameters())}
+        card["aligner"] = aligner_card
+        card["aligner"]["retrained"] = ("stages data and Aligner made again on this folder's base "
+                                        "LVLM and encoder by `python -m plvmctl.lab.pocket --aligner-only`")
+        card["timings_seconds"] = timings
+        card["total_seconds"] = round(sum(timings.values()), 1)
+        write_json_atomic(staging / CARD_FILE, card)
+        _make_readable(staging)
+        card["bytes"] = folder_bytes(staging)
+        write_json_atomic(staging / CARD_FILE, card)
+        (staging / CARD_FILE).chmod(0o644)
+        replace_folder(staging, out)
+        say(f"[pocket] wrote {out} (Aligner {timings['aligner']:.0f} s)")
         return card
     finally:
         if staging.exists():
@@ -415,8 +514,11 @@ def _jsonable(value: Any) -> Any:
 @click.option("--resume", is_flag=True,
               help="Continue the build kept in --work: finished stages are reused, an interrupted "
                    "one continues from its last checkpoint.")
+@click.option("--aligner-only", is_flag=True,
+              help="Keep --out's base LVLM and encoder; make the Aligner's data and train the "
+                   "Aligner again with the profile's settings (minutes, not the hour of a build).")
 def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: int, resume: bool,
-         lvlm_settings: tuple[str, ...]) -> None:
+         lvlm_settings: tuple[str, ...], aligner_only: bool) -> None:
     """Train the pocket PLVM stack from scratch and write it to --out."""
     overrides: dict[str, Any] = {}
     for setting in lvlm_settings:
@@ -424,8 +526,15 @@ def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: in
         if not sep:
             raise click.BadParameter(f"{setting!r} is not KEY=VALUE", param_hint="--lvlm")
         overrides[key.strip()] = yaml.safe_load(value)
+    name = "smoke" if smoke else "full"
     try:
-        build_pocket(out_dir, "smoke" if smoke else "full", seed, work_dir=work_dir, threads=threads,
+        if aligner_only:
+            if overrides:
+                raise PlvmError("--lvlm changes the base LVLM, which --aligner-only keeps")
+            retrain_aligner(out_dir, name, seed, work_dir=work_dir, threads=threads, resume=resume,
+                            echo=lambda message: click.echo(message, err=True))
+            return
+        build_pocket(out_dir, name, seed, work_dir=work_dir, threads=threads,
                      resume=resume, lvlm_overrides=overrides,
                      echo=lambda message: click.echo(message, err=True))
     except PlvmError as error:
