@@ -7,14 +7,15 @@ what adding one concept cost (seconds and prompt tokens). Adding a method is one
 
     METHODS["yollava"] = prepare_yollava
 
-One module per method: plvm.py, text.py (llava-text, llava-none), yollava.py; what they share
-is in base.py.
+One module per method: plvm.py, text.py (llava-text, llava-none), yollava.py, myvlm.py; what
+they share is in base.py.
 """
 
 from __future__ import annotations
 
 from ..errors import PlvmError
 from .base import MethodContext, MethodFactory, PreparedMethod, Reference
+from .myvlm import MYVLM_CACHE, prepare_myvlm
 from .plvm import prepare_plvm
 from .text import (
     DESCRIPTION_MAX_NEW_TOKENS,
@@ -28,7 +29,7 @@ from .text import (
 from .yollava import YOLLAVA_CACHE, prepare_yollava
 
 # Every name `--method` may ever take; a name here but not (yet) in METHODS is "not available".
-KNOWN_METHODS = ("plvm", "yollava", "llava-text", "llava-none")
+KNOWN_METHODS = ("plvm", "yollava", "myvlm", "llava-text", "llava-none")
 
 METHODS: dict[str, MethodFactory] = {
     "plvm": prepare_plvm,
@@ -36,6 +37,7 @@ METHODS: dict[str, MethodFactory] = {
     "llava-none": prepare_llava_none,
 }
 METHODS["yollava"] = prepare_yollava
+METHODS["myvlm"] = prepare_myvlm
 
 
 def get_method(name: str) -> MethodFactory:
@@ -51,7 +53,8 @@ def get_method(name: str) -> MethodFactory:
 
 __all__ = [
     "DESCRIPTION_MAX_NEW_TOKENS", "DESCRIPTION_PROMPT", "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
-    "METHODS", "MethodContext", "MethodFactory", "PreparedMethod", "Reference", "YOLLAVA_CACHE",
+    "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "PreparedMethod", "Reference",
+    "YOLLAVA_CACHE",
     "clean_description", "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
-    "prepare_plvm", "prepare_yollava",
+    "prepare_myvlm", "prepare_plvm", "prepare_yollava",
 ]
