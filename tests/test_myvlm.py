@@ -4,6 +4,7 @@ file round-trips and is refused by another model, and bad photos are reported, n
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -312,6 +313,10 @@ def test_cli_trains_a_concept_that_ask_uses(cli, world, tmp_path):
     assert asked.exit_code == 0, asked.output
     text_only = runner.invoke(cli, common + ["ask", "--no-image", "Who is <cli_me>?"])
     assert text_only.exit_code == 0, text_only.output
+    shown = runner.invoke(cli, common + ["concepts", "show", "cli_me"])
+    info = json.loads(shown.stdout)
+    assert info["method"] == "myvlm" and info["k"] == 0 and info["norms"]["context_mean"] is None
+    assert info["parts"]["concept_head.threshold"] == [1] and info["norms"]["visual_mean"] > 0
 
     empty = tmp_path / "empty"
     empty.mkdir()

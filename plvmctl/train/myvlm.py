@@ -576,6 +576,8 @@ def train_myvlm(runtime, name: str, positives: Sequence[Path], negatives: Sequen
     config.validate()
     validate_name(name)
     say = echo or (lambda message: None)
+    if not positives:
+        raise PlvmError(f"MyVLM needs photos of <{name}>, got none")
     started = time.perf_counter()
     positive_images, skipped = readable_photos(positives)
     negative_images, skipped_negatives = readable_photos(negatives)
