@@ -59,7 +59,7 @@ class ConceptTable:
         hidden = concepts[0].hidden_size if concepts else 0
         rows = ([c.word.reshape(1, hidden) for c in concepts] + [c.context for c in concepts]
                 + [c.visual for c in concepts])
-        # [n + Σk, H]: input embeddings of every virtual id, in id order
+        # [n + Σk + Σm, H]: input embeddings of every virtual id, in id order
         self.input_rows = (torch.cat(rows, 0) if concepts else torch.zeros(0, 1)).to(device, dtype)
         # [n, H]: output-head rows of the concept words
         self.head_rows = (torch.stack([c.head for c in concepts]) if concepts
@@ -86,7 +86,7 @@ class ConceptTable:
         return list(range(start, start + self._num_visual[name]))
 
     def name_for_id(self, token_id: int) -> str | None:
-        """The concept whose word is `token_id`, or None for real (or context) ids."""
+        """The concept whose word is `token_id`, or None for real (or context or visual) ids."""
         index = token_id - self.vocab_size
         if 0 <= index < self.num_concepts:
             return self.names[index]
