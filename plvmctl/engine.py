@@ -6,13 +6,15 @@ by whether they carry a photo, sorted by length and cut into batches; each batch
 concept table with every concept its questions mention, so any mix of concepts shares a batch.
 
 A concept with visual tokens (MyVLM) is recognised first: for each request whose question
-names it and that has a photo, its concept head (concept_head.py) looks at the photo, and when
-it fires the concept's visual tokens go right after that row's image tokens (the row's
-`seen`). Without a photo, or when the head does not fire, the concept is only its word.
+names it and that has a photo, its concept head (concept_head.py) looks at the photo (the
+whole photo, or its crops with the best one counting), and when it fires the concept's visual
+tokens go right after that row's image tokens (the row's `seen`; `seen_boxes` says which crop
+fired). Without a photo, or when the head does not fire, the concept is only its word.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 from .concept import Concept, ConceptStore
-from .concept_head import ConceptHead, photo_features
+from .concept_head import Box, ConceptHead, crop_features
 from .errors import PlvmError
 from .images import load_image
 from .prompt import build_prompt, encode_segments, insert_after_image, mentioned_names, split_names
@@ -43,6 +45,7 @@ class AskResult:
     answer: str | None = None
     error: str | None = None
     seen: list[str] = field(default_factory=list)  # concepts whose head fired on the photo
+    seen_boxes: dict[str, Box] = field(default_factory=dict)  # name -> the crop its head fired on
 
     @property
     def ok(self) -> bool:
@@ -58,6 +61,7 @@ class OptionScores:
     num_tokens: list[int] | None = None
     error: str | None = None
     seen: list[str] = field(default_factory=list)  # concepts whose head fired on the photo
+    seen_boxes: dict[str, Box] = field(default_factory=dict)  # name -> the crop its head fired on
 
 
 @dataclass
@@ -70,6 +74,14 @@ class _Prepared:
     image: Image.Image | None
     names: list[str]
     seen: list[str] = field(default_factory=list)
+    boxes: dict[str, Box] = field(default_factory=dict)
+
+
+def _photo_key(image: Image.Image) -> str:
+    """Equal photos (the same pixels) share their crop features."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 class Engine:
@@ -153,10 +165,11 @@ class Engine:
     def _recognise(self, prepared: list[_Prepared], errors: dict[int, str]) -> list[_Prepared]:
         """Fill each item's `seen`: the concepts it names whose head fires on its photo.
 
-        Features are computed once per photo and feature source, in batches; an item whose
-        recognition fails gets the error and is dropped.
+        Crop features are computed once per distinct photo, feature source and crop setting,
+        all crops together in batches; an item whose recognition fails gets the error and is
+        dropped.
         """
-        wanted: dict[str, list[tuple[_Prepared, str]]] = {}  # feature source -> (item, name)
+        wanted: dict[tuple[str, str], list[tuple[_Prepared, str]]] = {}  # (source, crops) -> (item, name)
         failed: set[int] = set()
         for item in prepared:
             if item.image is None:
@@ -165,27 +178,31 @@ class Engine:
                 for name in item.names:
                     head = self.head(name)
                     if head is not None:
-                        wanted.setdefault(head.features, []).append((item, name))
+                        wanted.setdefault((head.features, head.crops), []).append((item, name))
             except PlvmError as error:
                 errors[item.index] = str(error)
                 failed.add(item.index)
-        for source, pairs in wanted.items():
+        for (source, crops), pairs in wanted.items():
             pairs = [(item, name) for item, name in pairs if item.index not in failed]
             photos = list({item.index: item for item, _ in pairs}.values())
             if not photos:
                 continue
+            keys = {item.index: _photo_key(item.image) for item in photos}
+            distinct = list({keys[item.index]: item.image for item in photos}.items())
             try:
-                features = photo_features(self.runtime, [item.image for item in photos], source)
+                found = crop_features(self.runtime, [image for _, image in distinct], source, crops)
             except (PlvmError, RuntimeError, ValueError) as error:
                 for item in photos:
                     errors[item.index] = f"concept head: {str(error).splitlines()[0]}"
                     failed.add(item.index)
                 continue
-            row = {item.index: number for number, item in enumerate(photos)}
+            features = {key: photo for (key, _), photo in zip(distinct, found)}
             for item, name in pairs:
                 try:
-                    if bool(self.head(name).fires(features[row[item.index]].unsqueeze(0))[0]):
+                    scores, boxes = self.head(name).best([features[keys[item.index]]])
+                    if float(scores[0]) >= self.head(name).threshold:
                         item.seen.append(name)
+                        item.boxes[name] = boxes[0]
                 except PlvmError as error:
                     errors[item.index] = str(error)
                     failed.add(item.index)
@@ -284,8 +301,9 @@ class Engine:
                     errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             bar.update(len(batch))
         bar.close()
-        seen = {item.index: item.seen for item in prepared}
-        return [AskResult(request, answers.get(i), errors.get(i), list(seen.get(i, [])))
+        seen = {item.index: item for item in prepared}
+        return [AskResult(request, answers.get(i), errors.get(i),
+                          list(seen[i].seen) if i in seen else [], dict(seen[i].boxes) if i in seen else {})
                 for i, request in enumerate(requests)]
 
     # -- scoring ---------------------------------------------------------------------------
@@ -324,9 +342,10 @@ class Engine:
                     errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             bar.update(len(batch))
         bar.close()
-        seen = {item.index: item.seen for item in prepared}
+        seen = {item.index: item for item in prepared}
         return [OptionScores(request, *(scores.get(i) or (None, None)), error=errors.get(i),
-                             seen=list(seen.get(i, [])))
+                             seen=list(seen[i].seen) if i in seen else [],
+                             seen_boxes=dict(seen[i].boxes) if i in seen else {})
                 for i, request in enumerate(requests)]
 
     def _continuation_logprobs(self, rows: list[list[int]], spans: list[int],

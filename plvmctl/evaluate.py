@@ -627,6 +627,7 @@ def _answer_items(prepared: PreparedMethod, engine_api: Any, items: list[EvalIte
                     record["answer"] = result.answer
                 if getattr(result, "seen", None):  # concepts whose head fired on the photo (MyVLM)
                     record["seen"] = list(result.seen)
+                    record["seen_boxes"] = {name: list(box) for name, box in result.seen_boxes.items()}
                 records.append(record)
             log.append(records)
             bar.update(len(chunk))

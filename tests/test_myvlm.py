@@ -4,6 +4,7 @@ file round-trips and is refused by another model, and bad photos are reported, n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 
 from helpers import copied_concept
 from plvmctl.concept import Concept, ConceptStore
-from plvmctl.concept_head import ConceptHead, photo_features
+from plvmctl.concept_head import ConceptHead, crop_boxes, crop_features, photo_features
 from plvmctl.engine import AskRequest, Engine
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
@@ -92,16 +93,19 @@ def _images(paths):
 
 
 def test_linear_head_separates_new_photos_of_the_identity_from_others(runtime, world):
-    config = small_config(head_steps=500)
+    # the classifier on whole portraits (the tiny model's encoder is random: many strangers'
+    # windows look like <me> to it, so with windows the threshold rises; windows are tested below)
+    config = small_config(head_steps=500, crops="whole")
     head, report = fit_concept_head(runtime, _images(world["positives"]),
                                     _images(list_photos(world["negatives"])), config)
     assert head.kind == "linear" and report.threshold_from == "held-out photos"
     assert report.held_positive >= 1 and report.held_negative >= 1
-    features = photo_features(runtime, _images(world["fresh_me"] + world["fresh_others"]), "encoder")
-    fired = head.fires(features).tolist()
+    looked = head.look(runtime, _images(world["fresh_me"] + world["fresh_others"]))
+    fired = [f for f, _, _ in looked]
     hits = sum(fired[:6]) / 6
     rejections = sum(not f for f in fired[6:]) / len(world["fresh_others"])
     assert (hits + rejections) / 2 >= 0.75, (hits, rejections)
+    features = photo_features(runtime, _images(world["fresh_me"] + world["fresh_others"]), "encoder")
     scores = head.scores(features)
     assert float(scores[:6].mean()) > float(scores[6:].mean())
 
@@ -121,6 +125,113 @@ def test_nearest_head_needs_no_training_and_uses_its_photos(runtime, world):
         fit_concept_head(runtime, _images(world["positives"]), [], small_config(head="nearest"))
     with pytest.raises(PlvmError, match="negative"):
         fit_concept_head(runtime, _images(world["positives"]), [], small_config())
+
+
+# -- where the head looks ------------------------------------------------------------------------
+
+
+def test_windows_are_the_whole_photo_and_half_overlapping_squares():
+    assert crop_boxes(96, 96, "whole") == [(0, 0, 96, 96)]
+    boxes = crop_boxes(96, 96, "windows")
+    assert boxes[0] == (0, 0, 96, 96) and len(boxes) == 1 + 9 + 25 == len(set(boxes))
+    assert {(r - l, b - t) for l, t, r, b in boxes[1:]} == {(48, 48), (32, 32)}
+    assert all(0 <= l < r <= 96 and 0 <= t < b <= 96 for l, t, r, b in boxes)
+    wide = crop_boxes(120, 60, "windows")  # squares of the shorter side's share, to both edges
+    assert max(r for _, _, r, _ in wide) == 120 and max(b for _, _, _, b in wide) == 60
+    with pytest.raises(PlvmError, match="crops"):
+        crop_boxes(96, 96, "faces")
+
+
+def _scene(tiles: list[Path], size: int = 96) -> "Image.Image":
+    """A photo of several people: 48 px portraits side by side on the bottom half (left, right)
+    and the top left, on a grey ground."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (size, size), (128, 128, 128))
+    for tile, spot in zip(tiles, [(0, 48), (48, 48), (0, 0)]):
+        canvas.paste(load_image(tile), spot)
+    return canvas
+
+
+def test_a_head_with_windows_finds_the_identity_among_others(runtime, world):
+    """Trained on portraits of one identity: with windows it fires on a photo where that
+    identity stands among others (and says where), not on a photo of the others alone; looking
+    at the whole photo only, it misses the identity there."""
+    negatives = list_photos(world["negatives"])
+    head, _ = fit_concept_head(runtime, _images(world["positives"]), _images(negatives),
+                               small_config(head_steps=500))
+    assert head.crops == "windows"
+    # the portrait of <me> the head is surest of (on the tiny model's random encoder, some
+    # stranger's windows score above the weaker portraits, and the threshold with them)
+    scores = head.scores(photo_features(runtime, _images(world["positives"]), "encoder"))
+    mine = world["positives"][int(scores.argmax())]
+    assert float(scores.max()) >= head.threshold
+    # and strangers it rejects, each alone, at its best crop (ditto)
+    looked = head.look(runtime, _images(negatives))
+    first, second, third = sorted(range(len(negatives)), key=lambda i: looked[i][1])[:3]
+    assert not any(looked[i][0] for i in (first, second, third))
+    together = _scene([negatives[first], mine, negatives[second]])  # <me> bottom right
+    strangers = _scene([negatives[first], negatives[third], negatives[second]])
+    (fired, _, box), (stranger_fired, _, _) = head.look(runtime, [together, strangers])
+    assert fired and box == (48, 48, 96, 96)
+    assert not stranger_fired
+    whole = ConceptHead(head.kind, head.features, head.threshold, weight=head.weight, bias=head.bias,
+                        crops="whole")
+    assert [f for f, _, _ in whole.look(runtime, [together, strangers])] == [False, False]
+
+    concept = _concept_with_head(runtime, head)
+    engine = Engine(runtime, {"me": concept})
+    seen, unseen = engine.score_options([AskRequest("Is <me> here?", together),
+                                         AskRequest("Is <me> here?", strangers)], [["Yes", "No"]] * 2)
+    assert seen.seen == ["me"] and seen.seen_boxes == {"me": (48, 48, 96, 96)}
+    assert unseen.seen == [] and unseen.seen_boxes == {}
+
+
+def test_the_threshold_is_chosen_on_what_the_head_sees(runtime, world, monkeypatch):
+    """The picker gets each held-out photo's best-crop score, negatives' windows included."""
+    import plvmctl.train.myvlm as myvlm
+
+    picked = {}
+    original = myvlm.choose_threshold
+
+    def spy(positive, negative):
+        picked.update(positive=positive, negative=negative)
+        return original(positive, negative)
+
+    monkeypatch.setattr(myvlm, "choose_threshold", spy)
+    config = small_config()
+    negatives = _images(list_photos(world["negatives"]))
+    head, report = fit_concept_head(runtime, _images(world["positives"]), negatives, config)
+    assert report.threshold_from == "held-out photos"
+    _, held = myvlm.split_holdout(len(negatives), config.holdout, f"myvlm-negatives-{config.seed}")
+    looked = head.look(runtime, [negatives[i] for i in held])
+    assert picked["negative"] == pytest.approx([score for _, score, _ in looked], abs=1e-5)
+    whole = head.scores(photo_features(runtime, [negatives[i] for i in held], "encoder"))
+    assert all(best >= float(w) - 1e-6 for best, w in zip(picked["negative"], whole))
+    assert any(box != (0, 0, 48, 48) for _, _, box in looked)  # a window counted, not only the photo
+    _, held_p = myvlm.split_holdout(len(world["positives"]), config.holdout, f"myvlm-positives-{config.seed}")
+    assert len(picked["positive"]) == 2 * len(held_p)  # each held-out photo and its mirror image
+
+
+def _concept_with_head(runtime, head: ConceptHead) -> Concept:
+    concept = copied_concept(runtime.backbone, "me", 5, k=0)
+    meta = concept.meta
+    meta.extra.update(head.meta())
+    return Concept(concept.name, concept.word, concept.head, concept.context, meta,
+                   visual=torch.randn(1, concept.hidden_size), parts=head.parts())
+
+
+def test_the_crop_setting_survives_the_file_and_old_files_look_at_the_whole_photo(runtime, tmp_path):
+    features = photo_features(runtime, [toy.render_portrait(toy.training_identities()[0], random.Random(0))],
+                              "encoder")
+    for crops in ("windows", "whole"):
+        head = ConceptHead("nearest", "encoder", 0.5, references=features, crops=crops)
+        path = _concept_with_head(runtime, head).save(tmp_path / f"{crops}.concept")
+        assert ConceptHead.from_concept(Concept.load(path)).crops == crops
+    old = _concept_with_head(runtime, ConceptHead("nearest", "encoder", 0.5, references=features))
+    del old.meta.extra["concept_head.crops"]  # written before heads had a crop setting
+    path = old.save(tmp_path / "old.concept")
+    assert ConceptHead.from_concept(Concept.load(path)).crops == "whole"
 
 
 def test_threshold_is_the_best_balanced_cut_on_the_held_out_scores():
@@ -196,8 +307,8 @@ def test_file_round_trip_and_refusal_by_another_model(tmp_path, trained):
     assert set(loaded.parts) == set(concept.parts)
     assert all(torch.equal(loaded.parts[key], concept.parts[key]) for key in concept.parts)
     before, after = ConceptHead.from_concept(concept), ConceptHead.from_concept(loaded)
-    assert (after.kind, after.features, after.threshold, after.bias) == \
-        (before.kind, before.features, before.threshold, before.bias)
+    assert (after.kind, after.features, after.threshold, after.bias, after.crops) == \
+        (before.kind, before.features, before.threshold, before.bias, "windows")
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
