@@ -420,6 +420,7 @@ def test_cli_trains_a_concept_that_ask_uses(cli, world, tmp_path):
     assert result.exit_code == 0, result.output
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path == store / "cli_me.concept" and Concept.load(path).meta.method == "myvlm"
+    assert ConceptHead.from_concept(Concept.load(path)).crops == "windows"
     asked = runner.invoke(cli, common + ["ask", str(world["positives"][0]), "What is <cli_me> doing?"])
     assert asked.exit_code == 0, asked.output
     text_only = runner.invoke(cli, common + ["ask", "--no-image", "Who is <cli_me>?"])

@@ -1,7 +1,8 @@
 """`plvmctl train myvlm`: train one MyVLM concept (a concept head + a concept embedding).
 
     plvmctl [--recipe R] train myvlm PHOTOS_DIR --name NAME [--negatives DIR|--index INDEX]
-            [--head linear|nearest] [--features encoder|vision] [--out DIR] [--force]
+            [--head linear|nearest] [--features encoder|vision] [--crops windows|whole]
+            [--out DIR] [--force]
             [--set myvlm.KEY=VALUE ...]
 """
 
@@ -49,6 +50,9 @@ def myvlm_config(app: App, overrides: tuple[str, ...] = (), **options):
 @click.option("--features", "features", type=click.Choice(["encoder", "vision"]), default=None,
               help="What the head looks at: the reference encoder's CLS token [default] or the "
                    "model's own vision tower, pooled.")
+@click.option("--crops", "crops", type=click.Choice(["windows", "whole"]), default=None,
+              help="Where in a photo the head looks: the whole photo and a grid of windows, the "
+                   "best one counting [default], or the whole photo only.")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run folder [default: myvlm.out/NAME]: log.jsonl, loss.png, result.json.")
 @click.option("--force", is_flag=True, help="Replace an existing concept of that name.")
@@ -56,13 +60,14 @@ def myvlm_config(app: App, overrides: tuple[str, ...] = (), **options):
               help="Override a myvlm setting, e.g. --set myvlm.attention_weight=10.")
 @pass_app
 def myvlm(app: App, photos_dir: str, name: str, negatives_dir: str | None, index: str | None,
-          head: str | None, features: str | None, out: str | None, force: bool,
+          head: str | None, features: str | None, crops: str | None, out: str | None, force: bool,
           overrides: tuple[str, ...]) -> None:
     """Train a MyVLM concept from the photos in PHOTOS_DIR; prints the .concept path.
 
     MyVLM keeps the model frozen. A concept head (a linear classifier on frozen image
     features, or the nearest of the photos' own features with a cosine threshold) decides
-    whether <NAME> is in a photo; the threshold is chosen on held-out photos. When the head
+    whether <NAME> is in a photo, looking at the whole photo and a grid of windows (--crops);
+    the threshold is chosen on held-out photos, scored the same way. When the head
     fires, the concept's embedding is placed after the photo's image tokens. The embedding is
     trained (100 steps) on questions that name <NAME>, with an L2 penalty on the attention
     the model pays to it (--set myvlm.attention_weight=λ; the paper: 0.0075 for captions, 10
@@ -79,7 +84,7 @@ def myvlm(app: App, photos_dir: str, name: str, negatives_dir: str | None, index
     from ..train.myvlm import train_myvlm
     from ..train.yollava import DOWNLOADS_DIR, gather_negatives, list_photos
 
-    config = myvlm_config(app, overrides, head=head, features=features)
+    config = myvlm_config(app, overrides, head=head, features=features, crops=crops)
     store = app.store
     store.check_writable(name, force)  # validates the name too; fails before any training
     positives = list_photos(photos_dir)
