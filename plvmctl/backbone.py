@@ -133,6 +133,13 @@ class Backbone:
         """The transformers processor that `save_backbone` writes beside the weights."""
         raise NotImplementedError
 
+    @classmethod
+    def load_processor(cls, source: str, revision: str | None = None):
+        """The model's processor (tokenizer, image processor, chat template) from a folder or hub id."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, revision=revision)
+
     # -- identity ---------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
@@ -209,7 +216,7 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
                                image_preprocess=image_preprocess).freeze()
 
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     quantization_config = _quantization_config(quantization)
     if quantization_config is not None and torch_device.type != "cuda":
@@ -232,7 +239,7 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
         kwargs["device_map"] = {"": torch_device.index or 0}
     try:
         model = getattr(transformers, family.model_class).from_pretrained(source, **kwargs)
-        processor = AutoProcessor.from_pretrained(source, revision=revision)
+        processor = family.load_processor(source, revision=revision)
     except (OSError, ValueError) as error:
         raise PlvmError(f"cannot load model {source!r}: {str(error).splitlines()[0]}") from error
     if quantization_config is None:

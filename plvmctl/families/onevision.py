@@ -19,8 +19,10 @@ What differs from LLaVA-1.5, all of it here:
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -169,15 +171,57 @@ class OneVisionBackbone(Backbone):
         return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
     def processor(self):
-        from transformers import LlavaOnevisionProcessor
-
         if self.loaded_processor is not None:
             return self.loaded_processor
-        return LlavaOnevisionProcessor(
-            image_processor=self.image_processor,
-            tokenizer=self.tokenizer,
-            num_image_tokens=self._grid ** 2,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-            vision_aspect_ratio=self.config.vision_aspect_ratio,
-            chat_template=ONEVISION_CHAT_TEMPLATE,
-        )
+        settings = {"num_image_tokens": self._grid ** 2,
+                    "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
+                    "vision_aspect_ratio": self.config.vision_aspect_ratio}
+        return PhotoProcessor(self.tokenizer, self.image_processor, ONEVISION_CHAT_TEMPLATE, settings)
+
+    @classmethod
+    def load_processor(cls, source: str, revision: str | None = None):
+        """transformers' LlavaOnevisionProcessor; where torchvision is missing (its video half
+        needs it), the photo half: tokenizer, image processor and chat template."""
+        try:
+            return super().load_processor(source, revision)
+        except ImportError as error:
+            if "torchvision" not in str(error).lower():
+                raise
+            return PhotoProcessor.from_pretrained(source, revision)
+
+
+@dataclass
+class PhotoProcessor:
+    """The photo half of a LlavaOnevisionProcessor folder (no video processor, so no
+    torchvision): what plvmctl reads from it and writes back in the same files."""
+
+    tokenizer: object
+    image_processor: object
+    chat_template: str | None
+    settings: dict
+
+    @classmethod
+    def from_pretrained(cls, source: str, revision: str | None = None) -> "PhotoProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers.utils import cached_file
+
+        def read(name: str) -> str | None:
+            path = cached_file(source, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+            return Path(path).read_text(encoding="utf-8") if path else None
+
+        template = read("chat_template.jinja")
+        if template is None and (stored := read("chat_template.json")) is not None:
+            template = json.loads(stored)["chat_template"]
+        settings = json.loads(read("processor_config.json") or "{}")
+        settings.pop("processor_class", None)
+        return cls(AutoTokenizer.from_pretrained(source, revision=revision),
+                   AutoImageProcessor.from_pretrained(source, revision=revision), template, settings)
+
+    def save_pretrained(self, folder) -> None:
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+        if self.chat_template:
+            (folder / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        config = {"processor_class": "LlavaOnevisionProcessor", **self.settings}
+        (folder / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
