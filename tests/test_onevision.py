@@ -389,3 +389,51 @@ def test_the_tiny_llava_recipes_concepts_are_refused_too(runtime):
     made_for_llava = load_runtime(load_recipe("tiny"), device="cpu").encode_concept("avril", _photo(20, 20))
     with pytest.raises(PlvmError, match=r"made for another model \(tiny-llava-seed0\)$"):
         Engine(runtime, {"avril": made_for_llava})
+
+
+# -- several photos in one prompt (ask --together) ------------------------------------------------
+
+
+def test_two_photos_in_one_prompt_are_apply_chat_templates_ids(backbone):
+    photos = [_photo(40, 20), _photo(20, 64, seed=1)]
+    ids = _prompt(backbone, "Is <a> in both photos?", {"a": 2}, photos)
+    a, a1, a2 = _slots({"a": 2}, "a")
+    text = _rendered(backbone, SYSTEM + f" {STAND_IN} is {STAND_IN * 2}.", f"Is {STAND_IN} in both photos?", 2)
+    assert ids == _natural(backbone, text, [a, a1, a2, a], [17, 17])
+    assert ids.count(IMAGE_ID) == 2 * 17  # base view + newline each, whatever the photo's size
+
+
+def test_together_answers_batch_like_one_by_one_and_llava_refuses(engine, tmp_path):
+    requests = _requests(tmp_path)
+    together = AskRequest("Is <avril> in both photos?", [requests[0].image, requests[2].image])
+    mixed = [together, requests[1], AskRequest("Same person?", [requests[4].image, requests[1].image, requests[0].image])]
+    batched = engine.ask(mixed, batch_size=3)
+    assert all(result.ok for result in batched), [r.error for r in batched]
+    assert [engine.ask([request])[0].answer for request in mixed] == [r.answer for r in batched]
+
+
+def test_ask_together_on_the_command_line(folder, tmp_path):
+    from click.testing import CliRunner
+
+    from plvmctl.cli import main
+
+    recipe = tmp_path / "tiny-ov.yaml"
+    recipe.write_text(f"name: tiny-ov\nmodel:\n  source: {folder}\n  dtype: float32\n"
+                      "generation:\n  max_new_tokens: 4\n", encoding="utf-8")
+    paths = []
+    for i, size in enumerate([(40, 20), (16, 16)]):
+        paths.append(tmp_path / f"c{i}.png")
+        _photo(*size, seed=i).save(paths[-1])
+
+    def run(recipe_name, *args):
+        return CliRunner().invoke(main, ["--recipe", str(recipe_name), "--device", "cpu",
+                                         "--store", str(tmp_path / "store"), "ask", *map(str, args)])
+
+    result = run(recipe, *paths, "Are these the same person?", "--together", "--json")
+    assert result.exit_code == 0, result.output
+    [row] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["image"] == [str(p) for p in paths] and row["error"] is None and row["answer"] is not None
+    refused = run("tiny", *paths, "Are these the same person?", "--together")
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1
+    assert "takes one photo per question" in refused.output
+    assert run(recipe, paths[0], "Alone?", "--together").exit_code == 1
