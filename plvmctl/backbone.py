@@ -23,6 +23,7 @@ from PIL import Image
 
 from .errors import PlvmError
 
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,7 +241,7 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
     try:
         model = getattr(transformers, family.model_class).from_pretrained(source, **kwargs)
         processor = family.load_processor(source, revision=revision)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ImportError) as error:
         raise PlvmError(f"cannot load model {source!r}: {str(error).splitlines()[0]}") from error
     if quantization_config is None:
         model = model.to(torch_device)

@@ -90,11 +90,10 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     """Ask QUESTION about one or more IMAGEs: `ask IMAGE... QUESTION`.
 
     Concepts are named as <name> (see `plvmctl concepts list`). Every image gets the same
-    question, or, with --together, one question about all of them in one prompt (a batch
-    line's "image" may be a list for that); with --batch each line has its own image and
-    question. Decoding is greedy
-    unless --sample. Items that fail are reported and the others still answered; the exit
-    status is 1 if any failed.
+    question, or, with --together, one question about all of them in one prompt; with --batch
+    each line has its own image (or list of images, asked together) and question. Decoding is
+    greedy unless --sample. Items that fail are reported and the others still answered; the
+    exit status is 1 if any failed.
 
     \b
     Examples:
