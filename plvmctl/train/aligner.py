@@ -246,9 +246,9 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
     at forward time. The answer is `split_names(prefix + answer)` + EOS (prefix: the template's
     `answer_prefix`, " " after Vicuna's "ASSISTANT:"), tokenized as it continues the prompt, so
     a `<name>` in the answer is the concept's word id and its head row gets trained too; a
-    sample's `reasoning` comes first ("{prefix}{reasoning}.", then " {answer}"). Photos are
-    opened through `image_cache` (when given) if the backbone's slot count depends on them.
-    The verdict's first
+    sample's `reasoning` comes first ("{prefix}{reasoning}.", then " {answer}"). A photo's slot
+    count comes from the backbone (it depends on the photo's size for anyres families): with
+    `image_cache` the photos are opened once here and kept for the forward. The verdict's first
     token of a recognition sample (the "Yes"/"No", after any reasoning) gets weight
     `yes_no_weight`, the others 1.
     """
