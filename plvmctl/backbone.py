@@ -1,10 +1,12 @@
-"""The LLaVA-family backbone behind one small interface.
+"""The backbone interface: what plvmctl asks of a vision-language model, whatever its family.
 
 `Backbone` holds the model, its tokenizer and image processor and answers the few questions
-the rest of plvmctl asks: hidden size, vocabulary size, which id is `<image>` and how many
-slots one image takes, how to turn photos into pixel values, the model's fingerprint.
-LLaVA-1.5 (`LlavaForConditionalGeneration`) is implemented; another family (LLaVA-OneVision)
-plugs in by answering the same questions.
+the rest of plvmctl asks: hidden size, vocabulary size, which id is `<image>`, how many slots
+each photo fills, the model's own chat template, the model inputs for a list of photos, the
+model's fingerprint. Everything that differs between model families lives in one subclass per
+family (`plvmctl/families/`): LLaVA-1.5 (`llava15.py`) and LLaVA-OneVision (`onevision.py`).
+A new family is one such file plus a line in `families.FAMILIES`; the family is read from the
+config's `model_type`.
 """
 
 from __future__ import annotations
@@ -12,16 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Sequence
 
 import torch
 from PIL import Image
 
 from .errors import PlvmError
-from .images import expand_to_square
-
-SUPPORTED_MODEL_TYPES = ("llava",)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -41,14 +41,29 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 @dataclass
 class Backbone:
-    """A loaded LLaVA-family model with its tokenizer and image processor."""
+    """A loaded vision-language model with its tokenizer and image processor.
 
-    model: torch.nn.Module  # LlavaForConditionalGeneration
+    The family-independent half lives here (shapes, special ids, fingerprint); each family's
+    subclass in `plvmctl/families/` answers the family-specific questions below the line
+    "family-specific".
+    """
+
+    model: torch.nn.Module
     tokenizer: object
     image_processor: object
     name: str
-    image_preprocess: str = "pad"  # pad | crop
+    image_preprocess: str = "pad"  # pad | crop (families that resize photos to a square)
     prompt_pieces: str = "natural"  # natural | per_piece (prompt.encode_segments)
+    # The processor the model was loaded with (its chat template, its settings); None for
+    # models built in code, where the family builds one from the parts above.
+    loaded_processor: object | None = field(default=None, repr=False)
+
+    # What a family declares: its config model_types and transformers class name.
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    model_class: ClassVar[str] = ""
+    # Whether one prompt may carry several photos (`ask --together`).
+    multi_image: ClassVar[bool] = False
 
     # -- shapes and ids ---------------------------------------------------------------
     @property
@@ -77,13 +92,6 @@ class Backbone:
         return self.config.image_token_id
 
     @property
-    def num_image_tokens(self) -> int:
-        """How many `<image>` slots one picture fills (576 for LLaVA-1.5 at 336 px)."""
-        vision = self.config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
-        return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
-
-    @property
     def pad_token_id(self) -> int:
         if self.tokenizer.pad_token_id is not None:
             return self.tokenizer.pad_token_id
@@ -95,39 +103,52 @@ class Backbone:
     def eos_token_id(self) -> int:
         return self.tokenizer.eos_token_id
 
-    # -- images -----------------------------------------------------------------------
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        """Photos → pixel values for the vision tower ([B, 3, S, S], model dtype/device).
+    # -- family-specific ----------------------------------------------------------------
+    def chat_template(self):
+        """The model's own chat template (a prompt.ChatTemplate): what `model.template: auto` means."""
+        raise NotImplementedError
 
-        `pad` pads each photo to a square with the processor's mean colour first, as the
-        original LLaVA-1.5 code did; `crop` lets the processor resize and centre-crop.
-        """
-        if self.image_preprocess == "pad":
-            fill = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
-            images = [expand_to_square(image, fill) for image in images]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels.to(device=self.device, dtype=self.dtype)
+    def image_token_counts(self, images: Sequence[Image.Image], per_prompt: Sequence[int] | None = None) -> list[int]:
+        """How many `<image>` slots each photo fills, in order. Photos are PIL images, or paths
+        (opened only by families whose count depends on the photo's size). `per_prompt` (photos
+        of each prompt, in order; default one each) matters to families that treat a prompt
+        with several photos differently."""
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """L2-normalised global embeddings from the vision tower ([B, D], float32).
+    def image_inputs(self, images: Sequence[Image.Image], per_prompt: Sequence[int] | None = None) -> dict:
+        """Model inputs for the photos of a batch, in prompt order (pixel values and whatever
+        else the family's forward needs), on the model's device and dtype."""
+        raise NotImplementedError
 
-        The pooled (post-layernorm CLS) output of LLaVA's own CLIP tower: what retrieval
-        indexes of image folders are built from.
-        """
-        tower = self.model.model.vision_tower
-        output = tower(pixel_values=self.pixel_values(images))
-        pooled = output.pooler_output.float()
-        return torch.nn.functional.normalize(pooled, dim=-1)
+    def image_features(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """The projected visual tokens of each photo ([slots, hidden] each), as the model puts
+        them in place of its `<image>` slots (Yo'LLaVA caches them)."""
+        raise NotImplementedError
+
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """L2-normalised global embeddings from the vision tower ([B, D], float32), what
+        retrieval indexes of image folders are built from."""
+        raise NotImplementedError
+
+    def processor(self):
+        """The transformers processor that `save_backbone` writes beside the weights."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_processor(cls, source: str, revision: str | None = None):
+        """The model's processor (tokenizer, image processor, chat template) from a folder or hub id."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, revision=revision)
 
     # -- identity ---------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
         """A short hash that changes when the model's shape or weights differ.
 
-        Built from the config's architecture fields plus the first rows of the input
-        embeddings and the output head, so concepts made for another model, or another
-        fine-tune of the same architecture, are recognised as foreign.
+        Built from the config's architecture fields (the family's model_type among them) plus
+        the first rows of the input embeddings and the output head, so concepts made for
+        another model, another family or another fine-tune are recognised as foreign.
         """
         cached = getattr(self, "_fingerprint", None)
         if cached is not None:
@@ -176,22 +197,27 @@ def _quantization_config(quantization: str):
 def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
                   quantization: str = "none", image_preprocess: str = "pad",
                   revision: str | None = None, seed: int = 0) -> Backbone:
-    """Load a LLaVA-family model: `tiny` (random, from configs), a local folder or a hub id.
+    """Load a vision-language model: `tiny` (random, from configs), a local folder or a hub id.
 
-    Hub ids resolve through transformers' cache; with no network only cached or local
-    models load, and the error says so.
+    The family (LLaVA-1.5, LLaVA-OneVision, ...) is read from the config's `model_type`. Hub
+    ids resolve through transformers' cache; with no network only cached or local models
+    load, and the error says so.
     """
+    from .families import family_for
+
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if source == "tiny":
+        from .families.llava15 import Llava15Backbone
         from .tiny import build_tiny_llava
 
         model, tokenizer, image_processor = build_tiny_llava(seed=seed)
         model = model.to(device=torch_device, dtype=torch_dtype)
-        return Backbone(model, tokenizer, image_processor, name=f"tiny-llava-seed{seed}",
-                        image_preprocess=image_preprocess).freeze()
+        return Llava15Backbone(model, tokenizer, image_processor, name=f"tiny-llava-seed{seed}",
+                               image_preprocess=image_preprocess).freeze()
 
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig
 
     quantization_config = _quantization_config(quantization)
     if quantization_config is not None and torch_device.type != "cuda":
@@ -207,42 +233,28 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
             f"cannot load model {source!r}: {str(error).splitlines()[0]} "
             "(pass a local folder, or make sure the Hugging Face cache has it)"
         ) from error
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise PlvmError(
-            f"model {source!r} is a {config.model_type!r} model; supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    family = family_for(config.model_type, source)
     kwargs = {"dtype": torch_dtype, "revision": revision}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": torch_device.index or 0}
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
-        processor = AutoProcessor.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as error:
+        model = getattr(transformers, family.model_class).from_pretrained(source, **kwargs)
+        processor = family.load_processor(source, revision=revision)
+    except (OSError, ValueError, ImportError) as error:
         raise PlvmError(f"cannot load model {source!r}: {str(error).splitlines()[0]}") from error
     if quantization_config is None:
         model = model.to(torch_device)
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
-    return Backbone(model, tokenizer, processor.image_processor, name=source,
-                    image_preprocess=image_preprocess).freeze()
+    return family(model, tokenizer, processor.image_processor, name=source,
+                  image_preprocess=image_preprocess, loaded_processor=processor).freeze()
 
 
 def save_backbone(backbone: Backbone, folder: str | os.PathLike) -> Path:
     """Write model + tokenizer + processor as a Hugging Face folder (`from_pretrained`-able)."""
-    from transformers import LlavaProcessor
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     backbone.model.save_pretrained(folder, safe_serialization=True)
-    vision = backbone.config.vision_config
-    processor = LlavaProcessor(
-        image_processor=backbone.image_processor,
-        tokenizer=backbone.tokenizer,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy=backbone.config.vision_feature_select_strategy,
-        num_additional_image_tokens=0 if backbone.config.vision_feature_select_strategy == "default" else 1,
-    )
-    processor.save_pretrained(folder)
+    backbone.processor().save_pretrained(folder)
     return folder

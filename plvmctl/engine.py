@@ -35,8 +35,10 @@ from .tokens import decode_with_names
 
 @dataclass
 class AskRequest:
+    """A question about no photo, one photo, or several photos in one prompt (a list)."""
+
     question: str
-    image: str | os.PathLike | Image.Image | None = None
+    image: str | os.PathLike | Image.Image | list | None = None
 
 
 @dataclass
@@ -66,12 +68,12 @@ class OptionScores:
 
 @dataclass
 class _Prepared:
-    """One request ready to batch: its prompt segments, photo, soft-prompt concepts and the
-    concepts recognised in its photo (their visual tokens follow the image tokens)."""
+    """One request ready to batch: its prompt segments, photos, soft-prompt concepts and the
+    concepts recognised in its photos (their visual tokens follow the last image's tokens)."""
 
     index: int
     segments: list
-    image: Image.Image | None
+    images: list[Image.Image]
     names: list[str]
     seen: list[str] = field(default_factory=list)
     boxes: dict[str, Box] = field(default_factory=dict)
@@ -139,17 +141,20 @@ class Engine:
 
     # -- preparation ---------------------------------------------------------------------
     def _prepare(self, index: int, request: AskRequest) -> _Prepared:
-        image = None
-        if request.image is not None:
-            image = request.image.convert("RGB") if isinstance(request.image, Image.Image) \
-                else load_image(request.image)
+        sources = request.image if isinstance(request.image, (list, tuple)) else \
+            ([] if request.image is None else [request.image])
+        if len(sources) > 1 and not self.backbone.multi_image:
+            raise PlvmError(f"{self.backbone.family} takes one photo per question: ask about each "
+                            "photo on its own (without --together)")
+        images = [source.convert("RGB") if isinstance(source, Image.Image) else load_image(source)
+                  for source in sources]
         names = mentioned_names(request.question)
         concepts = self._known(names)
-        segments = build_prompt(request.question, template=self.template, has_image=image is not None,
+        segments = build_prompt(request.question, template=self.template, has_image=len(images),
                                 concepts=concepts, descriptions=self.descriptions,
                                 literal_names=self.literal_names)
         # Token ids are assigned per batch, once the batch's concept table exists.
-        return _Prepared(index, segments, image, list(concepts))
+        return _Prepared(index, segments, images, list(concepts))
 
     def _batches(self, prepared: list[_Prepared], batch_size: int):
         """Group by has-image, sort by prompt length, cut into batches."""
@@ -157,13 +162,14 @@ class Engine:
             return sum(len(s) if isinstance(s, str) else 1 for s in item.segments)
 
         for has_image in (False, True):
-            group = [p for p in prepared if (p.image is not None) == has_image]
+            group = [p for p in prepared if bool(p.images) == has_image]
             group.sort(key=length)
             for start in range(0, len(group), batch_size):
                 yield group[start:start + batch_size]
 
     def _recognise(self, prepared: list[_Prepared], errors: dict[int, str]) -> list[_Prepared]:
-        """Fill each item's `seen`: the concepts it names whose head fires on its photo.
+        """Fill each item's `seen`: the concepts it names whose head fires on one of its photos
+        (the box is that of the best crop of all its photos).
 
         Crop features are computed once per distinct photo, feature source and crop setting,
         all crops together in batches; an item whose recognition fails gets the error and is
@@ -172,7 +178,7 @@ class Engine:
         wanted: dict[tuple[str, str], list[tuple[_Prepared, str]]] = {}  # (source, crops) -> (item, name)
         failed: set[int] = set()
         for item in prepared:
-            if item.image is None:
+            if not item.images:
                 continue
             try:
                 for name in item.names:
@@ -187,8 +193,9 @@ class Engine:
             photos = list({item.index: item for item, _ in pairs}.values())
             if not photos:
                 continue
-            keys = {item.index: _photo_key(item.image) for item in photos}
-            distinct = list({keys[item.index]: item.image for item in photos}.items())
+            keys = {item.index: [_photo_key(image) for image in item.images] for item in photos}
+            distinct = list({key: image for item in photos
+                             for key, image in zip(keys[item.index], item.images)}.items())
             try:
                 found = crop_features(self.runtime, [image for _, image in distinct], source, crops)
             except (PlvmError, RuntimeError, ValueError) as error:
@@ -199,10 +206,11 @@ class Engine:
             features = {key: photo for (key, _), photo in zip(distinct, found)}
             for item, name in pairs:
                 try:
-                    scores, boxes = self.head(name).best([features[keys[item.index]]])
-                    if float(scores[0]) >= self.head(name).threshold:
+                    scores, boxes = self.head(name).best([features[key] for key in keys[item.index]])
+                    number = int(scores.argmax())
+                    if float(scores[number]) >= self.head(name).threshold:
                         item.seen.append(name)
-                        item.boxes[name] = boxes[0]
+                        item.boxes[name] = boxes[number]
                 except PlvmError as error:
                     errors[item.index] = str(error)
                     failed.add(item.index)
@@ -212,14 +220,17 @@ class Engine:
 
     def _encode_item(self, item: _Prepared, table: ConceptTable) -> list[int]:
         """The prompt ids of one item, its recognised concepts' visual tokens after the image."""
-        ids = self._encode(item.segments, table)
+        ids = self._encode(item.segments, table, images=item.images)
         visual = [token for name in item.seen for token in table.visual_ids(name)]
         return insert_after_image(ids, self.backbone.image_token_id, visual)
 
-    def _encode(self, segments: list, table: ConceptTable, add_bos: bool = True) -> list[int]:
+    def _encode(self, segments: list, table: ConceptTable, add_bos: bool = True,
+                images: Sequence[Image.Image] = ()) -> list[int]:
+        """Ids of one prompt (or answer) whose `<image>`s stand for `images`."""
+        counts = self.backbone.image_token_counts(images, [len(images)]) if images else []
         return encode_segments(segments, self.backbone.tokenizer, slot_id=table.slot_id,
                                image_token_id=self.backbone.image_token_id,
-                               num_image_tokens=self.backbone.num_image_tokens, add_bos=add_bos,
+                               num_image_tokens=counts, add_bos=add_bos,
                                pieces=self.backbone.prompt_pieces)
 
     def _table(self, names: Sequence[str]) -> ConceptTable:
@@ -267,7 +278,8 @@ class Engine:
         """Ids of `text` as the assistant's answer, right after its prompt: " A" is "▁A", with
         no stray "▁" of a text tokenized on its own; `<name>`s of `names` are concept words."""
         mentioned = [n for n in mentioned_names(text) if n in names]
-        return self._encode(split_names(" " + text.strip(), mentioned), table, add_bos=False)
+        return self._encode(split_names(self.template.answer_prefix + text.strip(), mentioned), table,
+                            add_bos=False)
 
     @torch.no_grad()
     def ask(self, requests: Sequence[AskRequest], *, batch_size: int | None = None,
@@ -286,9 +298,9 @@ class Engine:
                 rows = [self._encode_item(item, table) for item in batch]
                 input_ids, attention_mask = self._collate(rows)
                 inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-                images = [item.image for item in batch if item.image is not None]
+                images = [image for item in batch for image in item.images]
                 if images:
-                    inputs["pixel_values"] = self.backbone.pixel_values(images)
+                    inputs.update(self.backbone.image_inputs(images, [len(item.images) for item in batch]))
                 if self.generation.do_sample:
                     torch.manual_seed(self.generation.seed)
                 with table.active(model, rows=[item.names for item in batch]):
@@ -321,7 +333,7 @@ class Engine:
         for batch in self._batches(prepared, batch_size):
             try:
                 table = self._table([n for item in batch for n in item.names])
-                rows, spans, owners, images = [], [], [], []
+                rows, spans, owners, images, per_row = [], [], [], [], []
                 for item in batch:
                     prompt_ids = self._encode_item(item, table)
                     for text in options[item.index]:
@@ -329,11 +341,11 @@ class Engine:
                         rows.append(prompt_ids + answer_ids)
                         spans.append(len(answer_ids))
                         owners.append(item.index)
-                        if item.image is not None:
-                            images.append(item.image)
+                        images.extend(item.images)
+                        per_row.append(len(item.images))
                 owner_names = {item.index: item.names for item in batch}
                 logprobs = self._continuation_logprobs(rows, spans, images, table,
-                                                       [owner_names[o] for o in owners])
+                                                       [owner_names[o] for o in owners], per_row)
                 for index in dict.fromkeys(owners):
                     picked = [(lp, n) for lp, n, o in zip(logprobs, spans, owners) if o == index]
                     scores[index] = ([lp for lp, _ in picked], [n for _, n in picked])
@@ -350,13 +362,13 @@ class Engine:
 
     def _continuation_logprobs(self, rows: list[list[int]], spans: list[int],
                                images: list[Image.Image], table: ConceptTable,
-                               row_names: list[list[str]]) -> list[float]:
+                               row_names: list[list[str]], per_row: list[int]) -> list[float]:
         """Sum of log p(last `span` tokens of each row | everything before), one forward."""
         input_ids, attention_mask = self._collate(rows)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if images:
-            inputs["pixel_values"] = self.backbone.pixel_values(images)
+            inputs.update(self.backbone.image_inputs(images, per_row))
         with table.active(self.backbone.model, rows=row_names):
             logits = self.backbone.model(**inputs).logits.float()
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 from .errors import PlvmError
 from .tokens import RUNNING_TEXT, text_ids
@@ -38,16 +38,23 @@ Segment = Union[str, Slot]
 
 @dataclass(frozen=True)
 class ChatTemplate:
+    """A Vicuna-style template. Other families subclass it and override `render`
+    (plvmctl/families/); `answer_prefix` is what stands between the prompt and the answer's
+    first word (" Yes" after "ASSISTANT:")."""
+
     name: str
     system: str
     user: str
     assistant: str
+    answer_prefix: str = " "
 
-    def render(self, question: list[Segment], preamble: list[Segment], has_image: bool) -> list[Segment]:
-        """System text, concept sentences, then `USER: [<image>\\n]question ASSISTANT:`."""
+    def render(self, question: list[Segment], preamble: list[Segment], has_image: bool | int) -> list[Segment]:
+        """System text, concept sentences, then `USER: [<image>\\n]question ASSISTANT:`.
+
+        `has_image` may be a count: that many `<image>` placeholders."""
         segments: list[Segment] = [self.system]
         segments += preamble
-        segments.append(f" {self.user}: " + (f"{IMAGE_PLACEHOLDER}\n" if has_image else ""))
+        segments.append(f" {self.user}: " + f"{IMAGE_PLACEHOLDER}\n" * int(has_image))
         segments += question
         segments.append(f" {self.assistant}:")
         return merge_text(segments)
@@ -116,14 +123,15 @@ def concept_sentence(name: str, num_context: int) -> list[Segment]:
     return [" ", Slot(name), " is ", *[Slot(name, i) for i in range(num_context)], "."]
 
 
-def build_prompt(question: str, *, template: ChatTemplate, has_image: bool,
+def build_prompt(question: str, *, template: ChatTemplate, has_image: bool | int,
                  concepts: Mapping[str, int] | None = None,
                  descriptions: Mapping[str, str] | None = None,
                  literal_names: bool = False) -> list[Segment]:
     """Segments for one question.
 
     `concepts` maps each known soft-prompt concept to its k; `descriptions` maps names to a
-    plain-text description (the "LLaVA + text prompt" baseline). Every `<name>` in the
+    plain-text description (the "LLaVA + text prompt" baseline). `has_image` may be a count
+    of photos (several in one prompt). Every `<name>` in the
     question must be one of them unless `literal_names` (then unknown ones stay plain text,
     the "no personal information" baseline). Only concepts the question mentions get a
     sentence, in order of first mention; a concept with no context tokens (k = 0, as MyVLM's)
@@ -164,14 +172,15 @@ PROMPT_PIECES = ("natural", "per_piece")
 
 
 def encode_segments(segments: list[Segment], tokenizer, *, slot_id: Callable[[Slot], int],
-                    image_token_id: int, num_image_tokens: int, add_bos: bool = True,
+                    image_token_id: int, num_image_tokens: int | Sequence[int], add_bos: bool = True,
                     pieces: str = "natural") -> list[int]:
     """Token ids for `segments`, the one place a prompt or an answer becomes ids.
 
     The ids are those the tokenizer gives the whole text in one go with every slot an atomic
     token: each text piece is tokenized as it reads where it stands (tokens.py), the space
     before a slot belongs to the slot (as a word's space belongs to the word), slots get
-    `slot_id`, each `<image>` becomes `num_image_tokens` copies of `image_token_id`.
+    `slot_id`, each `<image>` becomes `num_image_tokens` copies of `image_token_id` (or, given a
+    list, the i-th `<image>` that many: families whose slot count depends on the photo).
     `add_bos=False` means the segments continue a text already encoded (an answer after its
     prompt): their first piece is tokenized as running text, never as the start of one.
 
@@ -189,6 +198,7 @@ def encode_segments(segments: list[Segment], tokenizer, *, slot_id: Callable[[Sl
     if add_bos and tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
     image_text = tokenizer.convert_ids_to_tokens(image_token_id)
+    image_counts = None if isinstance(num_image_tokens, int) else iter(num_image_tokens)
     after: str | None = None if add_bos else RUNNING_TEXT  # what the next text piece follows
     alone = False  # per_piece: the next text piece is tokenized on its own
     for position, segment in enumerate(segments):
@@ -201,7 +211,10 @@ def encode_segments(segments: list[Segment], tokenizer, *, slot_id: Callable[[Sl
         texts = segment.split(IMAGE_PLACEHOLDER)
         for number, piece in enumerate(texts):
             if number > 0:
-                ids.extend([image_token_id] * num_image_tokens)
+                count = num_image_tokens if image_counts is None else next(image_counts, None)
+                if count is None:
+                    raise PlvmError("the prompt has more <image> placeholders than photos")
+                ids.extend([image_token_id] * count)
                 after = image_text or None
                 alone = per_piece
             if before_slot and number == len(texts) - 1 and piece.endswith(" "):

@@ -39,7 +39,7 @@ class ModelSection:
     dtype: str = "auto"
     quantization: str = "none"  # none | 8bit | 4bit (needs bitsandbytes and a GPU)
     image_preprocess: str = "pad"  # pad (LLaVA-1.5's pad-to-square, mean colour) | crop
-    template: str = "vicuna_v1"
+    template: str = "auto"  # auto (the model family's own) | vicuna_v1 | pocket
     # How prompt text becomes ids: natural (the whole text at once, concept slots as words) |
     # per_piece (PLVM's released code: the text after a concept word or after <image> is
     # tokenized on its own; the released Aligner was trained on those ids)

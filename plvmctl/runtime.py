@@ -61,6 +61,9 @@ class Runtime:
 
     @property
     def template(self):
+        """The recipe's chat template; `auto` is the model's own (its family's)."""
+        if self.recipe.model.template == "auto":
+            return self.backbone.chat_template()
         return get_template(self.recipe.model.template)
 
     @functools.cached_property

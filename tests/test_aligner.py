@@ -588,6 +588,74 @@ def test_real_sizes_parameter_counts_on_meta():
     assert 1.7 < paper_share < 1.9  # the paper reports 1.8 %
 
 
+def llava_onevision_7b_config():
+    """A config equal to llava-hf/llava-onevision-qwen2-7b-ov-hf (no download): Qwen2-7B's
+    text config and SigLIP so400m-patch14-384 with its last layer dropped (26 of 27 layers,
+    features from the last kept one: transformers' LlavaOnevisionConfig defaults)."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    text = Qwen2Config(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    return LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=151646,
+        video_token_index=151647,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+
+
+def test_onevision_7b_parameter_counts_on_meta():
+    """The paper-layout Aligner for OV-7B (output 3,584) next to LLaVA-1.5-7B's (4,096)."""
+    from transformers import LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+    enc, k = 768, 16
+    with torch.device("meta"):
+        for_onevision = Aligner(AlignerConfig(layout="paper", encoder_dim=enc, lm_dim=3584, num_context=k))
+        onevision = LlavaOnevisionForConditionalGeneration(llava_onevision_7b_config())
+        llava = LlavaForConditionalGeneration(llava15_7b_config())
+    # two CLS MLPs 768 -> 4096 -> 4096 -> 3584; the context transformer (width 1024) as for
+    # LLaVA-1.5 up to its last projection, 1024 -> 3584
+    mlp = linear(768, 4096) + linear(4096, 4096) + linear(4096, 3584)
+    attn = 2 * layer_norm(1024) + 4 * linear(1024, 1024)
+    ffn = layer_norm(1024) + linear(1024, 4096) + linear(4096, 1024)
+    transformer = 16 * 1024 + linear(768, 1024) + 4 * (attn + ffn) + layer_norm(1024) + linear(1024, 3584)
+    expected = 2 * mlp + transformer
+    assert expected == 124_102_144
+    assert for_onevision.num_parameters() == expected
+
+    onevision_params = sum(p.numel() for p in onevision.parameters())
+    llava_params = sum(p.numel() for p in llava.parameters())
+    # Qwen2-7B 7.62 B + SigLIP (26 layers) 0.40 B + projector 0.017 B
+    assert 8.0e9 < onevision_params < 8.05e9
+    share = 100 * expected / onevision_params
+    llava_share = 100 * 128_822_272 / llava_params
+    print(f"\nLLaVA-OneVision-7B {onevision_params:,} parameters; paper Aligner {expected:,} ({share:.2f} %)"
+          f"\nLLaVA-1.5-7B       {llava_params:,} parameters; paper Aligner 128,822,272 ({llava_share:.2f} %)")
+    assert 1.5 < share < 1.6 and share < llava_share
+
+
 # ---------------------------------------------------------------------------- reference encoder
 
 

@@ -83,9 +83,9 @@ def test_option_scores_agree_with_greedy_generation(runtime, concepts, photos):
     # compare with the model's own next-token distribution over those words
     table = ConceptTable([concepts["avril"]], runtime.backbone.vocab_size)
     prepared = engine._prepare(0, request)
-    ids = torch.tensor([engine._encode(prepared.segments, table)])
+    ids = torch.tensor([engine._encode(prepared.segments, table, images=prepared.images)])
     with torch.no_grad(), table.active(runtime.backbone.model):
-        logits = runtime.backbone.model(input_ids=ids, pixel_values=runtime.backbone.pixel_values([prepared.image])).logits
+        logits = runtime.backbone.model(input_ids=ids, pixel_values=runtime.backbone.pixel_values(prepared.images)).logits
     expected = torch.log_softmax(logits[0, -1].float(), -1)[tokenizer.convert_tokens_to_ids(words)]
     assert torch.allclose(torch.tensor(scores.logprobs), expected, atol=1e-4)
 

@@ -17,6 +17,15 @@ def test_shipped_recipes_load():
     assert real.aligner.num_context == 16 and real.model.image_preprocess == "pad"
 
 
+def test_the_onevision_recipe_names_its_model_encoder_and_aligner_folder():
+    recipe = load_recipe("llava-ov-7b")
+    assert recipe.model.source == "llava-hf/llava-onevision-qwen2-7b-ov-hf"
+    assert recipe.model.template == "auto"  # the processor's own chat template
+    assert recipe.encoder.source == "facebook/dinov2-base"
+    assert recipe.aligner.path == "aligners/plvm-llava-ov-7b" and recipe.aligner.layout == "paper"
+    assert recipe.aligner.num_context == 16 and recipe.model.prompt_pieces == "natural"
+
+
 def test_overrides_are_typed():
     recipe = load_recipe("tiny", ["generation.max_new_tokens=3", "model.dtype=bfloat16", "train.lr=3e-3"])
     assert recipe.generation.max_new_tokens == 3 and recipe.model.dtype == "bfloat16"

@@ -35,6 +35,13 @@ def encode(app: App, reference: str, name: str, force: bool):
 
 
 # -- ask ----------------------------------------------------------------------------------
+def _beside(batch_file: Path, image: str) -> str:
+    """A batch file's relative photo path, relative to the batch file unless it exists as given."""
+    if Path(image).is_absolute() or Path(image).exists():
+        return image
+    return str(batch_file.parent / image)
+
+
 def _read_batch(path: str):
     from ..engine import AskRequest
 
@@ -50,8 +57,10 @@ def _read_batch(path: str):
             if not isinstance(row, dict) or not isinstance(row.get("question"), str):
                 raise ValueError('expected {"image": ..., "question": ...}')
             image = row.get("image")
-            if image is not None and not Path(image).is_absolute():
-                image = str(source.parent / image) if not Path(image).exists() else image
+            if isinstance(image, list):  # several photos in one prompt (models that take them)
+                image = [_beside(source, str(one)) for one in image]
+            elif image is not None:
+                image = _beside(source, image)
             requests.append(AskRequest(row["question"], image))
         except (ValueError, TypeError) as error:
             problems[len(requests)] = f"line {number}: {error}"
@@ -73,20 +82,24 @@ def _read_batch(path: str):
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass [recipe].")
 @click.option("--seed", type=int, default=None, help="Sampling seed [recipe].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer.")
+@click.option("--together", is_flag=True,
+              help="All IMAGEs in one prompt, one answer (models that take several photos: LLaVA-OneVision).")
 @pass_app
 def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_tokens, sample,
-        temperature, top_p, seed, as_json):
+        temperature, top_p, seed, as_json, together):
     """Ask QUESTION about one or more IMAGEs: `ask IMAGE... QUESTION`.
 
     Concepts are named as <name> (see `plvmctl concepts list`). Every image gets the same
-    question; with --batch each line has its own image and question. Decoding is greedy
-    unless --sample. Items that fail are reported and the others still answered; the exit
-    status is 1 if any failed.
+    question, or, with --together, one question about all of them in one prompt; with --batch
+    each line has its own image (or list of images, asked together) and question. Decoding is
+    greedy unless --sample. Items that fail are reported and the others still answered; the
+    exit status is 1 if any failed.
 
     \b
     Examples:
       plvmctl ask party.jpg "Where is <avril>?"
       plvmctl ask a.jpg b.jpg "Is <avril> next to <bob>?" --json
+      plvmctl --recipe llava-ov-7b ask a.jpg b.jpg "Is <avril> in both photos?" --together
       plvmctl ask --no-image "What colour is <avril>'s hair?"
       plvmctl ask --batch queries.jsonl --out answers.jsonl --batch-size 16
     """
@@ -106,6 +119,15 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
             raise PlvmError("usage: plvmctl ask IMAGE... QUESTION (or --no-image QUESTION, or --batch FILE)")
         *images, question = args
         requests = [AskRequest(question, image) for image in images]
+        if together:
+            if len(images) < 2:
+                raise PlvmError("--together asks about two or more IMAGEs in one prompt")
+            if not app.runtime.backbone.multi_image:
+                raise PlvmError(f"--together: {app.runtime.backbone.family} ({app.runtime.backbone.name}) "
+                                "takes one photo per question; LLaVA-OneVision takes several")
+            requests = [AskRequest(question, list(images))]
+    if together and (batch_file or no_image):
+        raise PlvmError("--together is for IMAGE... QUESTION (in --batch, give a line's \"image\" as a list)")
     if out_file and not batch_file:
         raise PlvmError("--out is only for --batch")
     if batch_size is not None and batch_size < 1:
@@ -123,7 +145,9 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
                          max_new_tokens=max_new_tokens, progress=len(todo) > 1 and sys.stderr.isatty())
     rows = []
     for i, request in enumerate(requests):
-        row = {"image": None if request.image is None else str(request.image), "question": request.question}
+        image = request.image
+        row = {"image": [str(one) for one in image] if isinstance(image, list) else
+               None if image is None else str(image), "question": request.question}
         if i in problems:
             row.update(answer=None, error=problems[i])
         else:
@@ -142,16 +166,21 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
             if as_json or batch_file:
                 click.echo(json.dumps(row))
             elif row["error"]:
-                click.echo(f"{row['image'] or '-'}: error: {row['error']}")
+                click.echo(f"{_shown(row['image'])}: error: {row['error']}")
             elif len(rows) > 1:
                 click.echo(f"{row['image']}: {row['answer']}")
             else:
                 click.echo(row["answer"])
     for row in rows:
         if row["error"]:
-            click.echo(f"failed: {row['image'] or row['question']}: {row['error']}", err=True)
+            click.echo(f"failed: {_shown(row['image']) if row['image'] else row['question']}: {row['error']}",
+                       err=True)
     if failed:
         sys.exit(1)
+
+
+def _shown(image) -> str:
+    return " + ".join(image) if isinstance(image, list) else (image or "-")
 
 
 # -- recipes --------------------------------------------------------------------------------

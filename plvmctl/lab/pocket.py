@@ -185,7 +185,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     settings (`LvlmTrainConfig`) for an experiment; the card records the settings used.
     """
     from ..aligner import load_aligner, save_aligner
-    from ..backbone import Backbone, load_backbone, save_backbone
+    from ..backbone import load_backbone, save_backbone
+    from ..families.llava15 import Llava15Backbone
     from ..runtime import load_runtime
     from ..train.aligner import train_aligner
     from ..train.common import JsonlLogger, find_checkpoint
@@ -291,7 +292,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             comparisons = measure_comparisons(model, tokenizer, image_processor,
                                               scenes=settings.measure_scenes, config=settings.lvlm) \
                 if comparing else None
-            save_backbone(Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
+            save_backbone(Llava15Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
             stage("lvlm", began, before=result.seconds_before)  # training time of interrupted runs too
             lvlm = done("lvlm", {
                 "steps": result.steps, "seconds": round(result.seconds, 1),

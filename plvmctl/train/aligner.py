@@ -237,14 +237,18 @@ def _placeholder_concept(name: str, num_context: int, hidden: int) -> Concept:
 
 
 def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int, *,
-                 yes_no_weight: float, with_answers: bool = True) -> EncodedBatch:
+                 yes_no_weight: float, with_answers: bool = True,
+                 image_cache: dict[Path, Any] | None = None) -> EncodedBatch:
     """Prompt + answer ids of every sample; labels only on the answer.
 
     Virtual ids depend only on the order of the names and k, so they are laid out with
     placeholder concepts here; the real table (same order) is built from the Aligner's output
-    at forward time. The answer is `split_names(" " + answer)` + EOS, tokenized as it continues
-    the prompt, so a `<name>` in the answer is the concept's word id and its head row gets
-    trained too; a sample's `reasoning` comes first (" {reasoning}."). The verdict's first
+    at forward time. The answer is `split_names(prefix + answer)` + EOS (prefix: the template's
+    `answer_prefix`, " " after Vicuna's "ASSISTANT:"), tokenized as it continues the prompt, so
+    a `<name>` in the answer is the concept's word id and its head row gets trained too; a
+    sample's `reasoning` comes first ("{prefix}{reasoning}.", then " {answer}"). A photo's slot
+    count comes from the backbone (it depends on the photo's size for anyres families): with
+    `image_cache` the photos are opened once here and kept for the forward. The verdict's first
     token of a recognition sample (the "Yes"/"No", after any reasoning) gets weight
     `yes_no_weight`, the others 1.
     """
@@ -257,21 +261,25 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
         segments = build_prompt(sample.question, template=template,
                                 has_image=sample.photo is not None,
                                 concepts={sample.name: num_context})
+        query = [] if sample.photo is None else \
+            [sample.photo if image_cache is None else photo_image(sample.photo, image_cache)]
         prompt = encode_segments(segments, tokenizer, slot_id=layout.slot_id,
                                  image_token_id=backbone.image_token_id,
-                                 num_image_tokens=backbone.num_image_tokens,
+                                 num_image_tokens=backbone.image_token_counts(query),
                                  pieces=backbone.prompt_pieces)
         answer: list[int] = []
         reasoning: list[int] = []
         if with_answers:
+            prefix = template.answer_prefix
             if sample.reasoning:
-                reasoning = encode_segments([" " + sample.reasoning.strip() + "."], tokenizer,
+                reasoning = encode_segments([prefix + sample.reasoning.strip() + "."], tokenizer,
                                             slot_id=layout.slot_id, image_token_id=backbone.image_token_id,
-                                            num_image_tokens=backbone.num_image_tokens, add_bos=False)
-            answer = reasoning + encode_segments(split_names(" " + sample.answer.strip(), [sample.name]),
+                                            num_image_tokens=0, add_bos=False)
+                prefix = " "
+            answer = reasoning + encode_segments(split_names(prefix + sample.answer.strip(), [sample.name]),
                                                  tokenizer, slot_id=layout.slot_id,
                                                  image_token_id=backbone.image_token_id,
-                                                 num_image_tokens=backbone.num_image_tokens, add_bos=False,
+                                                 num_image_tokens=0, add_bos=False,
                                                  pieces=backbone.prompt_pieces)
             answer.append(backbone.eos_token_id)
         answer_weights = [1.0] * len(answer)
@@ -424,16 +432,7 @@ def concept_logits(aligner: torch.nn.Module, batch: EncodedBatch, references: Re
                               "attention_mask": batch.attention_mask.to(device),
                               "use_cache": False}
     if batch.photos:
-        images = []
-        for photo in batch.photos:
-            if image_cache is not None and photo in image_cache:
-                images.append(image_cache[photo])
-                continue
-            image = load_image(photo)
-            if image_cache is not None:
-                image_cache[photo] = image
-            images.append(image)
-        inputs["pixel_values"] = backbone.pixel_values(images)
+        inputs.update(backbone.image_inputs([photo_image(photo, image_cache) for photo in batch.photos]))
     with _autocast(device), table.active(model):
         logits = model(**inputs).logits  # [B, T, total_ids]
     return logits
@@ -448,12 +447,23 @@ def batch_loss(aligner: torch.nn.Module, batch: EncodedBatch, references: Refere
                                 batch.weights[:, 1:].to(device), reduction="sum")
 
 
+def photo_image(photo: Path, image_cache: dict[Path, Any] | None = None):
+    """The photo opened (once, when `image_cache` keeps it)."""
+    if image_cache is not None and photo in image_cache:
+        return image_cache[photo]
+    image = load_image(photo)
+    if image_cache is not None:
+        image_cache[photo] = image
+    return image
+
+
 def first_token_id(backbone, text: str) -> int:
     """The first token of `text` as the start of an answer, right after its prompt: " Yes" is
-    "▁Yes" (never the bare "▁" that the legacy LLaMA normalizer puts before a lone text)."""
+    "▁Yes" (never the bare "▁" that the legacy LLaMA normalizer puts before a lone text).
+    Callers put the template's `answer_prefix` in front of the word ("Yes" after ChatML's
+    "assistant\n")."""
     ids = encode_segments([text], backbone.tokenizer, slot_id=lambda slot: 0,
-                          image_token_id=backbone.image_token_id,
-                          num_image_tokens=backbone.num_image_tokens, add_bos=False)
+                          image_token_id=backbone.image_token_id, num_image_tokens=0, add_bos=False)
     if not ids:
         raise PlvmError(f"the tokenizer gives no token for {text!r}")
     return ids[0]
@@ -474,7 +484,8 @@ def validate_recognition(aligner: torch.nn.Module, samples: Sequence[Sample],
     if any(sample.reasoning for sample in samples):
         return _validate_by_generating(aligner, samples, references, runtime, batch_size=batch_size,
                                        max_new_tokens=max_new_tokens)
-    yes_id, no_id = first_token_id(backbone, " Yes"), first_token_id(backbone, " No")
+    prefix = runtime.template.answer_prefix
+    yes_id, no_id = first_token_id(backbone, prefix + "Yes"), first_token_id(backbone, prefix + "No")
     was_training = aligner.training
     aligner.eval()
     num_context = _unwrap(aligner).config.num_context
@@ -484,7 +495,7 @@ def validate_recognition(aligner: torch.nn.Module, samples: Sequence[Sample],
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             batch = encode_batch(chunk, backbone, runtime.template, num_context,
-                                 yes_no_weight=1.0, with_answers=False)
+                                 yes_no_weight=1.0, with_answers=False, image_cache=image_cache)
             logits = concept_logits(aligner, batch, references, backbone, image_cache=image_cache)
             for row, sample in enumerate(chunk):
                 last = logits[row, batch.prompt_lengths[row] - 1].float()
@@ -722,7 +733,7 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
                                                             grad_accum=config.grad_accum,
                                                             rank=rank, world_size=world),
                                         backbone, runtime.template, num_context,
-                                        yes_no_weight=config.yes_no_weight)
+                                        yes_no_weight=config.yes_no_weight, image_cache=image_cache)
                            for micro in range(config.grad_accum)]
                 weight_total = sum(float(b.weights[:, 1:].sum()) for b in batches)
                 step_loss = 0.0

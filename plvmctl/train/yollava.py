@@ -492,7 +492,8 @@ class YollavaTrainer:
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.features: dict[tuple[str, bool], torch.Tensor] = {}
-        self._yes_no = (first_token_id(self.backbone, " Yes"), first_token_id(self.backbone, " No"))
+        prefix = runtime.template.answer_prefix
+        self._yes_no = (first_token_id(self.backbone, prefix + "Yes"), first_token_id(self.backbone, prefix + "No"))
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self.word, self.head, self.context]
@@ -521,10 +522,8 @@ class YollavaTrainer:
 
     @torch.no_grad()
     def _compute_features(self, images: list) -> list[torch.Tensor]:
-        """CLIP tower + projector output of each image ([N, H] each), as LLaVA computes it."""
-        pixels = self.backbone.pixel_values(images)
-        output = self.backbone.model.model.get_image_features(pixel_values=pixels)
-        return [features.detach() for features in output.pooler_output]
+        """Vision tower + projector output of each image ([N, H] each), as the model computes it."""
+        return self.backbone.image_features(images)
 
     def cache_features(self, photos: Sequence[Path], *, flips: Sequence[bool] = (False,),
                        chunk: int = 16, progress: bool = False) -> int:
@@ -573,7 +572,7 @@ class YollavaTrainer:
                 inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
             else:
                 images = [self._image(p, f) for p, f in zip(batch.photos, sides)]
-                inputs["pixel_values"] = self.backbone.pixel_values(images)
+                inputs.update(self.backbone.image_inputs(images))
         with self._table().active(self.backbone.model):
             logits = self.backbone.model(**inputs).logits
         return batch, logits
