@@ -72,6 +72,7 @@ MAIN = {
     "llava-none": (0.8, 0.2, 0.40, 0.35, 0.0, 0.0),
     "llava-text": (0.6, 0.5, 0.45, 0.50, 0.0125, 15.5),
     "yollava": (0.75, 0.75, 0.5, 0.6, 41.25, 16.0),
+    "myvlm": (0.35, 0.85, 0.4, 0.45, 5.5, 1.0),
     "llava-truth": (0.95, 0.9, 0.6, 0.9, 0.0, 14.0),
 }
 ABLATION = {  # (w, k) -> plvm's numbers
@@ -129,6 +130,8 @@ def test_main_table_has_one_row_per_method_with_its_measured_numbers():
         "60.0", "50.0", "55.0", "45.0", "50.0", "0.0125", "15.5"]
     assert table_row(markdown, "Yo'LLaVA on the pocket LVLM (`yollava`)")[1:] == [
         "75.0", "75.0", "75.0", "50.0", "60.0", "41.2", "16"]
+    assert table_row(markdown, "MyVLM on the pocket LVLM (`myvlm`)")[1:] == [
+        "35.0", "85.0", "60.0", "40.0", "45.0", "5.5", "1"]
     header = table_row(markdown, "method")
     assert header == ["method", "recognition positive", "recognition negative",
                       "recognition mean", "visual MCQ", "text MCQ", "seconds to add a concept",
@@ -161,11 +164,11 @@ def test_reading_note_gives_the_chance_levels_of_this_test_set():
 
 def test_command_machine_and_step_times_are_recorded():
     options = Options(out_dir=Path("runs/r"), doc=Path("docs/r.md"), aligner_steps=50,
-                      skip_yollava=True)
+                      skip_trained=True)
     markdown = render_results_markdown(summary(options))
     assert ("OMP_NUM_THREADS=1 python -m plvmctl.lab.results --out-dir runs/r --doc docs/r.md "
             "--testset runs/toy-testset --identities 40 --neg-per-identity 30 "
-            "--aligner-steps 50 --threads 1 --skip-yollava") in markdown
+            "--aligner-steps 50 --threads 1 --skip-trained") in markdown
     assert "torch 9.9.9 with 1 thread(s)" in markdown and "2 CPU cores" in markdown
     assert "2026-01-02T03:04:05+00:00" in markdown
     assert table_row(markdown, "testset") == ["testset", "1.5"]
@@ -173,9 +176,10 @@ def test_command_machine_and_step_times_are_recorded():
 
 
 def test_skipped_parts_and_smoke_runs_say_so():
-    markdown = render_results_markdown(summary(Options(skip_yollava=True, skip_ablations=True),
+    markdown = render_results_markdown(summary(Options(skip_trained=True, skip_ablations=True),
                                                ablations=False, identities=4))
-    assert "(`yollava`)" not in markdown and "--skip-yollava" in markdown
+    assert "(`yollava`)" not in markdown and "(`myvlm`)" not in markdown
+    assert "--skip-trained" in markdown
     assert "Not run this time (--skip-ablations)." in markdown
     assert "**Smoke run**: 4 identities" in markdown
     assert "Smoke run" not in render_results_markdown(summary())
@@ -309,7 +313,7 @@ def test_a_toy_testset_of_another_size_is_refused(tmp_path):
 def test_help_explains_the_command():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for words in ("docs/results.md", "--skip-yollava", "--aligner-steps", "w = 1 vs 20",
+    for words in ("docs/results.md", "--skip-trained", "--aligner-steps", "w = 1 vs 20",
                   "k = 4 / 8 / 16", "--out-dir"):
         assert words in result.output
 
@@ -335,7 +339,7 @@ def test_whole_command_at_toy_size(tmp_path):
         assert cells[3] == f"{100 * row['mean']:.1f}"
         assert cells[5] == f"{100 * row['text_qa']:.1f}"
     assert [row["method"] for row in written["main"]] == [
-        "plvm", "llava-none", "llava-text", "yollava"]
+        "plvm", "llava-none", "llava-text", "yollava", "myvlm", "llava-truth"]
     assert [row["num_context"] for row in written["ablations"]["num_context"]] == [4, 8, 16]
     assert [row["yes_no_weight"] for row in written["ablations"]["yes_no_weight"]] == [1.0, 20.0]
     for row in written["ablations"]["num_context"]:

@@ -55,13 +55,15 @@ MCQ = "likelihood"
 MIN_IDENTITIES = 40  # the issue asks for at least 40 held-out identities
 
 TRUTH = "llava-truth"
-MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava", TRUTH)
+MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava", "myvlm", TRUTH)
+TRAINED_METHODS = ("yollava", "myvlm")  # per-concept training: --skip-trained leaves them out
 METHOD_TITLES = {
     TRUTH: "pocket LVLM + the true description (what the base model can do with words)",
     "plvm": "pocket PLVM",
     "llava-none": "pocket LVLM, no prompt",
     "llava-text": "pocket LVLM + ~16-token text prompt",
     "yollava": "Yo'LLaVA on the pocket LVLM",
+    "myvlm": "MyVLM on the pocket LVLM",
 }
 YES_NO_WEIGHTS = (1.0, 20.0)  # ablated at k = PLVM_CONTEXT
 CONTEXT_SIZES = (4, 8, 16)  # ablated at w = PLVM_WEIGHT
@@ -171,7 +173,7 @@ class Options:
     testset: Path = Path(DEFAULTS["testset"])
     identities: int = DEFAULTS["identities"]
     neg_per_identity: int = DEFAULTS["neg_per_identity"]
-    skip_yollava: bool = False
+    skip_trained: bool = False
     skip_ablations: bool = False
     aligner_steps: int | None = None  # None: the pocket profile's
     limit: int | None = None
@@ -199,7 +201,7 @@ class Options:
 
     @property
     def methods(self) -> list[str]:
-        return [name for name in MAIN_METHODS if not (self.skip_yollava and name == "yollava")]
+        return [name for name in MAIN_METHODS if not (self.skip_trained and name in TRAINED_METHODS)]
 
     def command(self) -> str:
         """The command line that repeats this run exactly (every value spelt out)."""
@@ -212,8 +214,8 @@ class Options:
         if self.limit is not None:
             words += ["--limit", str(self.limit)]
         words += ["--threads", str(self.threads)]
-        if self.skip_yollava:
-            words.append("--skip-yollava")
+        if self.skip_trained:
+            words.append("--skip-trained")
         if self.skip_ablations:
             words.append("--skip-ablations")
         return shlex.join(words)
@@ -638,6 +640,11 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         + ("; Yo'LLaVA trains soft tokens per identity (the recipe's yollava settings; "
            f"negatives: {summary.get('yollava_negatives') or 'as the recipe says'})"
            if any(row["method"] == "yollava" for row in summary["main"]) else "")
+        + ("; MyVLM trains a concept head (does this photo show the person? the reference "
+           "encoder's features of the photo and of windows of it, the best one against a "
+           "threshold) and one concept embedding placed after the photo's image tokens when the "
+           "head fires (the recipe's myvlm settings); without a photo its concept is only its "
+           "name" if any(row["method"] == "myvlm" for row in summary["main"]) else "")
         + (f"; the true description (`{TRUTH}`, not a method: a yardstick) puts each identity's "
            "real traits in words (\"face round skin pale hair black style short ...\", from the "
            "test set's toy_world.json), which is what the base LVLM can do with a written "
@@ -645,7 +652,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
            else "") + ".",
         "- Seconds to add a concept: wall time per concept (PLVM: one reference-encoder + "
         "Aligner pass; text prompt: the base model writing the description; Yo'LLaVA: training "
-        "its soft prompt; no prompt: nothing to add).",
+        "its soft prompt; MyVLM: training its head and embedding; no prompt: nothing to add).",
         "- Tokens per concept: prompt tokens one concept adds to every question.",
         f"- Recipe `{protocol['recipe']}` (the committed pocket model). Each evaluation's own "
         f"report and per-item answers: `{summary['main_folder']}/` (main table) and "
@@ -668,7 +675,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
                      "): unparseable answers count as wrong, skipped items are left out.")
     missing = [name for name in ("yollava",) if all(r["method"] != name for r in summary["main"])]
     if missing:
-        lines.append(f"Not run this time: {', '.join(missing)} (--skip-yollava).")
+        lines.append(f"Not run this time: {', '.join(missing)} (--skip-trained).")
     lines.append("")
 
     ablations = summary.get("ablations")
@@ -828,7 +835,8 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
               help="Held-out identities of a new toy test set (and of an existing toy one).")
 @click.option("--neg-per-identity", default=DEFAULTS["neg_per_identity"], show_default=True,
               type=int, help="Sampled negative recognition pairs per identity (as `make eval`).")
-@click.option("--skip-yollava", is_flag=True, help="Leave Yo'LLaVA out of the main table.")
+@click.option("--skip-trained", is_flag=True,
+              help="Leave the methods that train per concept (Yo'LLaVA, MyVLM) out of the main table.")
 @click.option("--skip-ablations", is_flag=True, help="Train and evaluate no ablation Aligner.")
 @click.option("--aligner-steps", default=None, type=int,
               help="Training steps of each ablation Aligner [default: the pocket profile's, 1000].")
@@ -837,7 +845,7 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
 @click.option("--threads", default=DEFAULTS["threads"], show_default=True, type=int,
               help="torch CPU threads (one is fastest for the pocket model).")
 def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_identity: int,
-         skip_yollava: bool, skip_ablations: bool, aligner_steps: int | None, limit: int | None,
+         skip_trained: bool, skip_ablations: bool, aligner_steps: int | None, limit: int | None,
          threads: int) -> None:
     """Measure the pocket model and write docs/results.md: one command, numbers from the run.
 
@@ -852,10 +860,10 @@ def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_ident
     Full size takes about 20 minutes on 2 CPU cores; a repeated run with the same
     --out-dir reuses every finished step. Smoke run:
       python -m plvmctl.lab.results --out-dir /tmp/r --doc /tmp/r.md --testset /tmp/ts \\
-          --identities 4 --aligner-steps 5 --skip-yollava
+          --identities 4 --aligner-steps 5 --skip-trained
     """
     options = Options(out_dir=out_dir, doc=doc, testset=testset, identities=identities,
-                      neg_per_identity=neg_per_identity, skip_yollava=skip_yollava,
+                      neg_per_identity=neg_per_identity, skip_trained=skip_trained,
                       skip_ablations=skip_ablations, aligner_steps=aligner_steps, limit=limit,
                       threads=threads)
     try:
