@@ -6,9 +6,17 @@ A concept is three tensors in the LM's hidden size H:
     head     [H]     its output-head row, so the model can say `<name>`
     context  [k, H]  the k soft tokens of the sentence `<name> is <t1>…<tk>.`
 
+and, for methods that recognise the concept in the photo first (MyVLM):
+
+    visual   [m, H]  tokens placed right after a photo's image tokens when the concept is
+                     recognised in that photo (MyVLM's concept embedding, m = 1); m = 0 otherwise
+    parts    {key: tensor}  what decides that (MyVLM's concept head: plvmctl/concept_head.py)
+
 However it was made (PLVM's Aligner, Yo'LLaVA, MyVLM, MC-LLaVA), a concept is used the
 same way. On disk it is a safetensors file (never a pickle) whose string metadata says what
-it is and which model it belongs to; loading checks all of it.
+it is and which model it belongs to; loading checks all of it. A concept with visual tokens
+or parts is written as format version 2, every other one as version 1, so a plvmctl that
+reads only version 1 refuses a MyVLM concept instead of using it without its head.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ from .errors import PlvmError
 from .fileio import atomic_path
 
 FORMAT_NAME = "plvmctl.concept"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # the newest version this plvmctl writes
+READABLE_VERSIONS = ("1", "2")  # 2 adds the optional `visual` tensor and `parts`
+CORE_TENSORS = ("word", "head", "context", "visual")
 SUFFIX = ".concept"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RESERVED_NAMES = {"image"}  # `<image>` is LLaVA's image placeholder
@@ -67,10 +77,21 @@ class Concept:
     head: torch.Tensor  # [H]
     context: torch.Tensor  # [k, H]
     meta: ConceptMeta = field(default_factory=ConceptMeta)
+    visual: torch.Tensor | None = None  # [m, H]; None means m = 0
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         validate_name(self.name)
         hidden = self.word.shape[-1]
+        if self.visual is None:
+            self.visual = self.word.new_zeros((0, hidden))
+        if self.visual.ndim != 2 or self.visual.shape[1] != hidden:
+            raise PlvmError(
+                f"concept {self.name!r}: visual must be [m, {hidden}], got {tuple(self.visual.shape)}"
+            )
+        clashing = sorted(set(self.parts) & set(CORE_TENSORS))
+        if clashing:
+            raise PlvmError(f"concept {self.name!r}: part name(s) {', '.join(clashing)} are reserved")
         if self.word.shape != (hidden,) or self.head.shape != (hidden,):
             raise PlvmError(
                 f"concept {self.name!r}: word and head must be [H] vectors, got "
@@ -89,8 +110,17 @@ class Concept:
     def num_context(self) -> int:
         return self.context.shape[0]
 
+    @property
+    def num_visual(self) -> int:
+        return self.visual.shape[0]
+
+    @property
+    def format_version(self) -> str:
+        """The oldest format version that holds this concept (see the module docstring)."""
+        return "2" if self.num_visual or self.parts else "1"
+
     def renamed(self, name: str) -> "Concept":
-        return Concept(name, self.word, self.head, self.context, self.meta)
+        return Concept(name, self.word, self.head, self.context, self.meta, self.visual, dict(self.parts))
 
     def check_compatible(self, fingerprint: str, hidden_size: int, model_name: str = "") -> None:
         """Refuse a concept made for another model, saying exactly what differs."""
@@ -117,7 +147,7 @@ class Concept:
         metadata.update({f"extra.{key}": str(value) for key, value in extra.items()})
         metadata.update({
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "name": self.name,
             "k": str(self.num_context),
             "hidden_size": str(self.hidden_size),
@@ -128,6 +158,10 @@ class Concept:
             "head": self.head.detach().to("cpu", torch.float32).contiguous(),
             "context": self.context.detach().to("cpu", torch.float32).contiguous(),
         }
+        if self.num_visual:
+            tensors["visual"] = self.visual.detach().to("cpu", torch.float32).contiguous()
+        for key, value in self.parts.items():  # parts keep their dtype (a float64 threshold)
+            tensors[key] = value.detach().to("cpu").contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         return path
@@ -147,10 +181,10 @@ class Concept:
             raise PlvmError(f"not a valid .concept file (corrupt or not safetensors): {path}") from error
         if metadata.get("format") != FORMAT_NAME:
             raise PlvmError(f"{path} is not a plvmctl concept (format {metadata.get('format')!r})")
-        if metadata.get("format_version") != FORMAT_VERSION:
+        if metadata.get("format_version") not in READABLE_VERSIONS:
             raise PlvmError(
                 f"{path} has concept format version {metadata.get('format_version')!r}; "
-                f"this plvmctl reads version {FORMAT_VERSION}"
+                f"this plvmctl reads versions {', '.join(READABLE_VERSIONS)}"
             )
         missing = {"word", "head", "context"} - set(tensors)
         if missing:
@@ -160,8 +194,11 @@ class Concept:
             **{key: value for key, value in metadata.items() if key in known},
             extra={k[len("extra."):]: v for k, v in metadata.items() if k.startswith("extra.")},
         )
+        if metadata.get("format_version") == "1" and set(tensors) - {"word", "head", "context"}:
+            raise PlvmError(f"{path}: a version 1 concept holds only word, head and context")
+        parts = {key: value for key, value in tensors.items() if key not in CORE_TENSORS}
         concept = cls(metadata.get("name", path.stem), tensors["word"], tensors["head"],
-                      tensors["context"], meta)
+                      tensors["context"], meta, tensors.get("visual"), parts)
         if str(concept.num_context) != metadata.get("k", str(concept.num_context)):
             raise PlvmError(f"{path}: metadata says k={metadata.get('k')} but context has "
                             f"{concept.num_context} rows")

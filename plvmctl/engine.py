@@ -4,12 +4,19 @@ Every request is prepared on its own (image opened, `<name>`s resolved, prompt b
 request that fails there gets its error and the rest still run. Prepared requests are grouped
 by whether they carry a photo, sorted by length and cut into batches; each batch builds one
 concept table with every concept its questions mention, so any mix of concepts shares a batch.
+
+A concept with visual tokens (MyVLM) is recognised first: for each request whose question
+names it and that has a photo, its concept head (concept_head.py) looks at the photo (the
+whole photo, or its crops with the best one counting), and when it fires the concept's visual
+tokens go right after that row's image tokens (the row's `seen`; `seen_boxes` says which crop
+fired). Without a photo, or when the head does not fire, the concept is only its word.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -18,9 +25,10 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 from .concept import Concept, ConceptStore
+from .concept_head import Box, ConceptHead, crop_features
 from .errors import PlvmError
 from .images import load_image
-from .prompt import build_prompt, encode_segments, mentioned_names, split_names
+from .prompt import build_prompt, encode_segments, insert_after_image, mentioned_names, split_names
 from .table import ConceptTable
 from .tokens import decode_with_names
 
@@ -36,6 +44,8 @@ class AskResult:
     request: AskRequest
     answer: str | None = None
     error: str | None = None
+    seen: list[str] = field(default_factory=list)  # concepts whose head fired on the photo
+    seen_boxes: dict[str, Box] = field(default_factory=dict)  # name -> the crop its head fired on
 
     @property
     def ok(self) -> bool:
@@ -50,16 +60,28 @@ class OptionScores:
     logprobs: list[float] | None = None
     num_tokens: list[int] | None = None
     error: str | None = None
+    seen: list[str] = field(default_factory=list)  # concepts whose head fired on the photo
+    seen_boxes: dict[str, Box] = field(default_factory=dict)  # name -> the crop its head fired on
 
 
 @dataclass
 class _Prepared:
-    """One request ready to batch: its prompt segments, photo and soft-prompt concepts."""
+    """One request ready to batch: its prompt segments, photo, soft-prompt concepts and the
+    concepts recognised in its photo (their visual tokens follow the image tokens)."""
 
     index: int
     segments: list
     image: Image.Image | None
     names: list[str]
+    seen: list[str] = field(default_factory=list)
+    boxes: dict[str, Box] = field(default_factory=dict)
+
+
+def _photo_key(image: Image.Image) -> str:
+    """Equal photos (the same pixels) share their crop features."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 class Engine:
@@ -82,6 +104,7 @@ class Engine:
             runtime.check_concept(concept)
         self.descriptions = dict(descriptions or {})
         self.literal_names = literal_names
+        self._heads: dict[str, ConceptHead | None] = {}
 
     # -- concepts ------------------------------------------------------------------------
     def concept(self, name: str) -> Concept:
@@ -91,6 +114,16 @@ class Engine:
                 raise PlvmError(f"unknown concept <{name}> (known: {known})")
             self._concepts[name] = self.runtime.check_concept(self._store.load(name))
         return self._concepts[name]
+
+    def head(self, name: str) -> ConceptHead | None:
+        """The concept head of `name` when it has visual tokens (MyVLM), else None."""
+        if name not in self._heads:
+            concept = self.concept(name)
+            head = ConceptHead.from_concept(concept) if concept.num_visual else None
+            if concept.num_visual and head is None:
+                raise PlvmError(f"concept <{name}> has visual tokens but no concept head")
+            self._heads[name] = head
+        return self._heads[name]
 
     def _has(self, name: str) -> bool:
         return name in self._concepts or (self._store is not None and name in self._store)
@@ -129,6 +162,60 @@ class Engine:
             for start in range(0, len(group), batch_size):
                 yield group[start:start + batch_size]
 
+    def _recognise(self, prepared: list[_Prepared], errors: dict[int, str]) -> list[_Prepared]:
+        """Fill each item's `seen`: the concepts it names whose head fires on its photo.
+
+        Crop features are computed once per distinct photo, feature source and crop setting,
+        all crops together in batches; an item whose recognition fails gets the error and is
+        dropped.
+        """
+        wanted: dict[tuple[str, str], list[tuple[_Prepared, str]]] = {}  # (source, crops) -> (item, name)
+        failed: set[int] = set()
+        for item in prepared:
+            if item.image is None:
+                continue
+            try:
+                for name in item.names:
+                    head = self.head(name)
+                    if head is not None:
+                        wanted.setdefault((head.features, head.crops), []).append((item, name))
+            except PlvmError as error:
+                errors[item.index] = str(error)
+                failed.add(item.index)
+        for (source, crops), pairs in wanted.items():
+            pairs = [(item, name) for item, name in pairs if item.index not in failed]
+            photos = list({item.index: item for item, _ in pairs}.values())
+            if not photos:
+                continue
+            keys = {item.index: _photo_key(item.image) for item in photos}
+            distinct = list({keys[item.index]: item.image for item in photos}.items())
+            try:
+                found = crop_features(self.runtime, [image for _, image in distinct], source, crops)
+            except (PlvmError, RuntimeError, ValueError) as error:
+                for item in photos:
+                    errors[item.index] = f"concept head: {str(error).splitlines()[0]}"
+                    failed.add(item.index)
+                continue
+            features = {key: photo for (key, _), photo in zip(distinct, found)}
+            for item, name in pairs:
+                try:
+                    scores, boxes = self.head(name).best([features[keys[item.index]]])
+                    if float(scores[0]) >= self.head(name).threshold:
+                        item.seen.append(name)
+                        item.boxes[name] = boxes[0]
+                except PlvmError as error:
+                    errors[item.index] = str(error)
+                    failed.add(item.index)
+        for item in prepared:  # the order of the question, whatever the feature sources
+            item.seen.sort(key=item.names.index)
+        return [item for item in prepared if item.index not in failed]
+
+    def _encode_item(self, item: _Prepared, table: ConceptTable) -> list[int]:
+        """The prompt ids of one item, its recognised concepts' visual tokens after the image."""
+        ids = self._encode(item.segments, table)
+        visual = [token for name in item.seen for token in table.visual_ids(name)]
+        return insert_after_image(ids, self.backbone.image_token_id, visual)
+
     def _encode(self, segments: list, table: ConceptTable, add_bos: bool = True) -> list[int]:
         return encode_segments(segments, self.backbone.tokenizer, slot_id=table.slot_id,
                                image_token_id=self.backbone.image_token_id,
@@ -159,7 +246,7 @@ class Engine:
                 prepared.append(self._prepare(index, request))
             except PlvmError as error:
                 errors[index] = str(error)
-        return prepared
+        return self._recognise(prepared, errors)
 
     # -- asking --------------------------------------------------------------------------
     def generation_config(self, max_new_tokens: int | None = None) -> GenerationConfig:
@@ -196,7 +283,7 @@ class Engine:
         for batch in self._batches(prepared, batch_size):
             try:
                 table = self._table([n for item in batch for n in item.names])
-                rows = [self._encode(item.segments, table) for item in batch]
+                rows = [self._encode_item(item, table) for item in batch]
                 input_ids, attention_mask = self._collate(rows)
                 inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
                 images = [item.image for item in batch if item.image is not None]
@@ -214,7 +301,10 @@ class Engine:
                     errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             bar.update(len(batch))
         bar.close()
-        return [AskResult(request, answers.get(i), errors.get(i)) for i, request in enumerate(requests)]
+        seen = {item.index: item for item in prepared}
+        return [AskResult(request, answers.get(i), errors.get(i),
+                          list(seen[i].seen) if i in seen else [], dict(seen[i].boxes) if i in seen else {})
+                for i, request in enumerate(requests)]
 
     # -- scoring ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,7 +323,7 @@ class Engine:
                 table = self._table([n for item in batch for n in item.names])
                 rows, spans, owners, images = [], [], [], []
                 for item in batch:
-                    prompt_ids = self._encode(item.segments, table)
+                    prompt_ids = self._encode_item(item, table)
                     for text in options[item.index]:
                         answer_ids = self.answer_ids(text, item.names, table)
                         rows.append(prompt_ids + answer_ids)
@@ -252,7 +342,10 @@ class Engine:
                     errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             bar.update(len(batch))
         bar.close()
-        return [OptionScores(request, *(scores.get(i) or (None, None)), error=errors.get(i))
+        seen = {item.index: item for item in prepared}
+        return [OptionScores(request, *(scores.get(i) or (None, None)), error=errors.get(i),
+                             seen=list(seen[i].seen) if i in seen else [],
+                             seen_boxes=dict(seen[i].boxes) if i in seen else {})
                 for i, request in enumerate(requests)]
 
     def _continuation_logprobs(self, rows: list[list[int]], spans: list[int],

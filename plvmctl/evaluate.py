@@ -625,6 +625,9 @@ def _answer_items(prepared: PreparedMethod, engine_api: Any, items: list[EvalIte
                                         if record["error"] is None else None)
                 else:
                     record["answer"] = result.answer
+                if getattr(result, "seen", None):  # concepts whose head fired on the photo (MyVLM)
+                    record["seen"] = list(result.seen)
+                    record["seen_boxes"] = {name: list(box) for name, box in result.seen_boxes.items()}
                 records.append(record)
             log.append(records)
             bar.update(len(chunk))
@@ -893,6 +896,12 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         parts = [f"{TASK_TITLES[r['task']]}: {r['count']} × {r['reason']}"
                  for r in skipped["reasons"]]
         lines.append(f"- {name}: {skipped['total']} ({'; '.join(parts)})")
+    notes = [(name, (results["methods"][name].get("details") or {}).get("note"))
+             for name in _method_names(results)]
+    notes = [(name, note) for name, note in notes if note]
+    if notes:
+        lines += ["", "## Method notes", ""]
+        lines += [f"- {name}: {note}" for name, note in notes]
     lines += ["", "## Unparseable answers (counted as wrong)", ""]
     for name in _method_names(results):
         unparseable = results["methods"][name]["unparseable"]

@@ -126,7 +126,8 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool,
     plain-text description (the "LLaVA + text prompt" baseline). Every `<name>` in the
     question must be one of them unless `literal_names` (then unknown ones stay plain text,
     the "no personal information" baseline). Only concepts the question mentions get a
-    sentence, in order of first mention.
+    sentence, in order of first mention; a concept with no context tokens (k = 0, as MyVLM's)
+    gets none: it is only its word where the question names it.
     """
     concepts = concepts or {}
     descriptions = descriptions or {}
@@ -140,10 +141,23 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool,
     soft = [n for n in names if n in concepts]
     for name in names:
         if name in concepts:
-            preamble += concept_sentence(name, concepts[name])
+            if concepts[name] > 0:
+                preamble += concept_sentence(name, concepts[name])
         elif name in descriptions:
             preamble.append(f" <{name}> is {descriptions[name].strip().rstrip('.')}.")
     return template.render(split_names(question, soft), preamble, has_image)
+
+
+def insert_after_image(ids: list[int], image_token_id: int, extra: list[int]) -> list[int]:
+    """`ids` with `extra` right after the last image token: MyVLM appends its concept
+    embedding to the photo's visual tokens, so the LM reads it between the image and the text."""
+    if not extra:
+        return list(ids)
+    positions = [i for i, token in enumerate(ids) if token == image_token_id]
+    if not positions:
+        raise PlvmError("visual concept tokens need a photo in the prompt")
+    end = positions[-1] + 1
+    return list(ids[:end]) + list(extra) + list(ids[end:])
 
 
 PROMPT_PIECES = ("natural", "per_piece")

@@ -5,13 +5,15 @@ vocabulary V are laid out as
 
     V + i                      the word `<c_i>` (has an output-head row: can be generated)
     V + n + offset_i + j       context token j of c_i (input only)
+    V + n + Σk + voffset_i + j visual token j of c_i (input only; MyVLM's concept embedding,
+                               placed after a photo's image tokens when its head fires)
 
 `ConceptTable.active()` puts two hooks around the backbone for the duration of a `with`:
 
 - on the input embedding: ids ≥ V are looked up in the table, real ids go through the real
   matrix untouched (`torch.where`, so their rows are bit-identical);
-- on the output head: V + n + Σk columns are appended: the concepts' head rows give the
-  words' logits, context columns get the dtype's lowest value (never generated).
+- on the output head: V + n + Σk + Σm columns are appended: the concepts' head rows give the
+  words' logits, context and visual columns get the dtype's lowest value (never generated).
 
 Nothing in the model is resized or overwritten, any number of concepts can share one batch,
 stock `generate()` (KV cache, sampling, logits processors) keeps working, and gradients flow
@@ -47,10 +49,17 @@ class ConceptTable:
             self._context_start[concept.name] = start
             self._num_context[concept.name] = concept.num_context
             start += concept.num_context
+        self._visual_start: dict[str, int] = {}
+        self._num_visual: dict[str, int] = {}
+        for concept in concepts:
+            self._visual_start[concept.name] = start
+            self._num_visual[concept.name] = concept.num_visual
+            start += concept.num_visual
         self.total_ids = start  # width of the extended logits
         hidden = concepts[0].hidden_size if concepts else 0
-        rows = [c.word.reshape(1, hidden) for c in concepts] + [c.context for c in concepts]
-        # [n + Σk, H]: input embeddings of every virtual id, in id order
+        rows = ([c.word.reshape(1, hidden) for c in concepts] + [c.context for c in concepts]
+                + [c.visual for c in concepts])
+        # [n + Σk + Σm, H]: input embeddings of every virtual id, in id order
         self.input_rows = (torch.cat(rows, 0) if concepts else torch.zeros(0, 1)).to(device, dtype)
         # [n, H]: output-head rows of the concept words
         self.head_rows = (torch.stack([c.head for c in concepts]) if concepts
@@ -69,8 +78,15 @@ class ConceptTable:
     def word_id(self, name: str) -> int:
         return self.slot_id(Slot(name))
 
+    def visual_ids(self, name: str) -> list[int]:
+        """The ids of `name`'s visual tokens (none for a concept without them)."""
+        if name not in self._visual_start:
+            raise PlvmError(f"concept <{name}> is not in this call's table")
+        start = self._visual_start[name]
+        return list(range(start, start + self._num_visual[name]))
+
     def name_for_id(self, token_id: int) -> str | None:
-        """The concept whose word is `token_id`, or None for real (or context) ids."""
+        """The concept whose word is `token_id`, or None for real (or context or visual) ids."""
         index = token_id - self.vocab_size
         if 0 <= index < self.num_concepts:
             return self.names[index]

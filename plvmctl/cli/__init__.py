@@ -36,9 +36,11 @@ def _register() -> None:
     from .index import index
     from .toy import toy
     from .train import train
+    from .train_myvlm import myvlm
     from .train_yollava import yollava
 
     train.add_command(yollava)
+    train.add_command(myvlm)
     for command in (train, data, index, toy, eval_command):
         main.add_command(command)
 

@@ -213,9 +213,14 @@ def concepts_show(app: App, name: str):
         "k": concept.num_context,
         "hidden_size": concept.hidden_size,
         "norms": {"word": round(float(concept.word.norm()), 4), "head": round(float(concept.head.norm()), 4),
-                  "context_mean": round(float(concept.context.norm(dim=-1).mean()), 4)},
+                  "context_mean": (round(float(concept.context.norm(dim=-1).mean()), 4)
+                                   if concept.num_context else None)},
         **asdict(concept.meta),
     }
+    if concept.num_visual:  # a MyVLM concept: its embedding and its concept head's tensors
+        info["norms"]["visual_mean"] = round(float(concept.visual.norm(dim=-1).mean()), 4)
+    if concept.parts:
+        info["parts"] = {key: list(value.shape) for key, value in sorted(concept.parts.items())}
     click.echo(json.dumps(info, indent=2))
 
 

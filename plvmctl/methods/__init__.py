@@ -1,0 +1,60 @@
+"""The methods `plvmctl eval` compares, as adapters from a test set's references to an engine.
+
+Each method is a factory registered in `METHODS` under its command-line name. A factory takes
+a `MethodContext` (the runtime, the concept names with their reference photos, a cache folder)
+and returns a `PreparedMethod`: an engine that answers questions mentioning `<name>`, plus
+what adding one concept cost (seconds and prompt tokens). Adding a method is one line:
+
+    METHODS["yollava"] = prepare_yollava
+
+One module per method: plvm.py, text.py (llava-text, llava-none), yollava.py, myvlm.py; what
+they share is in base.py.
+"""
+
+from __future__ import annotations
+
+from ..errors import PlvmError
+from .base import MethodContext, MethodFactory, PreparedMethod, Reference
+from .myvlm import MYVLM_CACHE, prepare_myvlm
+from .plvm import prepare_plvm
+from .text import (
+    DESCRIPTION_MAX_NEW_TOKENS,
+    DESCRIPTION_PROMPT,
+    DESCRIPTIONS_CACHE,
+    clean_description,
+    count_tokens,
+    prepare_llava_none,
+    prepare_llava_text,
+)
+from .yollava import YOLLAVA_CACHE, prepare_yollava
+
+# Every name `--method` may ever take; a name here but not (yet) in METHODS is "not available".
+KNOWN_METHODS = ("plvm", "yollava", "myvlm", "llava-text", "llava-none")
+
+METHODS: dict[str, MethodFactory] = {
+    "plvm": prepare_plvm,
+    "llava-text": prepare_llava_text,
+    "llava-none": prepare_llava_none,
+}
+METHODS["yollava"] = prepare_yollava
+METHODS["myvlm"] = prepare_myvlm
+
+
+def get_method(name: str) -> MethodFactory:
+    """The factory registered under `name`; PlvmError for unknown or not-yet-available names."""
+    if name in METHODS:
+        return METHODS[name]
+    if name in KNOWN_METHODS:
+        available = ", ".join(METHODS)
+        raise PlvmError(f"method {name!r} is not available in this build (available: {available})")
+    known = ", ".join(sorted(set(KNOWN_METHODS) | set(METHODS)))
+    raise PlvmError(f"unknown method {name!r} (known: {known})")
+
+
+__all__ = [
+    "DESCRIPTION_MAX_NEW_TOKENS", "DESCRIPTION_PROMPT", "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
+    "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "PreparedMethod", "Reference",
+    "YOLLAVA_CACHE",
+    "clean_description", "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
+    "prepare_myvlm", "prepare_plvm", "prepare_yollava",
+]

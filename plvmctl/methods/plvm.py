@@ -1,0 +1,47 @@
+"""`plvm`: PLVM's concepts, one Aligner pass per reference photo, no training."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from ..errors import PlvmError
+from .base import MethodContext, PreparedMethod
+
+
+def prepare_plvm(context: MethodContext) -> PreparedMethod:
+    """PLVM: one concept per reference from the Aligner (`runtime.encode_concept`), timed.
+
+    The runtime loads the encoder and the Aligner on first use, so one untimed warm-up
+    encode comes first: seconds per concept is the cost of adding a concept, not of loading.
+    """
+    concepts: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
+    seconds = 0.0
+    if context.references:
+        try:
+            context.runtime.encode_concept(context.references[0].name, context.references[0].path)
+        except PlvmError:
+            pass  # the loop below records why that reference cannot be used
+    bar = tqdm(context.references, desc="plvm: encode concepts", unit="concept",
+               disable=not context.progress)
+    for reference in bar:
+        started = time.perf_counter()
+        try:
+            concept = context.runtime.encode_concept(reference.name, reference.path)
+        except PlvmError as error:
+            unavailable[reference.name] = f"concept could not be made: {error}"
+            continue
+        seconds += time.perf_counter() - started
+        concepts[reference.name] = concept
+    tokens = [float(concept.num_context) for concept in concepts.values()]
+    engine = context.engine_api.Engine(context.runtime, concepts)
+    return PreparedMethod(
+        name="plvm",
+        engine=engine,
+        seconds_per_concept=seconds / len(concepts) if concepts else None,
+        tokens_per_concept=sum(tokens) / len(tokens) if tokens else None,
+        unavailable=unavailable,
+    )
