@@ -232,6 +232,30 @@ def concepts_rm(app: App, name: str):
     click.echo(f"removed {app.store.remove(name)}")
 
 
+@concepts.command("reindex")
+@click.option("--photos", "photo_folders", multiple=True, type=click.Path(file_okay=False),
+              help="Folder to look for reference photos in (by sha256), for concepts whose "
+                   "recorded photo path is gone or that record none. Repeatable.")
+@pass_app
+def concepts_reindex(app: App, photo_folders):
+    """Rebuild the store's retrieval index (STORE/.retrieval), first giving concepts without
+    a retrieval key (older files) one from their reference photo; reports those it cannot."""
+    from ..concept_index import StoreIndex, add_missing_keys
+
+    store = app.store
+    if not store.names():
+        raise PlvmError(f"no concepts in {store.root}")
+    runtime = app.runtime
+    filled = add_missing_keys(runtime, store, photo_folders)
+    for name, photo in filled.added.items():
+        click.echo(f"<{name}>: key from {photo}")
+    for name, reason in filled.missing.items():
+        click.echo(f"<{name}>: no key: {reason}")
+    report = StoreIndex(store).build(runtime.encoder_fingerprint)
+    click.echo(f"{report.indexed} concepts indexed ({report.factory}) in {store.root / '.retrieval'}"
+               + (f"; {len(report.left_out)} left out" if report.left_out else ""))
+
+
 # -- chat ---------------------------------------------------------------------------------
 CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the photo), /noimage,
 /reset (forget the photo), /concepts, /quit. Anything else is a question."""
