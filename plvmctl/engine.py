@@ -37,6 +37,7 @@ from .tokens import decode_with_names
 class AskRequest:
     question: str
     image: str | os.PathLike | Image.Image | None = None
+    concepts: Sequence[str] = ()  # more concepts for the prompt than it names (found ones: --auto)
 
 
 @dataclass
@@ -143,11 +144,11 @@ class Engine:
         if request.image is not None:
             image = request.image.convert("RGB") if isinstance(request.image, Image.Image) \
                 else load_image(request.image)
-        names = mentioned_names(request.question)
+        names = list(dict.fromkeys(mentioned_names(request.question) + list(request.concepts)))
         concepts = self._known(names)
         segments = build_prompt(request.question, template=self.template, has_image=image is not None,
                                 concepts=concepts, descriptions=self.descriptions,
-                                literal_names=self.literal_names)
+                                literal_names=self.literal_names, also=request.concepts)
         # Token ids are assigned per batch, once the batch's concept table exists.
         return _Prepared(index, segments, image, list(concepts))
 

@@ -73,9 +73,15 @@ def _read_batch(path: str):
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass [recipe].")
 @click.option("--seed", type=int, default=None, help="Sampling seed [recipe].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer.")
+@click.option("--auto", is_flag=True, help="Find the store's concepts in each photo by retrieval "
+              "and put the found ones (best first) into the prompt; named ones are always there.")
+@click.option("--threshold", type=float, default=None,
+              help="With --auto: cosine a concept must reach [recipe retrieval.threshold].")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=None,
+              help="With --auto: at most K found concepts per photo [recipe retrieval.top_k].")
 @pass_app
 def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_tokens, sample,
-        temperature, top_p, seed, as_json):
+        temperature, top_p, seed, as_json, auto, threshold, top_k):
     """Ask QUESTION about one or more IMAGEs: `ask IMAGE... QUESTION`.
 
     Concepts are named as <name> (see `plvmctl concepts list`). Every image gets the same
@@ -89,6 +95,7 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
       plvmctl ask a.jpg b.jpg "Is <avril> next to <bob>?" --json
       plvmctl ask --no-image "What colour is <avril>'s hair?"
       plvmctl ask --batch queries.jsonl --out answers.jsonl --batch-size 16
+      plvmctl ask party.jpg "Who is in this photo?" --auto --json
     """
     from ..engine import AskRequest, Engine
 
@@ -117,6 +124,9 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     for key, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
         if value is not None:
             setattr(generation, key, value)
+    if (threshold is not None or top_k is not None) and not auto:
+        raise PlvmError("--threshold and --top-k go with --auto")
+    found = _auto_concepts(app, requests, problems, threshold, top_k) if auto else {}
     engine = Engine(app.runtime, app.store)
     todo = [i for i in range(len(requests)) if i not in problems]
     results = engine.ask([requests[i] for i in todo], batch_size=batch_size,
@@ -129,6 +139,8 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
         else:
             result = results[todo.index(i)]
             row.update(answer=result.answer, error=result.error)
+        if auto:
+            row["found"] = [f.to_json() for f in found[i]] if i in found else None
         rows.append(row)
 
     failed = sum(row["error"] is not None for row in rows)
@@ -152,6 +164,30 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
             click.echo(f"failed: {row['image'] or row['question']}: {row['error']}", err=True)
     if failed:
         sys.exit(1)
+
+
+def _auto_concepts(app: App, requests, problems: dict, threshold, top_k) -> dict:
+    """--auto: find the store's concepts in each request's photo (each distinct photo once)
+    and add them to the request; position → the Found list. An unreadable photo is left to
+    the engine, which reports it."""
+    from .find import look_at_photos
+    from ..recognise import retrieval_config
+
+    config = retrieval_config(app.recipe, threshold, top_k)
+    wanted = [i for i, r in enumerate(requests) if i not in problems and r.image is not None]
+    photos = list(dict.fromkeys(str(requests[i].image) for i in wanted))
+    if not photos:
+        raise PlvmError("--auto finds concepts in photos: give at least one photo")
+    looked = look_at_photos(app, photos, config)
+    found = {}
+    for i in wanted:
+        result = looked[photos.index(str(requests[i].image))]
+        if not isinstance(result, str):
+            found[i] = result.found
+            requests[i].concepts = tuple(f.name for f in result.found)
+            app.log(f"found in {requests[i].image}: "
+                    + (", ".join(f"<{f.name}> {f.score:.3f}" for f in result.found) or "none"))
+    return found
 
 
 # -- recipes --------------------------------------------------------------------------------
@@ -263,13 +299,16 @@ CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the 
 
 @main.command()
 @click.argument("image", required=False, type=click.Path(dir_okay=False))
+@click.option("--auto", is_flag=True, help="Put the concepts found in the photo by retrieval "
+              "into every question's prompt (as `ask --auto`).")
 @pass_app
-def chat(app: App, image: str | None):
+def chat(app: App, image: str | None, auto: bool):
     """Interactive questions about IMAGE (optional). Type /help for commands."""
     from ..engine import AskRequest, Engine
 
     engine = Engine(app.runtime, app.store)
     current = image
+    found: dict[str, tuple[str, ...]] = {}  # --auto: photo -> the concepts found in it
     click.echo(f"plvmctl chat ({app.recipe.name}); {CHAT_HELP}")
     while True:
         try:
@@ -291,6 +330,7 @@ def chat(app: App, image: str | None):
                 concept = app.runtime.encode_concept(parts[2], parts[1])
                 click.echo(f"saved {app.store.save(concept, force=True)}")
                 engine = Engine(app.runtime, app.store)
+                found.clear()
             elif line.startswith("/image "):
                 path = line.split(maxsplit=1)[1]
                 from ..images import load_image
@@ -306,7 +346,15 @@ def chat(app: App, image: str | None):
             elif line.startswith("/"):
                 raise PlvmError(f"unknown command {line.split()[0]} ({CHAT_HELP})")
             else:
-                result = engine.ask([AskRequest(line, current)])[0]
+                request = AskRequest(line, current)
+                if auto and current is not None:
+                    if current not in found:
+                        request.image = current
+                        _auto_concepts(app, [request], {}, None, None)
+                        found[current] = tuple(request.concepts)
+                        click.echo("found: " + (" ".join(f"<{n}>" for n in found[current]) or "none"))
+                    request.concepts = found[current]
+                result = engine.ask([request])[0]
                 click.echo(f"bot> {result.answer}" if result.ok else f"error: {result.error}")
         except PlvmError as error:
             click.echo(f"error: {error}")
