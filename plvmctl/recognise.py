@@ -117,13 +117,14 @@ def look(runtime, index: KeyIndex, images: Sequence[Image.Image], config: Retrie
 # Calibration and scores
 
 
-def calibrate_threshold(scores: Sequence[float], present: Sequence[bool]) -> dict:
+def calibrate_threshold(scores: Sequence[float | None], present: Sequence[bool]) -> dict:
     """The threshold with the best F1 on (score, present) pairs: one pair per (photo, concept),
-    a concept that was no candidate of a photo scored -1. The threshold is halfway between the
-    last score kept and the next one below it. Returns threshold, precision, recall, f1."""
-    pairs = sorted(zip(scores, present), key=lambda pair: -pair[0])
-    positives = sum(bool(p) for _, p in pairs)
-    if not pairs or positives == 0:
+    the score None where no threshold can make it found (no candidate of the photo, or beyond
+    its top K). The threshold is halfway between the last score kept and the next one below it.
+    Returns threshold, precision, recall, f1."""
+    positives = sum(bool(p) for p in present)
+    pairs = sorted(((s, p) for s, p in zip(scores, present) if s is not None), key=lambda pair: -pair[0])
+    if positives == 0:
         raise PlvmError("calibrating a threshold needs at least one photo with a known concept in it")
     best = {"threshold": 1.0, "precision": None, "recall": 0.0, "f1": 0.0}
     kept = hits = 0
