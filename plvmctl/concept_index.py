@@ -20,8 +20,9 @@ index file is removed, so index.json always names a complete index. `ConceptStor
 It is never trusted when stale: `open_store_index` compares it with the store's files and
 rebuilds it (or, with `rebuild=False`, says why it is stale).
 
-The index is exact (`Flat`) while n·d stays under EXACT_FLOATS (about 21,800 keys of 768-d,
-262,000 of 64-d), then `IVF{nlist},Flat`: the lists hold the keys themselves, so every score is
+The index is exact (`Flat`) while n·d stays under EXACT_FLOATS (5,461 keys of 768-d, 65,536 of
+64-d; a photo's 35 crops then take ~30 ms on one core, bench/retrieval.py), then
+`IVF{nlist},Flat`, searched with nprobe = max(16, nlist/16): the lists hold the keys themselves, so every score is
 the exact cosine the threshold is calibrated on (retrieval.choose_factory's PQ codes would make
 the scores approximate).
 """
@@ -56,7 +57,7 @@ INDEX_FOLDER = ".retrieval"
 TABLE_FILE = "index.json"
 TABLE_FORMAT = "plvmctl.concept-index"
 TABLE_VERSION = 1
-EXACT_FLOATS = 1 << 24  # Flat while keys × dimension stays at most this (64 MB of float32)
+EXACT_FLOATS = 1 << 22  # Flat while keys × dimension stays at most this (16 MB of float32)
 MIN_NPROBE = 16
 
 
@@ -161,7 +162,7 @@ def default_nprobe(index) -> int | None:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
         return None
-    return min(ivf.nlist, max(MIN_NPROBE, ivf.nlist // 32))
+    return min(ivf.nlist, max(MIN_NPROBE, ivf.nlist // 16))
 
 
 @dataclass

@@ -65,7 +65,7 @@ def test_a_version_1_concept_still_loads_without_a_key(runtime, tmp_path):
 
 def test_the_index_is_exact_for_small_stores_and_ivf_for_large_ones():
     assert choose_index_factory(1000, 768) == "Flat"
-    assert choose_index_factory(100_000, 64) == "Flat"
+    assert choose_index_factory(50_000, 64) == "Flat"
     assert choose_index_factory(100_000, 768).startswith("IVF") and choose_index_factory(100_000, 768).endswith(",Flat")
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(3000, 16)).astype(np.float32)
