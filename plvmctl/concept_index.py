@@ -393,6 +393,9 @@ class StoreIndex:
         if table is None:
             return
         index = self.load()
+        if index.count == 0:  # nothing indexed yet: the key width is not known, build afresh
+            self.build(table.get("encoder") or None)
+            return
         entries = table["concepts"]
         old = entries.pop(name, None)
         if old is not None and old.get("id") is not None:

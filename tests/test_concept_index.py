@@ -137,6 +137,16 @@ def test_the_store_index_follows_encode_and_rm_and_is_rebuilt_when_stale(runtime
     assert StoreIndex(store).table()["concepts"]["b"]["id"] is None
 
 
+def test_an_index_of_keyless_concepts_takes_the_first_key_encoded(runtime, photos, tmp_path):
+    store = ConceptStore(tmp_path / "store")
+    store.save(copied_concept(runtime.backbone, "nokey", 5))
+    with pytest.raises(PlvmError, match="no concept"):
+        open_store_index(store, runtime.encoder_fingerprint)
+    _encode(runtime, store, "a", photos["plain0.png"])
+    assert StoreIndex(store).status().fresh
+    assert list(open_store_index(store, runtime.encoder_fingerprint).names.values()) == ["a"]
+
+
 def test_reindex_gives_old_concepts_keys_from_their_photos_or_reports_them(runtime, photos, tmp_path):
     store = tmp_path / "store"
     concepts = ConceptStore(store)
