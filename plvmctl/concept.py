@@ -12,11 +12,18 @@ and, for methods that recognise the concept in the photo first (MyVLM):
                      recognised in that photo (MyVLM's concept embedding, m = 1); m = 0 otherwise
     parts    {key: tensor}  what decides that (MyVLM's concept head: plvmctl/concept_head.py)
 
+and, for finding the concept in photos nobody named it in (concept_index.py, recognise.py):
+
+    parts["retrieval.key"]  [D]  the L2-normalised reference-encoder CLS vector of its
+                     reference photo (of its photos' mean, for trained concepts)
+
 However it was made (PLVM's Aligner, Yo'LLaVA, MyVLM, MC-LLaVA), a concept is used the
 same way. On disk it is a safetensors file (never a pickle) whose string metadata says what
 it is and which model it belongs to; loading checks all of it. A concept with visual tokens
 or parts is written as format version 2, every other one as version 1, so a plvmctl that
-reads only version 1 refuses a MyVLM concept instead of using it without its head.
+reads only version 1 refuses a MyVLM concept instead of using it without its head. A retrieval
+key is a part too: concepts encoded now are version 2; version 1 files still load (and get a
+key from `plvmctl concepts reindex`).
 """
 
 from __future__ import annotations
@@ -230,7 +237,26 @@ class ConceptStore:
         return path
 
     def save(self, concept: Concept, force: bool = False) -> Path:
-        return concept.save(self.check_writable(concept.name, force))
+        path = concept.save(self.check_writable(concept.name, force))
+        self._refresh_index(concept.name)
+        return path
+
+    def _refresh_index(self, name: str) -> None:
+        """Keep the store's retrieval index (STORE/.retrieval, concept_index.py) in step, when
+        there is one; a failed update only leaves it stale, which its users detect."""
+        from .concept_index import INDEX_FOLDER, TABLE_FILE
+
+        if not (self.root / INDEX_FOLDER / TABLE_FILE).is_file():
+            return
+        from .concept_index import StoreIndex
+
+        try:
+            StoreIndex(self).refresh(name)
+        except (PlvmError, OSError, RuntimeError) as error:
+            import logging
+
+            logging.getLogger(__name__).warning("concept index not updated (%s); it will be "
+                                                "rebuilt on next use", error)
 
     def load(self, name: str) -> Concept:
         if name not in self:
@@ -247,4 +273,5 @@ class ConceptStore:
             raise PlvmError(f"unknown concept <{name}> in {self.root}")
         path = self.path_for(name)
         path.unlink()
+        self._refresh_index(name)
         return path

@@ -39,6 +39,7 @@ class AskRequest:
 
     question: str
     image: str | os.PathLike | Image.Image | list | None = None
+    concepts: Sequence[str] = ()  # more concepts for the prompt than it names (found ones: --auto)
 
 
 @dataclass
@@ -148,11 +149,11 @@ class Engine:
                             "photo on its own (without --together)")
         images = [source.convert("RGB") if isinstance(source, Image.Image) else load_image(source)
                   for source in sources]
-        names = mentioned_names(request.question)
+        names = list(dict.fromkeys(mentioned_names(request.question) + list(request.concepts)))
         concepts = self._known(names)
         segments = build_prompt(request.question, template=self.template, has_image=len(images),
                                 concepts=concepts, descriptions=self.descriptions,
-                                literal_names=self.literal_names)
+                                literal_names=self.literal_names, also=request.concepts)
         # Token ids are assigned per batch, once the batch's concept table exists.
         return _Prepared(index, segments, images, list(concepts))
 

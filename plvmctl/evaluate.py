@@ -688,6 +688,71 @@ def score_method(items: dict[str, list[EvalItem]], log: ItemLog, mcq: str,
 
 
 # --------------------------------------------------------------------------------------------
+# Who is in this photo (retrieval)
+
+TOY_SIDECAR = "toy_world.json"
+
+
+def photo_truth(testset: TestSet) -> dict[Path, set[str]]:
+    """Every query photo → the test identities in it: its folder's, and (on a toy set, whose
+    toy_world.json says who stands in each photo) any other test identity drawn in it."""
+    truth = {query: {identity.name} for identity in testset.identities for query in identity.queries}
+    sidecar = testset.root / TOY_SIDECAR
+    if sidecar.is_file():
+        try:
+            scenes = json.loads(sidecar.read_text(encoding="utf-8")).get("scenes", {})
+        except (json.JSONDecodeError, AttributeError):
+            raise PlvmError(f"malformed {sidecar}: expected {{'scenes': {{photo: scene}}}}") from None
+        names = {identity.name for identity in testset.identities}
+        for relative, scene in scenes.items():
+            photo = testset.root / relative
+            if photo in truth and isinstance(scene, dict):
+                truth[photo] |= {p.get("name") for p in scene.get("people", []) if p.get("name") in names}
+    return truth
+
+
+def retrieval_task(runtime: Any, testset: TestSet, out_dir: Path, *, progress: bool = False) -> dict[str, Any]:
+    """"Who is in this photo?" by retrieval: every query photo searched for all test
+    identities' keys (PLVM concepts of their reference photos; recognise.py, the recipe's
+    `retrieval` settings). Micro precision / recall / F1 over (photo, identity) pairs, top-1
+    accuracy, and the threshold with the best F1 on this set (calibrate_threshold). Each
+    photo's truth, found concepts and best candidates go to OUT/items/retrieval.jsonl."""
+    from .concept_index import KeyIndex
+    from .images import load_image
+    from .recognise import calibrate_threshold, look, presence_metrics, retrieval_config
+
+    config = retrieval_config(runtime.recipe)
+    concepts = {c.name: c for c in runtime.encode_concepts(
+        [(identity.name, identity.reference) for identity in testset.identities])}
+    index = KeyIndex.from_concepts(concepts, runtime.encoder_fingerprint)
+    truth = photo_truth(testset)
+    photos = list(truth)
+    looked = []
+    bar = tqdm(total=len(photos), desc="retrieval: who is in this photo", unit="photo", disable=not progress)
+    for start in range(0, len(photos), config.batch_size):
+        chunk = photos[start:start + config.batch_size]
+        looked += look(runtime, index, [load_image(p) for p in chunk], config)
+        bar.update(len(chunk))
+    bar.close()
+    metrics = presence_metrics([truth[p] for p in photos], [[f.name for f in l.found] for l in looked])
+    top1 = sum(bool(l.candidates) and l.candidates[0].name in truth[p] for p, l in zip(photos, looked))
+    scores, present = [], []  # for calibration: what a photo's top K could ever find
+    for photo, result in zip(photos, looked):
+        best = {f.name: f.score for f in result.candidates[:config.top_k]}
+        for name in concepts:
+            scores.append(best.get(name))
+            present.append(name in truth[photo])
+    records = [{"image": _relative(p, testset.root), "truth": sorted(truth[p]),
+                "found": [f.to_json() for f in l.found],
+                "candidates": [f.to_json() for f in l.candidates[:5]]} for p, l in zip(photos, looked)]
+    write_text_atomic(out_dir / "items" / "retrieval.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    return {**metrics, "threshold": config.threshold, "top_k": config.top_k, "crops": config.crops,
+            "identities": len(concepts), "top1_accuracy": top1 / len(photos) if photos else None,
+            "best_threshold": calibrate_threshold(scores, present) if any(present) else None,
+            "items_file": "items/retrieval.jsonl"}
+
+
+# --------------------------------------------------------------------------------------------
 # Running
 
 
@@ -718,16 +783,18 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                    neg_per_identity: int | None = None, seed: int = 0, mcq: str = "likelihood",
                    batch_size: int | None = None, progress: bool = True,
                    engine_api: Any = None,
-                   extra_methods: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   extra_methods: Mapping[str, Any] | None = None,
+                   retrieval: bool = False) -> dict[str, Any]:
     """Evaluate `methods` on `testset` with `runtime`, writing the report into `out_dir`.
 
     Returns the results dict that is also written to `out_dir/results.json`. `engine_api`
     (anything with `Engine` and `AskRequest`) defaults to `plvmctl.engine`. `extra_methods`
-    maps further method names to their factories (a laboratory's own baselines).
+    maps further method names to their factories (a laboratory's own baselines). `retrieval`
+    adds "who is in this photo" by retrieval (`retrieval_task`); then `methods` may be empty.
     """
     if mcq not in MCQ_MODES:
         raise PlvmError(f"--mcq must be one of {', '.join(MCQ_MODES)}, got {mcq!r}")
-    if not methods:
+    if not methods and not retrieval:
         raise PlvmError("no method to evaluate: pass --method")
     extra = dict(extra_methods or {})
     factories = {name: extra[name] if name in extra else get_method(name) for name in dict.fromkeys(methods)}
@@ -801,6 +868,8 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
         "method_order": list(method_results),  # results.json is written with sorted keys
         "methods": method_results,
     }
+    if retrieval:
+        results["retrieval"] = retrieval_task(runtime, testset, out_dir, progress=progress)
     if testset.is_plvm_val:
         results["paper"] = PAPER_FIGURES
     write_report(results, out_dir)
@@ -887,6 +956,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append("Rows in italics: the PLVM paper's Table 1 (LLaVA-1.5-7B, 16 context tokens) "
                      "as quoted in the test set's README; s/concept from its Table 7 "
                      "(Yo'LLaVA: ~40 min of training per concept).")
+    if results.get("retrieval"):
+        lines += _retrieval_lines(results["retrieval"])
     lines += ["", "## Skipped items (not scored)", ""]
     for name in _method_names(results):
         skipped = results["methods"][name]["skipped"]
@@ -913,6 +984,25 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"- {name}: {unparseable['total']} ({by_task}){example}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _retrieval_lines(found: Mapping[str, Any]) -> list[str]:
+    """results.md: the "who is in this photo" section."""
+    lines = ["", "## Who is in this photo (retrieval)", "",
+             f"Every query photo ({found['photos']}) searched for all {found['identities']} test "
+             f"identities' retrieval keys ({found['crops']} crops, cosine >= {found['threshold']:g}, "
+             f"at most {found['top_k']} per photo).", "",
+             "| Precision | Recall | F1 | Top-1 | found / true / correct |", "|---:|---:|---:|---:|---:|",
+             f"| {_percent(found['precision'])} | {_percent(found['recall'])} | {_percent(found['f1'])} "
+             f"| {_percent(found['top1_accuracy'])} | {found['predicted']} / {found['actual']} / "
+             f"{found['true_positive']} |"]
+    best = found.get("best_threshold")
+    if best:
+        lines += ["", f"Calibrated on this set: threshold {best['threshold']:.4f} gives precision "
+                      f"{_percent(best['precision'])}, recall {_percent(best['recall'])}, F1 "
+                      f"{_percent(best['f1'])} (set it with `--set retrieval.threshold=...` or the "
+                      f"recipe's `retrieval:` section; choose it on another set than the one reported)."]
+    return lines
 
 
 _CHART_METRICS = (("positive", "Rec. Pos"), ("negative", "Rec. Neg"), ("mean", "Rec. Mean"),

@@ -126,7 +126,7 @@ def concept_sentence(name: str, num_context: int) -> list[Segment]:
 def build_prompt(question: str, *, template: ChatTemplate, has_image: bool | int,
                  concepts: Mapping[str, int] | None = None,
                  descriptions: Mapping[str, str] | None = None,
-                 literal_names: bool = False) -> list[Segment]:
+                 literal_names: bool = False, also: Sequence[str] = ()) -> list[Segment]:
     """Segments for one question.
 
     `concepts` maps each known soft-prompt concept to its k; `descriptions` maps names to a
@@ -135,11 +135,13 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool | int
     question must be one of them unless `literal_names` (then unknown ones stay plain text,
     the "no personal information" baseline). Only concepts the question mentions get a
     sentence, in order of first mention; a concept with no context tokens (k = 0, as MyVLM's)
-    gets none: it is only its word where the question names it.
+    gets none: it is only its word where the question names it. `also` names further concepts
+    that get their sentence after those (the ones found in the photo by retrieval, `ask --auto`).
     """
     concepts = concepts or {}
     descriptions = descriptions or {}
     names = mentioned_names(question)
+    names += [name for name in dict.fromkeys(also) if name not in names]
     unknown = [n for n in names if n not in concepts and n not in descriptions]
     if unknown and not literal_names:
         known = sorted(set(concepts) | set(descriptions))

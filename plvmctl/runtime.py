@@ -85,6 +85,13 @@ class Runtime:
         return encoder
 
     @functools.cached_property
+    def encoder_fingerprint(self) -> str:
+        """The reference encoder's id in retrieval keys (concept_index.encoder_fingerprint)."""
+        from .concept_index import encoder_fingerprint
+
+        return encoder_fingerprint(self.encoder)
+
+    @functools.cached_property
     def aligner_id(self) -> str:
         section = self.recipe.aligner
         if section.path:
@@ -143,9 +150,13 @@ class Runtime:
 
     @torch.no_grad()
     def encode_concepts(self, items: list[tuple[str, str | os.PathLike | Image.Image]]) -> list[Concept]:
-        """Encode several references in one batch."""
-        images, digests = [], []
+        """Encode several references in one batch. Each concept carries its retrieval key (the
+        reference's normalised CLS vector, concept_index.py) and its reference photo's path."""
+        from .concept_index import key_from_cls, with_key
+
+        images, digests, paths = [], [], []
         for name, reference in items:
+            paths.append(None if isinstance(reference, Image.Image) else reference)
             validate_name(name)
             if isinstance(reference, Image.Image):
                 images.append(reference.convert("RGB"))
@@ -164,8 +175,10 @@ class Runtime:
                                base_model_name=self.backbone.name, aligner_id=self.aligner_id,
                                aligner_sha256=self.aligner_sha256, reference_sha256=digest,
                                created=created)
-            concepts.append(Concept(name, output.word[row].float().cpu(), output.head[row].float().cpu(),
-                                    output.context[row].float().cpu(), meta))
+            concept = Concept(name, output.word[row].float().cpu(), output.head[row].float().cpu(),
+                              output.context[row].float().cpu(), meta)
+            concepts.append(with_key(concept, key_from_cls(tokens[row:row + 1, 0]),
+                                     self.encoder_fingerprint, 1, paths[row]))
         return concepts
 
     def check_concept(self, concept: Concept) -> Concept:

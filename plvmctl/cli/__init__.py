@@ -33,6 +33,7 @@ def _register() -> None:
     from . import commands  # noqa: F401  (core commands attach themselves to `main`)
     from .data import data
     from .evaluate import eval_command
+    from .find import find
     from .index import index
     from .toy import toy
     from .train import train
@@ -41,7 +42,7 @@ def _register() -> None:
 
     train.add_command(yollava)
     train.add_command(myvlm)
-    for command in (train, data, index, toy, eval_command):
+    for command in (train, data, index, toy, eval_command, find):
         main.add_command(command)
 
 

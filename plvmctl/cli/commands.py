@@ -84,9 +84,15 @@ def _read_batch(path: str):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per answer.")
 @click.option("--together", is_flag=True,
               help="All IMAGEs in one prompt, one answer (models that take several photos: LLaVA-OneVision).")
+@click.option("--auto", is_flag=True, help="Find the store's concepts in each photo by retrieval "
+              "and put the found ones (best first) into the prompt; named ones are always there.")
+@click.option("--threshold", type=float, default=None,
+              help="With --auto: cosine a concept must reach [recipe retrieval.threshold].")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=None,
+              help="With --auto: at most K found concepts per photo [recipe retrieval.top_k].")
 @pass_app
 def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_tokens, sample,
-        temperature, top_p, seed, as_json, together):
+        temperature, top_p, seed, as_json, together, auto, threshold, top_k):
     """Ask QUESTION about one or more IMAGEs: `ask IMAGE... QUESTION`.
 
     Concepts are named as <name> (see `plvmctl concepts list`). Every image gets the same
@@ -102,6 +108,7 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
       plvmctl --recipe llava-ov-7b ask a.jpg b.jpg "Is <avril> in both photos?" --together
       plvmctl ask --no-image "What colour is <avril>'s hair?"
       plvmctl ask --batch queries.jsonl --out answers.jsonl --batch-size 16
+      plvmctl ask party.jpg "Who is in this photo?" --auto --json
     """
     from ..engine import AskRequest, Engine
 
@@ -139,6 +146,11 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     for key, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
         if value is not None:
             setattr(generation, key, value)
+    if (threshold is not None or top_k is not None) and not auto:
+        raise PlvmError("--threshold and --top-k go with --auto")
+    if auto and any(isinstance(request.image, list) for request in requests):
+        raise PlvmError("--auto finds concepts in one photo per question: leave out --together")
+    found = _auto_concepts(app, requests, problems, threshold, top_k) if auto else {}
     engine = Engine(app.runtime, app.store)
     todo = [i for i in range(len(requests)) if i not in problems]
     results = engine.ask([requests[i] for i in todo], batch_size=batch_size,
@@ -153,6 +165,8 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
         else:
             result = results[todo.index(i)]
             row.update(answer=result.answer, error=result.error)
+        if auto:
+            row["found"] = [f.to_json() for f in found[i]] if i in found else None
         rows.append(row)
 
     failed = sum(row["error"] is not None for row in rows)
@@ -181,6 +195,30 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
 
 def _shown(image) -> str:
     return " + ".join(image) if isinstance(image, list) else (image or "-")
+
+
+def _auto_concepts(app: App, requests, problems: dict, threshold, top_k) -> dict:
+    """--auto: find the store's concepts in each request's photo (each distinct photo once)
+    and add them to the request; position → the Found list. An unreadable photo is left to
+    the engine, which reports it."""
+    from .find import look_at_photos
+    from ..recognise import retrieval_config
+
+    config = retrieval_config(app.recipe, threshold, top_k)
+    wanted = [i for i, r in enumerate(requests) if i not in problems and r.image is not None]
+    photos = list(dict.fromkeys(str(requests[i].image) for i in wanted))
+    if not photos:
+        raise PlvmError("--auto finds concepts in photos: give at least one photo")
+    looked = look_at_photos(app, photos, config)
+    found = {}
+    for i in wanted:
+        result = looked[photos.index(str(requests[i].image))]
+        if not isinstance(result, str):
+            found[i] = result.found
+            requests[i].concepts = tuple(f.name for f in result.found)
+            app.log(f"found in {requests[i].image}: "
+                    + (", ".join(f"<{f.name}> {f.score:.3f}" for f in result.found) or "none"))
+    return found
 
 
 # -- recipes --------------------------------------------------------------------------------
@@ -261,6 +299,30 @@ def concepts_rm(app: App, name: str):
     click.echo(f"removed {app.store.remove(name)}")
 
 
+@concepts.command("reindex")
+@click.option("--photos", "photo_folders", multiple=True, type=click.Path(file_okay=False),
+              help="Folder to look for reference photos in (by sha256), for concepts whose "
+                   "recorded photo path is gone or that record none. Repeatable.")
+@pass_app
+def concepts_reindex(app: App, photo_folders):
+    """Rebuild the store's retrieval index (STORE/.retrieval), first giving concepts without
+    a retrieval key (older files) one from their reference photo; reports those it cannot."""
+    from ..concept_index import StoreIndex, add_missing_keys
+
+    store = app.store
+    if not store.names():
+        raise PlvmError(f"no concepts in {store.root}")
+    runtime = app.runtime
+    filled = add_missing_keys(runtime, store, photo_folders)
+    for name, photo in filled.added.items():
+        click.echo(f"<{name}>: key from {photo}")
+    for name, reason in filled.missing.items():
+        click.echo(f"<{name}>: no key: {reason}")
+    report = StoreIndex(store).build(runtime.encoder_fingerprint)
+    click.echo(f"{report.indexed} concepts indexed ({report.factory}) in {store.root / '.retrieval'}"
+               + (f"; {len(report.left_out)} left out" if report.left_out else ""))
+
+
 # -- chat ---------------------------------------------------------------------------------
 CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the photo), /noimage,
 /reset (forget the photo), /concepts, /quit. Anything else is a question."""
@@ -268,13 +330,16 @@ CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the 
 
 @main.command()
 @click.argument("image", required=False, type=click.Path(dir_okay=False))
+@click.option("--auto", is_flag=True, help="Put the concepts found in the photo by retrieval "
+              "into every question's prompt (as `ask --auto`).")
 @pass_app
-def chat(app: App, image: str | None):
+def chat(app: App, image: str | None, auto: bool):
     """Interactive questions about IMAGE (optional). Type /help for commands."""
     from ..engine import AskRequest, Engine
 
     engine = Engine(app.runtime, app.store)
     current = image
+    found: dict[str, tuple[str, ...]] = {}  # --auto: photo -> the concepts found in it
     click.echo(f"plvmctl chat ({app.recipe.name}); {CHAT_HELP}")
     while True:
         try:
@@ -296,6 +361,7 @@ def chat(app: App, image: str | None):
                 concept = app.runtime.encode_concept(parts[2], parts[1])
                 click.echo(f"saved {app.store.save(concept, force=True)}")
                 engine = Engine(app.runtime, app.store)
+                found.clear()
             elif line.startswith("/image "):
                 path = line.split(maxsplit=1)[1]
                 from ..images import load_image
@@ -311,7 +377,15 @@ def chat(app: App, image: str | None):
             elif line.startswith("/"):
                 raise PlvmError(f"unknown command {line.split()[0]} ({CHAT_HELP})")
             else:
-                result = engine.ask([AskRequest(line, current)])[0]
+                request = AskRequest(line, current)
+                if auto and current is not None:
+                    if current not in found:
+                        request.image = current
+                        _auto_concepts(app, [request], {}, None, None)
+                        found[current] = tuple(request.concepts)
+                        click.echo("found: " + (" ".join(f"<{n}>" for n in found[current]) or "none"))
+                    request.concepts = found[current]
+                result = engine.ask([request])[0]
                 click.echo(f"bot> {result.answer}" if result.ok else f"error: {result.error}")
         except PlvmError as error:
             click.echo(f"error: {error}")

@@ -51,8 +51,13 @@ def default_out_dir(recipe_name: str) -> Path:
                                       "generating an answer and parsing it.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Questions per batch [default: the recipe's generation.batch_size].")
+@click.option("--retrieval", is_flag=True,
+              help="Also score \"who is in this photo\" by retrieval: every query photo searched "
+                   "for all test identities (precision, recall, F1, calibrated threshold).")
+@click.option("--retrieval-only", is_flag=True, help="Only that; no method is asked.")
 @click.pass_obj
-def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, mcq, batch_size):
+def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, mcq, batch_size,
+                 retrieval, retrieval_only):
     """Recognition (positive/negative/mean), text QA and visual QA accuracy, per method.
 
     Writes results.json, results.md, results.png and items/<method>.jsonl into the output
@@ -61,10 +66,11 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
     \b
     Example:
       plvmctl --recipe llava15-7b eval --method plvm,llava-text,llava-none
+      plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --retrieval
     """
     from ..evaluate import load_testset, render_markdown, run_evaluation
 
-    names = parse_methods(methods)
+    names = [] if retrieval_only else parse_methods(methods)
     for name in names:
         get_method(name)  # unknown or unavailable methods fail before anything loads
     loaded = load_testset(testset)  # fail fast, before any model loads
@@ -74,6 +80,7 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
     out = Path(out_dir) if out_dir else default_out_dir(recipe.name)
     results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
                              neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
-                             batch_size=batch_size, progress=True)
+                             batch_size=batch_size, progress=True,
+                             retrieval=retrieval or retrieval_only)
     click.echo(render_markdown(results))
     click.echo(f"report: {out}/results.md, results.json, results.png; answers in {out}/items/")

@@ -7,7 +7,7 @@ what adding one concept cost (seconds and prompt tokens). Adding a method is one
 
     METHODS["yollava"] = prepare_yollava
 
-One module per method: plvm.py, text.py (llava-text, llava-none), yollava.py, myvlm.py; what
+One module per method: plvm.py, plvm_auto.py, text.py (llava-text, llava-none), yollava.py, myvlm.py; what
 they share is in base.py.
 """
 
@@ -17,6 +17,7 @@ from ..errors import PlvmError
 from .base import MethodContext, MethodFactory, PreparedMethod, Reference
 from .myvlm import MYVLM_CACHE, prepare_myvlm
 from .plvm import prepare_plvm
+from .plvm_auto import prepare_plvm_auto
 from .text import (
     DESCRIPTION_MAX_NEW_TOKENS,
     DESCRIPTION_PROMPT,
@@ -29,7 +30,7 @@ from .text import (
 from .yollava import YOLLAVA_CACHE, prepare_yollava
 
 # Every name `--method` may ever take; a name here but not (yet) in METHODS is "not available".
-KNOWN_METHODS = ("plvm", "yollava", "myvlm", "llava-text", "llava-none")
+KNOWN_METHODS = ("plvm", "plvm-auto", "yollava", "myvlm", "llava-text", "llava-none")
 
 METHODS: dict[str, MethodFactory] = {
     "plvm": prepare_plvm,
@@ -38,6 +39,7 @@ METHODS: dict[str, MethodFactory] = {
 }
 METHODS["yollava"] = prepare_yollava
 METHODS["myvlm"] = prepare_myvlm
+METHODS["plvm-auto"] = prepare_plvm_auto
 
 
 def get_method(name: str) -> MethodFactory:
@@ -56,5 +58,5 @@ __all__ = [
     "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "PreparedMethod", "Reference",
     "YOLLAVA_CACHE",
     "clean_description", "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
-    "prepare_myvlm", "prepare_plvm", "prepare_yollava",
+    "prepare_myvlm", "prepare_plvm", "prepare_plvm_auto", "prepare_yollava",
 ]

@@ -17,6 +17,20 @@ def prepare_plvm(context: MethodContext) -> PreparedMethod:
     The runtime loads the encoder and the Aligner on first use, so one untimed warm-up
     encode comes first: seconds per concept is the cost of adding a concept, not of loading.
     """
+    concepts, unavailable, seconds = encode_references(context)
+    tokens = [float(concept.num_context) for concept in concepts.values()]
+    engine = context.engine_api.Engine(context.runtime, concepts)
+    return PreparedMethod(
+        name="plvm",
+        engine=engine,
+        seconds_per_concept=seconds / len(concepts) if concepts else None,
+        tokens_per_concept=sum(tokens) / len(tokens) if tokens else None,
+        unavailable=unavailable,
+    )
+
+
+def encode_references(context: MethodContext) -> tuple[dict[str, Any], dict[str, str], float]:
+    """Every reference's PLVM concept: (name → concept, name → why not, seconds encoding)."""
     concepts: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
     seconds = 0.0
@@ -36,12 +50,4 @@ def prepare_plvm(context: MethodContext) -> PreparedMethod:
             continue
         seconds += time.perf_counter() - started
         concepts[reference.name] = concept
-    tokens = [float(concept.num_context) for concept in concepts.values()]
-    engine = context.engine_api.Engine(context.runtime, concepts)
-    return PreparedMethod(
-        name="plvm",
-        engine=engine,
-        seconds_per_concept=seconds / len(concepts) if concepts else None,
-        tokens_per_concept=sum(tokens) / len(tokens) if tokens else None,
-        unavailable=unavailable,
-    )
+    return concepts, unavailable, seconds

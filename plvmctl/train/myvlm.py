@@ -72,6 +72,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..concept import Concept, ConceptMeta, validate_name
 from ..concept_head import CROPS, FEATURES, KINDS, ConceptHead, CropFeatures, crop_features
+from ..concept_index import photos_key, with_key
 from ..data.templates import ATTRIBUTE_QUESTIONS, NEGATIVE_ANSWERS, POSITIVE_ANSWERS, RECOGNITION_QUESTIONS, fill
 from ..errors import PlvmError
 from ..fileio import sha256_file, write_json_atomic
@@ -662,6 +663,9 @@ def train_myvlm(runtime, name: str, positives: Sequence[Path], negatives: Sequen
                "seconds": f"{seconds['total']:.6f}", "config_sha256": config_digest(config)},
     )
     concept = trainer.concept(meta, head)
+    # its retrieval key: the normalised mean of its photos' normalised CLS vectors
+    concept = with_key(concept, photos_key(runtime, list(positive_images.values())),
+                       runtime.encoder_fingerprint, len(good_positives), good_positives[0])
     if steps:
         draw_loss_curve(range(1, len(steps) + 1), [s["loss"] for s in steps], out / CURVE_FILE,
                         title=f"MyVLM <{name}> loss")

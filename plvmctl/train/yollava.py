@@ -87,6 +87,7 @@ from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..concept import Concept, ConceptMeta, validate_name
+from ..concept_index import photos_key, with_key
 from ..data.templates import (
     ATTRIBUTE_QUESTIONS,
     NEGATIVE_ANSWERS,
@@ -778,6 +779,9 @@ def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequ
                "config_sha256": config_digest(config)},
     )
     concept = trainer.concept(meta)
+    # its retrieval key: the normalised mean of its photos' normalised CLS vectors
+    concept = with_key(concept, photos_key(runtime, [load_image(p) for p in positives]),
+                       runtime.encoder_fingerprint, len(positives), positives[0])
     if losses:
         draw_loss_curve(range(1, len(losses) + 1), losses, out / CURVE_FILE,
                         title=f"Yo'LLaVA <{name}> loss")

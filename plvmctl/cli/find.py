@@ -1,0 +1,119 @@
+"""`plvmctl find`: which known concepts appear in photos, and where (retrieval, recognise.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import PlvmError
+from .app import App
+
+pass_app = click.make_pass_decorator(App)
+
+
+def open_index(app: App):
+    """The store's key index for this recipe's encoder, rebuilt (with a line on stderr) when
+    missing or stale."""
+    from ..concept_index import open_store_index
+
+    return open_store_index(app.store, app.runtime.encoder_fingerprint,
+                            say=lambda line: click.echo(line, err=True))
+
+
+def look_at_photos(app: App, photos: list, config, progress: bool = False) -> dict[int, object]:
+    """Position → recognise.Looked, or → the error string when the photo cannot be read.
+    Photos are read and encoded `config.batch_size` at a time."""
+    from tqdm import tqdm
+
+    from ..images import load_image
+    from ..recognise import look
+
+    index = open_index(app)
+    results: dict[int, object] = {}
+    bar = tqdm(total=len(photos), desc="finding", unit="photo", disable=not progress)
+    for start in range(0, len(photos), config.batch_size):
+        chunk = list(enumerate(photos[start:start + config.batch_size], start))
+        images = []
+        for position, photo in chunk:
+            try:
+                images.append((position, photo if not isinstance(photo, (str, Path)) else load_image(photo)))
+            except PlvmError as error:
+                results[position] = str(error)
+        if images:
+            for (position, _), looked in zip(images, look(app.runtime, index, [i for _, i in images], config)):
+                results[position] = looked
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def _photo_list(paths: tuple[str, ...]) -> list[str]:
+    from ..retrieval import list_images
+
+    photos: list[str] = []
+    for path in paths:
+        if Path(path).is_dir():
+            found = list_images(path)
+            if not found:
+                raise PlvmError(f"no photos in folder {path}")
+            photos += [str(p) for p in found]
+        else:
+            photos.append(path)  # a missing or unreadable file is reported in its row
+    return photos
+
+
+@click.command("find")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per photo (JSON lines).")
+@click.option("--threshold", type=float, default=None,
+              help="Cosine a concept's best crop must reach [recipe retrieval.threshold].")
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=None,
+              help="At most K concepts per photo [recipe retrieval.top_k].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Photos encoded together [recipe retrieval.batch_size].")
+@pass_app
+def find(app: App, paths, as_json, threshold, top_k, batch_size):
+    """Which concepts of the store appear in PHOTOS (files or folders), and where.
+
+    Each photo is searched as a whole and in windows against the store's retrieval index
+    (rebuilt first when stale); a concept is found when its best crop's cosine reaches the
+    threshold. Per photo: the concepts found, best first, with score and box (left, top,
+    right, bottom in pixels). Unreadable files are reported and skipped; the exit status is 1
+    if any were.
+
+    \b
+    Examples:
+      plvmctl find album/ --json > tags.jsonl
+      plvmctl find party.jpg beach.jpg --threshold 0.9 -k 3
+    """
+    from ..recognise import retrieval_config
+
+    config = retrieval_config(app.recipe, threshold, top_k)
+    if batch_size:
+        config.batch_size = batch_size
+    photos = _photo_list(paths)
+    looked = look_at_photos(app, photos, config, progress=len(photos) > 1 and sys.stderr.isatty())
+    failed = 0
+    for position, photo in enumerate(photos):
+        result = looked[position]
+        if isinstance(result, str):
+            failed += 1
+            if as_json:
+                click.echo(json.dumps({"photo": photo, "found": None, "error": result}))
+            else:
+                click.echo(f"{photo}\terror: {result}")
+            click.echo(f"failed: {photo}: {result}", err=True)
+            continue
+        if as_json:
+            click.echo(json.dumps({"photo": photo, "found": [f.to_json() for f in result.found],
+                                   "error": None}))
+        elif not result.found:
+            click.echo(f"{photo}\t-")
+        else:
+            cells = ", ".join(f"<{f.name}> {f.score:.3f} at {','.join(map(str, f.box))}" for f in result.found)
+            click.echo(f"{photo}\t{cells}")
+    if failed:
+        sys.exit(1)

@@ -1,0 +1,149 @@
+"""`plvm-auto`: PLVM's concepts, but the photo's concepts are found by retrieval, not named.
+
+Each photo is searched for the test identities' retrieval keys (recognise.py: whole view and
+windows, the recipe's `retrieval` threshold and top K). The found concepts, best first, get
+their sentences in the prompt of every question about that photo. A recognition question
+("Is <name> in this photo?") is answered from what was found: when <name> was not found the
+answer is "No." without asking the model; when it was, the model is asked with the found
+concepts (it among them) in the prompt. Other questions keep their named concept as well
+(`ask --auto`'s rule). Each answer records the found concepts and boxes as `seen`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..errors import PlvmError
+from .base import MethodContext, PreparedMethod
+from .plvm import encode_references
+
+NOT_FOUND_ANSWER = "No."
+
+
+@dataclass
+class Decided:
+    """An answer retrieval gave without the model."""
+
+    request: Any
+    answer: str | None = None
+    error: str | None = None
+    seen: list[str] = field(default_factory=list)
+    seen_boxes: dict[str, tuple] = field(default_factory=dict)
+    logprobs: list[float] | None = None
+    num_tokens: list[int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class AutoEngine:
+    """Wraps an engine: finds each photo's concepts first, then asks with them."""
+
+    def __init__(self, runtime, engine, engine_api, index, config):
+        self.runtime, self.engine, self.engine_api = runtime, engine, engine_api
+        self.index, self.config = index, config
+        self._found: dict[str, list] = {}
+
+    def found(self, image) -> list | None:
+        """The concepts found in `image` (cached per path); None when it cannot be read."""
+        from ..images import load_image
+        from ..recognise import look
+
+        key = str(image)
+        if key not in self._found:
+            try:
+                self._found[key] = look(self.runtime, self.index, [load_image(image)], self.config)[0].found
+            except PlvmError:
+                return None
+        return self._found[key]
+
+    def prefetch(self, images: Sequence) -> None:
+        """Look at many photos in batches (all crops of a batch through the encoder together)."""
+        from ..images import load_image
+        from ..recognise import look
+
+        todo = [str(i) for i in dict.fromkeys(str(i) for i in images if i is not None) if i not in self._found]
+        readable = []
+        for path in todo:
+            try:
+                readable.append((path, load_image(path)))
+            except PlvmError:
+                pass
+        if readable:
+            for (path, _), looked in zip(readable, look(self.runtime, self.index, [i for _, i in readable], self.config)):
+                self._found[path] = looked.found
+
+    def _plan(self, requests):
+        """Per request: a Decided answer, or the request to pass on with its found concepts."""
+        from ..evaluate import RECOGNITION_QUESTION
+
+        recognition = re.compile("^" + re.escape(RECOGNITION_QUESTION).replace(re.escape("{name}"),
+                                                                                "([A-Za-z0-9_-]+)") + "$")
+        self.prefetch([r.image for r in requests])
+        plan = []
+        for request in requests:
+            found = self.found(request.image) if request.image is not None else []
+            if found is None:  # unreadable: the engine reports why
+                plan.append(request)
+                continue
+            names = [f.name for f in found]
+            boxes = {f.name: f.box for f in found}
+            named = recognition.match(request.question)
+            if named and named.group(1) not in names:
+                plan.append(Decided(request, NOT_FOUND_ANSWER, seen=names, seen_boxes=boxes))
+                continue
+            passed = self.engine_api.AskRequest(request.question, request.image, concepts=tuple(names))
+            plan.append((passed, names, boxes))
+        return plan
+
+    def _run(self, requests, call):
+        plan = self._plan(requests)
+        passed = [p if not isinstance(p, tuple) else p[0] for p in plan if not isinstance(p, Decided)]
+        answered = iter(call(passed, [i for i, p in enumerate(plan) if not isinstance(p, Decided)]) if passed else [])
+        results = []
+        for request, step in zip(requests, plan):
+            if isinstance(step, Decided):
+                results.append(step)
+                continue
+            result = next(answered)
+            result.request = request
+            if isinstance(step, tuple):
+                result.seen, result.seen_boxes = list(step[1]), dict(step[2])
+            results.append(result)
+        return results
+
+    def ask(self, requests, **kwargs):
+        return self._run(requests, lambda passed, _: self.engine.ask(passed, **kwargs))
+
+    def score_options(self, requests, options, **kwargs):
+        # a recognition question is never scored by options in eval; a Decided one has no scores
+        return self._run(requests, lambda passed, where: self.engine.score_options(
+            passed, [options[i] for i in where], **kwargs))
+
+
+def prepare_plvm_auto(context: MethodContext) -> PreparedMethod:
+    """PLVM concepts of every reference, their keys indexed; questions go through AutoEngine."""
+    from ..concept_index import KeyIndex
+    from ..recognise import retrieval_config
+
+    concepts, unavailable, seconds = encode_references(context)
+    config = retrieval_config(context.runtime.recipe)
+    index = KeyIndex.from_concepts(concepts, context.runtime.encoder_fingerprint)
+    engine = AutoEngine(context.runtime, context.engine_api.Engine(context.runtime, concepts),
+                        context.engine_api, index, config)
+    tokens = [float(concept.num_context) for concept in concepts.values()]
+    return PreparedMethod(
+        name="plvm-auto",
+        engine=engine,
+        seconds_per_concept=seconds / len(concepts) if concepts else None,
+        tokens_per_concept=sum(tokens) / len(tokens) if tokens else None,
+        unavailable=unavailable,
+        details={"threshold": config.threshold, "top_k": config.top_k, "crops": config.crops,
+                 "note": ("the concepts in each photo are found by retrieval (whole view and "
+                          f"windows, cosine >= {config.threshold:g}, at most {config.top_k}); "
+                          "a recognition question whose concept was not found is answered "
+                          f"'{NOT_FOUND_ANSWER}' without the model")},
+    )

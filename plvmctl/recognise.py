@@ -1,0 +1,154 @@
+"""Who is in this photo: the concepts of a store found in a photo by retrieval.
+
+A photo is looked at as the concept head looks at it (concept_head.crop_boxes): the whole view
+and square windows of a half and a third of its shorter side, half overlapping, so a person
+who fills only part of a scene gets a crop of their own. Each crop's reference-encoder CLS
+vector (L2-normalised, the same features as the concepts' retrieval keys) searches the store's
+key index (concept_index.py) for its `candidates` nearest keys; each concept's score is its
+best crop's cosine, and that crop is where it is (its box). A concept is present when its
+score reaches `threshold`; a photo's found concepts are those, best first, at most `top_k`.
+No detector is used.
+
+Settings come from the recipe's `retrieval` section (RetrievalConfig); `calibrate_threshold`
+picks the threshold that maximises F1 on labelled (score, present) pairs, e.g. a toy test set
+(`plvmctl eval --retrieval` reports it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .concept_head import CROPS, Box, crop_features
+from .concept_index import KeyIndex
+from .errors import PlvmError
+
+DEFAULT_THRESHOLD = 0.8
+
+
+@dataclass
+class RetrievalConfig:
+    """The recipe's `retrieval` section."""
+
+    threshold: float = DEFAULT_THRESHOLD  # cosine a concept's best crop must reach
+    top_k: int = 5  # at most this many found concepts per photo go into a prompt
+    candidates: int = 8  # nearest keys fetched per crop
+    crops: str = "windows"  # whole | windows (concept_head.crop_boxes)
+    batch_size: int = 16  # photos encoded together
+
+    def validate(self) -> "RetrievalConfig":
+        if self.crops not in CROPS:
+            raise PlvmError(f"retrieval.crops must be one of {', '.join(CROPS)}, got {self.crops!r}")
+        for key in ("top_k", "candidates", "batch_size"):
+            if getattr(self, key) < 1:
+                raise PlvmError(f"retrieval.{key} must be at least 1, got {getattr(self, key)}")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise PlvmError(f"retrieval.threshold is a cosine in [-1, 1], got {self.threshold}")
+        return self
+
+
+def retrieval_config(recipe, threshold: float | None = None, top_k: int | None = None) -> RetrievalConfig:
+    """The recipe's settings with command-line overrides."""
+    config = recipe.section("retrieval", RetrievalConfig)
+    if threshold is not None:
+        config.threshold = threshold
+    if top_k is not None:
+        config.top_k = top_k
+    return config.validate()
+
+
+@dataclass(frozen=True)
+class Found:
+    """A concept in a photo: its best crop's cosine and that crop's box (left, top, right, bottom)."""
+
+    name: str
+    score: float
+    box: Box
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "score": round(self.score, 4), "box": list(self.box)}
+
+
+@dataclass
+class Looked:
+    """One photo: every candidate concept with its best crop (best first), and those found."""
+
+    candidates: list[Found]
+    found: list[Found]
+
+
+def match(index: KeyIndex, crops: Sequence, config: RetrievalConfig) -> list[Looked]:
+    """Search every crop of every photo (concept_head.CropFeatures) in one call; per photo and
+    concept the best crop counts."""
+    if not crops:
+        return []
+    queries = torch.cat([photo.features for photo in crops]).numpy()
+    hits = index.search(queries, config.candidates)
+    out, start = [], 0
+    for photo in crops:
+        best: dict[str, Found] = {}
+        for row, box in enumerate(photo.boxes):
+            for name, score in hits[start + row]:
+                if name not in best or score > best[name].score:
+                    best[name] = Found(name, score, box)
+        start += len(photo.boxes)
+        ranked = sorted(best.values(), key=lambda f: (-f.score, f.name))
+        present = [f for f in ranked if f.score >= config.threshold][:config.top_k]
+        out.append(Looked(ranked, present))
+    return out
+
+
+def look(runtime, index: KeyIndex, images: Sequence[Image.Image], config: RetrievalConfig) -> list[Looked]:
+    """The concepts of `index` in each photo (all crops of a batch encoded together)."""
+    if index.encoder and index.encoder != runtime.encoder_fingerprint:
+        raise PlvmError("the concept index holds keys of another reference encoder than this "
+                        "recipe's: run `plvmctl concepts reindex`")
+    out: list[Looked] = []
+    for start in range(0, len(images), config.batch_size):
+        part = list(images[start:start + config.batch_size])
+        out += match(index, crop_features(runtime, part, "encoder", config.crops), config)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration and scores
+
+
+def calibrate_threshold(scores: Sequence[float | None], present: Sequence[bool]) -> dict:
+    """The threshold with the best F1 on (score, present) pairs: one pair per (photo, concept),
+    the score None where no threshold can make it found (no candidate of the photo, or beyond
+    its top K). The threshold is halfway between the last score kept and the next one below it.
+    Returns threshold, precision, recall, f1."""
+    positives = sum(bool(p) for p in present)
+    pairs = sorted(((s, p) for s, p in zip(scores, present) if s is not None), key=lambda pair: -pair[0])
+    if positives == 0:
+        raise PlvmError("calibrating a threshold needs at least one photo with a known concept in it")
+    best = {"threshold": 1.0, "precision": None, "recall": 0.0, "f1": 0.0}
+    kept = hits = 0
+    for number, (score, is_present) in enumerate(pairs):
+        kept += 1
+        hits += bool(is_present)
+        following = pairs[number + 1][0] if number + 1 < len(pairs) else score - 1e-3
+        if following == score:
+            continue  # a cut cannot fall between equal scores
+        precision, recall = hits / kept, hits / positives
+        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+        if f1 > best["f1"]:
+            best = {"threshold": (score + following) / 2, "precision": precision, "recall": recall, "f1": f1}
+    return best
+
+
+def presence_metrics(truth: Sequence[set[str]], found: Sequence[Sequence[str]]) -> dict:
+    """Micro precision, recall and F1 of found concept names against the true ones, per photo."""
+    true_positive = sum(len(set(f) & t) for t, f in zip(truth, found))
+    predicted = sum(len(set(f)) for f in found)
+    actual = sum(len(t) for t in truth)
+    precision = true_positive / predicted if predicted else None
+    recall = true_positive / actual if actual else None
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision is not None and recall is not None and precision + recall > 0 else 0.0)
+    return {"precision": precision, "recall": recall, "f1": f1, "true_positive": true_positive,
+            "predicted": predicted, "actual": actual, "photos": len(truth)}

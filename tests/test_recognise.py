@@ -1,0 +1,179 @@
+"""Who is in this photo: a concept pasted into part of a photo is found there (and where) by its
+windows, not in a photo without it; `ask --auto` puts found concepts into the prompt; `find`
+tags photos as JSON lines and reports an unreadable file without stopping."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from plvmctl.cli import main
+from plvmctl.concept import ConceptStore
+from plvmctl.concept_index import KeyIndex
+from plvmctl.engine import AskRequest, Engine
+from plvmctl.errors import PlvmError
+from plvmctl.lab import toy
+from plvmctl.prompt import Slot
+from plvmctl.recognise import RetrievalConfig, calibrate_threshold, look, presence_metrics
+
+# On the tiny recipe's random encoder every two photos look alike (cosines of 0.99), but a
+# crop holding exactly the reference portrait scores 1: the tests' threshold sits between.
+THRESHOLD = 0.999
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _scene(tiles) -> Image.Image:
+    """Three 48 px portraits in a 96 px photo: bottom left, bottom right, top left."""
+    canvas = Image.new("RGB", (96, 96), (128, 128, 128))
+    for tile, spot in zip(tiles, [(0, 48), (48, 48), (0, 0)]):
+        canvas.paste(tile, spot)
+    return canvas
+
+
+@pytest.fixture(scope="module")
+def world(runtime, tmp_path_factory):
+    """Six known toy people (portraits encoded as concepts in a store), strangers, and photos:
+    <p3> among strangers, <p1> and <p4> together, strangers only."""
+    root = tmp_path_factory.mktemp("recognise")
+    identities = toy.training_identities()
+    portraits = {f"p{i}": toy.render_portrait(identity, random.Random(i), size=48)
+                 for i, identity in enumerate(identities[:6])}
+    strangers = [toy.render_portrait(identity, random.Random(50 + i), size=48)
+                 for i, identity in enumerate(identities[30:35])]
+    store = ConceptStore(root / "store")
+    for name, portrait in portraits.items():
+        path = root / "refs" / f"{name}.png"
+        path.parent.mkdir(exist_ok=True)
+        portrait.save(path)
+        store.save(runtime.encode_concept(name, path))
+    photos = {"p3_among_strangers": _scene([strangers[0], portraits["p3"], strangers[1]]),
+              "p1_and_p4": _scene([portraits["p1"], strangers[2], portraits["p4"]]),
+              "strangers": _scene(strangers[2:5])}
+    files = {}
+    for name, image in photos.items():
+        files[name] = root / "photos" / f"{name}.png"
+        files[name].parent.mkdir(exist_ok=True)
+        image.save(files[name])
+    return {"root": root, "store": store, "photos": photos, "files": files,
+            "concepts": {name: store.load(name) for name in store.names()}}
+
+
+def test_a_concept_in_part_of_a_photo_is_found_there_and_not_in_a_photo_without_it(runtime, world):
+    index = KeyIndex.from_concepts(world["concepts"])
+    config = RetrievalConfig(threshold=THRESHOLD)
+    among, pair, strangers = look(runtime, index, [world["photos"][k] for k in
+                                                   ("p3_among_strangers", "p1_and_p4", "strangers")], config)
+    assert [f.name for f in among.found] == ["p3"] and among.found[0].box == (48, 48, 96, 96)
+    assert among.found[0].score == pytest.approx(1.0, abs=1e-4)
+    assert sorted(f.name for f in pair.found) == ["p1", "p4"]
+    assert {f.name: f.box for f in pair.found} == {"p1": (0, 48, 48, 96), "p4": (0, 0, 48, 48)}
+    assert strangers.found == [] and strangers.candidates  # candidates, none above the threshold
+    # whole view only: the portrait is a quarter of the photo and scores below the threshold
+    whole = look(runtime, index, [world["photos"]["p3_among_strangers"]],
+                 RetrievalConfig(threshold=THRESHOLD, crops="whole"))[0]
+    assert whole.found == []
+    # top_k caps what is found, best first
+    capped = look(runtime, index, [world["photos"]["p1_and_p4"]], RetrievalConfig(threshold=0.0, top_k=1))[0]
+    assert len(capped.found) == 1 and capped.found[0] == capped.candidates[0]
+
+
+def test_another_encoders_index_is_refused(runtime, world):
+    index = KeyIndex.from_concepts(world["concepts"])
+    index.encoder = "someone-else"
+    with pytest.raises(PlvmError, match="another reference encoder"):
+        look(runtime, index, [world["photos"]["strangers"]], RetrievalConfig())
+
+
+def test_calibration_picks_the_best_f1_cut_and_metrics_count_per_photo():
+    picked = calibrate_threshold([0.9, 0.8, 0.7, 0.6], [True, True, False, False])
+    assert picked["threshold"] == pytest.approx(0.75) and picked["f1"] == 1.0
+    noisy = calibrate_threshold([0.9, 0.85, 0.8, 0.3], [True, False, True, False])
+    assert noisy["threshold"] == pytest.approx(0.55) and noisy["recall"] == 1.0
+    with pytest.raises(PlvmError):
+        calibrate_threshold([0.5], [False])
+    metrics = presence_metrics([{"a"}, {"b"}, set()], [["a", "c"], [], ["d"]])
+    assert metrics["precision"] == pytest.approx(1 / 3) and metrics["recall"] == pytest.approx(1 / 2)
+    assert metrics["f1"] == pytest.approx(0.4)
+
+
+def test_found_concepts_get_their_sentence_in_the_prompt(runtime, world):
+    engine = Engine(runtime, world["store"])
+    prepared = engine._prepare(0, AskRequest("Is <p2> here with anyone?", world["photos"]["p1_and_p4"],
+                                             concepts=("p4", "p1", "p2")))
+    slots = [s for s in prepared.segments if isinstance(s, Slot)]
+    assert [s.name for s in slots if s.index == -1] == ["p2", "p4", "p1", "p2"]  # named first, then found
+    assert prepared.names == ["p2", "p4", "p1"]
+    answer = engine.ask([AskRequest("Who is in this photo?", world["photos"]["p1_and_p4"], concepts=("p1",))])[0]
+    assert answer.ok, answer.error
+
+
+def _cli(world, *args):
+    common = ["--recipe", "tiny", "--device", "cpu", "--store", str(world["store"].root)]
+    return CliRunner().invoke(main, common + [str(a) for a in args])
+
+
+def test_ask_auto_puts_the_found_concepts_into_the_prompt(world, monkeypatch):
+    import plvmctl.engine as engine_module
+
+    seen = []
+    original = engine_module.build_prompt
+
+    def spy(question, **kwargs):
+        seen.append((question, tuple(kwargs.get("also", ()))))
+        return original(question, **kwargs)
+
+    monkeypatch.setattr(engine_module, "build_prompt", spy)
+    result = _cli(world, "ask", world["files"]["p1_and_p4"], world["files"]["strangers"],
+                  "Who is in this photo?", "--auto", "--threshold", THRESHOLD, "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
+    assert [sorted(f["name"] for f in row["found"]) for row in rows] == [["p1", "p4"], []]
+    assert rows[0]["found"][0]["score"] >= THRESHOLD and len(rows[0]["found"][0]["box"]) == 4
+    assert sorted(seen) == sorted([("Who is in this photo?", tuple(f["name"] for f in rows[0]["found"])),
+                                   ("Who is in this photo?", ())])
+    # a concept named in the question is always there, found or not
+    seen.clear()
+    named = _cli(world, "ask", world["files"]["strangers"], "Is <p2> here?", "--auto", "-k", "2")
+    assert named.exit_code == 0, named.output
+    assert seen[0][0] == "Is <p2> here?"
+    with_flags = _cli(world, "ask", world["files"]["strangers"], "Hi?", "--threshold", "0.5")
+    assert with_flags.exit_code == 1 and "go with --auto" in with_flags.output
+
+
+def test_find_tags_photos_as_json_lines_and_skips_an_unreadable_file(world, tmp_path):
+    folder = tmp_path / "album"
+    folder.mkdir()
+    for name in ("p3_among_strangers", "strangers"):
+        (folder / f"{name}.png").write_bytes(world["files"][name].read_bytes())
+    (folder / "broken.png").write_text("not a photo")
+    result = _cli(world, "find", folder, world["files"]["p1_and_p4"], "--json", "--threshold", THRESHOLD)
+    assert result.exit_code == 1, result.output
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    by_photo = {Path(row["photo"]).name: row for row in rows}
+    assert list(by_photo) == ["broken.png", "p3_among_strangers.png", "strangers.png", "p1_and_p4.png"]
+    assert by_photo["broken.png"]["found"] is None and by_photo["broken.png"]["error"]
+    assert by_photo["p3_among_strangers.png"]["found"] == [
+        {"name": "p3", "score": pytest.approx(1.0, abs=1e-4), "box": [48, 48, 96, 96]}]
+    assert by_photo["strangers.png"]["found"] == [] and by_photo["strangers.png"]["error"] is None
+    assert sorted(f["name"] for f in by_photo["p1_and_p4.png"]["found"]) == ["p1", "p4"]
+    assert "failed:" in result.stderr and "broken.png" in result.stderr
+    table = _cli(world, "find", world["files"]["p3_among_strangers"], "--threshold", THRESHOLD, "-k", "1")
+    assert table.exit_code == 0 and "<p3> 1.000 at 48,48,96,96" in table.stdout
+    assert (world["store"].root / ".retrieval" / "index.json").is_file()  # built on first use
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = _cli(world, "find", empty)
+    assert none.exit_code == 1 and "no photos in folder" in none.output
