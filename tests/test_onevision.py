@@ -361,6 +361,30 @@ def test_yollava_features_and_steps_run_on_onevision(backbone, runtime, tmp_path
     assert not torch.equal(before["context"], trainer.snapshot()["context"])
 
 
+def test_the_aligner_trains_on_onevision_and_its_concepts_answer(backbone, runtime, tmp_path):
+    """`train aligner` end to end on the tiny OneVision: the loss is finite, only the Aligner
+    learns, and a concept it encodes is asked about like any other."""
+    from test_train_aligner import config_for, write_world
+
+    from plvmctl.train.aligner import train_aligner
+
+    world = write_world(tmp_path / "world")
+    before = {key: value.clone() for key, value in backbone.model.state_dict().items()}
+    result = train_aligner(runtime, config_for(world, tmp_path / "run", steps=3, checkpoint_every=0))
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    after = backbone.model.state_dict()
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+    recipe = recipe_from_dict({"aligner": {"path": str(result.aligner_path)},
+                               "generation": {"max_new_tokens": 6}})
+    trained = Runtime(recipe=recipe, backbone=backbone)
+    assert trained.aligner.config.lm_dim == backbone.hidden_size
+    concept = trained.encode_concept("ana", tmp_path / "world" / "ann" / "ref.png")
+    engine = Engine(trained, {"ana": concept})
+    [answer] = engine.ask([AskRequest("Is <ana> in this photo?", tmp_path / "world" / "ann" / "q0.png")])
+    assert answer.error is None and isinstance(answer.answer, str)
+
+
 # -- concepts of one family are refused by the other ----------------------------------------------
 
 
