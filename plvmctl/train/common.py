@@ -21,6 +21,8 @@ calls these helpers:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import PlvmError
-from ..fileio import atomic_folder, atomic_path, write_json_atomic
+from ..fileio import atomic_folder, atomic_path, sha256_file, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_MODULE = "aligner"  # the trained module, as an Aligner folder
@@ -360,3 +362,21 @@ class InterruptFlag:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)
             self._installed = False
+
+
+# --------------------------------------------------------------------------------------------
+# What a trained concept was made from (per-concept trainers record both in the concept)
+
+
+def config_digest(config) -> str:
+    """sha256 of a trainer's settings dataclass, the output folder (`out`) excluded."""
+    settings = {key: value for key, value in dataclasses.asdict(config).items() if key != "out"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def photos_digest(photos) -> str:
+    """sha256 over the photos' own sha256s, in order."""
+    digest = hashlib.sha256()
+    for photo in photos:
+        digest.update(sha256_file(photo).encode())
+    return digest.hexdigest()

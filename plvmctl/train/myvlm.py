@@ -55,7 +55,6 @@ are computed once per photo and fed to LLaVA through `mm_encoder_outputs`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -79,7 +78,7 @@ from ..fileio import sha256_file, write_json_atomic
 from ..images import load_image
 from ..prompt import build_prompt, encode_segments, insert_after_image, split_names
 from ..table import ConceptTable
-from .common import JsonlLogger, draw_loss_curve
+from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
 from .data import neutral_question
 from .yollava import initial_rows, name_answer
 
@@ -148,11 +147,6 @@ class MyvlmConfig:
         if not -1.0 <= self.exclude_threshold <= 1.0:
             raise PlvmError(f"myvlm.exclude_threshold is a cosine in [-1, 1], got {self.exclude_threshold}")
 
-
-def config_digest(config: MyvlmConfig) -> str:
-    """sha256 of the settings that change what is trained (the output folder excluded)."""
-    settings = {key: value for key, value in asdict(config).items() if key != "out"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,12 +572,6 @@ class MyvlmResult:
                 "last_step": self.steps[-1] if self.steps else None,
                 "seconds": self.seconds, "counts": self.counts, "skipped": self.skipped}
 
-
-def photos_digest(photos: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for photo in photos:
-        digest.update(sha256_file(photo).encode())
-    return digest.hexdigest()
 
 
 def train_myvlm(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],

@@ -69,7 +69,6 @@ no more epochs than that, the last epoch is scored and kept.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -99,7 +98,7 @@ from ..errors import PlvmError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
 from .aligner import encode_batch, first_token_id, weighted_answer_loss
-from .common import JsonlLogger, draw_loss_curve
+from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
 from .data import Sample, neutral_question
 
 METHOD = "yollava"
@@ -674,18 +673,6 @@ def _spread(items: Sequence[Path], count: int) -> list[Path]:
     return [items[(i * len(items)) // count] for i in range(count)]
 
 
-def config_digest(config: YollavaConfig) -> str:
-    """sha256 of the settings that change what is trained (the output folder excluded)."""
-    settings = {key: value for key, value in asdict(config).items() if key != "out"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def photos_digest(photos: Sequence[Path]) -> str:
-    """sha256 over the photos' own sha256s, in order."""
-    digest = hashlib.sha256()
-    for photo in photos:
-        digest.update(sha256_file(photo).encode())
-    return digest.hexdigest()
 
 
 def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],
