@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from plvmctl.recipe import load_recipe
@@ -59,3 +60,13 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     paths["text.png"].write_text("this is not an image\n")
     paths["missing.png"] = folder / "missing.png"
     return paths
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The machine is shared: one intra-op torch thread keeps the tiny runs fast and steady.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,12 +28,7 @@ from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
 
 def test_encode_writes_the_reference_cls_as_a_unit_key_and_it_round_trips(runtime, photos, tmp_path):

@@ -7,7 +7,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from plvmctl.cli import main
@@ -16,12 +15,7 @@ from plvmctl.lab import toy
 from plvmctl.methods import KNOWN_METHODS, METHODS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ from plvmctl.train.myvlm import (
 from plvmctl.train.yollava import list_photos
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
 
 def small_config(**changes) -> MyvlmConfig:

@@ -9,7 +9,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -27,12 +26,7 @@ from plvmctl.recognise import RetrievalConfig, calibrate_threshold, look, presen
 THRESHOLD = 0.999
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
 
 def _scene(tiles) -> Image.Image:

@@ -48,13 +48,7 @@ from plvmctl.train.data import (
 COLOURS = {"ann": (220, 40, 40), "bob": (40, 200, 60), "cid": (40, 60, 220)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: one intra-op thread keeps the tiny runs fast and steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
 
 def write_world(root: Path, attributes: bool = True) -> Path:
