@@ -131,3 +131,59 @@ def test_a_recognised_person_is_named_in_the_answer(pocket):
     photo, _ = toy.random_scene(person, rng, pool, n_people=1)
     answer = Engine(pocket, {"person0": concept}).ask([AskRequest("Is <person0> in this photo?", photo)])[0]
     assert answer.ok and "<person0>" in answer.answer, answer.answer
+
+
+# -- who is in this photo, on the pocket model ---------------------------------------------------
+
+
+def test_retrieval_keys_find_and_ask_auto_on_the_pocket_model(tmp_path):
+    """Keys are written by `encode` and read back; `find` tags a folder with one broken file;
+    a store changed behind the index's back is rebuilt, never trusted; `ask --auto` puts the
+    found people into the prompt. Each person's own portrait fills one window of its photo, so
+    the found scores are near 1 whatever the encoder's skill on small crops."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from plvmctl.cli import main
+    from plvmctl.concept_index import read_key
+
+    rng = random.Random(3)
+    people = rng.sample(toy.heldout_identities(), 3)
+    refs = {}
+    for name, identity in zip(("ana", "bea", "cid"), people):
+        refs[name] = tmp_path / f"{name}.png"
+        toy.render_portrait(identity, random.Random(7), size=64).save(refs[name])
+    store = tmp_path / "store"
+
+    def run(*args):
+        return CliRunner().invoke(main, ["--recipe", "pocket", "--device", "cpu", "--store", str(store),
+                                         *[str(a) for a in args]])
+
+    for name, path in refs.items():
+        assert run("encode", path, "--name", name).exit_code == 0
+    key, encoder = read_key(store / "ana.concept")
+    assert abs(float((key ** 2).sum()) - 1.0) < 1e-4 and encoder
+
+    album = tmp_path / "album"
+    album.mkdir()
+    photo = Image.new("RGB", (128, 128), (200, 200, 200))
+    photo.paste(Image.open(refs["ana"]), (0, 0))
+    photo.paste(Image.open(refs["bea"]), (64, 64))
+    photo.save(album / "ana_and_bea.png")
+    (album / "broken.png").write_text("not a photo")
+    result = run("find", album, "--json", "--threshold", "0.95")
+    assert result.exit_code == 1 and "broken.png" in result.stderr
+    rows = {row["photo"].rsplit("/", 1)[-1]: row for row in map(json.loads, result.stdout.strip().splitlines())}
+    assert rows["broken.png"]["error"] and rows["broken.png"]["found"] is None
+    assert sorted(f["name"] for f in rows["ana_and_bea.png"]["found"]) == ["ana", "bea"]
+
+    (store / "bea.concept").unlink()  # behind the index's back
+    again = run("find", album / "ana_and_bea.png", "--json", "--threshold", "0.95")
+    assert again.exit_code == 0, again.output
+    assert [f["name"] for f in json.loads(again.stdout)["found"]] == ["ana"]
+
+    asked = run("ask", album / "ana_and_bea.png", "Who is in this photo?", "--auto", "--threshold", "0.95",
+                "--json")
+    assert asked.exit_code == 0, asked.output
+    answer = json.loads(asked.stdout.strip().splitlines()[-1])
+    assert [f["name"] for f in answer["found"]] == ["ana"] and answer["error"] is None
