@@ -725,13 +725,18 @@ def retrieval_task(runtime: Any, testset: TestSet, out_dir: Path, *, progress: b
     concepts = {c.name: c for c in runtime.encode_concepts(
         [(identity.name, identity.reference) for identity in testset.identities])}
     index = KeyIndex.from_concepts(concepts, runtime.encoder_fingerprint)
+    engine = None
+    if config.verify:  # retrieve, then verify (recognise.verify)
+        from .engine import Engine
+
+        engine = Engine(runtime, concepts)
     truth = photo_truth(testset)
     photos = list(truth)
     looked = []
     bar = tqdm(total=len(photos), desc="retrieval: who is in this photo", unit="photo", disable=not progress)
     for start in range(0, len(photos), config.batch_size):
         chunk = photos[start:start + config.batch_size]
-        looked += look(runtime, index, [load_image(p) for p in chunk], config)
+        looked += look(runtime, index, [load_image(p) for p in chunk], config, engine)
         bar.update(len(chunk))
     bar.close()
     metrics = presence_metrics([truth[p] for p in photos], [[f.name for f in l.found] for l in looked])
@@ -747,6 +752,7 @@ def retrieval_task(runtime: Any, testset: TestSet, out_dir: Path, *, progress: b
                 "candidates": [f.to_json() for f in l.candidates[:5]]} for p, l in zip(photos, looked)]
     write_text_atomic(out_dir / "items" / "retrieval.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return {**metrics, "threshold": config.threshold, "top_k": config.top_k, "crops": config.crops,
+            "verify": config.verify,
             "identities": len(concepts), "top1_accuracy": top1 / len(photos) if photos else None,
             "best_threshold": calibrate_threshold(scores, present) if any(present) else None,
             "items_file": "items/retrieval.jsonl"}
@@ -990,14 +996,16 @@ def _retrieval_lines(found: Mapping[str, Any]) -> list[str]:
     """results.md: the "who is in this photo" section."""
     lines = ["", "## Who is in this photo (retrieval)", "",
              f"Every query photo ({found['photos']}) searched for all {found['identities']} test "
-             f"identities' retrieval keys ({found['crops']} crops, cosine >= {found['threshold']:g}, "
-             f"at most {found['top_k']} per photo).", "",
+             f"identities' retrieval keys ({found['crops']} crops, "
+             + (f"the {found['verify']} best candidates verified by asking the model"
+                if found.get("verify") else f"cosine >= {found['threshold']:g}")
+             + f", at most {found['top_k']} per photo).", "",
              "| Precision | Recall | F1 | Top-1 | found / true / correct |", "|---:|---:|---:|---:|---:|",
              f"| {_percent(found['precision'])} | {_percent(found['recall'])} | {_percent(found['f1'])} "
              f"| {_percent(found['top1_accuracy'])} | {found['predicted']} / {found['actual']} / "
              f"{found['true_positive']} |"]
     best = found.get("best_threshold")
-    if best:
+    if best and not found.get("verify"):
         lines += ["", f"Calibrated on this set: threshold {best['threshold']:.4f} gives precision "
                       f"{_percent(best['precision'])}, recall {_percent(best['recall'])}, F1 "
                       f"{_percent(best['f1'])} (set it with `--set retrieval.threshold=...` or the "

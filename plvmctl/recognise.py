@@ -7,7 +7,8 @@ vector (L2-normalised, the same features as the concepts' retrieval keys) search
 key index (concept_index.py) for its `candidates` nearest keys; each concept's score is its
 best crop's cosine, and that crop is where it is (its box). A concept is present when its
 score reaches `threshold`; a photo's found concepts are those, best first, at most `top_k`.
-No detector is used.
+No detector is used. With `verify` = N, retrieval only proposes: the model is asked "Is <c> in
+this photo?" about the N best candidates, and found are those it recognises (`verify`).
 
 Settings come from the recipe's `retrieval` section (RetrievalConfig); `calibrate_threshold`
 picks the threshold that maximises F1 on labelled (score, present) pairs, e.g. a toy test set
@@ -38,10 +39,16 @@ class RetrievalConfig:
     candidates: int = 8  # nearest keys fetched per crop
     crops: str = "windows"  # whole | windows (concept_head.crop_boxes)
     batch_size: int = 16  # photos encoded together
+    # 0: found = score >= threshold. N > 0: retrieve, then verify: the model is asked "Is <c> in
+    # this photo?" about the photo's N best candidates (whatever their score) and found are
+    # those it says yes to (the threshold is then unused)
+    verify: int = 0
 
     def validate(self) -> "RetrievalConfig":
         if self.crops not in CROPS:
             raise PlvmError(f"retrieval.crops must be one of {', '.join(CROPS)}, got {self.crops!r}")
+        if self.verify < 0:
+            raise PlvmError(f"retrieval.verify must be 0 (off) or a number of candidates, got {self.verify}")
         for key in ("top_k", "candidates", "batch_size"):
             if getattr(self, key) < 1:
                 raise PlvmError(f"retrieval.{key} must be at least 1, got {getattr(self, key)}")
@@ -101,16 +108,43 @@ def match(index: KeyIndex, crops: Sequence, config: RetrievalConfig) -> list[Loo
     return out
 
 
-def look(runtime, index: KeyIndex, images: Sequence[Image.Image], config: RetrievalConfig) -> list[Looked]:
-    """The concepts of `index` in each photo (all crops of a batch encoded together)."""
+def look(runtime, index: KeyIndex, images: Sequence[Image.Image], config: RetrievalConfig,
+         engine=None) -> list[Looked]:
+    """The concepts of `index` in each photo (all crops of a batch encoded together); with
+    `config.verify`, checked by `engine` (an Engine that knows the index's concepts)."""
     if index.encoder and index.encoder != runtime.encoder_fingerprint:
         raise PlvmError("the concept index holds keys of another reference encoder than this "
                         "recipe's: run `plvmctl concepts reindex`")
+    if config.verify and engine is None:
+        raise PlvmError("retrieval.verify asks the model about each candidate: no engine was given")
     out: list[Looked] = []
     for start in range(0, len(images), config.batch_size):
         part = list(images[start:start + config.batch_size])
-        out += match(index, crop_features(runtime, part, "encoder", config.crops), config)
+        looked = match(index, crop_features(runtime, part, "encoder", config.crops), config)
+        out += verify(engine, part, looked, config) if config.verify else looked
     return out
+
+
+def verify(engine, images: Sequence[Image.Image], looked: list[Looked], config: RetrievalConfig) -> list[Looked]:
+    """Retrieve, then verify: each photo's `config.verify` best candidates are asked about
+    ("Is <name> in this photo?", the recognition question of the evaluation, answers read as
+    it reads them); found are those the model says yes to, best score first, at most top_k.
+    Retrieval only proposes; the model, which compares each person with the concept, decides."""
+    from .engine import AskRequest
+    from .evaluate import RECOGNITION_QUESTION, parse_yes_no
+
+    asked = [(number, found) for number, result in enumerate(looked)
+             for found in result.candidates[:config.verify]]
+    answers = engine.ask([AskRequest(RECOGNITION_QUESTION.format(name=found.name), images[number])
+                          for number, found in asked]) if asked else []
+    yes: dict[int, list[Found]] = {}
+    for (number, found), answer in zip(asked, answers):
+        if answer.error is not None:
+            raise PlvmError(f"verifying <{found.name}>: {answer.error}")
+        if parse_yes_no(answer.answer or "") == "yes":
+            yes.setdefault(number, []).append(found)
+    return [Looked(result.candidates, yes.get(number, [])[:config.top_k])
+            for number, result in enumerate(looked)]
 
 
 # --------------------------------------------------------------------------------------------

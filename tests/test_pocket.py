@@ -155,9 +155,9 @@ def test_retrieval_keys_find_and_ask_auto_on_the_pocket_model(tmp_path):
         toy.render_portrait(identity, random.Random(7), size=64).save(refs[name])
     store = tmp_path / "store"
 
-    def run(*args):
+    def run(*args, verify=0):  # retrieval alone unless asked: the model is not trained on pasted portraits
         return CliRunner().invoke(main, ["--recipe", "pocket", "--device", "cpu", "--store", str(store),
-                                         *[str(a) for a in args]])
+                                         "--set", f"retrieval.verify={verify}", *[str(a) for a in args]])
 
     for name, path in refs.items():
         assert run("encode", path, "--name", name).exit_code == 0
@@ -187,3 +187,11 @@ def test_retrieval_keys_find_and_ask_auto_on_the_pocket_model(tmp_path):
     assert asked.exit_code == 0, asked.output
     answer = json.loads(asked.stdout.strip().splitlines()[-1])
     assert [f["name"] for f in answer["found"]] == ["ana"] and answer["error"] is None
+
+    # the recipe's way: retrieve, then verify; in a toy scene the model recognises <ana> among
+    # strangers, and says no about the people it is asked about who are not there
+    scene, _ = toy.random_scene(people[0], random.Random(5), toy.heldout_identities(), n_people=3)
+    scene.save(album / "scene.png")
+    verified = run("find", album / "scene.png", "--json", verify=8)
+    assert verified.exit_code == 0, verified.output
+    assert [f["name"] for f in json.loads(verified.stdout)["found"]] == ["ana"]

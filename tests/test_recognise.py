@@ -19,7 +19,7 @@ from plvmctl.engine import AskRequest, Engine
 from plvmctl.errors import PlvmError
 from plvmctl.lab import toy
 from plvmctl.prompt import Slot
-from plvmctl.recognise import RetrievalConfig, calibrate_threshold, look, presence_metrics
+from plvmctl.recognise import Found, Looked, RetrievalConfig, calibrate_threshold, look, presence_metrics, verify
 
 # On the tiny recipe's random encoder every two photos look alike (cosines of 0.99), but a
 # crop holding exactly the reference portrait scores 1: the tests' threshold sits between.
@@ -171,3 +171,38 @@ def test_find_tags_photos_as_json_lines_and_skips_an_unreadable_file(world, tmp_
     empty.mkdir()
     none = _cli(world, "find", empty)
     assert none.exit_code == 1 and "no photos in folder" in none.output
+
+
+class _SaysYesTo:
+    """An engine that recognises only `names` (and records what it was asked)."""
+
+    def __init__(self, *names):
+        self.names, self.asked = set(names), []
+
+    def ask(self, requests):
+        self.asked += [r.question for r in requests]
+        return [type("Answer", (), {"error": None, "answer": "yes." if any(f"<{n}>" in r.question for n in self.names)
+                                    else "no."})() for r in requests]
+
+
+def test_verify_asks_the_model_about_the_best_candidates_and_keeps_what_it_recognises():
+    box = (0, 0, 8, 8)
+    candidates = [Found(name, score, box) for name, score in (("p1", 0.9), ("p2", 0.8), ("p3", 0.7), ("p4", 0.2))]
+    looked = [Looked(candidates, candidates[:1]), Looked(candidates[::-1], [])]
+    engine = _SaysYesTo("p3", "p4")
+    photos = [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8))]
+    verified = verify(engine, photos, looked, RetrievalConfig(verify=3, top_k=5))
+    # only the 3 best candidates of each photo are asked about, whatever their score
+    assert engine.asked == [f"Is <{n}> in this photo?" for n in ("p1", "p2", "p3", "p4", "p3", "p2")]
+    assert [f.name for f in verified[0].found] == ["p3"]  # p1 scored highest, but the model said no
+    assert [f.name for f in verified[1].found] == ["p4", "p3"]
+    assert verified[0].candidates == candidates
+    assert [f.name for f in verify(engine, photos, looked, RetrievalConfig(verify=3, top_k=1))[1].found] == ["p4"]
+
+
+def test_verify_needs_an_engine_and_a_sensible_count(runtime, world):
+    index = KeyIndex.from_concepts(world["concepts"])
+    with pytest.raises(PlvmError, match="no engine"):
+        look(runtime, index, [world["photos"]["strangers"]], RetrievalConfig(verify=2))
+    with pytest.raises(PlvmError, match="retrieval.verify"):
+        RetrievalConfig(verify=-1).validate()

@@ -32,6 +32,11 @@ def look_at_photos(app: App, photos: list, config, progress: bool = False) -> di
     from ..recognise import look
 
     index = open_index(app)
+    engine = None
+    if config.verify:  # retrieve, then verify: the model checks each photo's best candidates
+        from ..engine import Engine
+
+        engine = Engine(app.runtime, app.store)
     results: dict[int, object] = {}
     bar = tqdm(total=len(photos), desc="finding", unit="photo", disable=not progress)
     for start in range(0, len(photos), config.batch_size):
@@ -43,7 +48,8 @@ def look_at_photos(app: App, photos: list, config, progress: bool = False) -> di
             except PlvmError as error:
                 results[position] = str(error)
         if images:
-            for (position, _), looked in zip(images, look(app.runtime, index, [i for _, i in images], config)):
+            for (position, _), looked in zip(images, look(app.runtime, index, [i for _, i in images], config,
+                                                                     engine)):
                 results[position] = looked
         bar.update(len(chunk))
     bar.close()

@@ -55,7 +55,8 @@ class AutoEngine:
         key = str(image)
         if key not in self._found:
             try:
-                self._found[key] = look(self.runtime, self.index, [load_image(image)], self.config)[0].found
+                self._found[key] = look(self.runtime, self.index, [load_image(image)], self.config,
+                                        self.engine)[0].found
             except PlvmError:
                 return None
         return self._found[key]
@@ -73,7 +74,8 @@ class AutoEngine:
             except PlvmError:
                 pass
         if readable:
-            for (path, _), looked in zip(readable, look(self.runtime, self.index, [i for _, i in readable], self.config)):
+            for (path, _), looked in zip(readable, look(self.runtime, self.index, [i for _, i in readable],
+                                                               self.config, self.engine)):
                 self._found[path] = looked.found
 
     def _plan(self, requests):
@@ -142,8 +144,11 @@ def prepare_plvm_auto(context: MethodContext) -> PreparedMethod:
         tokens_per_concept=sum(tokens) / len(tokens) if tokens else None,
         unavailable=unavailable,
         details={"threshold": config.threshold, "top_k": config.top_k, "crops": config.crops,
+                 "verify": config.verify,
                  "note": ("the concepts in each photo are found by retrieval (whole view and "
-                          f"windows, cosine >= {config.threshold:g}, at most {config.top_k}); "
+                          + (f"windows, the {config.verify} best candidates verified by the model"
+                             if config.verify else f"windows, cosine >= {config.threshold:g}")
+                          + f", at most {config.top_k}); "
                           "a recognition question whose concept was not found is answered "
                           f"'{NOT_FOUND_ANSWER}' without the model")},
     )
