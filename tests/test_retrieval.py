@@ -595,3 +595,47 @@ def test_cli_image_folder_with_an_embedder(tmp_path):
     no_model = runner.invoke(index_group, ["search", str(tmp_path / "p.index"), str(photos[2])],
                              obj=object())
     assert no_model.exit_code == 1 and "needs a model" in no_model.output
+
+
+def test_memory_mapped_ivf_starts_no_prefetch_threads(tmp_path):
+    """OnDiskInvertedLists (how FAISS memory-maps IVF lists) would start 32 prefetch threads
+    per search call; open_index turns that off, and searching still works."""
+    x = unit(np.random.default_rng(2).standard_normal((2_000, 16)))
+    path = save_npy(tmp_path / "x.npy", x)
+    retrieval.build_index(path, tmp_path / "m.index", factory="IVF16,SQ8", progress=False)
+    opened = retrieval.open_index(tmp_path / "m.index")
+    assert opened.mmapped
+    lists = faiss.downcast_InvertedLists(retrieval._ivf(opened.index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.prefetch_nthread == 0
+    assert opened.search(x[5], 1, dedup_threshold=None)[0][0].id == 5
+
+
+def test_flat_search_is_a_matmul_equal_to_faiss(tmp_path, monkeypatch):
+    """Exact inner-product search runs as blocked numpy matmuls over the (memory-mapped) Flat
+    vectors; ids and scores equal FAISS's own search, ties by id, -1 padding past the end."""
+    rng = np.random.default_rng(6)
+    x = unit(rng.standard_normal((1_000, 24)))
+    x[700] = x[300]  # an exact tie
+    path = save_npy(tmp_path / "x.npy", x)
+    retrieval.build_index(path, tmp_path / "f.index", progress=False)
+    opened = retrieval.open_index(tmp_path / "f.index")
+    assert opened.mmapped and opened._flat is not None and not opened._flat.flags.owndata
+    monkeypatch.setattr(retrieval, "FLAT_BLOCK", 128)  # several blocks, a short last one
+    q = np.vstack([x[300], unit(rng.standard_normal((20, 24)))])
+    scores, ids = opened._index_search(q, 15)
+    faiss_scores, faiss_ids = opened.index.search(q, 15)
+    by_id = np.lexsort((faiss_ids, -faiss_scores), axis=1)  # FAISS orders exact ties arbitrarily
+    assert ids.tolist() == np.take_along_axis(faiss_ids, by_id, 1).tolist()
+    assert ids[0, :2].tolist() == [300, 700]
+    np.testing.assert_allclose(scores, faiss_scores, atol=1e-5)
+    hits = opened.search(q, 10, dedup_threshold=None)
+    assert [[h.id for h in row] for row in hits] == ids[:, :10].tolist()
+    small = retrieval.open_index(retrieval.build_index(save_npy(tmp_path / "s.npy", x[:5]), tmp_path / "s.index",
+                                                       progress=False).path)
+    scores, ids = small._index_search(q[:2], 8)
+    assert (ids[:, 5:] == -1).all() and sorted(ids[1, :5].tolist()) == [0, 1, 2, 3, 4]
+    # without the source embeddings, duplicates are still found from the index's own vectors
+    path.rename(tmp_path / "gone.npy")
+    again = retrieval.open_index(tmp_path / "f.index")
+    assert not again.source.vectors_available()
+    assert len({h.id for h in again.search(x[300], 3)[0]} & {300, 700}) == 1
