@@ -6,11 +6,13 @@ factory `choose_factory` picks (and any `--factory`) measures: build seconds, in
 disk, queries/s through `OpenedIndex.search` at batch 64 and batch 1, and recall against the
 exact top-10, both as 10-recall@10 (share of the exact top-10 found) and 1-recall@10 (exact
 nearest neighbour within the top 10), for the default search (near-duplicate removal, and exact
-re-ranking of approximate indexes from the source embeddings) and for the FAISS index alone. Prints one JSON object;
+re-ranking of approximate indexes from the source embeddings) and for the FAISS index alone, and
+the baseline an exact search must beat: a numpy matmul over the memory-mapped float16 vectors
+("numpy_matmul", float32 conversion included). Prints one JSON object;
 timings compare within one run (the machines are noisy); nothing here is asserted by tests.
 
-    python bench/index.py                              # 1 M × 768: Flat
-    python bench/index.py --n 200000 --factory large   # + the IVF-PQ rule's factory
+    python bench/index.py                              # 1 M × 768: IVF4096,SQ8 (the rule)
+    python bench/index.py --n 200000 --factory large   # + the IVF-PQ tier's factory
     python bench/index.py --factory flat --workdir /tmp/bench-index   # + Flat; data kept, reused
     python bench/index.py --n 100000 --d 64 --factory IVF1024,PQ32np --nprobe 16
 """
