@@ -6,11 +6,14 @@ factory `choose_factory` picks (and any `--factory`) measures: build seconds, in
 disk, queries/s through `OpenedIndex.search` at batch 64 and batch 1, and recall against the
 exact top-10, both as 10-recall@10 (share of the exact top-10 found) and 1-recall@10 (exact
 nearest neighbour within the top 10), for the default search (near-duplicate removal, and exact
-re-ranking of approximate indexes from the source embeddings) and for the FAISS index alone. Prints one JSON object;
+re-ranking of approximate indexes from the source embeddings) and for the FAISS index alone, and
+the baseline an exact search must beat: a numpy matmul over the memory-mapped float16 vectors
+("numpy_matmul", float32 conversion included). Prints one JSON object;
 timings compare within one run (the machines are noisy); nothing here is asserted by tests.
 
-    python bench/index.py                              # 1 M × 768: Flat
-    python bench/index.py --n 200000 --factory large   # + the IVF-PQ rule's factory
+    python bench/index.py                              # 1 M × 768: IVF4096,SQ8 (the rule)
+    python bench/index.py --n 200000 --factory large   # + the IVF-PQ tier's factory
+    python bench/index.py --factory flat --workdir /tmp/bench-index   # + Flat; data kept, reused
     python bench/index.py --n 100000 --d 64 --factory IVF1024,PQ32np --nprobe 16
 """
 
@@ -96,6 +99,38 @@ def exact_top10(path: Path, queries: np.ndarray) -> np.ndarray:
     return np.take_along_axis(best_ids, order, 1)
 
 
+def numpy_search(path: Path, queries: np.ndarray, k: int = 10, step: int = 65_536) -> np.ndarray:
+    """The baseline exact search: a numpy matmul over the memory-mapped float16 vectors,
+    `step` rows converted to float32 at a time, a running top-k; ids [q, k], best first."""
+    data = np.load(path, mmap_mode="r")
+    best_scores = np.full((len(queries), k), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), k), np.int64)
+    for begin in range(0, len(data), step):
+        block_scores = queries @ np.asarray(data[begin:begin + step], np.float32).T
+        top = np.argpartition(-block_scores, k - 1, axis=1)[:, :k]
+        scores = np.concatenate([best_scores, np.take_along_axis(block_scores, top, 1)], 1)
+        ids = np.concatenate([best_ids, top + begin], axis=1)
+        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        best_scores = np.take_along_axis(scores, keep, 1)
+        best_ids = np.take_along_axis(ids, keep, 1)
+    order = np.argsort(-best_scores, axis=1)
+    return np.take_along_axis(best_ids, order, 1)
+
+
+def measure_numpy(path: Path, queries: np.ndarray, truth: np.ndarray, batches: int) -> dict:
+    """Queries/s of `numpy_search` at batch 64 over the first `batches` batches, and batch 1."""
+    count = min(len(queries), 64 * batches)
+    started = time.perf_counter()
+    found = np.concatenate([numpy_search(path, queries[b:b + 64]) for b in range(0, count, 64)])
+    batch64 = count / (time.perf_counter() - started)
+    started = time.perf_counter()
+    numpy_search(path, queries[:1])
+    batch1 = 1 / (time.perf_counter() - started)
+    say(f"numpy matmul: {batch64:.1f} q/s at batch 64, {batch1:.2f} q/s at batch 1")
+    return {"queries": count, "queries_per_s_batch64": round(batch64, 2),
+            "queries_per_s_batch1": round(batch1, 2), **recall(found.tolist(), truth[:count])}
+
+
 def recall(found: list[list[int]], truth: np.ndarray) -> dict[str, float]:
     ten = np.mean([len(set(f[:10]) & set(t)) / 10 for f, t in zip(found, truth)])
     one = np.mean([t[0] in f[:10] for f, t in zip(found, truth)])
@@ -147,8 +182,16 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, default=None, help="override the default nprobe")
     parser.add_argument("--train-sample", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads")
-    parser.add_argument("--workdir", default=None, help="where to write vectors and indexes "
-                                                        "[default: a temp folder, removed after]")
+    parser.add_argument("--workdir", default=None,
+                        help="where to write vectors and indexes [default: a temp folder, removed "
+                             "after]; vectors, queries and their exact top-10 found there from a "
+                             "run with the same data options are reused")
+    parser.add_argument("--numpy-batches", type=int, default=2,
+                        help="batches of 64 queries timed through the numpy-matmul baseline "
+                             "(0: skip it)")
+    parser.add_argument("--single-limit", type=int, default=None,
+                        help="queries timed one at a time for an exact (Flat) index "
+                             "[default: --single]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -158,20 +201,40 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         clusters = Clusters(args.d, args.clusters, args.intrinsic, args.spread, args.seed)
-        started = time.perf_counter()
         vectors = workdir / "vectors.npy"
-        generate(vectors, args.n, args.d, clusters, args.seed + 1)
-        queries = clusters.draw(args.queries, np.random.default_rng(args.seed + 2))
-        generate_s = time.perf_counter() - started
-        say(f"generated {args.n} x {args.d} in {generate_s:.1f} s")
-        started = time.perf_counter()
-        truth = exact_top10(vectors, queries)
-        exact_s = time.perf_counter() - started
-        say(f"exact top-10 of {args.queries} queries in {exact_s:.1f} s")
+        stamp = workdir / "data.json"
+        data_options = {key: getattr(args, key) for key in
+                        ("n", "d", "queries", "clusters", "intrinsic", "spread", "seed")}
+        reused = (stamp.is_file() and vectors.is_file() and (workdir / "truth.npy").is_file()
+                  and json.loads(stamp.read_text()) == data_options)
+        generate_s = exact_s = None
+        if reused:
+            queries = np.load(workdir / "queries.npy")
+            truth = np.load(workdir / "truth.npy")
+            say(f"reusing the vectors, queries and exact top-10 in {workdir}")
+        else:
+            started = time.perf_counter()
+            generate(vectors, args.n, args.d, clusters, args.seed + 1)
+            queries = clusters.draw(args.queries, np.random.default_rng(args.seed + 2))
+            generate_s = round(time.perf_counter() - started, 2)
+            say(f"generated {args.n} x {args.d} in {generate_s:.1f} s")
+            started = time.perf_counter()
+            truth = exact_top10(vectors, queries)
+            exact_s = round(time.perf_counter() - started, 2)
+            say(f"exact top-10 of {args.queries} queries in {exact_s:.1f} s")
+            if args.workdir:
+                np.save(workdir / "queries.npy", queries)
+                np.save(workdir / "truth.npy", truth)
+                stamp.write_text(json.dumps(data_options))
+        baseline = (measure_numpy(vectors, queries, truth, args.numpy_batches)
+                    if args.numpy_batches > 0 else None)
 
         chosen = retrieval.choose_factory(args.n, args.d)
-        factories = [chosen] + [retrieval.choose_factory(args.n, args.d, exact_limit=0)
-                                if f == "large" else f for f in args.factory]
+        aliases = {"large": retrieval.choose_factory(args.n, args.d, exact_limit=0,
+                                                     sq_limit=0),
+                   "mid": retrieval.choose_factory(args.n, args.d, exact_limit=0),
+                   "flat": "Flat"}
+        factories = [chosen] + [aliases.get(f, f) for f in args.factory]
         results = []
         for number, factory in enumerate(dict.fromkeys(factories)):
             out = workdir / f"index{number}.faiss"
@@ -188,7 +251,9 @@ def main() -> None:
                             "index_bytes": out.stat().st_size,
                             "bytes_per_vector": round(out.stat().st_size / args.n, 1),
                             "search_params": opened.search_params, "mmapped": opened.mmapped,
-                            **measure(opened, queries, truth, args.single)})
+                            **measure(opened, queries, truth,
+                                       args.single_limit or args.single if opened.exact
+                                       else args.single)})
             del opened
             out.unlink()
         report = {
@@ -196,10 +261,11 @@ def main() -> None:
             "single_queries": args.single, "clusters": args.clusters, "intrinsic": args.intrinsic,
             "spread": args.spread,
             "vectors_dtype": "float16", "vectors_bytes": vectors.stat().st_size,
-            "generate_s": round(generate_s, 2), "exact_top10_s": round(exact_s, 2),
+            "generate_s": generate_s, "exact_top10_s": exact_s, "data_reused": reused,
             "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "numpy_matmul": baseline,
             "indexes": results,
         }
         print(json.dumps(report, indent=2))

@@ -50,6 +50,8 @@ MCQ_INSTRUCTION = "Answer with the option's letter from the given choices direct
 MCQ_MODES = ("likelihood", "generate")
 TASKS = ("recognition", "text", "visual")
 TASK_TITLES = {"recognition": "recognition", "text": "text QA", "visual": "visual QA"}
+CAPTION_QUESTION = "Describe this photo."
+CAPTION_TASK = "caption"  # MyVLM's caption recall; asked only with --captions
 RECOGNITION_MODE = "generate"  # recognition is always answered by generation + yes/no parsing
 UNPARSEABLE_EXAMPLES = 20
 
@@ -260,6 +262,7 @@ class EvalItem:
     expected: str  # "yes" / "no" for recognition, the correct letter for MCQ
     options: tuple[tuple[str, str], ...] = ()
     missing: str | None = None
+    concepts: tuple[str, ...] = ()  # concepts for the prompt beyond those the question names
 
 
 def mcq_prompt(question: str, options: Sequence[tuple[str, str]]) -> str:
@@ -598,7 +601,9 @@ def _answer_items(prepared: PreparedMethod, engine_api: Any, items: list[EvalIte
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            requests = [engine_api.AskRequest(item.question, item.image) for item in chunk]
+            requests = [engine_api.AskRequest(item.question, item.image, concepts=item.concepts)
+                        if item.concepts else engine_api.AskRequest(item.question, item.image)
+                        for item in chunk]
             if mode == "likelihood":
                 options = [[letter for letter, _ in item.options] for item in chunk]
                 results = prepared.engine.score_options(requests, options, batch_size=batch_size,
@@ -711,6 +716,54 @@ def photo_truth(testset: TestSet) -> dict[Path, set[str]]:
     return truth
 
 
+def caption_items(testset: TestSet) -> list[EvalItem]:
+    """One "Describe this photo." per query photo, with the test identities in it (photo_truth)
+    as the prompt's concepts; `expected` lists them, comma-separated. A method that finds
+    concepts itself (plvm-auto) replaces them with the ones it found."""
+    items = []
+    for photo, names in photo_truth(testset).items():
+        present = tuple(sorted(names))
+        items.append(EvalItem(key=f"caption:{_relative(photo, testset.root)}", task=CAPTION_TASK,
+                              identity=present[0] if present else "", question=CAPTION_QUESTION,
+                              image=photo, expected=",".join(present), concepts=present))
+    return items
+
+
+def names_concept(caption: str | None, name: str) -> bool:
+    """Whether `caption` names concept `name` (as `<name>` or the bare word, any case)."""
+    if not caption:
+        return False
+    pattern = rf"(?<![A-Za-z0-9_-])<?{re.escape(name)}>?(?![A-Za-z0-9_-])"
+    return re.search(pattern, caption, flags=re.IGNORECASE) is not None
+
+
+def caption_metrics(items: list[EvalItem], log: ItemLog, unavailable: Mapping[str, str]) -> dict[str, Any]:
+    """MyVLM's caption recall: over (photo, concept in it) pairs, the share whose generated
+    description names the concept; also the share of photos that name all their concepts.
+    Pairs of concepts the method could not make, and photos without an answer, are skipped."""
+    pairs = named = photos = complete = skipped = 0
+    missed: dict[str, int] = {}
+    for item in items:
+        record = log.records.get((item.key, RECOGNITION_MODE))
+        present = [name for name in item.concepts if name not in unavailable]
+        if not present:
+            continue
+        if record is None or record.get("error") is not None:
+            skipped += 1
+            continue
+        hits = [names_concept(record.get("answer"), name) for name in present]
+        pairs += len(present)
+        named += sum(hits)
+        photos += 1
+        complete += all(hits)
+        for name, hit in zip(present, hits):
+            if not hit:
+                missed[name] = missed.get(name, 0) + 1
+    return {"question": CAPTION_QUESTION, "recall": _ratio(named, pairs), "pairs": pairs,
+            "named": named, "photos": photos, "photos_all_named": _ratio(complete, photos),
+            "skipped_photos": skipped, "missed_by_concept": dict(sorted(missed.items()))}
+
+
 def retrieval_task(runtime: Any, testset: TestSet, out_dir: Path, *, progress: bool = False) -> dict[str, Any]:
     """"Who is in this photo?" by retrieval: every query photo searched for all test
     identities' keys (PLVM concepts of their reference photos; recognise.py, the recipe's
@@ -790,13 +843,14 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                    batch_size: int | None = None, progress: bool = True,
                    engine_api: Any = None,
                    extra_methods: Mapping[str, Any] | None = None,
-                   retrieval: bool = False) -> dict[str, Any]:
+                   retrieval: bool = False, captions: bool = False) -> dict[str, Any]:
     """Evaluate `methods` on `testset` with `runtime`, writing the report into `out_dir`.
 
     Returns the results dict that is also written to `out_dir/results.json`. `engine_api`
     (anything with `Engine` and `AskRequest`) defaults to `plvmctl.engine`. `extra_methods`
     maps further method names to their factories (a laboratory's own baselines). `retrieval`
     adds "who is in this photo" by retrieval (`retrieval_task`); then `methods` may be empty.
+    `captions` adds MyVLM's caption recall per method (`caption_items`, `caption_metrics`).
     """
     if mcq not in MCQ_MODES:
         raise PlvmError(f"--mcq must be one of {', '.join(MCQ_MODES)}, got {mcq!r}")
@@ -821,6 +875,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                                 "testset": str(testset.root.resolve())})
     items = build_items(testset, limit=limit, neg_per_identity=neg_per_identity, seed=seed)
     references = [Reference(identity.name, identity.reference) for identity in testset.identities]
+    captioned = caption_items(testset) if captions else []
 
     method_results: dict[str, Any] = {}
     for name, factory in factories.items():
@@ -838,9 +893,16 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                            and not log.done(item.key, mode)]
                 asked += _answer_items(prepared, engine_api, pending, mode, log, testset.root,
                                        chunk, progress, f"{name}: {TASK_TITLES[task]}")
+            if captions:
+                pending = [item for item in captioned if not log.done(item.key, RECOGNITION_MODE)
+                           and any(c not in prepared.unavailable for c in item.concepts)]
+                asked += _answer_items(prepared, engine_api, pending, RECOGNITION_MODE, log,
+                                       testset.root, chunk, progress, f"{name}: captions")
         finally:
             log.close()
         result = score_method(items, log, mcq, prepared.unavailable)
+        if captions:
+            result["caption"] = caption_metrics(captioned, log, prepared.unavailable)
         result.update({
             "seconds_per_concept": prepared.seconds_per_concept,
             "tokens_per_concept": prepared.tokens_per_concept,
@@ -964,6 +1026,17 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                      "(Yo'LLaVA: ~40 min of training per concept).")
     if results.get("retrieval"):
         lines += _retrieval_lines(results["retrieval"])
+    captioned = [name for name in _method_names(results) if results["methods"][name].get("caption")]
+    if captioned:
+        lines += ["", "## Caption recall (MyVLM's metric)", "",
+                  f"\"{CAPTION_QUESTION}\" for every query photo, with the test identities in it "
+                  "given to the prompt (plvm-auto: those it found by retrieval); a concept counts "
+                  "as recalled when the description names it.", "",
+                  "| Method | Caption recall | photos naming all | named / pairs |", "|---|---:|---:|---:|"]
+        for name in captioned:
+            c = results["methods"][name]["caption"]
+            lines.append(f"| {name} | {_percent(c['recall'])} | {_percent(c['photos_all_named'])} "
+                         f"| {c['named']} / {c['pairs']} |")
     lines += ["", "## Skipped items (not scored)", ""]
     for name in _method_names(results):
         skipped = results["methods"][name]["skipped"]

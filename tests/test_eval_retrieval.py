@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -80,3 +81,83 @@ def test_cli_eval_retrieval_only(testset, tmp_path):
     assert result.exit_code == 0, result.output
     assert "## Who is in this photo (retrieval)" in result.stdout
     assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"] == {}
+
+
+# --------------------------------------------------------------------------------------------
+# Caption recall (MyVLM's metric)
+
+
+def test_caption_recall_counts_concepts_named_in_each_description(testset, tmp_path):
+    from plvmctl.evaluate import CAPTION_QUESTION, ItemLog, caption_items, caption_metrics, names_concept
+
+    assert names_concept("<avril> and Bob at a table", "avril") and names_concept("AVRIL smiles", "avril")
+    assert not names_concept("avrils at a table", "avril") and not names_concept("my-avril", "avril")
+    assert not names_concept(None, "avril")
+    items = [dataclasses.replace(item, key=f"caption:{key}", concepts=names)
+             for item, (key, names) in zip(caption_items(load_testset(testset)),
+                                           [("a", ("avril", "bob")), ("b", ("bob",)), ("c", ("carol",)),
+                                            ("d", ("dan",)), ("e", ("bob",)), ("f", ("erin",))])]
+    assert all(item.question == CAPTION_QUESTION for item in items)
+    log = ItemLog(tmp_path / "log.jsonl")
+    log.append([{"key": "caption:a", "mode": "generate", "answer": "<avril> next to a man.", "error": None},
+                {"key": "caption:b", "mode": "generate", "answer": "Bob and <bob>.", "error": None},
+                {"key": "caption:c", "mode": "generate", "answer": None, "error": "out of memory"},
+                {"key": "caption:d", "mode": "generate", "answer": "<dan> waves.", "error": None},
+                {"key": "caption:e", "mode": "likelihood", "answer": "bob", "error": None}])
+    found = caption_metrics(items, log, {"dan": "reference missing"})
+    # a: avril named, bob not; b: bob named; c: error (skipped); d: dan unavailable (not counted);
+    # e: no generated answer (skipped); f: erin never answered (skipped)
+    assert (found["pairs"], found["named"], found["photos"]) == (3, 2, 2)
+    assert found["recall"] == pytest.approx(2 / 3) and found["photos_all_named"] == 0.5
+    assert found["skipped_photos"] == 3 and found["missed_by_concept"] == {"bob": 1}
+
+
+class _Spy:
+    """The real engine API, recording what each caption request put into the prompt."""
+
+    def __init__(self):
+        from plvmctl import engine
+
+        self.real, self.AskRequest, self.captions = engine, engine.AskRequest, []
+
+    def Engine(self, runtime, concepts, *args, **kwargs):  # noqa: N802
+        real = self.real.Engine(runtime, concepts, *args, **kwargs)
+        spy = self
+
+        class Recording:
+            def ask(self, requests, **options):
+                spy.captions += [(str(Path(r.image).resolve()), tuple(r.concepts)) for r in requests
+                                 if r.question == "Describe this photo."]
+                return real.ask(requests, **options)
+
+            def score_options(self, *args, **options):
+                return real.score_options(*args, **options)
+
+        return Recording()
+
+
+def test_eval_captions_on_the_tiny_recipe(runtime, testset, tmp_path):
+    truth = {str(photo.resolve()): names for photo, names in photo_truth(load_testset(testset)).items()}
+    assert len(truth) == 6
+    spy = _Spy()
+    results = run_evaluation(_with_retrieval(runtime, threshold=-1.0, top_k=3), testset,
+                             ["plvm", "plvm-auto"], tmp_path / "out", limit=1, progress=False,
+                             engine_api=spy, captions=True)
+    pairs = sum(len(names) for names in truth.values())
+    for name in ("plvm", "plvm-auto"):
+        caption = results["methods"][name]["caption"]
+        assert caption["photos"] == 6 and caption["pairs"] == pairs and caption["skipped_photos"] == 0
+        assert 0 <= caption["named"] <= pairs and caption["recall"] == pytest.approx(caption["named"] / pairs)
+    asked = spy.captions
+    assert len(asked) == 12  # six photos, two methods
+    plvm, auto = asked[:6], asked[6:]
+    assert {photo: set(concepts) for photo, concepts in plvm} == truth  # the concepts present
+    assert all(len(concepts) == 3 for _, concepts in auto)  # all found (threshold -1, top 3)
+    items = [json.loads(line) for line in (tmp_path / "out" / "items" / "plvm.jsonl").read_text().splitlines()]
+    assert sum(item["task"] == "caption" for item in items) == 6
+    assert "## Caption recall (MyVLM's metric)" in (tmp_path / "out" / "results.md").read_text()
+    # resumed: nothing is asked again
+    again = _Spy()
+    run_evaluation(_with_retrieval(runtime, threshold=-1.0, top_k=3), testset, ["plvm"], tmp_path / "out",
+                   limit=1, progress=False, engine_api=again, captions=True)
+    assert again.captions == []

@@ -68,20 +68,36 @@ def save_npy(path: Path, array: np.ndarray) -> Path:
 
 
 def test_choose_factory_rules():
+    assert retrieval.choose_factory(1, 768) == "Flat"
     assert retrieval.choose_factory(100_000, 768) == "Flat"
-    assert retrieval.choose_factory(1_000_000, 768) == "Flat"
-    mid = retrieval.choose_factory(2_000_000, 768)
-    assert mid == "IVF4096,PQ128np"  # 4·sqrt(2e6) = 5657 → 2^round(12.47) = 4096
-    assert retrieval.choose_factory(2_000_000, 1000) == "IVF4096,PQ125np"  # m divides d
+    # Above 100 k: IVF with 8-bit scalar codes (re-ranked exactly at search time) up to 4 M.
+    assert retrieval.choose_factory(100_001, 768) == "IVF1024,SQ8"
+    assert retrieval.choose_factory(1_000_000, 768) == "IVF4096,SQ8"
+    assert retrieval.choose_factory(4_000_000, 768) == "IVF8192,SQ8"
+    mid = retrieval.choose_factory(4_000_001, 768)
+    assert mid == "IVF8192,PQ128np"  # 4·sqrt(4e6) = 8000 → 2^round(12.97) = 8192
+    assert retrieval.choose_factory(2_000_000, 768, sq_limit=0) == "IVF4096,PQ128np"
+    assert retrieval.choose_factory(2_000_000, 1000, sq_limit=0) == "IVF4096,PQ125np"  # m | d
     large = retrieval.choose_factory(100_000_000, 768)
     assert large == "OPQ128_768,IVF32768_HNSW32,PQ128x8np"
-    assert retrieval.choose_factory(100_000, 64, exact_limit=10_000) == "IVF1024,PQ32np"
-    odd = retrieval.choose_factory(50_000, 30, exact_limit=10)
+    assert retrieval.choose_factory(100_000, 64, exact_limit=10_000) == "IVF1024,SQ8"
+    assert retrieval.choose_factory(100_000, 64, exact_limit=10_000, sq_limit=0) == "IVF1024,PQ32np"
+    # the large tier wins over the SQ8 limit when both are forced down
+    assert retrieval.choose_factory(100_000, 64, exact_limit=10, large_limit=50_000).startswith("OPQ")
+    odd = retrieval.choose_factory(50_000, 30, exact_limit=10, sq_limit=0)
     nlist = int(odd.split(",")[0][3:])
     m = int(odd.split(",")[1][2:-2])
     assert nlist & (nlist - 1) == 0 and 30 % m == 0
     tiny = retrieval.choose_factory(500, 64, exact_limit=10)  # at most n/39 per list
-    assert int(tiny.split(",")[0][3:]) * 39 <= 500
+    assert tiny == "IVF8,SQ8" and 8 * 39 <= 500 < 16 * 39
+
+
+def test_default_nprobe_by_code_kind():
+    """Scalar-quantizer lists are visited nlist/128 at a time (at least 16), PQ lists nlist/64."""
+    for factory, nprobe in [("IVF4096,SQ8", 32), ("IVF1024,SQ8", 16), ("IVF8,SQ8", 8),
+                            ("IVF4096,PQ8np", 64), ("IVF32768,SQ8", 256)]:
+        index = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+        assert retrieval._default_search(index) == {"nprobe": nprobe}, factory
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +128,7 @@ def test_default_index_is_exact_for_100k(hundred_k, tmp_path):
 
 def test_ivfpq_recall_with_nprobe(hundred_k, tmp_path):
     path, x, q, truth = hundred_k
-    factory = retrieval.choose_factory(len(x), 64, exact_limit=10_000)
+    factory = retrieval.choose_factory(len(x), 64, exact_limit=10_000, sq_limit=0)
     info = retrieval.build_index(path, tmp_path / "ivfpq.index", factory=factory,
                                  train_sample=10_000, progress=False)
     assert info.factory == "IVF1024,PQ32np" and info.train_sample == 10_000
@@ -131,6 +147,65 @@ def test_ivfpq_recall_with_nprobe(hundred_k, tmp_path):
     ten, one = recall_at_10(opened.search(q, 10), truth)
     assert ten >= 0.9 and one >= 0.95
     assert ten > raw_ten
+
+
+def test_ivf_sq8_tier_with_every_list_visited_equals_exact_search(tmp_path):
+    """Above exact_limit the default index is IVF-SQ8; visiting every list and re-ranking
+    exactly gives the exact top-k (ids and cosines), batched and one query at a time."""
+    x = clustered(6_000, 32, seed=4, draw=5, clusters=50)
+    q = clustered(40, 32, seed=4, draw=6, clusters=50)
+    path = save_npy(tmp_path / "x.npy", x)
+    info = retrieval.build_index(path, tmp_path / "sq.index", progress=False, exact_limit=1_000)
+    assert info.factory == retrieval.choose_factory(6_000, 32, exact_limit=1_000) == "IVF128,SQ8"
+    assert info.search == {"nprobe": 16}
+    opened = retrieval.open_index(tmp_path / "sq.index")
+    assert not opened.exact
+    opened.set_search_params(nprobe=128)
+    truth = exact_top(x, q, 10)
+    hits = opened.search(q, 10, dedup_threshold=None)
+    assert [[h.id for h in row] for row in hits] == truth.tolist()
+    for row, query in zip(hits, q):
+        np.testing.assert_allclose([h.score for h in row], x[[h.id for h in row]] @ query, atol=1e-5)
+    one_by_one = [opened.search(query, 10, dedup_threshold=None)[0] for query in q[:5]]
+    assert [[h.id for h in row] for row in one_by_one] == truth[:5].tolist()
+    # SQ8 codes alone already rank well; re-ranking makes the scores exact
+    raw = opened.search(q, 10, dedup_threshold=None, rerank=False)
+    assert recall_at_10(raw, truth)[0] >= 0.9
+    assert max(abs(h.score - float(x[h.id] @ query)) for row, query in zip(raw, q) for h in row) > 1e-5
+
+
+@pytest.mark.parametrize("rerank", [True, False])
+def test_batched_dedup_equals_the_candidate_by_candidate_rule(tmp_path, rerank):
+    """Rows without a possible duplicate pair take their first k candidates in one step; the
+    result must equal running the rule on each candidate, with and without duplicates."""
+    rng = np.random.default_rng(8)
+    base = unit(rng.standard_normal((3_000, 16)))
+    copies = base[rng.choice(3_000, 400, replace=False)]  # exact copies: equal scores
+    near = unit(copies[:200] + 1e-5 * rng.standard_normal((200, 16)))
+    x = np.vstack([base, copies, near])
+    path = save_npy(tmp_path / "x.npy", x)
+    retrieval.build_index(path, tmp_path / "d.index", progress=False,
+                          factory="Flat" if not rerank else "IVF16,SQ8")
+    opened = retrieval.open_index(tmp_path / "d.index")
+    if rerank:
+        opened.set_search_params(nprobe=16)
+    queries = np.vstack([x[:30], copies[:30], unit(rng.standard_normal((30, 16)))])
+    prepared = opened._queries(queries)
+    rule = opened._duplicate_rule(0.98, retrieval.DEDUP_SCORE_EPSILON)
+
+    def one_by_one(candidate, chosen):  # not a _DuplicateRule: the per-candidate path
+        return rule(candidate, chosen)
+
+    fast, _ = opened._collect(prepared, 10, rule, True, rerank)
+    slow, reasons = opened._collect(prepared, 10, one_by_one, True, rerank)
+    assert [[c.id for c in row] for row in fast] == [[c.id for c in row] for row in slow]
+    assert [[c.score for c in row] for row in fast] == [[c.score for c in row] for row in slow]
+    assert sum(r["duplicate"] for r in reasons) >= 30  # duplicates were met and removed
+    ids, scores, vectors = opened._raw(prepared, 20, True, rerank)
+    clean = opened._clean_prefixes(ids, scores, vectors, 10, rule)
+    assert clean.any() and not clean.all()
+    hits = opened.search(queries, 10)
+    assert [[h.id for h in row] for row in hits] == [[c.id for c in row] for row in slow]
 
 
 @pytest.mark.slow
@@ -520,3 +595,47 @@ def test_cli_image_folder_with_an_embedder(tmp_path):
     no_model = runner.invoke(index_group, ["search", str(tmp_path / "p.index"), str(photos[2])],
                              obj=object())
     assert no_model.exit_code == 1 and "needs a model" in no_model.output
+
+
+def test_memory_mapped_ivf_starts_no_prefetch_threads(tmp_path):
+    """OnDiskInvertedLists (how FAISS memory-maps IVF lists) would start 32 prefetch threads
+    per search call; open_index turns that off, and searching still works."""
+    x = unit(np.random.default_rng(2).standard_normal((2_000, 16)))
+    path = save_npy(tmp_path / "x.npy", x)
+    retrieval.build_index(path, tmp_path / "m.index", factory="IVF16,SQ8", progress=False)
+    opened = retrieval.open_index(tmp_path / "m.index")
+    assert opened.mmapped
+    lists = faiss.downcast_InvertedLists(retrieval._ivf(opened.index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.prefetch_nthread == 0
+    assert opened.search(x[5], 1, dedup_threshold=None)[0][0].id == 5
+
+
+def test_flat_search_is_a_matmul_equal_to_faiss(tmp_path, monkeypatch):
+    """Exact inner-product search runs as blocked numpy matmuls over the (memory-mapped) Flat
+    vectors; ids and scores equal FAISS's own search, ties by id, -1 padding past the end."""
+    rng = np.random.default_rng(6)
+    x = unit(rng.standard_normal((1_000, 24)))
+    x[700] = x[300]  # an exact tie
+    path = save_npy(tmp_path / "x.npy", x)
+    retrieval.build_index(path, tmp_path / "f.index", progress=False)
+    opened = retrieval.open_index(tmp_path / "f.index")
+    assert opened.mmapped and opened._flat is not None and not opened._flat.flags.owndata
+    monkeypatch.setattr(retrieval, "FLAT_BLOCK", 128)  # several blocks, a short last one
+    q = np.vstack([x[300], unit(rng.standard_normal((20, 24)))])
+    scores, ids = opened._index_search(q, 15)
+    faiss_scores, faiss_ids = opened.index.search(q, 15)
+    by_id = np.lexsort((faiss_ids, -faiss_scores), axis=1)  # FAISS orders exact ties arbitrarily
+    assert ids.tolist() == np.take_along_axis(faiss_ids, by_id, 1).tolist()
+    assert ids[0, :2].tolist() == [300, 700]
+    np.testing.assert_allclose(scores, faiss_scores, atol=1e-5)
+    hits = opened.search(q, 10, dedup_threshold=None)
+    assert [[h.id for h in row] for row in hits] == ids[:, :10].tolist()
+    small = retrieval.open_index(retrieval.build_index(save_npy(tmp_path / "s.npy", x[:5]), tmp_path / "s.index",
+                                                       progress=False).path)
+    scores, ids = small._index_search(q[:2], 8)
+    assert (ids[:, 5:] == -1).all() and sorted(ids[1, :5].tolist()) == [0, 1, 2, 3, 4]
+    # without the source embeddings, duplicates are still found from the index's own vectors
+    path.rename(tmp_path / "gone.npy")
+    again = retrieval.open_index(tmp_path / "f.index")
+    assert not again.source.vectors_available()
+    assert len({h.id for h in again.search(x[300], 3)[0]} & {300, 700}) == 1

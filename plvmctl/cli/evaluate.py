@@ -55,9 +55,13 @@ def default_out_dir(recipe_name: str) -> Path:
               help="Also score \"who is in this photo\" by retrieval: every query photo searched "
                    "for all test identities (precision, recall, F1, calibrated threshold).")
 @click.option("--retrieval-only", is_flag=True, help="Only that; no method is asked.")
+@click.option("--captions", is_flag=True,
+              help="Also score caption recall (MyVLM's metric): \"Describe this photo.\" per query "
+                   "photo with its concepts in the prompt (plvm-auto: the ones it finds); the share "
+                   "of (photo, concept) pairs whose description names the concept.")
 @click.pass_obj
 def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, mcq, batch_size,
-                 retrieval, retrieval_only):
+                 retrieval, retrieval_only, captions):
     """Recognition (positive/negative/mean), text QA and visual QA accuracy, per method.
 
     Writes results.json, results.md, results.png and items/<method>.jsonl into the output
@@ -67,6 +71,7 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
     Example:
       plvmctl --recipe llava15-7b eval --method plvm,llava-text,llava-none
       plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --retrieval
+      plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --captions
     """
     from ..evaluate import load_testset, render_markdown, run_evaluation
 
@@ -81,6 +86,6 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
     results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
                              neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
                              batch_size=batch_size, progress=True,
-                             retrieval=retrieval or retrieval_only)
+                             retrieval=retrieval or retrieval_only, captions=captions)
     click.echo(render_markdown(results))
     click.echo(f"report: {out}/results.md, results.json, results.png; answers in {out}/items/")

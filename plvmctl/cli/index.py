@@ -59,7 +59,8 @@ def index() -> None:
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Index file to write (its sidecar goes to INDEX.json).")
 @click.option("--factory", default=None,
-              help="FAISS index factory string [default: Flat up to 1 M vectors, IVF-PQ above].")
+              help="FAISS index factory string [default: Flat up to 100 k vectors, IVF-SQ8 "
+                   "up to 4 M, IVF-PQ above].")
 @click.option("--metric", type=click.Choice(["ip", "l2"]), default="ip", show_default=True,
               help="Inner product on L2-normalised vectors (cosine), or L2 distance.")
 @click.option("--gpu", is_flag=True, help="Run the IVF clustering on the GPU (faiss-gpu build).")
