@@ -66,6 +66,24 @@ class App:
         quiet_model_loading(self.verbose)
         return load_runtime(self.recipe, device=self.device, verbose=self.verbose)
 
+    def trainer_config(self, section: str, cls, overrides=(), **options):
+        """The recipe's `section:` as dataclass `cls`, with the command's own `--set
+        SECTION.KEY=VALUE` (nothing else is allowed after the command) and its options that
+        were given (not None) applied, then validated."""
+        from ..errors import PlvmError
+        from ..recipe import apply_overrides, build_dataclass
+
+        for text in overrides:
+            if not text.split("=", 1)[0].strip().startswith(f"{section}."):
+                raise PlvmError(f"--set {text}: after `train {section}` only {section}.KEY=VALUE is "
+                                f"allowed (put other settings before the command: plvmctl --set ... "
+                                f"train {section})")
+        data = apply_overrides({section: dict(self.recipe.sections.get(section, {}))}, list(overrides))
+        data[section].update({key: value for key, value in options.items() if value is not None})
+        config = build_dataclass(cls, data[section], section)
+        config.validate()
+        return config
+
     def log(self, message: str, level: int = 1) -> None:
         if self.verbose >= level:
             click.echo(message, err=True)

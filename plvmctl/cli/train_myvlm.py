@@ -20,20 +20,10 @@ pass_app = click.make_pass_decorator(App)
 
 
 def myvlm_config(app: App, overrides: tuple[str, ...] = (), **options):
-    """The recipe's `myvlm:` section, this command's `--set myvlm.KEY=VALUE` and options applied."""
-    from ..recipe import apply_overrides, build_dataclass
+    """The recipe's `myvlm:` section with this command's `--set myvlm.KEY=VALUE` and options applied."""
     from ..train.myvlm import MyvlmConfig
 
-    for text in overrides:
-        if not text.split("=", 1)[0].strip().startswith("myvlm."):
-            raise PlvmError(f"--set {text}: after `train myvlm` only myvlm.KEY=VALUE is allowed "
-                            "(put other settings before the command: plvmctl --set ... train myvlm)")
-    data = {"myvlm": dict(app.recipe.sections.get("myvlm", {}))}
-    data = apply_overrides(data, list(overrides))
-    data["myvlm"].update({key: value for key, value in options.items() if value is not None})
-    config = build_dataclass(MyvlmConfig, data["myvlm"], "myvlm")
-    config.validate()
-    return config
+    return app.trainer_config("myvlm", MyvlmConfig, overrides, **options)
 
 
 @click.command("myvlm")

@@ -22,18 +22,9 @@ pass_app = click.make_pass_decorator(App)
 
 def yollava_config(app: App, overrides: tuple[str, ...] = ()):
     """The recipe's `yollava:` section with this command's `--set yollava.KEY=VALUE` applied."""
-    from ..recipe import apply_overrides, build_dataclass
     from ..train.yollava import YollavaConfig
 
-    for text in overrides:
-        if not text.split("=", 1)[0].strip().startswith("yollava."):
-            raise PlvmError(f"--set {text}: after `train yollava` only yollava.KEY=VALUE is allowed "
-                            "(put other settings before the command: plvmctl --set ... train yollava)")
-    data = {"yollava": dict(app.recipe.sections.get("yollava", {}))}
-    data = apply_overrides(data, list(overrides))
-    config = build_dataclass(YollavaConfig, data["yollava"], "yollava")
-    config.validate()
-    return config
+    return app.trainer_config("yollava", YollavaConfig, overrides)
 
 
 @click.command("yollava")
