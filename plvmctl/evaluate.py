@@ -265,10 +265,31 @@ class EvalItem:
     concepts: tuple[str, ...] = ()  # concepts for the prompt beyond those the question names
 
 
+def recipe_mcq_mode(recipe) -> str:
+    """How `recipe` answers multiple choice by default: its `eval.mcq`, else "likelihood".
+
+    A model taught to say the option's value before its letter ("red B", the pocket model)
+    needs "generate": the letter is not its first answer token.
+    """
+    section = recipe.sections.get("eval") or {}
+    if not isinstance(section, dict):
+        raise PlvmError(f"recipe {recipe.name}: 'eval' must be a mapping")
+    mode = section.get("mcq", "likelihood")
+    if mode not in MCQ_MODES:
+        raise PlvmError(f"recipe {recipe.name}: eval.mcq must be one of {', '.join(MCQ_MODES)}, got {mode!r}")
+    return mode
+
+
 def mcq_prompt(question: str, options: Sequence[tuple[str, str]]) -> str:
     """The question, then "A. text" lines, then the answer-with-the-letter instruction."""
     lines = [question] + [f"{letter}. {text}" for letter, text in options] + [MCQ_INSTRUCTION]
     return "\n".join(lines)
+
+
+def parse_mcq_prompt(prompt: str) -> tuple[tuple[str, str], ...]:
+    """The (letter, text) options of a prompt written by `mcq_prompt`, in order."""
+    found = (re.fullmatch(r"([A-Z])\. (.*)", line) for line in prompt.splitlines())
+    return tuple((match.group(1), match.group(2)) for match in found if match)
 
 
 def _mcq_item(row: McqRow) -> EvalItem:
@@ -444,8 +465,9 @@ def parse_mcq_answer(answer: str | None, options: Sequence[tuple[str, str]] | Ma
     Accepted: a letter alone or first with a delimiter ("B", "b.", "(B)", "[B]", "B) crop top",
     "B. crop top"), after an optional "Answer:" / "The answer is" / "Option" prefix; "... the
     answer is C" anywhere; or text equal to one option's text ("crop top", "A crop top",
-    "B crop top"), ignoring case, punctuation and a leading article. A letter that is not one
-    of the options is None.
+    "B crop top"), or an option's text followed by a letter ("crop top B", "red (A)": the
+    letter counts, as the answer the instruction asks for), ignoring case, punctuation and a
+    leading article. A letter that is not one of the options is None.
     """
     if not answer:
         return None
@@ -476,6 +498,11 @@ def parse_mcq_answer(answer: str | None, options: Sequence[tuple[str, str]] | Ma
         option_text = dict(pairs)[head.upper()]
         if _normalise_option(rest) == _normalise_option(option_text):
             return head.upper()
+    said, _, last = text.rstrip(" .!)]").rpartition(" ")
+    last = last.strip("([")
+    if last.upper() in letters and said and any(  # the value, then its letter: "crop top B"
+            _normalise_option(said) == _normalise_option(option) for _, option in pairs):
+        return last.upper()
     return None
 
 

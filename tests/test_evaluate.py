@@ -17,6 +17,8 @@ from plvmctl.evaluate import (
     mcq_metrics,
     mcq_prompt,
     parse_mcq_answer,
+    parse_mcq_prompt,
+    recipe_mcq_mode,
     parse_yes_no,
     pick_by_likelihood,
     recognition_items,
@@ -24,7 +26,7 @@ from plvmctl.evaluate import (
     run_evaluation,
 )
 from plvmctl.methods import METHODS, clean_description
-from plvmctl.recipe import recipe_from_dict
+from plvmctl.recipe import load_recipe, recipe_from_dict
 
 PLVM_VAL = Path(__file__).parents[1] / ".." / "shared" / "testsets" / "plvm-val"
 
@@ -95,6 +97,11 @@ CLOTHES = [("A", "shirt"), ("B", "crop top"), ("C", "hoodie")]
     ("A shirt", "A"),
     ("A hoodie", "C"),  # "A" is an article here, the text names option C
     ("B crop top", "B"),
+    ("crop top B", "B"),  # the value, then its letter (the pocket model's answers)
+    ("crop top (B).", "B"),
+    ("shirt C", "C"),  # the letter counts: it is the answer the instruction asks for
+    ("jacket B", None),  # not an option's text before the letter
+    ("crop top D", None),
     ("D", None),  # not one of the options
     ("D. jacket", None),
     ("a jacket", None),
@@ -118,6 +125,18 @@ def test_pick_by_likelihood_ties_and_nan():
     assert pick_by_likelihood(["A", "B", "C"], [-3.0, -1.0, -2.0]) == "B"
     assert pick_by_likelihood(["A", "B"], [-1.0, -1.0]) == "A"
     assert pick_by_likelihood(["A", "B"], [float("nan"), -9.0]) == "B"
+
+
+def test_parse_mcq_prompt_reads_back_the_options():
+    options = [("A", "shirt"), ("B", "crop top"), ("C", "hoodie")]
+    assert parse_mcq_prompt(mcq_prompt("What is <a> wearing?\nLook closely.", options)) == tuple(options)
+
+
+def test_recipe_mcq_mode_comes_from_the_recipe():
+    assert recipe_mcq_mode(load_recipe("pocket")) == "generate"  # it says the value first
+    assert recipe_mcq_mode(load_recipe("tiny")) == "likelihood"
+    with pytest.raises(PlvmError, match="eval.mcq"):
+        recipe_mcq_mode(load_recipe("tiny", ["eval.mcq=vote"]))
 
 
 def test_mcq_prompt_layout():

@@ -428,3 +428,31 @@ def test_generated_answers_never_hold_image_or_padding_tokens(small, monkeypatch
     monkeypatch.setattr(lvlm, "forward_logits", image_first)
     row = lvlm.text_row(toy.training_identities()[3], random.Random(0), lvlm.LvlmTrainConfig())
     assert lvlm.generate_answers(model, tokenizer, [row], None, max_new_tokens=3) == [""]
+
+
+def test_multiple_choice_rows_say_the_value_then_its_letter_when_asked():
+    from plvmctl.evaluate import parse_mcq_answer, parse_mcq_prompt
+
+    rng = random.Random(0)
+    config = lvlm.LvlmTrainConfig(mcq_share=1.0, mcq_answer="value_letter")
+    rows = [lvlm.text_row(identity, rng, config) for identity in toy.training_identities()[:30]]
+    for row in rows:
+        options = dict(parse_mcq_prompt(row.question))
+        value, letter = row.answer.rsplit(" ", 1)
+        assert row.mcq and options[letter] == value  # "red B": B is the option "red"
+        assert parse_mcq_answer(row.answer, options) == letter  # as `plvmctl eval` reads it
+        assert row.options == tuple(options.values())  # the first word is one of the values
+    letters = [lvlm.text_row(identity, rng, dataclasses.replace(config, mcq_answer="letter"))
+               for identity in toy.training_identities()[:5]]
+    assert all(row.answer in "ABCD" and row.options == tuple("ABCD"[:len(row.options)]) for row in letters)
+    with pytest.raises(ValueError, match="mcq_answer"):
+        lvlm.text_row(toy.training_identities()[0], rng, dataclasses.replace(config, mcq_answer="value"))
+
+
+def test_measure_reads_the_letter_of_generated_multiple_choice_answers(small):
+    model, tokenizer, processor = small
+    config = lvlm.LvlmTrainConfig(mcq_share=1.0, mcq_answer="value_letter", text_rows_per_step=4)
+    report = lvlm.measure(model, tokenizer, processor, scenes=2, config=config)
+    assert report["text-mcq-said"]["count"] >= 4
+    assert 0.0 <= report["text-mcq-said"]["accuracy"] <= 1.0
+    assert 0.25 <= report["text-mcq-said"]["chance"] <= 0.5  # 2 to 4 options

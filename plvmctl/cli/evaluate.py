@@ -46,9 +46,9 @@ def default_out_dir(recipe_name: str) -> Path:
 @click.option("--neg-per-identity", type=click.IntRange(min=0), default=None,
               help="Sample N negative recognition pairs per identity [default: all pairs].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for that sampling.")
-@click.option("--mcq", type=click.Choice(["likelihood", "generate"]), default="likelihood",
-              show_default=True, help="Multiple choice by option-letter likelihood, or by "
-                                      "generating an answer and parsing it.")
+@click.option("--mcq", type=click.Choice(["likelihood", "generate"]), default=None,
+              help="Multiple choice by option-letter likelihood, or by generating an answer and "
+                   "reading the letter it gives [default: the recipe's eval.mcq, else likelihood].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Questions per batch [default: the recipe's generation.batch_size].")
 @click.option("--retrieval", is_flag=True,
@@ -73,13 +73,14 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
       plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --retrieval
       plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --captions
     """
-    from ..evaluate import load_testset, render_markdown, run_evaluation
+    from ..evaluate import load_testset, recipe_mcq_mode, render_markdown, run_evaluation
 
     names = [] if retrieval_only else parse_methods(methods)
     for name in names:
         get_method(name)  # unknown or unavailable methods fail before anything loads
     loaded = load_testset(testset)  # fail fast, before any model loads
     recipe = app.recipe
+    mcq = mcq or recipe_mcq_mode(recipe)
     if recipe.name == "tiny" or str(recipe.model.source) == "tiny":
         click.echo(TINY_WARNING, err=True)
     out = Path(out_dir) if out_dir else default_out_dir(recipe.name)

@@ -110,6 +110,7 @@ RECOGNITION_ANSWERS = recognition_templates.RECOGNITION_ANSWER_STYLES
 # photo shows well (a linear probe reads hair colour 0.97, skin 0.90, hair style 0.79 from the
 # image tokens, eye colour and facial hair barely above chance), written with their keys.
 COMPARE_TRAITS: tuple[str, ...] = ("hair_colour", "skin", "hair_style")
+MCQ_ANSWERS = ("letter", "value_letter")  # how a multiple-choice row is answered (`_mcq`)
 GENERIC_WORDS = (
     "i you we it this that photo image picture person people man woman name unknown maybe "
     "sorry know don't see answer question left right middle one two three none nobody < >"
@@ -236,6 +237,7 @@ class LvlmTrainConfig:
     recognition_share: float = 0.35
     about_share: float = 0.30
     mcq_share: float = 0.5  # share of about/text rows asked as multiple choice
+    mcq_answer: str = "letter"  # "letter" ("B") | "value_letter" ("red B": the value, then its letter; `_mcq`)
     hard_negative_share: float = 0.5
     vision_aux_weight: float = 0.5  # weight of the VisionProbe loss (0 turns it off)
     position_aux_weight: float = 0.0  # weight of the probe's per-patch column loss (0: no such head)
@@ -267,6 +269,7 @@ class Row:
     options: tuple[str, ...] = ()  # the possible answers (for accuracy among them)
     reference: int | None = None  # a portrait shown in the preamble as the person's description
     name_token: bool = False  # the person's <name> is a name token (`NameTokens`), not literal text
+    mcq: bool = False  # a multiple-choice question in the evaluation's format (`_mcq`)
 
     @property
     def group(self) -> str:
@@ -336,12 +339,27 @@ def _name_token(rng: random.Random, config: LvlmTrainConfig) -> bool:
     return config.name_share > 0 and rng.random() < config.name_share
 
 
-def _mcq(question: str, values: Sequence[str], correct: str, rng: random.Random) -> tuple[str, str, tuple[str, ...]]:
-    """(prompt in the evaluation's format, correct letter, the option letters)."""
+def _mcq(question: str, values: Sequence[str], correct: str, rng: random.Random,
+         config: LvlmTrainConfig) -> tuple[str, str, tuple[str, ...]]:
+    """(prompt in the evaluation's format, answer, the possible first answer words).
+
+    With `mcq_answer="letter"` the answer is the correct letter ("B") and the possible first
+    words are the letters. With "value_letter" it is the value, then its letter ("red B"), and
+    the first word is among the option values: a fresh LM answering the letter alone stays at
+    chance (the letter depends only on where the value stands among the options, no direct
+    signal), while saying the value first gives every word one (bench/mcq_study.py: 0.42 vs
+    0.75 held out after 1,200 steps). The evaluation reads the letter where it stands
+    (`evaluate.parse_mcq_answer`).
+    """
     from ..evaluate import mcq_prompt
 
+    if config.mcq_answer not in MCQ_ANSWERS:
+        raise ValueError(f"mcq_answer must be one of {', '.join(MCQ_ANSWERS)}, got {config.mcq_answer!r}")
     choice, letter = toy._multiple_choice(values, correct, rng)
-    return mcq_prompt(question, list(choice.items())), letter, tuple(choice)
+    prompt = mcq_prompt(question, list(choice.items()))
+    if config.mcq_answer == "letter":
+        return prompt, letter, tuple(choice)
+    return prompt, f"{correct} {letter}", tuple(choice.values())
 
 
 def _named(text: str, name: str) -> str:
@@ -405,10 +423,10 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             if rng.random() < config.mcq_share:
                 kind_name = rng.choice(tuple(toy._VISUAL_QUESTIONS))
                 template, values = toy._VISUAL_QUESTIONS[kind_name]
-                prompt, letter, letters = _mcq(_named(template, name), values,
-                                               toy._visual_answer(kind_name, person, info), rng)
-                rows.append(Row("about", prompt, letter, image, descriptions, letters, reference,
-                                _name_token(rng, config)))
+                prompt, answer, firsts = _mcq(_named(template, name), values,
+                                              toy._visual_answer(kind_name, person, info), rng, config)
+                rows.append(Row("about", prompt, answer, image, descriptions, firsts, reference,
+                                _name_token(rng, config), mcq=True))
             else:
                 qa = toy.scene_qa_about(person.identity, info, rng)
                 question, answer = qa[rng.randrange(len(qa))]
@@ -447,8 +465,9 @@ def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig
     if rng.random() < config.mcq_share:
         trait = rng.choice(tuple(toy._TEXT_QUESTIONS))
         template, values = toy._TEXT_QUESTIONS[trait]
-        prompt, letter, letters = _mcq(_named(template, name), values, getattr(identity, trait), rng)
-        return Row("text", prompt, letter, None, descriptions, letters, reference, _name_token(rng, config))
+        prompt, answer, firsts = _mcq(_named(template, name), values, getattr(identity, trait), rng, config)
+        return Row("text", prompt, answer, None, descriptions, firsts, reference, _name_token(rng, config),
+                   mcq=True)
     qa = toy.attribute_qa(identity)
     question, answer = qa[rng.randrange(len(qa))]
     return Row("text", _named(question, name), answer, None, descriptions, _open_options(answer), reference,
@@ -982,6 +1001,18 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
         return {"accuracy": round(sum(h) / len(h), 4), "greedy": round(sum(g) / len(g), 4),
                 "chance": round(sum(c) / len(c), 4), "count": len(h)}
 
+    mcq_rows = [row for row in rows if row.mcq]
+    if mcq_rows:  # the letter the answer gives, wherever it stands, read as `plvmctl eval` does
+        from ..evaluate import parse_mcq_answer, parse_mcq_prompt
+
+        said = generate_answers(model, tokenizer, mcq_rows, pixels, batch_rows=batch_rows)
+        for row, answer in zip(mcq_rows, said):
+            options = parse_mcq_prompt(row.question)
+            right = int(parse_mcq_answer(answer, options) == parse_mcq_answer(row.answer, options))
+            key = row.group + "-mcq-said"
+            hits[key] = hits.get(key, []) + [right]
+            greedy[key] = greedy.get(key, []) + [right]
+            chances[key] = chances.get(key, []) + [row.chance]
     if compare:  # the verdict comes after the comparison: generate it
         from ..evaluate import parse_yes_no
 

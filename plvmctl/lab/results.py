@@ -7,7 +7,7 @@ Steps (each one's outputs stay under --out-dir, so a repeated run skips what is 
     testset       the toy test set of held-out identities (`plvmctl toy testset`, seed 0),
                   written only when --testset has no validation_recognition/ yet
     main          `plvmctl --recipe pocket eval` of plvm, llava-none, llava-text and yollava on
-                  it (as `make eval`: sampled negatives, option-letter likelihood for MCQ)
+                  it (as `make eval`: sampled negatives, MCQ as the recipe's eval.mcq says)
     data          the toy training data `make pocket` trains its Aligner on (same profile)
     train-wW-kK   an Aligner trained exactly as the pocket one (profile "full", stage 5 of
                   plvmctl.lab.pocket) except for the Yes/No weight w or the context tokens k:
@@ -51,7 +51,6 @@ from ..methods import DESCRIPTION_MAX_NEW_TOKENS
 RECIPE = "pocket"
 DEVICE = "cpu"  # the pocket model is made for a CPU; its timings are CPU timings
 SEED = 0  # the seed of `make pocket` and of `make eval`'s test set
-MCQ = "likelihood"
 MIN_IDENTITIES = 40  # the issue asks for at least 40 held-out identities
 
 TRUTH = "llava-truth"
@@ -359,15 +358,16 @@ def _evaluated(folder: Path, methods: Sequence[str]) -> bool:
 def evaluate_step(name: str, options: Options, overrides: list[str], methods: list[str],
                   folder: Path, steps: StepRunner) -> dict[str, Any]:
     """`plvmctl --recipe pocket [--set ...] eval` into `folder`; its results dict."""
-    from ..evaluate import load_testset, run_evaluation
+    from ..evaluate import load_testset, recipe_mcq_mode, run_evaluation
     from ..recipe import load_recipe
 
     recipe = load_recipe(RECIPE, overrides)
+    mcq = recipe_mcq_mode(recipe)
     testset = load_testset(options.testset)
     settings = {"recipe": RECIPE, "overrides": overrides, **_model_identity(recipe),
                 "testset": str(testset.root.resolve()), "testset_counts": testset.counts(),
                 "neg_per_identity": options.neg_per_identity, "limit": options.limit,
-                "mcq": MCQ, "seed": SEED}
+                "mcq": mcq, "seed": SEED}
     if recipe.aligner.path:
         from ..runtime import resolve_recipe_path
 
@@ -378,7 +378,7 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
 
         runtime = load_runtime(recipe, device=DEVICE)
         run_evaluation(runtime, testset, methods, folder, limit=options.limit,
-                       neg_per_identity=options.neg_per_identity, seed=SEED, mcq=MCQ,
+                       neg_per_identity=options.neg_per_identity, seed=SEED, mcq=mcq,
                        progress=True, extra_methods={TRUTH: prepare_truth})
 
     steps.run(name, settings, work, lambda: _evaluated(folder, methods))
@@ -535,7 +535,7 @@ def build_summary(options: Options, testset, main: Mapping[str, Any],
             "visual_chance": mcq_chance(testset.visual),
         },
         "protocol": {"neg_per_identity": options.neg_per_identity, "limit": options.limit,
-                     "mcq": MCQ, "seed": SEED, "recipe": RECIPE},
+                     "mcq": main["protocol"]["mcq"], "seed": SEED, "recipe": RECIPE},
         "main": [method_row(main, name) for name in options.methods],
         "main_folder": str(options.out_dir / "main"),
         "ablations_folder": str(options.out_dir / "ablations"),
@@ -630,8 +630,10 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         "red same dark skin tan different ... mismatch. No, ...\"): its verdict is the first "
         "sentence that opens with yes or no.",
         f"- Visual MCQ ({testset['visual_items']} questions, with the photo) and text MCQ "
-        f"({testset['text_items']} questions, no photo): the option whose letter the model finds "
-        "most likely.",
+        f"({testset['text_items']} questions, no photo): "
+        + ("the option whose letter the model finds most likely." if protocol["mcq"] == "likelihood" else
+           "the answer is generated and its letter read where it stands (the pocket model says the "
+           "value, then the letter: \"red B\"; `eval.mcq: generate` in recipes/pocket.yaml)."),
         "- Methods, all on the same frozen pocket LVLM and the same one reference photo per "
         "identity: PLVM encodes the photo into context tokens (reference encoder + Aligner, "
         "no training); no prompt leaves `<name>` as plain text; the text prompt puts "
