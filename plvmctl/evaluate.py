@@ -467,7 +467,9 @@ def parse_mcq_answer(answer: str | None, options: Sequence[tuple[str, str]] | Ma
     answer is C" anywhere; or text equal to one option's text ("crop top", "A crop top",
     "B crop top"), or an option's text followed by a letter ("crop top B", "red (A)": the
     letter counts, as the answer the instruction asks for), ignoring case, punctuation and a
-    leading article. A letter that is not one of the options is None.
+    leading article; failing those, the same read of the last sentence (an answer that reasons
+    first: "left red hair red same ... match. left B"). A letter that is not one of the
+    options is None.
     """
     if not answer:
         return None
@@ -503,6 +505,9 @@ def parse_mcq_answer(answer: str | None, options: Sequence[tuple[str, str]] | Ma
     if last.upper() in letters and said and any(  # the value, then its letter: "crop top B"
             _normalise_option(said) == _normalise_option(option) for _, option in pairs):
         return last.upper()
+    sentences = re.split(r"(?<=[.!?])\s+", text)
+    if len(sentences) > 1:  # reasoning first ("left red hair red same ... match. left B")
+        return parse_mcq_answer(sentences[-1], pairs)
     return None
 
 

@@ -456,3 +456,25 @@ def test_measure_reads_the_letter_of_generated_multiple_choice_answers(small):
     assert report["text-mcq-said"]["count"] >= 4
     assert 0.0 <= report["text-mcq-said"]["accuracy"] <= 1.0
     assert 0.25 <= report["text-mcq-said"]["chance"] <= 0.5  # 2 to 4 options
+
+
+def test_about_rows_find_the_person_before_they_answer_when_asked():
+    from plvmctl.evaluate import parse_mcq_answer, parse_mcq_prompt
+
+    rng = random.Random(3)
+    config = lvlm.LvlmTrainConfig(about_answer="compare", mcq_answer="value_letter", mcq_share=0.5,
+                                  scene_share=0.0, recognition_share=0.0, about_share=1.0)
+    pool = toy.training_identities()[:50]
+    rows = []
+    for _ in range(6):
+        info = toy.random_scene(pool[rng.randrange(50)], rng, pool)[1]
+        rows += [(row, info) for row in lvlm.scene_rows(info, 0, rng, pool, config, 4)]
+    assert {row.mcq for row, _ in rows} == {True, False}
+    for row, info in rows:
+        named = next(p.identity for p in info.people if p.identity.name in row.question)
+        reasoning, _, answer = row.answer.partition(". ")
+        assert reasoning == lvlm.comparison(named, info, config.compare_traits)[0]
+        assert row.options == ()  # the first word is a place, so no first-token scoring
+        if row.mcq:
+            options = parse_mcq_prompt(row.question)
+            assert parse_mcq_answer(row.answer, options) == answer.split()[-1]

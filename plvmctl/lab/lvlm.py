@@ -250,6 +250,7 @@ class LvlmTrainConfig:
     reading_rows: int = 64  # text-only rows per reading step
     max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
     recognition_answer: str = "plain"  # "plain" ("Yes, <name> is ...") | "compare" (`comparison` first)
+    about_answer: str = "plain"  # questions about a named person in a photo: "plain" | "compare" (`comparison` first)
     compare_traits: tuple[str, ...] = COMPARE_TRAITS  # what a "compare" answer checks, person by person
     name_share: float = 0.0  # share of named rows whose <name> is a per-row name token (`NameTokens`)
     single_person_steps: int = 0  # first steps with one person a photo (the curriculum's first stage)
@@ -420,18 +421,21 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             person = rng.choice(info.people)
             name = person.identity.name
             descriptions, reference = _introduce(person.identity, rng, config, portrait)
-            if rng.random() < config.mcq_share:
+            mcq = rng.random() < config.mcq_share
+            if mcq:
                 kind_name = rng.choice(tuple(toy._VISUAL_QUESTIONS))
                 template, values = toy._VISUAL_QUESTIONS[kind_name]
-                prompt, answer, firsts = _mcq(_named(template, name), values,
-                                              toy._visual_answer(kind_name, person, info), rng, config)
-                rows.append(Row("about", prompt, answer, image, descriptions, firsts, reference,
-                                _name_token(rng, config), mcq=True))
+                question, answer, firsts = _mcq(_named(template, name), values,
+                                                toy._visual_answer(kind_name, person, info), rng, config)
             else:
                 qa = toy.scene_qa_about(person.identity, info, rng)
                 question, answer = qa[rng.randrange(len(qa))]
-                rows.append(Row("about", _named(question, name), answer, image, descriptions,
-                                _open_options(answer), reference, _name_token(rng, config)))
+                question, firsts = _named(question, name), _open_options(answer)
+            if config.about_answer == "compare":  # find the person first, then answer about them
+                answer = comparison(person.identity, info, config.compare_traits)[0] + ". " + answer
+                firsts = ()  # the first answer word is a place, not one of the answers
+            rows.append(Row("about", question, answer, image, descriptions, firsts, reference,
+                            _name_token(rng, config), mcq=mcq))
     return rows
 
 
@@ -1012,7 +1016,7 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
             key = row.group + "-mcq-said"
             hits[key] = hits.get(key, []) + [right]
             greedy[key] = greedy.get(key, []) + [right]
-            chances[key] = chances.get(key, []) + [row.chance]
+            chances[key] = chances.get(key, []) + [1.0 / len(options)]
     if compare:  # the verdict comes after the comparison: generate it
         from ..evaluate import parse_yes_no
 

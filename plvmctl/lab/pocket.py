@@ -86,7 +86,7 @@ POCKET_SIZES = LvlmSizes(patch_size=32)
 # rows carry the person's name as a name token it must say back.
 CURRICULUM = LvlmTrainConfig(
     description="keyvalue", recognition_answer="compare", name_share=0.5,
-    mcq_answer="value_letter", mcq_share=0.7,
+    mcq_answer="value_letter", mcq_share=0.7, about_answer="compare",
     vision_steps=500, copy_steps=900, single_person_steps=0, portrait_rows_per_step=4,
     caption_rows=1, position_aux_weight=1.0,
     scene_share=0.25, recognition_share=0.5, about_share=0.25)
