@@ -448,13 +448,14 @@ def _mean_accuracy(accuracy: Mapping[str, Mapping[str, float]]) -> float:
 def train_mcllava(runtime, photos: Mapping[str, Sequence[Path]], negatives: Mapping[str, Sequence[Path]],
                   config: McllavaConfig, out_dir: str | Path, *, progress: bool = False,
                   echo: Callable[[str], None] | None = None,
-                  on_epoch: Callable[[int, McllavaTrainer], None] | None = None) -> McllavaResult:
+                  on_epoch: Callable[[int, int, McllavaTrainer], None] | None = None) -> McllavaResult:
     """Train the concepts of `photos` together; keep the epoch with the best mean accuracy.
 
     `negatives` maps a name to its outside negatives (the other concepts' photos are its
     negatives anyway). Writes into `out_dir`: conversations-NAME.json, log.jsonl, loss.png,
     result.json. Each concept carries ConceptMeta(method="mcllava"), its prototypes and its
-    location threshold. `on_epoch(epoch, trainer)` is called after each epoch (benchmarks).
+    location threshold. `on_epoch(epoch, steps so far, trainer)` is called after each epoch
+    (benchmarks).
     """
     config.validate()
     photos = check_concepts(photos)
@@ -524,7 +525,7 @@ def train_mcllava(runtime, photos: Mapping[str, Sequence[Path]], negatives: Mapp
             epochs.append(row)
             log.log(row)
             if on_epoch is not None:
-                on_epoch(epoch, trainer)
+                on_epoch(epoch, len(losses), trainer)
     bar.close()
     if best_state is not None:
         trainer.restore(best_state)
