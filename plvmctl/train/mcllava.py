@@ -50,7 +50,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..concept import Concept, ConceptMeta, validate_name
 from ..concept_index import photos_key, with_key
@@ -58,9 +57,10 @@ from ..data.templates import BOTH_NO, BOTH_QUESTIONS, BOTH_YES, WHICH_ANSWERS, W
 from ..errors import PlvmError
 from ..fileio import sha256_file, write_json_atomic
 from ..images import load_image
-from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
+from .common import config_digest, draw_loss_curve, photos_digest
 from .data import Sample
-from .yollava import YollavaConfig, YollavaTrainer, _spread, build_conversations, initial_rows, noisy_rows
+from .yollava import (YollavaConfig, YollavaTrainer, _spread, build_conversations, initial_rows, noisy_rows,
+                      train_epochs)
 
 METHOD = "mcllava"
 PROTOTYPES = "mcllava.prototypes"  # part [k, H]: the k-means centroids of the concept's visual tokens
@@ -490,45 +490,16 @@ def train_mcllava(runtime, photos: Mapping[str, Sequence[Path]], negatives: Mapp
 
     selection = {name: _spread(not_showing(name), config.selection_negatives or len(photos[name]))
                  for name in names}
-    rng = random.Random(f"mcllava-order-{config.seed}")
-    log_path = out / LOG_FILE
-    log_path.unlink(missing_ok=True)
-    losses: list[float] = []
-    epochs: list[dict[str, Any]] = []
-    best_epoch, best_accuracy, best_state = 0, None, None
-    first_scored = min(config.select_after_epoch + 1, config.epochs)
+
+    def score() -> tuple[dict[str, dict[str, float]], float]:
+        accuracy = {name: trainer.recognition_accuracy(photos[name], selection[name], name=name,
+                                                       cached=config.cache_features) for name in names}
+        return accuracy, _mean_accuracy(accuracy)
+
     train_start = time.perf_counter()
-    steps_per_epoch = -(-len(samples) // config.batch_size)
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"mcllava {len(names)} concepts", unit="step",
-               disable=not progress)
-    with JsonlLogger(log_path) as log:
-        for epoch in range(1, config.epochs + 1):
-            order = list(samples)
-            rng.shuffle(order)
-            epoch_losses = []
-            for start in range(0, len(order), config.batch_size):
-                loss = trainer.step(order[start:start + config.batch_size], cached=config.cache_features)
-                losses.append(loss)
-                epoch_losses.append(loss)
-                log.log({"kind": "step", "step": len(losses), "epoch": epoch, "loss": loss,
-                         "seconds": round(time.perf_counter() - train_start, 3)})
-                bar.update(1)
-            row: dict[str, Any] = {"kind": "epoch", "epoch": epoch,
-                                   "mean_loss": sum(epoch_losses) / max(1, len(epoch_losses))}
-            if epoch >= first_scored:
-                accuracy = {name: trainer.recognition_accuracy(photos[name], selection[name], name=name,
-                                                               cached=config.cache_features)
-                            for name in names}
-                row["accuracy"] = accuracy
-                if best_accuracy is None or _mean_accuracy(accuracy) >= _mean_accuracy(best_accuracy):
-                    best_epoch, best_accuracy, best_state = epoch, accuracy, trainer.snapshot()
-            epochs.append(row)
-            log.log(row)
-            if on_epoch is not None:
-                on_epoch(epoch, len(losses), trainer)
-    bar.close()
-    if best_state is not None:
-        trainer.restore(best_state)
+    losses, epochs, best_epoch, best_accuracy = train_epochs(
+        trainer, samples, config, out / LOG_FILE, order_seed=f"mcllava-order-{config.seed}",
+        label=f"mcllava {len(names)} concepts", score=score, progress=progress, on_epoch=on_epoch)
     seconds_training = time.perf_counter() - train_start
     thresholds = {name: trainer.threshold(name, not_showing(name)) for name in names}
     seconds = {"rows": seconds_rows, "features": seconds_features, "training": seconds_training,

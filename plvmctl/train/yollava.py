@@ -694,6 +694,56 @@ def _spread(items: Sequence[Path], count: int) -> list[Path]:
 
 
 
+def train_epochs(trainer: "YollavaTrainer", samples: Sequence[Sample], config: YollavaConfig, log_path: Path, *,
+                 order_seed: str, label: str, score: Callable[[], tuple[Any, float]], progress: bool = False,
+                 on_epoch: Callable[[int, int, Any], None] | None = None) -> tuple[list[float], list[dict], int, Any]:
+    """`config.epochs` passes over `samples` in a seeded shuffled order, `batch_size` a step
+    (random flips with `config.flip`), one log row per step and per epoch in `log_path`; after
+    each epoch past `select_after_epoch`, `score()` → (accuracy, mean) and the best epoch's
+    tensors are kept (ties: the later epoch) and restored at the end. `on_epoch(epoch, steps,
+    trainer)` after every epoch. Returns (losses, epoch rows, best epoch, its accuracy)."""
+    rng = random.Random(order_seed)
+    log_path.unlink(missing_ok=True)
+    losses: list[float] = []
+    epochs: list[dict[str, Any]] = []
+    best_epoch, best_accuracy, best_mean, best_state = 0, None, None, None
+    first_scored = min(config.select_after_epoch + 1, config.epochs)
+    train_start = time.perf_counter()
+    steps_per_epoch = -(-len(samples) // config.batch_size)
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc=label, unit="step", disable=not progress)
+    with JsonlLogger(log_path) as log:
+        for epoch in range(1, config.epochs + 1):
+            order = list(samples)
+            rng.shuffle(order)
+            epoch_losses = []
+            for start in range(0, len(order), config.batch_size):
+                chunk = order[start:start + config.batch_size]
+                flips = None
+                if config.flip:
+                    flips = [rng.random() < 0.5 for s in chunk if s.photo is not None]
+                loss = trainer.step(chunk, cached=config.cache_features, flips=flips)
+                losses.append(loss)
+                epoch_losses.append(loss)
+                log.log({"kind": "step", "step": len(losses), "epoch": epoch, "loss": loss,
+                         "seconds": round(time.perf_counter() - train_start, 3)})
+                bar.update(1)
+            row: dict[str, Any] = {"kind": "epoch", "epoch": epoch,
+                                   "mean_loss": sum(epoch_losses) / max(1, len(epoch_losses))}
+            if epoch >= first_scored:
+                accuracy, mean = score()
+                row["accuracy"] = accuracy
+                if best_mean is None or mean >= best_mean:
+                    best_epoch, best_accuracy, best_mean, best_state = epoch, accuracy, mean, trainer.snapshot()
+            epochs.append(row)
+            log.log(row)
+            if on_epoch is not None:
+                on_epoch(epoch, len(losses), trainer)
+    bar.close()
+    if best_state is not None:
+        trainer.restore(best_state)
+    return losses, epochs, best_epoch, best_accuracy
+
+
 def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],
                   config: YollavaConfig, out_dir: str | os.PathLike, *, progress: bool = False,
                   echo: Callable[[str], None] | None = None) -> YollavaResult:
@@ -730,46 +780,15 @@ def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequ
     seconds_features = time.perf_counter() - feature_start
 
     selection_negatives = _spread(negatives, config.selection_negatives or len(positives))
-    rng = random.Random(f"yollava-order-{config.seed}")
-    log_path = out / LOG_FILE
-    log_path.unlink(missing_ok=True)
-    losses: list[float] = []
-    epochs: list[dict[str, Any]] = []
-    best_epoch, best_accuracy, best_state = 0, None, None
-    first_scored = min(config.select_after_epoch + 1, config.epochs)
+
+    def score() -> tuple[dict[str, float], float]:
+        accuracy = trainer.recognition_accuracy(positives, selection_negatives, cached=config.cache_features)
+        return accuracy, accuracy["mean"]
+
     train_start = time.perf_counter()
-    steps_per_epoch = -(-len(samples) // config.batch_size)
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"yollava <{name}>", unit="step",
-               disable=not progress)
-    with JsonlLogger(log_path) as log:
-        for epoch in range(1, config.epochs + 1):
-            order = list(samples)
-            rng.shuffle(order)
-            epoch_losses = []
-            for start in range(0, len(order), config.batch_size):
-                chunk = order[start:start + config.batch_size]
-                flips = None
-                if config.flip:
-                    flips = [rng.random() < 0.5 for s in chunk if s.photo is not None]
-                loss = trainer.step(chunk, cached=config.cache_features, flips=flips)
-                losses.append(loss)
-                epoch_losses.append(loss)
-                log.log({"kind": "step", "step": len(losses), "epoch": epoch, "loss": loss,
-                         "seconds": round(time.perf_counter() - train_start, 3)})
-                bar.update(1)
-            row: dict[str, Any] = {"kind": "epoch", "epoch": epoch,
-                                   "mean_loss": sum(epoch_losses) / len(epoch_losses)}
-            if epoch >= first_scored:
-                accuracy = trainer.recognition_accuracy(positives, selection_negatives,
-                                                        cached=config.cache_features)
-                row["accuracy"] = accuracy
-                if best_accuracy is None or accuracy["mean"] >= best_accuracy["mean"]:
-                    best_epoch, best_accuracy, best_state = epoch, accuracy, trainer.snapshot()
-            epochs.append(row)
-            log.log(row)
-    bar.close()
-    if best_state is not None:
-        trainer.restore(best_state)
+    losses, epochs, best_epoch, best_accuracy = train_epochs(
+        trainer, samples, config, out / LOG_FILE, order_seed=f"yollava-order-{config.seed}",
+        label=f"yollava <{name}>", score=score, progress=progress)
     seconds_training = time.perf_counter() - train_start
     seconds = {"conversations": seconds_conversations, "features": seconds_features,
                "training": seconds_training, "total": time.perf_counter() - started}
