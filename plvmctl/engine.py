@@ -10,6 +10,11 @@ names it and that has a photo, its concept head (concept_head.py) looks at the p
 whole photo, or its crops with the best one counting), and when it fires the concept's visual
 tokens go right after that row's image tokens (the row's `seen`; `seen_boxes` says which crop
 fired). Without a photo, or when the head does not fire, the concept is only its word.
+
+A concept with location prototypes (MC-LLaVA) gets its personalized visual prompt on a
+question with one photo (plvmctl/methods/mcllava.py): where in the photo it scores best, when
+above its threshold, as ` <name> is on the left.` after its sentence (the row's `located`);
+`Engine(..., locate=False)` turns that off.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class AskResult:
     error: str | None = None
     seen: list[str] = field(default_factory=list)  # concepts whose head fired on the photo
     seen_boxes: dict[str, Box] = field(default_factory=dict)  # name -> the crop its head fired on
+    located: dict[str, str] = field(default_factory=dict)  # name -> where the prompt says it is (MC-LLaVA)
 
     @property
     def ok(self) -> bool:
@@ -78,6 +84,8 @@ class _Prepared:
     names: list[str]
     seen: list[str] = field(default_factory=list)
     boxes: dict[str, Box] = field(default_factory=dict)
+    request: AskRequest | None = None
+    located: dict[str, str] = field(default_factory=dict)
 
 
 def _photo_key(image: Image.Image) -> str:
@@ -96,7 +104,8 @@ class Engine:
     """
 
     def __init__(self, runtime, concepts: Mapping[str, Concept] | ConceptStore | None = None,
-                 descriptions: Mapping[str, str] | None = None, literal_names: bool = False):
+                 descriptions: Mapping[str, str] | None = None, literal_names: bool = False,
+                 locate: bool = True):
         self.runtime = runtime
         self.backbone = runtime.backbone
         self.template = runtime.template
@@ -107,6 +116,7 @@ class Engine:
             runtime.check_concept(concept)
         self.descriptions = dict(descriptions or {})
         self.literal_names = literal_names
+        self.locate = locate
         self._heads: dict[str, ConceptHead | None] = {}
 
     # -- concepts ------------------------------------------------------------------------
@@ -155,7 +165,7 @@ class Engine:
                                 concepts=concepts, descriptions=self.descriptions,
                                 literal_names=self.literal_names, also=request.concepts)
         # Token ids are assigned per batch, once the batch's concept table exists.
-        return _Prepared(index, segments, images, list(concepts))
+        return _Prepared(index, segments, images, list(concepts), request=request)
 
     def _batches(self, prepared: list[_Prepared], batch_size: int):
         """Group by has-image, sort by prompt length, cut into batches."""
@@ -219,6 +229,41 @@ class Engine:
             item.seen.sort(key=item.names.index)
         return [item for item in prepared if item.index not in failed]
 
+    def _locate(self, prepared: list[_Prepared], errors: dict[int, str]) -> list[_Prepared]:
+        """MC-LLaVA's visual prompt: each one-photo item's concepts with location prototypes
+        that score above their threshold get ` <name> is <where>.` in the prompt (and, with
+        `mcllava.location: mark`, a mark on the photo). An item whose locating fails gets the
+        error and is dropped."""
+        from .methods.mcllava import has_prototypes, visual_prompts
+
+        wanted: list[tuple[_Prepared, dict[str, Concept]]] = []
+        for item in prepared:
+            if self.locate and len(item.images) == 1:
+                concepts = {name: self.concept(name) for name in item.names}
+                concepts = {name: concept for name, concept in concepts.items() if has_prototypes(concept)}
+                if concepts:
+                    wanted.append((item, concepts))
+        if not wanted:
+            return prepared
+        try:
+            prompts = visual_prompts(self.runtime, [(item.images[0], concepts) for item, concepts in wanted])
+        except (PlvmError, RuntimeError, ValueError) as error:
+            for item, _ in wanted:
+                errors[item.index] = f"visual prompt: {str(error).splitlines()[0]}"
+            failed = {item.index for item, _ in wanted}
+            return [item for item in prepared if item.index not in failed]
+        for (item, _), (located, image) in zip(wanted, prompts):
+            if not located:
+                continue
+            request = item.request
+            item.located = located
+            item.images[0] = image
+            item.segments = build_prompt(request.question, template=self.template, has_image=1,
+                                         concepts=self._known(item.names), descriptions=self.descriptions,
+                                         literal_names=self.literal_names, also=request.concepts,
+                                         located=located)
+        return prepared
+
     def _encode_item(self, item: _Prepared, table: ConceptTable) -> list[int]:
         """The prompt ids of one item, its recognised concepts' visual tokens after the image."""
         ids = self._encode(item.segments, table, images=item.images)
@@ -258,7 +303,7 @@ class Engine:
                 prepared.append(self._prepare(index, request))
             except PlvmError as error:
                 errors[index] = str(error)
-        return self._recognise(prepared, errors)
+        return self._locate(self._recognise(prepared, errors), errors)
 
     # -- asking --------------------------------------------------------------------------
     def generation_config(self, max_new_tokens: int | None = None) -> GenerationConfig:
@@ -316,7 +361,8 @@ class Engine:
         bar.close()
         seen = {item.index: item for item in prepared}
         return [AskResult(request, answers.get(i), errors.get(i),
-                          list(seen[i].seen) if i in seen else [], dict(seen[i].boxes) if i in seen else {})
+                          list(seen[i].seen) if i in seen else [], dict(seen[i].boxes) if i in seen else {},
+                          dict(seen[i].located) if i in seen else {})
                 for i, request in enumerate(requests)]
 
     # -- scoring ---------------------------------------------------------------------------

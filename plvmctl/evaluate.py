@@ -52,6 +52,7 @@ TASKS = ("recognition", "text", "visual")
 TASK_TITLES = {"recognition": "recognition", "text": "text QA", "visual": "visual QA"}
 CAPTION_QUESTION = "Describe this photo."
 CAPTION_TASK = "caption"  # MyVLM's caption recall; asked only with --captions
+PAIR_TASK = "pair"  # two concepts in one question; asked only with --pairs
 RECOGNITION_MODE = "generate"  # recognition is always answered by generation + yes/no parsing
 UNPARSEABLE_EXAMPLES = 20
 
@@ -662,6 +663,8 @@ def _answer_items(prepared: PreparedMethod, engine_api: Any, items: list[EvalIte
                                         if record["error"] is None else None)
                 else:
                     record["answer"] = result.answer
+                if getattr(result, "located", None):  # where the visual prompt put a concept (MC-LLaVA)
+                    record["located"] = dict(result.located)
                 if getattr(result, "seen", None):  # concepts whose head fired on the photo (MyVLM)
                     record["seen"] = list(result.seen)
                     record["seen_boxes"] = {name: list(box) for name, box in result.seen_boxes.items()}
@@ -796,6 +799,89 @@ def caption_metrics(items: list[EvalItem], log: ItemLog, unavailable: Mapping[st
             "skipped_photos": skipped, "missed_by_concept": dict(sorted(missed.items()))}
 
 
+def pair_items(testset: TestSet, *, limit: int | None = None, seed: int = 0) -> list[EvalItem]:
+    """Two concepts in one question, three items per query photo of identity A, with B another
+    test identity not in the photo (seeded): "Is <A> in this photo?" with B's sentence in the
+    prompt too (expected yes), "Is <B> in this photo?" with A's (no), and "Which of <A> and
+    <B> is in this photo?" (names in a seeded order; expected A). `limit` caps the photos
+    (three items each), taken one identity at a time."""
+    from .data.templates import WHICH_QUESTIONS
+
+    truth = photo_truth(testset)
+    names = [identity.name for identity in testset.identities]
+    groups: list[list[list[EvalItem]]] = []
+    for identity in testset.identities:
+        triples = []
+        for query in identity.queries:
+            others = [name for name in names if name not in truth[query]]
+            if not others:
+                continue
+            rng = random.Random(f"{seed}/pair/{identity.name}/{query.name}")
+            other = rng.choice(others)
+            first, second = (identity.name, other) if rng.random() < 0.5 else (other, identity.name)
+            where = f"{identity.name}+{other}/{_relative(query, testset.root)}"
+            triples.append([
+                EvalItem(f"pair/yes/{where}", PAIR_TASK, identity.name,
+                         RECOGNITION_QUESTION.format(name=identity.name), query, "yes", concepts=(other,)),
+                EvalItem(f"pair/no/{where}", PAIR_TASK, other,
+                         RECOGNITION_QUESTION.format(name=other), query, "no", concepts=(identity.name,)),
+                EvalItem(f"pair/which/{where}", PAIR_TASK, identity.name,
+                         WHICH_QUESTIONS[0].format(a=first, b=second), query, identity.name,
+                         concepts=(other,)),
+            ])
+        groups.append(triples)
+    chosen: list[EvalItem] = []
+    depth = 0
+    while any(depth < len(group) for group in groups) and (limit is None or len(chosen) < 3 * limit):
+        for group in groups:
+            if depth < len(group) and (limit is None or len(chosen) < 3 * limit):
+                chosen += group[depth]
+        depth += 1
+    return chosen
+
+
+def item_concepts(item: EvalItem) -> list[str]:
+    """Every concept an item's prompt holds: the one it is about, the ones it names, the extra."""
+    from .prompt import mentioned_names
+
+    return list(dict.fromkeys([item.identity, *mentioned_names(item.question), *item.concepts]))
+
+
+def parse_which(answer: str | None, names: Sequence[str]) -> str | None:
+    """The one of `names` an answer names first (as `<name>` or the bare word), or None."""
+    if not answer:
+        return None
+    found = []
+    for name in names:
+        match = re.search(rf"(?<![A-Za-z0-9_-])<?{re.escape(name)}>?(?![A-Za-z0-9_-])", answer, flags=re.IGNORECASE)
+        if match:
+            found.append((match.start(), name))
+    return min(found)[1] if found else None
+
+
+def pair_metrics(items: list[EvalItem], log: "ItemLog", unavailable: Mapping[str, str]) -> dict[str, Any]:
+    """Recognition with a second concept in the prompt (positive / negative / mean) and the
+    "which of the two" accuracy, over the answered items whose concepts were all made."""
+    recognition: list[tuple[str, str | None]] = []
+    which = right = unparsed = skipped = 0
+    for item in items:
+        record = log.records.get((item.key, RECOGNITION_MODE))
+        if any(name in unavailable for name in item_concepts(item)) or record is None \
+                or record.get("error") is not None:
+            skipped += 1
+            continue
+        if item.expected in ("yes", "no"):
+            recognition.append((item.expected, parse_yes_no(record.get("answer"))))
+            continue
+        said = parse_which(record.get("answer"), [name for name in item_concepts(item)])
+        which += 1
+        right += int(said == item.expected)
+        unparsed += int(said is None)
+    return {"recognition": recognition_metrics(recognition),
+            "which": {"accuracy": _ratio(right, which), "items": which, "unparseable": unparsed},
+            "skipped": skipped}
+
+
 def retrieval_task(runtime: Any, testset: TestSet, out_dir: Path, *, progress: bool = False) -> dict[str, Any]:
     """"Who is in this photo?" by retrieval: every query photo searched for all test
     identities' keys (PLVM concepts of their reference photos; recognise.py, the recipe's
@@ -875,7 +961,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                    batch_size: int | None = None, progress: bool = True,
                    engine_api: Any = None,
                    extra_methods: Mapping[str, Any] | None = None,
-                   retrieval: bool = False, captions: bool = False) -> dict[str, Any]:
+                   retrieval: bool = False, captions: bool = False, pairs: bool = False) -> dict[str, Any]:
     """Evaluate `methods` on `testset` with `runtime`, writing the report into `out_dir`.
 
     Returns the results dict that is also written to `out_dir/results.json`. `engine_api`
@@ -883,6 +969,8 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     maps further method names to their factories (a laboratory's own baselines). `retrieval`
     adds "who is in this photo" by retrieval (`retrieval_task`); then `methods` may be empty.
     `captions` adds MyVLM's caption recall per method (`caption_items`, `caption_metrics`).
+    `pairs` adds questions that hold two concepts at once (`pair_items`, `pair_metrics`),
+    reported apart: the single-concept numbers do not change.
     """
     if mcq not in MCQ_MODES:
         raise PlvmError(f"--mcq must be one of {', '.join(MCQ_MODES)}, got {mcq!r}")
@@ -908,6 +996,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     items = build_items(testset, limit=limit, neg_per_identity=neg_per_identity, seed=seed)
     references = [Reference(identity.name, identity.reference) for identity in testset.identities]
     captioned = caption_items(testset) if captions else []
+    paired = pair_items(testset, limit=limit, seed=seed) if pairs else []
 
     method_results: dict[str, Any] = {}
     for name, factory in factories.items():
@@ -930,11 +1019,18 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                            and any(c not in prepared.unavailable for c in item.concepts)]
                 asked += _answer_items(prepared, engine_api, pending, RECOGNITION_MODE, log,
                                        testset.root, chunk, progress, f"{name}: captions")
+            if pairs:
+                pending = [item for item in paired if not log.done(item.key, RECOGNITION_MODE)
+                           and not any(c in prepared.unavailable for c in item_concepts(item))]
+                asked += _answer_items(prepared, engine_api, pending, RECOGNITION_MODE, log,
+                                       testset.root, chunk, progress, f"{name}: two concepts")
         finally:
             log.close()
         result = score_method(items, log, mcq, prepared.unavailable)
         if captions:
             result["caption"] = caption_metrics(captioned, log, prepared.unavailable)
+        if pairs:
+            result["pairs"] = pair_metrics(paired, log, prepared.unavailable)
         result.update({
             "seconds_per_concept": prepared.seconds_per_concept,
             "tokens_per_concept": prepared.tokens_per_concept,
@@ -964,6 +1060,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
             "recognition_positive": sum(1 for i in items["recognition"] if i.expected == "yes"),
             "text_items": len(items["text"]),
             "visual_items": len(items["visual"]),
+            **({"pair_items": len(paired)} if pairs else {}),
         },
         "method_order": list(method_results),  # results.json is written with sorted keys
         "methods": method_results,
@@ -1069,6 +1166,22 @@ def render_markdown(results: Mapping[str, Any]) -> str:
             c = results["methods"][name]["caption"]
             lines.append(f"| {name} | {_percent(c['recall'])} | {_percent(c['photos_all_named'])} "
                          f"| {c['named']} / {c['pairs']} |")
+    paired = [name for name in _method_names(results) if results["methods"][name].get("pairs")]
+    if paired:
+        lines += ["", "## Two concepts in one question", "",
+                  "Per query photo of identity A and another test identity B not in it: \"Is <A> in "
+                  "this photo?\" (yes) and \"Is <B> in this photo?\" (no), each with both concepts' "
+                  "sentences in the prompt, and \"Which of <A> and <B> is in this photo?\" (A; "
+                  "the answer's first-named of the two counts). Apart from the table above, whose "
+                  "numbers it does not change.", "",
+                  "| Method | Rec. Pos | Rec. Neg | Rec. Mean | Which of two | which unparseable |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name in paired:
+            pair = results["methods"][name]["pairs"]
+            rec = pair["recognition"]
+            lines.append(f"| {name} | {_percent(rec.get('positive'))} | {_percent(rec.get('negative'))} "
+                         f"| {_percent(rec.get('mean'))} | {_percent(pair['which']['accuracy'])} "
+                         f"| {pair['which']['unparseable']} / {pair['which']['items']} |")
     lines += ["", "## Skipped items (not scored)", ""]
     for name in _method_names(results):
         skipped = results["methods"][name]["skipped"]

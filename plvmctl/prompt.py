@@ -126,7 +126,8 @@ def concept_sentence(name: str, num_context: int) -> list[Segment]:
 def build_prompt(question: str, *, template: ChatTemplate, has_image: bool | int,
                  concepts: Mapping[str, int] | None = None,
                  descriptions: Mapping[str, str] | None = None,
-                 literal_names: bool = False, also: Sequence[str] = ()) -> list[Segment]:
+                 literal_names: bool = False, also: Sequence[str] = (),
+                 located: Mapping[str, str] | None = None) -> list[Segment]:
     """Segments for one question.
 
     `concepts` maps each known soft-prompt concept to its k; `descriptions` maps names to a
@@ -137,7 +138,10 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool | int
     sentence, in order of first mention; a concept with no context tokens (k = 0, as MyVLM's)
     gets none: it is only its word where the question names it. `also` names further concepts
     that get their sentence after those (the ones found in the photo by retrieval, `ask --auto`).
+    `located` maps a concept to where it is in the photo ("on the left"; MC-LLaVA's visual
+    prompt): ` <name> is on the left.` follows that concept's sentence.
     """
+    located = located or {}
     concepts = concepts or {}
     descriptions = descriptions or {}
     names = mentioned_names(question)
@@ -153,6 +157,8 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool | int
         if name in concepts:
             if concepts[name] > 0:
                 preamble += concept_sentence(name, concepts[name])
+            if name in located:
+                preamble += [" ", Slot(name), f" is {located[name]}."]
         elif name in descriptions:
             preamble.append(f" <{name}> is {descriptions[name].strip().rstrip('.')}.")
     return template.render(split_names(question, soft), preamble, has_image)

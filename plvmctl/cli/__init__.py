@@ -37,11 +37,13 @@ def _register() -> None:
     from .index import index
     from .toy import toy
     from .train import train
+    from .train_mcllava import mcllava
     from .train_myvlm import myvlm
     from .train_yollava import yollava
 
     train.add_command(yollava)
     train.add_command(myvlm)
+    train.add_command(mcllava)
     for command in (train, data, index, toy, eval_command, find):
         main.add_command(command)
 

@@ -91,9 +91,12 @@ def _read_batch(path: str):
               help="With --auto: cosine a concept must reach [recipe retrieval.threshold].")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=None,
               help="With --auto: at most K found concepts per photo [recipe retrieval.top_k].")
+@click.option("--location/--no-location", "location", default=True, show_default=True,
+              help="MC-LLaVA concepts: say where in the photo each one scores best, when above its "
+                   "threshold (\"<name> is on the left.\"; the recipe's mcllava.location).")
 @pass_app
 def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_tokens, sample,
-        temperature, top_p, seed, as_json, together, auto, threshold, top_k):
+        temperature, top_p, seed, as_json, together, auto, threshold, top_k, location):
     """Ask QUESTION about one or more IMAGEs: `ask IMAGE... QUESTION`.
 
     Concepts are named as <name> (see `plvmctl concepts list`). Every image gets the same
@@ -152,7 +155,7 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     if auto and any(isinstance(request.image, list) for request in requests):
         raise PlvmError("--auto finds concepts in one photo per question: leave out --together")
     found = _auto_concepts(app, requests, problems, threshold, top_k) if auto else {}
-    engine = Engine(app.runtime, app.store)
+    engine = Engine(app.runtime, app.store, locate=location)
     todo = [i for i in range(len(requests)) if i not in problems]
     results = engine.ask([requests[i] for i in todo], batch_size=batch_size,
                          max_new_tokens=max_new_tokens, progress=len(todo) > 1 and sys.stderr.isatty())
@@ -166,6 +169,8 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
         else:
             result = results[todo.index(i)]
             row.update(answer=result.answer, error=result.error)
+            if result.located:
+                row["located"] = dict(result.located)
         if auto:
             row["found"] = [f.to_json() for f in found[i]] if i in found else None
         rows.append(row)

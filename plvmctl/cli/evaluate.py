@@ -59,9 +59,13 @@ def default_out_dir(recipe_name: str) -> Path:
               help="Also score caption recall (MyVLM's metric): \"Describe this photo.\" per query "
                    "photo with its concepts in the prompt (plvm-auto: the ones it finds); the share "
                    "of (photo, concept) pairs whose description names the concept.")
+@click.option("--pairs", is_flag=True,
+              help="Also ask questions that hold two concepts at once (\"Is <A> in this photo?\" with "
+                   "<B> in the prompt too, \"Which of <A> and <B> is in this photo?\"); reported "
+                   "in their own section.")
 @click.pass_obj
 def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, mcq, batch_size,
-                 retrieval, retrieval_only, captions):
+                 retrieval, retrieval_only, captions, pairs):
     """Recognition (positive/negative/mean), text QA and visual QA accuracy, per method.
 
     Writes results.json, results.md, results.png and items/<method>.jsonl into the output
@@ -72,6 +76,7 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
       plvmctl --recipe llava15-7b eval --method plvm,llava-text,llava-none
       plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --retrieval
       plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --captions
+      plvmctl eval --testset /tmp/ts --method mcllava,plvm,yollava --pairs
     """
     from ..evaluate import load_testset, recipe_mcq_mode, render_markdown, run_evaluation
 
@@ -87,6 +92,6 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
     results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
                              neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
                              batch_size=batch_size, progress=True,
-                             retrieval=retrieval or retrieval_only, captions=captions)
+                             retrieval=retrieval or retrieval_only, captions=captions, pairs=pairs)
     click.echo(render_markdown(results))
     click.echo(f"report: {out}/results.md, results.json, results.png; answers in {out}/items/")

@@ -82,3 +82,35 @@ def testset(out: Path, n_identities: int, seed: int, queries: int, scene_size: i
     _prepare_out(out, force)
     folder = write_testset(out, n_identities, seed, queries_per_identity=queries, scene_size=scene_size, portrait_size=portrait_size)
     click.echo(str(folder))
+
+
+@toy.command("concepts")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write one photo folder per concept, negatives/ and queries/ into.")
+@click.option("--concepts", "n_concepts", default=3, show_default=True, type=click.IntRange(min=1),
+              help="How many held-out identities become concepts.")
+@click.option("--photos", default=4, show_default=True, type=click.IntRange(min=1), help="Portraits per concept.")
+@click.option("--together", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Scenes of two or three concepts together, saved into each of their folders.")
+@click.option("--negatives", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Portraits of other held-out identities in negatives/.")
+@click.option("--queries", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Query scenes per concept that show it, and as many that do not (queries.json: who is in each).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; the same seed gives identical files.")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out.")
+def concepts(out: Path, n_concepts: int, photos: int, together: int, negatives: int, queries: int, seed: int,
+             force: bool) -> None:
+    """Write toy concept folders for `train mcllava` (or yollava, myvlm); print the command.
+
+    \b
+    OUT/<name>/p<i>.png, with-<j>.png   a folder of photos per concept (with-*: several together)
+    OUT/negatives/n<i>.png              other identities
+    OUT/queries/q<i>.png, queries.json  photos to ask about, and who is in each
+    """
+    from ..lab.concepts import write_concept_folders
+
+    _prepare_out(out, force)
+    made = write_concept_folders(out, n_concepts, photos=photos, together=together, negatives=negatives,
+                                 queries=queries, seed=seed)
+    options = " ".join(f"--concept {name}={folder}" for name, folder in made["concepts"].items())
+    click.echo(f"plvmctl train mcllava {options} --negatives {made['negatives']}")

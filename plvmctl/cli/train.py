@@ -22,7 +22,7 @@ pass_app = click.make_pass_decorator(App)
 
 @click.group("train")
 def train() -> None:
-    """Train the PLVM Aligner, or a Yo'LLaVA or MyVLM concept for comparison."""
+    """Train the PLVM Aligner, or Yo'LLaVA, MyVLM or MC-LLaVA concepts for comparison."""
 
 
 @train.command("aligner")

@@ -87,6 +87,31 @@ ATTRIBUTE_QUESTIONS: tuple[str, ...] = (
 )
 
 
+# Questions about two concepts at once (MC-LLaVA's joint training, `eval --pairs`): `{a}` and
+# `{b}` are the two names, `{shown}` the one of them in the photo (str.format).
+BOTH_QUESTIONS: tuple[str, ...] = (
+    "Are <{a}> and <{b}> both in this photo?",
+    "Can you see both <{a}> and <{b}> in this image?",
+    "Does this photo show <{a}> and <{b}> together?",
+)
+BOTH_YES: tuple[str, ...] = (
+    "Yes, <{a}> and <{b}> are both in this photo.",
+    "Yes, I can see <{a}> and <{b}> together.",
+)
+BOTH_NO: tuple[str, ...] = (
+    "No, only <{shown}> is in this photo.",
+    "No, I can see <{shown}> but not both.",
+)
+WHICH_QUESTIONS: tuple[str, ...] = (
+    "Which of <{a}> and <{b}> is in this photo?",
+    "Who is in this image, <{a}> or <{b}>?",
+)
+WHICH_ANSWERS: tuple[str, ...] = (
+    "<{shown}> is in this photo.",
+    "I can see <{shown}>.",
+)
+
+
 def fill(template: str, name: str) -> str:
     """Replace every `<sks>` in `template` by `<name>` (angle brackets on `name` are optional)."""
     bare = name.strip().strip("<>")

@@ -7,7 +7,8 @@ what adding one concept cost (seconds and prompt tokens). Adding a method is one
 
     METHODS["yollava"] = prepare_yollava
 
-One module per method: plvm.py, plvm_auto.py, text.py (llava-text, llava-none), yollava.py, myvlm.py; what
+One module per method: plvm.py, plvm_auto.py, text.py (llava-text, llava-none), yollava.py, myvlm.py,
+mcllava.py; what
 they share is in base.py.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from ..errors import PlvmError
 from .base import MethodContext, MethodFactory, PreparedMethod, Reference
+from .mcllava import MCLLAVA_CACHE, prepare_mcllava
 from .myvlm import MYVLM_CACHE, prepare_myvlm
 from .plvm import prepare_plvm
 from .plvm_auto import prepare_plvm_auto
@@ -30,7 +32,7 @@ from .text import (
 from .yollava import YOLLAVA_CACHE, prepare_yollava
 
 # Every name `--method` may ever take; a name here but not (yet) in METHODS is "not available".
-KNOWN_METHODS = ("plvm", "plvm-auto", "yollava", "myvlm", "llava-text", "llava-none")
+KNOWN_METHODS = ("plvm", "plvm-auto", "yollava", "myvlm", "mcllava", "llava-text", "llava-none")
 
 METHODS: dict[str, MethodFactory] = {
     "plvm": prepare_plvm,
@@ -40,6 +42,7 @@ METHODS: dict[str, MethodFactory] = {
 METHODS["yollava"] = prepare_yollava
 METHODS["myvlm"] = prepare_myvlm
 METHODS["plvm-auto"] = prepare_plvm_auto
+METHODS["mcllava"] = prepare_mcllava
 
 
 def get_method(name: str) -> MethodFactory:
@@ -55,8 +58,8 @@ def get_method(name: str) -> MethodFactory:
 
 __all__ = [
     "DESCRIPTION_MAX_NEW_TOKENS", "DESCRIPTION_PROMPT", "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
-    "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "PreparedMethod", "Reference",
+    "MCLLAVA_CACHE", "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "PreparedMethod", "Reference",
     "YOLLAVA_CACHE",
     "clean_description", "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
-    "prepare_myvlm", "prepare_plvm", "prepare_plvm_auto", "prepare_yollava",
+    "prepare_mcllava", "prepare_myvlm", "prepare_plvm", "prepare_plvm_auto", "prepare_yollava",
 ]

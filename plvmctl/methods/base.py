@@ -74,6 +74,29 @@ def train_per_identity(context: MethodContext, method: str, config, train) -> Tr
     model, the positives and the settings are those it was made with; its seconds are the ones
     stored in it. A concept that cannot be made is reported in `unavailable`.
     """
+    def train_one(names, positives, negatives, folder):
+        [name] = names
+        result = train(name, positives[name], negatives[name], folder / name)
+        return {name: result.concept}, {name: result.seconds["total"]}
+
+    return train_in_groups(context, method, config, train_one)
+
+
+def train_in_groups(context: MethodContext, method: str, config, train_group, *, group_size: int = 1,
+                    digest=None) -> TrainedConcepts:
+    """Concepts trained `group_size` identities at a time (in the references' order) by
+    `train_group(names, positives, negatives, folder)` → ({name: concept}, {name: seconds}),
+    `positives` and `negatives` mapping each name to its photos; cached in
+    `cache_dir/METHOD/NAME.concept` (the run folders beside them).
+
+    Positives and negatives as in `train_per_identity`; the other identities of the same group
+    are not among a concept's default negatives (a joint trainer sees their photos anyway). A
+    group is reused from the cache when every member is there, made for this model, these
+    positives and these settings (`digest(config)`, default `config_digest`) and, for a concept
+    that records it (`trained_with`), with the same group; else the whole group is trained
+    again. A member whose photos cannot be read, or a group whose training fails, is reported
+    in `unavailable`.
+    """
     from tqdm import tqdm
 
     from ..concept import Concept
@@ -84,33 +107,59 @@ def train_per_identity(context: MethodContext, method: str, config, train) -> Tr
     runtime = context.runtime
     folder = context.cache_dir / method
     made = TrainedConcepts({}, {}, [], folder)
-    for reference in tqdm(context.references, desc=f"{method}: train concepts", unit="concept",
-                          disable=not context.progress):
-        path = folder / f"{reference.name}.concept"
-        try:
-            positives = reference_photos(reference.path)
-            wanted = {"positives_sha256": photos_digest(positives), "config_sha256": config_digest(config)}
+    settings = (digest or config_digest)(config)
+    references = list(context.references)
+    groups = [references[start:start + group_size] for start in range(0, len(references), group_size)]
+    bar = tqdm(total=len(references), desc=f"{method}: train concepts", unit="concept",
+               disable=not context.progress)
+    for group in groups:
+        positives: dict[str, list] = {}
+        for reference in group:
             try:
-                cached = Concept.load(path) if path.is_file() else None
+                positives[reference.name] = reference_photos(reference.path)
+            except PlvmError as error:
+                made.unavailable[reference.name] = f"concept could not be made: {error}"
+        names = list(positives)
+        cached: dict[str, Concept] = {}
+        for name in names:
+            path = folder / f"{name}.concept"
+            try:
+                concept = Concept.load(path) if path.is_file() else None
             except PlvmError:
-                cached = None  # a damaged cache entry is only trained again
-            if cached is not None and cached.meta.base_model == runtime.backbone.fingerprint and all(
-                    cached.meta.extra.get(key) == value for key, value in wanted.items()):
-                made.concepts[reference.name] = cached.renamed(reference.name)
-                made.seconds.append(float(cached.meta.extra.get("seconds", "nan")))
-                continue
-            if config.index or config.negatives_dir:
-                # reads hard_negatives, random_negatives, exclude_threshold and seed, which every
-                # per-concept trainer's settings have under these names
-                negatives = gather_negatives(runtime, positives, config, index=config.index,
-                                             negatives_dir=config.negatives_dir).photos
-            else:
-                negatives = [other.path for other in context.references if other.name != reference.name]
-            result = train(reference.name, positives, negatives, folder / reference.name)
-        except PlvmError as error:
-            made.unavailable[reference.name] = f"concept could not be made: {error}"
+                concept = None  # a damaged cache entry is only trained again
+            extra = concept.meta.extra if concept is not None else {}
+            if concept is not None and concept.meta.base_model == runtime.backbone.fingerprint \
+                    and extra.get("positives_sha256") == photos_digest(positives[name]) \
+                    and extra.get("config_sha256") == settings \
+                    and extra.get("trained_with", ",".join(names)) == ",".join(names):
+                cached[name] = concept.renamed(name)
+        if names and len(cached) == len(names):
+            for name in names:
+                made.concepts[name] = cached[name]
+                made.seconds.append(float(cached[name].meta.extra.get("seconds", "nan")))
+            bar.update(len(group))
             continue
-        result.concept.save(path)
-        made.concepts[reference.name] = result.concept
-        made.seconds.append(result.seconds["total"])
+        try:
+            negatives = {}
+            for name in names:
+                if config.index or config.negatives_dir:
+                    # reads hard_negatives, random_negatives, exclude_threshold and seed, which
+                    # every per-concept trainer's settings have under these names
+                    negatives[name] = gather_negatives(runtime, positives[name], config, index=config.index,
+                                                       negatives_dir=config.negatives_dir).photos
+                else:
+                    negatives[name] = [other.path for other in references if other not in group]
+            run = folder if len(names) == 1 and group_size == 1 else folder / f"group-{names[0]}-{len(names)}"
+            concepts, seconds = train_group(names, positives, negatives, run) if names else ({}, {})
+        except PlvmError as error:
+            for name in names:
+                made.unavailable[name] = f"concept could not be made: {error}"
+            bar.update(len(group))
+            continue
+        for name in names:
+            concepts[name].save(folder / f"{name}.concept")
+            made.concepts[name] = concepts[name]
+            made.seconds.append(seconds[name])
+        bar.update(len(group))
+    bar.close()
     return made

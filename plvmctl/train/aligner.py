@@ -250,9 +250,10 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
     count comes from the backbone (it depends on the photo's size for anyres families): with
     `image_cache` the photos are opened once here and kept for the forward. The verdict's first
     token of a recognition sample (the "Yes"/"No", after any reasoning) gets weight
-    `yes_no_weight`, the others 1.
+    `yes_no_weight`, the others 1. A sample's `also` names further concepts whose sentences
+    follow its own in the prompt (and that its question and answer may name).
     """
-    names = list(dict.fromkeys(sample.name for sample in samples))
+    names = list(dict.fromkeys(name for sample in samples for name in (sample.name, *sample.also)))
     layout = ConceptTable([_placeholder_concept(n, num_context, 1) for n in names],
                           backbone.vocab_size)
     tokenizer = backbone.tokenizer
@@ -260,7 +261,8 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
     for sample in samples:
         segments = build_prompt(sample.question, template=template,
                                 has_image=sample.photo is not None,
-                                concepts={sample.name: num_context})
+                                concepts={name: num_context for name in (sample.name, *sample.also)},
+                                also=sample.also)
         query = [] if sample.photo is None else \
             [sample.photo if image_cache is None else photo_image(sample.photo, image_cache)]
         prompt = encode_segments(segments, tokenizer, slot_id=layout.slot_id,
@@ -276,7 +278,8 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
                                             slot_id=layout.slot_id, image_token_id=backbone.image_token_id,
                                             num_image_tokens=0, add_bos=False)
                 prefix = " "
-            answer = reasoning + encode_segments(split_names(prefix + sample.answer.strip(), [sample.name]),
+            answer = reasoning + encode_segments(split_names(prefix + sample.answer.strip(),
+                                                             [sample.name, *sample.also]),
                                                  tokenizer, slot_id=layout.slot_id,
                                                  image_token_id=backbone.image_token_id,
                                                  num_image_tokens=0, add_bos=False,

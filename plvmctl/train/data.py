@@ -243,6 +243,7 @@ class Sample:
     answer: str
     photo: Path | None
     reasoning: str = ""  # said before the answer ("left red hair red same ... match"); the answer is the verdict
+    also: tuple[str, ...] = ()  # further concepts in the prompt (their sentences after `name`'s; MC-LLaVA)
 
 
 def _with_name(text: str, name: str) -> str:

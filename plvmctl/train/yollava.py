@@ -152,22 +152,25 @@ class YollavaConfig:
     index: str | None = None  # used by `plvmctl eval --method yollava` for hard negatives
     negatives_dir: str | None = None  # ditto: local negative photos
 
+    SECTION = "yollava"  # the recipe section, named in messages (a subclass says its own)
+
     def validate(self) -> None:
         """PlvmError naming the first bad value."""
+        section = self.SECTION
         positive_ints = ("num_context", "epochs", "batch_size", "attribute_max_new_tokens", "reasoning_max_new_tokens")
         for key in positive_ints:
             if getattr(self, key) < 1:
-                raise PlvmError(f"yollava.{key} must be at least 1, got {getattr(self, key)}")
+                raise PlvmError(f"{section}.{key} must be at least 1, got {getattr(self, key)}")
         for key in ("recognition_per_photo", "attribute_per_photo", "hard_negatives",
                     "random_negatives", "select_after_epoch", "selection_negatives"):
             if getattr(self, key) < 0:
-                raise PlvmError(f"yollava.{key} must be 0 or more, got {getattr(self, key)}")
+                raise PlvmError(f"{section}.{key} must be 0 or more, got {getattr(self, key)}")
         if self.lr <= 0:
-            raise PlvmError(f"yollava.lr must be positive, got {self.lr}")
+            raise PlvmError(f"{section}.lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.init_noise < 0 or self.yes_no_weight <= 0:
-            raise PlvmError("yollava.weight_decay and init_noise must be >= 0, yes_no_weight > 0")
+            raise PlvmError(f"{section}.weight_decay and init_noise must be >= 0, yes_no_weight > 0")
         if not -1.0 <= self.exclude_threshold <= 1.0:
-            raise PlvmError(f"yollava.exclude_threshold is a cosine in [-1, 1], got {self.exclude_threshold}")
+            raise PlvmError(f"{section}.exclude_threshold is a cosine in [-1, 1], got {self.exclude_threshold}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,6 +448,12 @@ def build_conversations(runtime, name: str, positives: Sequence[Path], negatives
 # --------------------------------------------------------------------------------------------
 
 
+def noisy_rows(row: torch.Tensor, count: int, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """`count` copies of `row` [H], each plus Gaussian noise of `noise` times the row's RMS."""
+    rms = row.pow(2).mean().sqrt()
+    return row.unsqueeze(0) + torch.randn((count, row.shape[0]), generator=generator) * noise * rms
+
+
 def initial_rows(backbone, word: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(input embedding, head row) of `word`: the mean over its pieces, float32 on CPU.
 
@@ -478,25 +487,30 @@ class YollavaTrainer:
         self.name = name
         self.config = config
         device = self.backbone.device
-        word, head = initial_rows(self.backbone, config.init_word)
-        generator = torch.Generator().manual_seed(config.seed)
-
-        def noisy(row: torch.Tensor, count: int) -> torch.Tensor:
-            rms = row.pow(2).mean().sqrt()
-            noise = torch.randn((count, row.shape[0]), generator=generator) * config.init_noise * rms
-            return row.unsqueeze(0) + noise
-
-        self.word = torch.nn.Parameter(noisy(word, 1)[0].to(device))
-        self.head = torch.nn.Parameter(noisy(head, 1)[0].to(device))
-        self.context = torch.nn.Parameter(noisy(word, config.num_context).to(device))
+        self.features: dict[tuple[str, bool], torch.Tensor] = {}
+        word, head, context = self.initial_tensors()
+        self.word = torch.nn.Parameter(word.to(device))
+        self.head = torch.nn.Parameter(head.to(device))
+        self.context = torch.nn.Parameter(context.to(device))
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
-        self.features: dict[tuple[str, bool], torch.Tensor] = {}
         prefix = runtime.template.answer_prefix
         self._yes_no = (first_token_id(self.backbone, prefix + "Yes"), first_token_id(self.backbone, prefix + "No"))
 
+    def initial_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(word [H], head [H], context [k, H]) to start from: `init_word`'s rows plus noise."""
+        word, head = initial_rows(self.backbone, self.config.init_word)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return (noisy_rows(word, 1, self.config.init_noise, generator)[0],
+                noisy_rows(head, 1, self.config.init_noise, generator)[0],
+                noisy_rows(word, self.config.num_context, self.config.init_noise, generator))
+
     def parameters(self) -> list[torch.nn.Parameter]:
         return [self.word, self.head, self.context]
+
+    def current(self, name: str) -> Concept:
+        """The concept `name` with the live tensors (gradients flow through it)."""
+        return Concept(name, self.word, self.head, self.context)
 
     def concept(self, meta: ConceptMeta | None = None) -> Concept:
         """The current tensors as a Concept (detached copies, float32 on the CPU)."""
@@ -541,11 +555,12 @@ class YollavaTrainer:
         return len(todo)
 
     # -- forward ----------------------------------------------------------------------------
-    def _table(self):
+    def _table(self, names: Sequence[str] | None = None):
+        """The concept table of `names` (a batch's, in its order), with the live tensors."""
         from ..table import ConceptTable
 
-        concept = Concept(self.name, self.word, self.head, self.context)
-        return ConceptTable([concept], self.backbone.vocab_size, device=self.backbone.device,
+        concepts = [self.current(name) for name in (names or [self.name])]
+        return ConceptTable(concepts, self.backbone.vocab_size, device=self.backbone.device,
                             dtype=self.backbone.dtype)
 
     def logits(self, samples: Sequence[Sample], *, cached: bool = True,
@@ -573,7 +588,7 @@ class YollavaTrainer:
             else:
                 images = [self._image(p, f) for p, f in zip(batch.photos, sides)]
                 inputs.update(self.backbone.image_inputs(images))
-        with self._table().active(self.backbone.model):
+        with self._table(batch.names).active(self.backbone.model):
             logits = self.backbone.model(**inputs).logits
         return batch, logits
 
@@ -596,15 +611,17 @@ class YollavaTrainer:
 
     @torch.no_grad()
     def recognition_accuracy(self, positives: Sequence[Path], negatives: Sequence[Path], *,
-                             cached: bool = True) -> dict[str, float]:
+                             cached: bool = True, name: str | None = None) -> dict[str, float]:
         """Yes-vs-No as the first answer token to "Is <name> in this photo?" (the verdict of
         the generated answer with `reasoning_base`): accuracy on `positives`, on `negatives`
-        and their mean (NaN parts when a list is empty)."""
-        question = fill(RECOGNITION_QUESTIONS[0], self.name)
+        and their mean (NaN parts when a list is empty). `name`: which concept (default: this
+        trainer's)."""
+        name = name or self.name
+        question = fill(RECOGNITION_QUESTIONS[0], name)
         if self.config.reasoning_base:
-            return self._generated_accuracy(question, positives, negatives)
-        rows = [Sample(self.name, "positive", question, "", Path(p)) for p in positives]
-        rows += [Sample(self.name, "negative", question, "", Path(p)) for p in negatives]
+            return self._generated_accuracy(question, positives, negatives, name)
+        rows = [Sample(name, "positive", question, "", Path(p)) for p in positives]
+        rows += [Sample(name, "negative", question, "", Path(p)) for p in negatives]
         yes, no = self._yes_no
         correct = {"positive": 0, "negative": 0}
         total = {"positive": 0, "negative": 0}
@@ -625,12 +642,14 @@ class YollavaTrainer:
 
     @torch.no_grad()
     def _generated_accuracy(self, question: str, positives: Sequence[Path],
-                            negatives: Sequence[Path]) -> dict[str, float]:
+                            negatives: Sequence[Path], name: str) -> dict[str, float]:
         from ..engine import AskRequest, Engine
         from ..evaluate import parse_yes_no
 
         photos = [Path(p) for p in list(positives) + list(negatives)]
-        results = Engine(self.runtime, {self.name: self.concept()}).ask(
+        live = self.current(name)
+        concept = Concept(name, live.word.detach(), live.head.detach(), live.context.detach())
+        results = Engine(self.runtime, {name: concept}).ask(
             [AskRequest(question, photo) for photo in photos], batch_size=max(1, self.config.batch_size),
             max_new_tokens=self.config.reasoning_max_new_tokens)
         said = [parse_yes_no(result.answer) for result in results]
@@ -675,6 +694,56 @@ def _spread(items: Sequence[Path], count: int) -> list[Path]:
 
 
 
+def train_epochs(trainer: "YollavaTrainer", samples: Sequence[Sample], config: YollavaConfig, log_path: Path, *,
+                 order_seed: str, label: str, score: Callable[[], tuple[Any, float]], progress: bool = False,
+                 on_epoch: Callable[[int, int, Any], None] | None = None) -> tuple[list[float], list[dict], int, Any]:
+    """`config.epochs` passes over `samples` in a seeded shuffled order, `batch_size` a step
+    (random flips with `config.flip`), one log row per step and per epoch in `log_path`; after
+    each epoch past `select_after_epoch`, `score()` → (accuracy, mean) and the best epoch's
+    tensors are kept (ties: the later epoch) and restored at the end. `on_epoch(epoch, steps,
+    trainer)` after every epoch. Returns (losses, epoch rows, best epoch, its accuracy)."""
+    rng = random.Random(order_seed)
+    log_path.unlink(missing_ok=True)
+    losses: list[float] = []
+    epochs: list[dict[str, Any]] = []
+    best_epoch, best_accuracy, best_mean, best_state = 0, None, None, None
+    first_scored = min(config.select_after_epoch + 1, config.epochs)
+    train_start = time.perf_counter()
+    steps_per_epoch = -(-len(samples) // config.batch_size)
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc=label, unit="step", disable=not progress)
+    with JsonlLogger(log_path) as log:
+        for epoch in range(1, config.epochs + 1):
+            order = list(samples)
+            rng.shuffle(order)
+            epoch_losses = []
+            for start in range(0, len(order), config.batch_size):
+                chunk = order[start:start + config.batch_size]
+                flips = None
+                if config.flip:
+                    flips = [rng.random() < 0.5 for s in chunk if s.photo is not None]
+                loss = trainer.step(chunk, cached=config.cache_features, flips=flips)
+                losses.append(loss)
+                epoch_losses.append(loss)
+                log.log({"kind": "step", "step": len(losses), "epoch": epoch, "loss": loss,
+                         "seconds": round(time.perf_counter() - train_start, 3)})
+                bar.update(1)
+            row: dict[str, Any] = {"kind": "epoch", "epoch": epoch,
+                                   "mean_loss": sum(epoch_losses) / max(1, len(epoch_losses))}
+            if epoch >= first_scored:
+                accuracy, mean = score()
+                row["accuracy"] = accuracy
+                if best_mean is None or mean >= best_mean:
+                    best_epoch, best_accuracy, best_mean, best_state = epoch, accuracy, mean, trainer.snapshot()
+            epochs.append(row)
+            log.log(row)
+            if on_epoch is not None:
+                on_epoch(epoch, len(losses), trainer)
+    bar.close()
+    if best_state is not None:
+        trainer.restore(best_state)
+    return losses, epochs, best_epoch, best_accuracy
+
+
 def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],
                   config: YollavaConfig, out_dir: str | os.PathLike, *, progress: bool = False,
                   echo: Callable[[str], None] | None = None) -> YollavaResult:
@@ -711,46 +780,15 @@ def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequ
     seconds_features = time.perf_counter() - feature_start
 
     selection_negatives = _spread(negatives, config.selection_negatives or len(positives))
-    rng = random.Random(f"yollava-order-{config.seed}")
-    log_path = out / LOG_FILE
-    log_path.unlink(missing_ok=True)
-    losses: list[float] = []
-    epochs: list[dict[str, Any]] = []
-    best_epoch, best_accuracy, best_state = 0, None, None
-    first_scored = min(config.select_after_epoch + 1, config.epochs)
+
+    def score() -> tuple[dict[str, float], float]:
+        accuracy = trainer.recognition_accuracy(positives, selection_negatives, cached=config.cache_features)
+        return accuracy, accuracy["mean"]
+
     train_start = time.perf_counter()
-    steps_per_epoch = -(-len(samples) // config.batch_size)
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"yollava <{name}>", unit="step",
-               disable=not progress)
-    with JsonlLogger(log_path) as log:
-        for epoch in range(1, config.epochs + 1):
-            order = list(samples)
-            rng.shuffle(order)
-            epoch_losses = []
-            for start in range(0, len(order), config.batch_size):
-                chunk = order[start:start + config.batch_size]
-                flips = None
-                if config.flip:
-                    flips = [rng.random() < 0.5 for s in chunk if s.photo is not None]
-                loss = trainer.step(chunk, cached=config.cache_features, flips=flips)
-                losses.append(loss)
-                epoch_losses.append(loss)
-                log.log({"kind": "step", "step": len(losses), "epoch": epoch, "loss": loss,
-                         "seconds": round(time.perf_counter() - train_start, 3)})
-                bar.update(1)
-            row: dict[str, Any] = {"kind": "epoch", "epoch": epoch,
-                                   "mean_loss": sum(epoch_losses) / len(epoch_losses)}
-            if epoch >= first_scored:
-                accuracy = trainer.recognition_accuracy(positives, selection_negatives,
-                                                        cached=config.cache_features)
-                row["accuracy"] = accuracy
-                if best_accuracy is None or accuracy["mean"] >= best_accuracy["mean"]:
-                    best_epoch, best_accuracy, best_state = epoch, accuracy, trainer.snapshot()
-            epochs.append(row)
-            log.log(row)
-    bar.close()
-    if best_state is not None:
-        trainer.restore(best_state)
+    losses, epochs, best_epoch, best_accuracy = train_epochs(
+        trainer, samples, config, out / LOG_FILE, order_seed=f"yollava-order-{config.seed}",
+        label=f"yollava <{name}>", score=score, progress=progress)
     seconds_training = time.perf_counter() - train_start
     seconds = {"conversations": seconds_conversations, "features": seconds_features,
                "training": seconds_training, "total": time.perf_counter() - started}
