@@ -48,7 +48,7 @@ def evaluation(methods: dict[str, tuple], identities: int = 40) -> dict:
                           "recognition_items": 36 * identities,
                           "recognition_positive": 6 * identities,
                           "text_items": 6 * identities, "visual_items": 6 * identities},
-               "methods": {}}
+               "protocol": {"mcq": "generate"}, "methods": {}}
     for name, (positive, negative, visual, text, seconds, tokens) in methods.items():
         results["methods"][name] = {
             "recognition": {"positive": positive, "negative": negative,
@@ -357,3 +357,11 @@ def test_whole_command_at_toy_size(tmp_path):
     rewritten = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))
     assert rewritten["main"] == written["main"]
     assert rewritten["ablations"] == written["ablations"]
+
+
+def test_the_document_says_how_multiple_choice_was_read():
+    data = summary()
+    assert data["protocol"]["mcq"] == "generate"  # what the evaluation ran with
+    assert "letter read where it stands" in render_results_markdown(data)
+    data["protocol"]["mcq"] = "likelihood"
+    assert "the option whose letter the model finds most likely" in render_results_markdown(data)
