@@ -73,6 +73,7 @@ MAIN = {
     "llava-text": (0.6, 0.5, 0.45, 0.50, 0.0125, 15.5),
     "yollava": (0.75, 0.75, 0.5, 0.6, 41.25, 16.0),
     "myvlm": (0.35, 0.85, 0.4, 0.45, 5.5, 1.0),
+    "mcllava": (0.3, 0.8, 0.35, 0.4, 9.5, 16.0),
     "llava-truth": (0.95, 0.9, 0.6, 0.9, 0.0, 14.0),
 }
 ABLATION = {  # (w, k) -> plvm's numbers
@@ -132,6 +133,8 @@ def test_main_table_has_one_row_per_method_with_its_measured_numbers():
         "75.0", "75.0", "75.0", "50.0", "60.0", "41.2", "16"]
     assert table_row(markdown, "MyVLM on the pocket LVLM (`myvlm`)")[1:] == [
         "35.0", "85.0", "60.0", "40.0", "45.0", "5.5", "1"]
+    assert table_row(markdown, "MC-LLaVA on the pocket LVLM (`mcllava`)")[1:] == [
+        "30.0", "80.0", "55.0", "35.0", "40.0", "9.5", "16"]
     header = table_row(markdown, "method")
     assert header == ["method", "recognition positive", "recognition negative",
                       "recognition mean", "visual MCQ", "text MCQ", "seconds to add a concept",
@@ -178,7 +181,7 @@ def test_command_machine_and_step_times_are_recorded():
 def test_skipped_parts_and_smoke_runs_say_so():
     markdown = render_results_markdown(summary(Options(skip_trained=True, skip_ablations=True),
                                                ablations=False, identities=4))
-    assert "(`yollava`)" not in markdown and "(`myvlm`)" not in markdown
+    assert "(`yollava`)" not in markdown and "(`myvlm`)" not in markdown and "(`mcllava`)" not in markdown
     assert "--skip-trained" in markdown
     assert "Not run this time (--skip-ablations)." in markdown
     assert "**Smoke run**: 4 identities" in markdown
@@ -339,7 +342,7 @@ def test_whole_command_at_toy_size(tmp_path):
         assert cells[3] == f"{100 * row['mean']:.1f}"
         assert cells[5] == f"{100 * row['text_qa']:.1f}"
     assert [row["method"] for row in written["main"]] == [
-        "plvm", "llava-none", "llava-text", "yollava", "myvlm", "llava-truth"]
+        "plvm", "llava-none", "llava-text", "yollava", "myvlm", "mcllava", "llava-truth"]
     assert [row["num_context"] for row in written["ablations"]["num_context"]] == [4, 8, 16]
     assert [row["yes_no_weight"] for row in written["ablations"]["yes_no_weight"]] == [1.0, 20.0]
     for row in written["ablations"]["num_context"]:

@@ -54,8 +54,8 @@ SEED = 0  # the seed of `make pocket` and of `make eval`'s test set
 MIN_IDENTITIES = 40  # the issue asks for at least 40 held-out identities
 
 TRUTH = "llava-truth"
-MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava", "myvlm", TRUTH)
-TRAINED_METHODS = ("yollava", "myvlm")  # per-concept training: --skip-trained leaves them out
+MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava", "myvlm", "mcllava", TRUTH)
+TRAINED_METHODS = ("yollava", "myvlm", "mcllava")  # trained concepts: --skip-trained leaves them out
 METHOD_TITLES = {
     TRUTH: "pocket LVLM + the true description (what the base model can do with words)",
     "plvm": "pocket PLVM",
@@ -63,6 +63,7 @@ METHOD_TITLES = {
     "llava-text": "pocket LVLM + ~16-token text prompt",
     "yollava": "Yo'LLaVA on the pocket LVLM",
     "myvlm": "MyVLM on the pocket LVLM",
+    "mcllava": "MC-LLaVA on the pocket LVLM",
 }
 YES_NO_WEIGHTS = (1.0, 20.0)  # ablated at k = PLVM_CONTEXT
 CONTEXT_SIZES = (4, 8, 16)  # ablated at w = PLVM_WEIGHT
@@ -647,6 +648,9 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
            "threshold) and one concept embedding placed after the photo's image tokens when the "
            "head fires (the recipe's myvlm settings); without a photo its concept is only its "
            "name" if any(row["method"] == "myvlm" for row in summary["main"]) else "")
+        + ("; MC-LLaVA trains the soft tokens of several identities together (the recipe's "
+           "mcllava settings: groups of 4, k-means start, the place of the best-matching patch "
+           "said in words)" if any(row["method"] == "mcllava" for row in summary["main"]) else "")
         + (f"; the true description (`{TRUTH}`, not a method: a yardstick) puts each identity's "
            "real traits in words (\"face round skin pale hair black style short ...\", from the "
            "test set's toy_world.json), which is what the base LVLM can do with a written "
