@@ -415,6 +415,16 @@ def _opening_verdict(words: list[str]) -> str | None:
     return None
 
 
+def verdict_start(answer: str) -> int | None:
+    """Where the sentence that decides an answer begins: the first that opens with a yes/no
+    word (as `parse_yes_no` reads it), or None. What comes before it is the answer's reasoning
+    ("left red hair red same ... match" in "left red hair red same ... match. Yes, ...")."""
+    for part in re.finditer(r"[^.!?;\n]+", answer):
+        if _opening_verdict(_plain_words(part.group())) is not None:
+            return part.start()
+    return None
+
+
 def parse_yes_no(answer: str | None) -> str | None:
     """Map a free-text recognition answer to "yes", "no", or None when it says neither.
 

@@ -610,3 +610,12 @@ def test_paper_rows_only_for_the_real_set(tmp_path):
     assert not _looks_like_plvm_val(tmp_path)
     (tmp_path / "README.md").write_text("# plvm-val: the PLVM evaluation set (real photos)\n")
     assert _looks_like_plvm_val(tmp_path)
+
+
+def test_verdict_start_splits_the_reasoning_from_the_verdict():
+    from plvmctl.evaluate import verdict_start
+
+    answer = "left red hair red same tan skin pale different mismatch. No, <a> is not here."
+    assert answer[verdict_start(answer):].startswith("No, <a>")
+    assert verdict_start("Yes, that is <a>.") == 0
+    assert verdict_start("I cannot tell.") is None

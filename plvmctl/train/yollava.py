@@ -69,6 +69,7 @@ no more epochs than that, the last epoch is scored and kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -141,10 +142,11 @@ class YollavaConfig:
     flip: bool = False  # random horizontal flip of photos (features of both sides cached)
     attribute_max_new_tokens: int = 32
     # A base model that compares before its verdict ("left red hair red same ... match. Yes,
-    # ..."; the pocket model) is not given recognition conversations: their "Yes"/"No" answers
-    # would teach the concept to skip the comparison it needs. The concept learns what the
-    # person looks like from the attribute conversations, and epochs are scored by the verdict
-    # of generated answers (at most `reasoning_max_new_tokens`), as `plvmctl eval` reads them.
+    # ..."; the pocket model) is not given plain "Yes"/"No" recognition conversations: they
+    # would teach the concept to skip the comparison it needs. Its recognition rows carry the
+    # base model's own reasoning instead (`reasoned_recognition_samples`), and epochs are
+    # scored by the verdict of generated answers (at most `reasoning_max_new_tokens`), as
+    # `plvmctl eval` reads them.
     reasoning_base: bool = False
     reasoning_max_new_tokens: int = 64
     seed: int = 0
@@ -366,6 +368,44 @@ def recognition_samples(name: str, positives: Sequence[Path], negatives: Sequenc
     return samples
 
 
+def reasoned_recognition_samples(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],
+                                 config: YollavaConfig, *, progress: bool = False) -> list[Sample]:
+    """Recognition rows for a base model that reasons before its verdict, in its own words.
+
+    The base model describes the first positive photo in one short sentence (as the
+    `llava-text` baseline does), then answers each recognition question of
+    `recognition_samples` with "<name> is {description}." in its prompt. Rows whose generated
+    verdict is right keep what the model said before it as their `reasoning` (the answer stays
+    the template's "Yes, ..." / "No, ..."); the others are dropped. Trained on them, the
+    concept's tokens take the description's place in the model's own comparison, the way the
+    Aligner's tokens do; without them a concept only learns attribute answers and is never
+    asked to be compared with a photo.
+    """
+    from ..engine import AskRequest, Engine
+    from ..evaluate import parse_yes_no, verdict_start
+    from ..methods.text import DESCRIPTION_MAX_NEW_TOKENS, DESCRIPTION_PROMPT, clean_description
+
+    described = Engine(runtime, {}).ask([AskRequest(DESCRIPTION_PROMPT, image=positives[0])],
+                                        max_new_tokens=DESCRIPTION_MAX_NEW_TOKENS)[0]
+    description = clean_description(described.answer) if described.ok else ""
+    if not description:
+        return []
+    rows = recognition_samples(name, positives, negatives, per_photo=config.recognition_per_photo,
+                               seed=config.seed)
+    engine = Engine(runtime, {}, descriptions={name: description})
+    said = engine.ask([AskRequest(row.question, image=row.photo) for row in rows],
+                      max_new_tokens=config.reasoning_max_new_tokens, progress=progress)
+    kept = []
+    for row, result in zip(rows, said):
+        answer = result.answer if result.ok else None
+        if not answer or parse_yes_no(answer) != ("yes" if row.kind == "positive" else "no"):
+            continue
+        start = verdict_start(answer)
+        reasoning = answer[:start].strip().rstrip(".!?;").strip() if start else ""
+        kept.append(dataclasses.replace(row, reasoning=reasoning))
+    return kept
+
+
 def attribute_plan(positives: Sequence[Path], per_photo: int, seed: int) -> list[tuple[Path, str]]:
     """(photo, question template with `<sks>`) pairs: `per_photo` distinct questions a photo."""
     rng = random.Random(f"yollava-attributes-{seed}")
@@ -427,8 +467,11 @@ def build_conversations(runtime, name: str, positives: Sequence[Path], negatives
             if not result.ok:
                 raise PlvmError(f"the base model could not answer {question!r} about {photo}: {result.error}")
             answers.setdefault(digests[photo], {})[question] = (result.answer or "").strip()
-    samples = [] if config.reasoning_base else recognition_samples(
-        name, positives, negatives, per_photo=config.recognition_per_photo, seed=config.seed)
+    if config.reasoning_base:
+        samples = reasoned_recognition_samples(runtime, name, positives, negatives, config, progress=progress)
+    else:
+        samples = recognition_samples(name, positives, negatives, per_photo=config.recognition_per_photo,
+                                      seed=config.seed)
     for photo, question in plan:
         answer = name_answer(answers[digests[photo]][question], name)
         if answer:  # an empty answer teaches nothing
