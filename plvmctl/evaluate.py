@@ -419,7 +419,7 @@ def verdict_start(answer: str) -> int | None:
     """Where the sentence that decides an answer begins: the first that opens with a yes/no
     word (as `parse_yes_no` reads it), or None. What comes before it is the answer's reasoning
     ("left red hair red same ... match" in "left red hair red same ... match. Yes, ...")."""
-    for part in re.finditer(r"[^.!?;\n]+", answer):
+    for part in re.finditer(r"[^.!?;\s][^.!?;\n]*", answer):
         if _opening_verdict(_plain_words(part.group())) is not None:
             return part.start()
     return None
