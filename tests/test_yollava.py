@@ -456,15 +456,13 @@ POCKET = Path(__file__).resolve().parents[1] / "plvmctl" / "assets" / "pocket"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not POCKET.is_dir(), reason="needs the pocket model (python -m plvmctl.lab.pocket)")
-@pytest.mark.xfail(strict=False, reason="Yo'LLaVA learns a person from attribute conversations the pocket "
-                   "base writes about portraits (0.63 right): measured 0.40 vs 0.30 for no prompt here, "
-                   "docs/results.md 41.5 vs 22.7 (mean); above, but not by the 0.1 this asks")
 def test_yollava_beats_the_no_prompt_baseline_on_a_toy_identity(tmp_path):
     """On the random tiny model answers hardly depend on the photo, so this runs on the pocket
     model trained on the toy world: a concept trained on a held-out identity must recognise new
-    portraits of it better than plain LLaVA with the name as literal text. The pocket base
+    photos of it better than plain LLaVA with the name as literal text. The pocket base
     reasons before its verdict, so answers are generated and read as `plvmctl eval` reads
-    them, and the recipe's yollava settings (reasoning_base) apply."""
+    them, and the recipe's yollava settings (reasoning_base: recognition rows in the base
+    model's own reasoning) apply."""
     from plvmctl.evaluate import parse_yes_no
     from plvmctl.recipe import load_recipe
     from plvmctl.runtime import load_runtime
@@ -485,16 +483,17 @@ def test_yollava_beats_the_no_prompt_baseline_on_a_toy_identity(tmp_path):
                      attribute_max_new_tokens=12)
     result = train_yollava(pocket, "me", positives, negatives, config, tmp_path / "run")
 
-    def accuracy(engine) -> float:
+    def accuracy(engine) -> tuple[float, float]:
         requests = [AskRequest("Is <me> in this photo?", p) for p in test_yes + test_no]
         said = [parse_yes_no(r.answer) for r in engine.ask(requests)]
         positive = sum(s == "yes" for s in said[:len(test_yes)]) / len(test_yes)
         negative = sum(s == "no" for s in said[len(test_yes):]) / len(test_no)
-        return (positive + negative) / 2
+        return positive, negative
 
     trained = accuracy(Engine(pocket, {"me": result.concept}))
     baseline = accuracy(Engine(pocket, {}, literal_names=True))
-    assert trained > baseline + 0.1, (trained, baseline)
+    assert sum(trained) / 2 > sum(baseline) / 2 + 0.1, (trained, baseline)
+    assert min(trained) >= 0.5, trained  # not one constant answer: it tells the person apart
 
 
 def test_samples_mention_the_name(runtime, trained):
