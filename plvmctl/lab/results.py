@@ -658,7 +658,8 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
            else "") + ".",
         "- Seconds to add a concept: wall time per concept (PLVM: one reference-encoder + "
         "Aligner pass; text prompt: the base model writing the description; Yo'LLaVA: training "
-        "its soft prompt; MyVLM: training its head and embedding; no prompt: nothing to add).",
+        "its soft prompt; MyVLM: training its head and embedding; MC-LLaVA: training its group's "
+        "soft prompts, divided by the group's size; no prompt: nothing to add).",
         "- Tokens per concept: prompt tokens one concept adds to every question.",
         f"- Recipe `{protocol['recipe']}` (the committed pocket model). Each evaluation's own "
         f"report and per-item answers: `{summary['main_folder']}/` (main table) and "
