@@ -527,3 +527,49 @@ def test_a_reasoning_base_gets_no_recognition_conversations_and_scores_verdicts(
     assert result.counts["attribute"] > 0
     assert asked == [7, 7]  # both epochs scored by generating
     assert result.best_accuracy == {"positive": 1.0, "negative": 0.0, "mean": 0.5}
+
+
+def test_a_reasoning_base_gets_recognition_rows_in_its_own_words(tmp_path, monkeypatch):
+    """reasoning_base: the base model describes the first photo, answers each recognition
+    question with that description in its prompt, and rows with the right verdict keep its
+    reasoning; a wrong verdict drops the row."""
+    from plvmctl import engine as engine_module
+    from plvmctl.engine import AskResult
+    from plvmctl.train.yollava import reasoned_recognition_samples
+
+    positives = [tmp_path / "p0.png", tmp_path / "p1.png"]
+    negatives = [tmp_path / "n0.png", tmp_path / "n1.png"]
+    asked = []
+
+    class ScriptedEngine:
+        def __init__(self, runtime, concepts, descriptions=None, **kwargs):
+            self.descriptions = dict(descriptions or {})
+
+        def ask(self, requests, **kwargs):
+            results = []
+            for request in requests:
+                asked.append((request.question, Path(request.image).name, self.descriptions))
+                if not self.descriptions:
+                    answer = "The person in this photo is a person with red hair."
+                elif Path(request.image).name == "n1.png":  # misjudged: dropped
+                    answer = "middle red hair red same match. Yes, <me> is here."
+                else:
+                    verdict = "Yes, <me> is here." if request.image in positives else "No."
+                    answer = f"middle red hair red same match. {verdict}"
+                results.append(AskResult(request, answer=answer))
+            return results
+
+    monkeypatch.setattr(engine_module, "Engine", ScriptedEngine)
+    config = YollavaConfig(recognition_per_photo=2, reasoning_base=True)
+    rows = reasoned_recognition_samples(None, "me", positives, negatives, config)
+    assert asked[0][1] == "p0.png" and asked[0][2] == {}  # the first photo, described by the base model
+    assert all(description == {"me": "a person with red hair"} for _, _, description in asked[1:])
+    assert [(row.kind, row.photo.name) for row in rows] == [
+        ("positive", "p0.png"), ("positive", "p0.png"), ("positive", "p1.png"), ("positive", "p1.png"),
+        ("negative", "n0.png")]
+    assert all(row.reasoning == "middle red hair red same match" for row in rows)
+    from plvmctl.data.templates import NEGATIVE_ANSWERS, POSITIVE_ANSWERS, fill
+
+    for row in rows:  # the verdict is the template's, not what the base model wrote after "Yes"
+        templates = POSITIVE_ANSWERS if row.kind == "positive" else NEGATIVE_ANSWERS
+        assert row.answer in [fill(answer, "me") for answer in templates]
