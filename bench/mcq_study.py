@@ -16,9 +16,10 @@ Measured (2 CPU cores, one thread each, side by side; 400 copy steps, batch 32, 
     python bench/mcq_study.py --answer value-letter --steps 1200 --copy-steps 400 --eval-every 200
         step 200 / 600 / 1200: 0.40 / 0.55 / 0.75   (value first: learnt, still rising)
 
-So the next pocket base model should answer multiple choice with the value and then the
-letter, and `eval` should read the letter where it stands (generate mode), as it reads the
-verdict after a comparison. Each run takes about 6 minutes.
+So the pocket base model now answers multiple choice with the value and then the letter
+(`LvlmTrainConfig.mcq_answer="value_letter"`), and `eval` reads the letter where it stands
+(`eval.mcq: generate` in recipes/pocket.yaml): its text MCQ went from 0.46 to 1.00 on fresh
+held-out photos with the description in words (card.json). Each run takes about 6 minutes.
 """
 import argparse, json, math, random, time, torch
 import torch.nn.functional as F
