@@ -161,11 +161,17 @@ class Engine:
                   for source in sources]
         names = list(dict.fromkeys(mentioned_names(request.question) + list(request.concepts)))
         concepts = self._known(names)
-        segments = build_prompt(request.question, template=self.template, has_image=len(images),
-                                concepts=concepts, descriptions=self.descriptions,
-                                literal_names=self.literal_names, also=request.concepts)
+        segments = self._segments(request, concepts, len(images))
         # Token ids are assigned per batch, once the batch's concept table exists.
         return _Prepared(index, segments, images, list(concepts), request=request)
+
+    def _segments(self, request: AskRequest, concepts: Mapping[str, int], images: int,
+                  located: Mapping[str, str] | None = None) -> list:
+        """The prompt of `request` with its soft-prompt `concepts` (name → k), `located` ones
+        said where they are in the photo."""
+        return build_prompt(request.question, template=self.template, has_image=images,
+                            concepts=concepts, descriptions=self.descriptions,
+                            literal_names=self.literal_names, also=request.concepts, located=located)
 
     def _batches(self, prepared: list[_Prepared], batch_size: int):
         """Group by has-image, sort by prompt length, cut into batches."""
@@ -255,13 +261,9 @@ class Engine:
         for (item, _), (located, image) in zip(wanted, prompts):
             if not located:
                 continue
-            request = item.request
             item.located = located
             item.images[0] = image
-            item.segments = build_prompt(request.question, template=self.template, has_image=1,
-                                         concepts=self._known(item.names), descriptions=self.descriptions,
-                                         literal_names=self.literal_names, also=request.concepts,
-                                         located=located)
+            item.segments = self._segments(item.request, self._known(item.names), 1, located)
         return prepared
 
     def _encode_item(self, item: _Prepared, table: ConceptTable) -> list[int]:

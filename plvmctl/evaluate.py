@@ -883,7 +883,7 @@ def pair_metrics(items: list[EvalItem], log: "ItemLog", unavailable: Mapping[str
         if item.expected in ("yes", "no"):
             recognition.append((item.expected, parse_yes_no(record.get("answer"))))
             continue
-        said = parse_which(record.get("answer"), [name for name in item_concepts(item)])
+        said = parse_which(record.get("answer"), item_concepts(item))
         which += 1
         right += int(said == item.expected)
         unparsed += int(said is None)
