@@ -430,6 +430,21 @@ def check_comparable(identities: Sequence[Identity], keys: Sequence[str]) -> Non
 # --------------------------------------------------------------------------------------------
 
 
+def question_plan(photos: Sequence[Any], questions: Sequence[str], per_photo: int, seed_text: str,
+                  first: Sequence[str] = ()) -> list[tuple[Any, str]]:
+    """(photo, question) pairs to have the base model answer: per photo `per_photo` questions,
+    `first` ones then `questions` in a fresh order (cycling when there are fewer), deterministic
+    in `seed_text` (the trainer's name and seed)."""
+    rng = random.Random(seed_text)
+    plan = []
+    for photo in photos:
+        shuffled = list(questions)
+        rng.shuffle(shuffled)
+        ordered = [*first, *shuffled]
+        plan += [(photo, ordered[i % len(ordered)]) for i in range(per_photo)]
+    return plan
+
+
 def neutral_question(question: str) -> str:
     """The question about "the person" instead of `<sks>`/`<name>` (the base model knows no names)."""
     def replace(match) -> str:

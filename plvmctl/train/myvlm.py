@@ -79,7 +79,7 @@ from ..images import load_image
 from ..prompt import build_prompt, encode_segments, insert_after_image, split_names
 from ..table import ConceptTable
 from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
-from .data import neutral_question
+from .data import neutral_question, question_plan
 from .yollava import initial_rows, name_answer
 
 METHOD = "myvlm"
@@ -344,14 +344,7 @@ class Row:
 
 def qa_plan(photos: Sequence[Path], per_photo: int, seed: int) -> list[tuple[Path, str]]:
     """(photo, question template with `<sks>`): the caption question first, then attributes."""
-    rng = random.Random(f"myvlm-qa-{seed}")
-    plan = []
-    for photo in photos:
-        attributes = list(ATTRIBUTE_QUESTIONS)
-        rng.shuffle(attributes)
-        questions = [CAPTION_QUESTION] + attributes
-        plan += [(photo, questions[i % len(questions)]) for i in range(per_photo)]
-    return plan
+    return question_plan(photos, ATTRIBUTE_QUESTIONS, per_photo, f"myvlm-qa-{seed}", first=[CAPTION_QUESTION])
 
 
 def build_rows(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],

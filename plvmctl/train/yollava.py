@@ -100,7 +100,7 @@ from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
 from .aligner import encode_batch, first_token_id, weighted_answer_loss
 from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
-from .data import Sample, neutral_question
+from .data import Sample, neutral_question, question_plan
 
 METHOD = "yollava"
 CONVERSATIONS_FILE = "conversations.json"
@@ -408,13 +408,8 @@ def reasoned_recognition_samples(runtime, name: str, positives: Sequence[Path], 
 
 def attribute_plan(positives: Sequence[Path], per_photo: int, seed: int) -> list[tuple[Path, str]]:
     """(photo, question template with `<sks>`) pairs: `per_photo` distinct questions a photo."""
-    rng = random.Random(f"yollava-attributes-{seed}")
-    plan = []
-    for photo in positives:
-        questions = list(ATTRIBUTE_QUESTIONS)
-        rng.shuffle(questions)
-        plan += [(Path(photo), questions[i % len(questions)]) for i in range(per_photo)]
-    return plan
+    return question_plan([Path(photo) for photo in positives], ATTRIBUTE_QUESTIONS, per_photo,
+                         f"yollava-attributes-{seed}")
 
 
 def _read_conversations(path: Path, fingerprint: str) -> dict[str, dict[str, str]]:
