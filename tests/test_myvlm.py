@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import copied_concept
+from helpers import copied_concept, save_portraits
 from plvmctl.concept import Concept, ConceptStore
 from plvmctl.concept_head import ConceptHead, crop_boxes, crop_features, photo_features
 from plvmctl.engine import AskRequest, Engine
@@ -42,17 +42,6 @@ def small_config(**changes) -> MyvlmConfig:
     return MyvlmConfig(**settings)
 
 
-def _portraits(folder: Path, identity: toy.Identity, count: int, seed: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    paths = []
-    for number in range(count):
-        path = folder / f"{identity.name.lower()}_{seed}_{number}.png"
-        toy.render_portrait(identity, rng, size=48).save(path)
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """Six portraits of one toy identity, one each of 16 others, and fresh ones of both."""
@@ -62,11 +51,11 @@ def world(tmp_path_factory) -> dict:
     others = random.Random(5).sample([i for i in identities if i != me], 26)
     negatives = root / "negatives"
     for number, other in enumerate(others[:16]):
-        _portraits(negatives, other, 1, seed=100 + number)
+        save_portraits(negatives, other, 1, seed=100 + number)
     fresh_others = [p for number, other in enumerate(others[16:])
-                    for p in _portraits(root / "fresh_others", other, 1, seed=200 + number)]
-    return {"root": root, "me": root / "me", "positives": _portraits(root / "me", me, 6, seed=1),
-            "negatives": negatives, "fresh_me": _portraits(root / "fresh_me", me, 6, seed=2),
+                    for p in save_portraits(root / "fresh_others", other, 1, seed=200 + number)]
+    return {"root": root, "me": root / "me", "positives": save_portraits(root / "me", me, 6, seed=1),
+            "negatives": negatives, "fresh_me": save_portraits(root / "fresh_me", me, 6, seed=2),
             "fresh_others": fresh_others}
 
 

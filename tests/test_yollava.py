@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import save_portraits
 from plvmctl.concept import Concept, ConceptStore
 from plvmctl.lab import toy
 from plvmctl.engine import AskRequest, Engine
@@ -47,25 +48,14 @@ def small_config(**changes) -> YollavaConfig:
     return YollavaConfig(**settings)
 
 
-def _portraits(folder: Path, identity: toy.Identity, count: int, seed: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    paths = []
-    for number in range(count):
-        path = folder / f"{identity.name.lower()}_{number}.png"
-        toy.render_portrait(identity, rng, size=48).save(path)
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """Photos of two toy identities (4 each) and 12 negatives of other identities."""
     root = tmp_path_factory.mktemp("yollava")
     identities = toy.training_identities()
     ana, bo = identities[0], identities[len(identities) // 2]
-    _portraits(root / "ana", ana, 4, seed=1)
-    _portraits(root / "bo", bo, 4, seed=2)
+    save_portraits(root / "ana", ana, 4, seed=1)
+    save_portraits(root / "bo", bo, 4, seed=2)
     others = random.Random(3).sample([i for i in identities if i not in (ana, bo)], 12)
     negatives = root / "negatives"
     negatives.mkdir()
@@ -473,9 +463,9 @@ def test_yollava_beats_the_no_prompt_baseline_on_a_toy_identity(tmp_path):
     rng = random.Random(11)
     me = heldout[5]
     others = rng.sample([i for i in heldout if i != me], 40)
-    positives = _portraits(tmp_path / "me", me, 5, seed=21)
+    positives = save_portraits(tmp_path / "me", me, 5, seed=21)
     negatives = [p for number, other in enumerate(others[:30])
-                 for p in _portraits(tmp_path / "neg" / str(number), other, 1, seed=100 + number)]
+                 for p in save_portraits(tmp_path / "neg" / str(number), other, 1, seed=100 + number)]
     test_yes = [toy.random_scene(me, rng, heldout)[0] for _ in range(10)]
     test_no = [toy.random_scene(other, rng, [i for i in heldout if i != me])[0] for other in others[30:]]
     config = recipe.section("yollava", YollavaConfig)
