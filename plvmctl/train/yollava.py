@@ -476,7 +476,8 @@ def build_conversations(runtime, name: str, positives: Sequence[Path], negatives
             "format": CONVERSATIONS_FORMAT, "base_model": fingerprint, "name": name,
             "answers": answers,
             "samples": [{"kind": s.kind, "question": s.question, "answer": s.answer,
-                         "photo": None if s.photo is None else str(s.photo)} for s in samples],
+                         "photo": None if s.photo is None else str(s.photo),
+                         **({"reasoning": s.reasoning} if s.reasoning else {})} for s in samples],
         })
     return Conversations(samples, asked=len(todo), reused=reused)
 
