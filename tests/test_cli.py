@@ -158,6 +158,8 @@ def test_ask_sampling_flags_are_seeded(cli, photos):
 
     assert ask(3) == ask(3)
     assert len({ask(seed) for seed in range(4)}) > 1
+    greedy = cli("ask", photos["plain1.png"], "Is <avril> here?", "--temperature", "1.5")
+    assert greedy.exit_code == 1 and "unused with sampling off" in greedy.output
 
 
 def test_the_product_never_imports_the_laboratory():
