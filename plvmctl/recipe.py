@@ -46,7 +46,7 @@ class ModelSection:
     # per_piece (PLVM's released code: the text after a concept word or after <image> is
     # tokenized on its own; the released Aligner was trained on those ids)
     prompt_pieces: str = "natural"
-    seed: int = 0  # for the random tiny preset only (refused with any other source)
+    seed: int = 0  # for the random tiny parts only (refused when the recipe has none)
 
 
 @dataclass
