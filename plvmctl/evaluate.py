@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from .errors import PlvmError
-from .fileio import atomic_path, write_json_atomic, write_text_atomic
+from .fileio import write_image_atomic, write_json_atomic, write_text_atomic
 from .methods import MethodContext, PreparedMethod, Reference, get_method
 
 DEFAULT_TESTSET = Path("../shared/testsets/plvm-val")
@@ -1306,8 +1306,7 @@ def draw_chart(results: Mapping[str, Any], path: str | Path) -> None:
         draw.rectangle([legend_x, y, legend_x + 16, y + 16], fill=colour)
         draw.text((legend_x + 24, y + 8), row["method"], fill="black", font=font, anchor="lm")
 
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    write_image_atomic(path, image)
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> None:
