@@ -45,6 +45,7 @@ import torch
 from .concept import NAME_PATTERN, SUFFIX, Concept, ConceptStore
 from .errors import PlvmError, WriteError
 from .fileio import write_bytes_atomic, write_json_atomic
+from .locks import LOCK_FILE, hold
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +342,18 @@ class StoreIndex:
         if old and old.get("file") and old["file"] != table["file"]:
             (self.folder / old["file"]).unlink(missing_ok=True)
 
+    def lock(self):
+        """Writers of the index take turns (two `encode`s into one store both update it)."""
+        return hold(self.folder / LOCK_FILE, f"the concept index of {self.store.root}", wait=True)
+
     def build(self, encoder: str | None = None, exact_floats: int = EXACT_FLOATS,
               must_write: bool = True) -> BuildReport:
         """Index every key of the store made by `encoder` (default: the most common one). With
         `must_write=False` an index that cannot be written (a full disk) is still returned."""
+        with self.lock():
+            return self._build(encoder, exact_floats, must_write)
+
+    def _build(self, encoder: str | None, exact_floats: int, must_write: bool) -> BuildReport:
         files = self.files()
         read: dict[str, tuple[np.ndarray, str]] = {}
         left_out: dict[str, str] = {}
@@ -398,12 +407,16 @@ class StoreIndex:
         """Update an existing index for concept `name` just written or removed. An index that
         does not exist stays absent (it is built on first use); one that was already stale
         stays stale (only this entry changes)."""
+        with self.lock():
+            self._refresh(name)
+
+    def _refresh(self, name: str) -> None:
         table = self.table()
         if table is None:
             return
         index = self.load()
         if index.count == 0:  # nothing indexed yet: the key width is not known, build afresh
-            self.build(table.get("encoder") or None)
+            self._build(table.get("encoder") or None, EXACT_FLOATS, True)
             return
         entries = table["concepts"]
         old = entries.pop(name, None)

@@ -165,13 +165,14 @@ def replace_folder(new: str | os.PathLike, folder: str | os.PathLike) -> None:
             os.replace(folder, backup)
         try:
             os.replace(new, folder)
-            fsync_path(folder.parent)
         except BaseException:
             if backup is not None and not folder.exists():
                 os.replace(backup, folder)
             raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+    with writing(folder):
+        fsync_path(folder.parent)
 
 
 @contextlib.contextmanager

@@ -78,6 +78,7 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
       plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --captions
       plvmctl eval --testset /tmp/ts --method mcllava,plvm,yollava --pairs
     """
+    from ..locks import LOCK_FILE, hold
     from ..evaluate import load_testset, recipe_mcq_mode, render_markdown, run_evaluation
 
     names = [] if retrieval_only else parse_methods(methods)
@@ -89,9 +90,10 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
     if recipe.name == "tiny" or str(recipe.model.source) == "tiny":
         click.echo(TINY_WARNING, err=True)
     out = Path(out_dir) if out_dir else default_out_dir(recipe.name)
-    results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
-                             neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
-                             batch_size=batch_size, progress=True,
-                             retrieval=retrieval or retrieval_only, captions=captions, pairs=pairs)
+    with hold(out / LOCK_FILE, f"the evaluation folder {out}"):
+        results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
+                                 neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
+                                 batch_size=batch_size, progress=True,
+                                 retrieval=retrieval or retrieval_only, captions=captions, pairs=pairs)
     click.echo(render_markdown(results))
     click.echo(f"report: {out}/results.md, results.json, results.png; answers in {out}/items/")
