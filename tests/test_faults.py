@@ -316,3 +316,28 @@ def test_an_index_build_that_cannot_fit_says_so_before_building(monkeypatch, tmp
     with pytest.raises(PlvmError, match=r"not enough free space for an index of 50 vectors .* 100 B free"):
         retrieval.build_index(tmp_path / "v.npy", tmp_path / "i.index", progress=False)
     assert not (tmp_path / "i.index").exists()
+
+
+def test_a_full_disk_while_logging_eval_items_names_the_log_and_keeps_the_lines(monkeypatch, tmp_path):
+    from plvmctl.evaluate import ItemLog
+
+    path = tmp_path / "items" / "m.jsonl"
+    log = ItemLog(path)
+    log.append([{"key": "a", "mode": "yes", "answer": "yes"}])
+    log.close()
+    before = path.read_bytes()
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def opened(file, mode="r", **kwargs):
+        return FullDisk() if mode == "a" else open(file, mode, **kwargs)
+
+    log = ItemLog(path)
+    with monkeypatch.context() as patch:
+        patch.setattr("plvmctl.evaluate.open", opened, raising=False)
+        with pytest.raises(WriteError, match=rf"cannot write {path}: No space left on device$"):
+            log.append([{"key": "b", "mode": "yes", "answer": "no"}])
+    assert path.read_bytes() == before  # nothing reached the file
+    assert ItemLog(path).done("a", "yes") and not ItemLog(path).done("b", "yes")

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from ..errors import PlvmError
-from ..fileio import atomic_folder, sha256_file, write_bytes_atomic, write_image_atomic, write_json_atomic
+from ..fileio import (atomic_folder, sha256_file, write_bytes_atomic, write_image_atomic,
+                      write_json_atomic, writing)
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_MODULE = "aligner"  # the trained module, as an Aligner folder
@@ -222,8 +223,9 @@ class JsonlLogger:
         self._handle = self.path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(row) + "\n")
-        self._handle.flush()
+        with writing(self.path):
+            self._handle.write(json.dumps(row) + "\n")
+            self._handle.flush()
 
     def close(self) -> None:
         self._handle.close()
