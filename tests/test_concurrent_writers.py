@@ -1,17 +1,27 @@
-"""Concurrent `encode`s into one store keep working: several processes save concepts into one
-store at once, each save updating the store's key index; every concept is written, and the
-index ends fresh and holding all of them (its updates take turns on STORE/.retrieval/.lock,
-so none is lost)."""
+"""Two processes writing one thing. Concurrent `encode`s into one store keep working: several
+processes save concepts into one store at once, each save updating the store's key index;
+every concept is written, and the index ends fresh and holding all of them (its updates take
+turns on STORE/.retrieval/.lock, so none is lost). Two runs into one run folder, or two builds
+of one index, are refused instead: the second names the holder."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from plvmctl.cli import main
 from plvmctl.concept import ConceptStore
 from plvmctl.concept_index import StoreIndex, open_store_index
+from plvmctl.locks import LOCK_FILE, hold
+
+from test_evaluate import make_testset
 
 WRITERS = 3
 CONCEPTS_EACH = 4
@@ -65,3 +75,42 @@ def test_concurrent_encodes_into_one_store_keep_every_concept_and_the_index(tmp_
     assert status.fresh, status.reason  # no update of the index was lost
     index = open_store_index(store, runtime.encoder_fingerprint, rebuild=False)
     assert index.count == len(names)
+
+
+def _photo_folder(folder: Path, photos, count: int = 4) -> Path:
+    folder.mkdir(parents=True)
+    for number in range(count):
+        shutil.copy(photos[f"plain{number % 2}.png"], folder / f"p{number}.png")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["train aligner", "train yollava", "train myvlm",
+                                     "train mcllava", "eval", "index build"])
+def test_a_second_writer_of_one_run_folder_or_index_is_refused_naming_the_holder(
+        command, tmp_path, photos):
+    """Two runs into one --out (or two builds of one index) would interleave their files: the
+    second refuses in one line naming the process that holds the folder, before any work."""
+    positives = _photo_folder(tmp_path / "avril", photos)
+    negatives = _photo_folder(tmp_path / "negatives", photos)
+    out = tmp_path / "run"
+    vectors = tmp_path / "vectors.npy"
+    np.save(vectors, np.eye(4, dtype=np.float32))
+    args = {
+        "train aligner": ["train", "aligner", "--out", out, "--steps", "1"],
+        "train yollava": ["train", "yollava", positives, "--name", "avril", "--negatives", negatives,
+                          "--out", out],
+        "train myvlm": ["train", "myvlm", positives, "--name", "avril", "--negatives", negatives,
+                        "--out", out],
+        "train mcllava": ["train", "mcllava", "--concept", f"avril={positives}", "--concept",
+                          f"bo={negatives}", "--out", out],
+        "eval": ["eval", "--testset", make_testset(tmp_path / "set"), "--out", out],
+        "index build": ["index", "build", vectors, "--out", out / "i.index"],
+    }[command]
+    lock = out / "i.index.lock" if command == "index build" else out / LOCK_FILE
+    with hold(lock, "held by this test"):
+        result = CliRunner().invoke(main, ["--recipe", "tiny", "--store", str(tmp_path / "store"),
+                                           *map(str, args)])
+    assert result.exit_code == 1, result.output
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("error: ") and f"is in use by process {os.getpid()} " in error, error
+    assert sorted(p.name for p in out.iterdir()) == [lock.name]  # nothing else was written
