@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plvmctl.errors import PlvmError
-from plvmctl.fileio import atomic_folder, sha256_file, write_json_atomic
+from plvmctl.fileio import atomic_folder, sha256_file, write_bytes_atomic, write_json_atomic
 from plvmctl.state_dict import read_state_dict
 
 FORMAT_NAME = "plvmctl.aligner"
@@ -346,7 +346,7 @@ def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> Path:
     into place; an existing Aligner folder is replaced only once the new one is complete.
     An existing folder that is not an Aligner (and not empty) is never replaced.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     if folder.exists():
@@ -364,7 +364,7 @@ def save_aligner(aligner: Aligner, folder: str | os.PathLike) -> Path:
     config = {**aligner.config.to_dict(), "format": FORMAT_NAME, "format_version": FORMAT_VERSION}
 
     with atomic_folder(folder) as tmp_dir:
-        save_file(state, str(tmp_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_bytes_atomic(tmp_dir / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
         write_json_atomic(tmp_dir / CONFIG_FILE, config)
     return folder
 

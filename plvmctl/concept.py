@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import __version__
 from .errors import PlvmError
-from .fileio import atomic_path
+from .fileio import write_bytes_atomic
 
 FORMAT_NAME = "plvmctl.concept"
 FORMAT_VERSION = "2"  # the newest version this plvmctl writes
@@ -169,8 +169,7 @@ class Concept:
             tensors["visual"] = self.visual.detach().to("cpu", torch.float32).contiguous()
         for key, value in self.parts.items():  # parts keep their dtype (a float64 threshold)
             tensors[key] = value.detach().to("cpu").contiguous()
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        write_bytes_atomic(path, save(tensors, metadata=metadata))
         return path
 
     @classmethod

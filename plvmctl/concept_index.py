@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 from .concept import NAME_PATTERN, SUFFIX, Concept, ConceptStore
-from .errors import PlvmError
-from .fileio import atomic_path, write_json_atomic
+from .errors import PlvmError, WriteError
+from .fileio import write_bytes_atomic, write_json_atomic
+from .locks import LOCK_FILE, hold
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,8 @@ class BuildReport:
     left_out: dict[str, str] = field(default_factory=dict)
     factory: str = ""
     encoder: str = ""
+    index: "KeyIndex | None" = None  # the index built
+    unsaved: str = ""  # why it could not be written (only with build(must_write=False))
 
 
 def _stat(path: Path) -> dict[str, int]:
@@ -330,8 +333,7 @@ class StoreIndex:
 
         old = self.table()
         table["file"] = f"index-{uuid.uuid4().hex[:12]}.faiss"
-        with atomic_path(self.folder / table["file"]) as tmp:
-            faiss.write_index(index, str(tmp))
+        write_bytes_atomic(self.folder / table["file"], faiss.serialize_index(index).tobytes())
         try:
             write_json_atomic(self.table_path, table)
         except BaseException:
@@ -340,8 +342,18 @@ class StoreIndex:
         if old and old.get("file") and old["file"] != table["file"]:
             (self.folder / old["file"]).unlink(missing_ok=True)
 
-    def build(self, encoder: str | None = None, exact_floats: int = EXACT_FLOATS) -> BuildReport:
-        """Index every key of the store made by `encoder` (default: the most common one)."""
+    def lock(self):
+        """Writers of the index take turns (two `encode`s into one store both update it)."""
+        return hold(self.folder / LOCK_FILE, f"the concept index of {self.store.root}", wait=True)
+
+    def build(self, encoder: str | None = None, exact_floats: int = EXACT_FLOATS,
+              must_write: bool = True) -> BuildReport:
+        """Index every key of the store made by `encoder` (default: the most common one). With
+        `must_write=False` an index that cannot be written (a full disk) is still returned."""
+        with self.lock():
+            return self._build(encoder, exact_floats, must_write)
+
+    def _build(self, encoder: str | None, exact_floats: int, must_write: bool) -> BuildReport:
         files = self.files()
         read: dict[str, tuple[np.ndarray, str]] = {}
         left_out: dict[str, str] = {}
@@ -382,19 +394,29 @@ class StoreIndex:
         table = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "encoder": encoder,
                  "dim": built.dim, "factory": built.factory, "nprobe": built.nprobe,
                  "next_id": len(names), "concepts": entries}
-        self._write(built.index, table)
-        return BuildReport(len(names), left_out, built.factory, encoder)
+        report = BuildReport(len(names), left_out, built.factory, encoder, built)
+        try:
+            self._write(built.index, table)
+        except WriteError as error:
+            if must_write:
+                raise
+            report.unsaved = str(error)
+        return report
 
     def refresh(self, name: str) -> None:
         """Update an existing index for concept `name` just written or removed. An index that
         does not exist stays absent (it is built on first use); one that was already stale
         stays stale (only this entry changes)."""
+        with self.lock():
+            self._refresh(name)
+
+    def _refresh(self, name: str) -> None:
         table = self.table()
         if table is None:
             return
         index = self.load()
         if index.count == 0:  # nothing indexed yet: the key width is not known, build afresh
-            self.build(table.get("encoder") or None)
+            self._build(table.get("encoder") or None, EXACT_FLOATS, True)
             return
         entries = table["concepts"]
         old = entries.pop(name, None)
@@ -434,12 +456,13 @@ def open_store_index(store: ConceptStore, encoder: str, rebuild: bool = True,
         if not rebuild:
             raise PlvmError(f"the concept index of {store.root} is stale ({status.reason}): run "
                             f"`plvmctl concepts reindex`")
-        report = index_files.build(encoder)
+        report = index_files.build(encoder, must_write=False)
         if say:
             say(f"concept index rebuilt ({status.reason}): {report.indexed} concepts indexed"
                 + (f", {len(report.left_out)} without a usable key (see `plvmctl concepts reindex`)"
-                   if report.left_out else ""))
-    index = index_files.load()
+                   if report.left_out else "")
+                + (f"; kept in memory only ({report.unsaved})" if report.unsaved else ""))
+    index = report.index if not status.fresh and report.unsaved else index_files.load()
     if index.count == 0:
         raise PlvmError(f"no concept in {store.root} has a retrieval key of this reference encoder: "
                         f"encode concepts, or run `plvmctl concepts reindex --photos DIR`")

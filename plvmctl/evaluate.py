@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from .errors import PlvmError
-from .fileio import atomic_path, write_json_atomic, write_text_atomic
+from .fileio import write_image_atomic, write_json_atomic, write_text_atomic, writing
 from .methods import MethodContext, PreparedMethod, Reference, get_method
 
 DEFAULT_TESTSET = Path("../shared/testsets/plvm-val")
@@ -607,6 +607,10 @@ class ItemLog:
         return record is not None and record.get("error") is None
 
     def append(self, records: list[dict[str, Any]]) -> None:
+        with writing(self.path):  # a full disk: `cannot write <this log>: <reason>`
+            self._append(records)
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             needs_newline = False
@@ -1306,8 +1310,7 @@ def draw_chart(results: Mapping[str, Any], path: str | Path) -> None:
         draw.rectangle([legend_x, y, legend_x + 16, y + 16], fill=colour)
         draw.text((legend_x + 24, y + 8), row["method"], fill="black", font=font, anchor="lm")
 
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    write_image_atomic(path, image)
 
 
 def write_report(results: Mapping[str, Any], out_dir: str | Path) -> None:

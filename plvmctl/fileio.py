@@ -1,9 +1,18 @@
-"""Atomic writes and hashing: nothing half-written is ever left under a real name."""
+"""Atomic writes and hashing: nothing half-written is ever left under a real name.
+
+Every write goes to a temporary file next to its target, is flushed to the disk (fsync), then
+renamed over the target, and the folder is flushed too. A failure at any of those steps
+removes the temporary file, leaves the target as it was and becomes one line,
+`cannot write <path>: <reason>` (errors.WriteError), whatever the OS or the library said.
+Libraries that would swallow an error (faiss ignores a failing close) write through
+`atomic_writer`, whose writes are plain `os.write` calls.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -11,29 +20,92 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from .errors import PlvmError, WriteError, io_reason
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an I/O failure inside the block into WriteError(path): for writes that are not
+    atomic by nature (appending to a log, making a folder)."""
+    try:
+        yield
+    except WriteError as error:  # from a file inside `path` (a temporary one): name `path`
+        if Path(error.path) == Path(path):
+            raise
+        raise WriteError(path, error.reason) from error
+    except Exception as error:
+        reason = io_reason(error)
+        if reason is None:
+            raise
+        raise WriteError(path, reason) from error
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's) data and metadata to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success rename it over `path`.
+    """Yield a temporary path next to `path`; on success flush it and rename it over `path`.
 
-    On any exception the temporary file is removed and `path` is left exactly as it was.
+    On any exception the temporary file is removed and `path` is left exactly as it was; an
+    I/O failure becomes WriteError(path).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with writing(path):
+            yield tmp_path
+            fsync_path(tmp_path)
+            os.replace(tmp_path, path)
+            fsync_path(path.parent)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+class _Writer(io.RawIOBase):
+    """A binary file whose every write is an `os.write` on `fd`, failures included."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        while view:
+            view = view[os.write(self.fd, view):]
+        return size
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[io.RawIOBase]:
+    """Yield a binary file to write `path` through, atomically (see `atomic_path`)."""
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            yield _Writer(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_writer(path) as handle:
+        handle.write(data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -42,6 +114,32 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_image_atomic(path: str | os.PathLike, image, format: str = "PNG") -> None:
+    """Write a PIL image (a plot, a toy photo) atomically."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """PlvmError before a long job when the disk under `folder` clearly cannot hold `needed`
+    bytes (its estimated output)."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise PlvmError(f"not enough free space for {what} in {folder}: about {_size(needed)} "
+                        f"needed, {_size(free)} free")
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TB"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -60,32 +158,38 @@ def replace_folder(new: str | os.PathLike, folder: str | os.PathLike) -> None:
     """
     new, folder = Path(new), Path(folder)
     backup: Path | None = None
-    if folder.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
-        backup.rmdir()  # only the unique name is wanted
-        os.replace(folder, backup)
-    try:
-        os.replace(new, folder)
-    except BaseException:
-        if backup is not None and not folder.exists():
-            os.replace(backup, folder)
-        raise
+    with writing(folder):
+        if folder.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            backup.rmdir()  # only the unique name is wanted
+            os.replace(folder, backup)
+        try:
+            os.replace(new, folder)
+        except BaseException:
+            if backup is not None and not folder.exists():
+                os.replace(backup, folder)
+            raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+    with writing(folder):
+        fsync_path(folder.parent)
 
 
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to `folder`; on success it replaces `folder`.
 
-    On any exception the temporary folder is removed and `folder` is left as it was.
+    On any exception the temporary folder is removed and `folder` is left as it was; an I/O
+    failure becomes WriteError(folder).
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    with writing(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        yield tmp
-        replace_folder(tmp, folder)
+        with writing(folder):
+            yield tmp
+            replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import PlvmError
-from .fileio import atomic_path, write_json_atomic, write_text_atomic
+from .fileio import atomic_path, atomic_writer, check_free_space, write_json_atomic, write_text_atomic
 from .images import load_image
 
 log = logging.getLogger(__name__)
@@ -541,9 +541,8 @@ def embed_image_folder(folder: str | os.PathLike, work_dir: str | os.PathLike, e
                     image.close()
                 bar.update(len(batch))
             data = (np.concatenate(blocks) if blocks else np.zeros((0, dim or 0), np.float32))
-            with atomic_path(work / "img_emb" / f"img_emb_{number}.npy") as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, data.astype(np.float16))
+            with atomic_writer(work / "img_emb" / f"img_emb_{number}.npy") as handle:
+                np.save(handle, data.astype(np.float16))
             write_json_atomic(skipped_path, [list(item) for item in shard_skipped])
             write_text_atomic(work / "metadata" / f"metadata_{number}.jsonl",
                               "".join(json.dumps({"path": p}) + "\n" for p in rows))
@@ -807,6 +806,11 @@ def build_index(source: EmbeddingSource | str | os.PathLike, out_path: str | os.
     except RuntimeError as error:
         raise PlvmError(f"--factory {factory!r} is not usable for {d}-d vectors: "
                         f"{_faiss_message(error)}") from None
+    try:
+        code_bytes = index.sa_code_size()
+    except RuntimeError:  # not every index type says; its vectors are the upper bound
+        code_bytes = 4 * d
+    check_free_space(Path(out_path).parent, n * code_bytes, f"an index of {n} vectors")
     normalize = metric == "ip"
     search = _default_search(index)
     if search_params:
@@ -850,14 +854,14 @@ def build_index(source: EmbeddingSource | str | os.PathLike, out_path: str | os.
 
 
 def _write_index(index: faiss.Index, info: IndexInfo) -> None:
-    """Write index then sidecar via temp files; the sidecar is renamed last."""
-    try:
-        with atomic_path(info.sidecar) as sidecar_tmp, atomic_path(info.path) as index_tmp:
-            faiss.write_index(index, str(index_tmp))
-            sidecar_tmp.write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n",
-                                   encoding="utf-8")
-    except (RuntimeError, OSError) as error:
-        raise PlvmError(f"writing the index to {info.path} failed: {_faiss_message(error)}") from None
+    """Write the index and its sidecar to temporary files, then rename the index, then the
+    sidecar (a fault between the two renames leaves a pair that `open_index` refuses when
+    their counts differ). faiss writes through fileio's writer: it would ignore a failing
+    close of a file of its own."""
+    with atomic_path(info.sidecar) as sidecar_tmp, atomic_writer(info.path) as handle:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+        sidecar_tmp.write_text(json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n",
+                               encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------

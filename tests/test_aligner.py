@@ -178,12 +178,12 @@ def test_failed_save_keeps_the_old_folder(tmp_path, monkeypatch):
     folder = save_aligner(aligner, tmp_path / "a")
     before = aligner_sha256(folder)
 
-    def broken_save_file(*args, **kwargs):
+    def broken_save(*args, **kwargs):
         raise RuntimeError("disk full")
 
     import safetensors.torch
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    monkeypatch.setattr(safetensors.torch, "save", broken_save)
     with pytest.raises(RuntimeError, match="disk full"):
         save_aligner(Aligner(tiny_config("released")), folder)
     assert aligner_sha256(folder) == before

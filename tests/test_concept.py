@@ -1,5 +1,6 @@
 """The .concept format and the store: safetensors + metadata, atomic, checked on load."""
 
+import errno
 import json
 import os
 
@@ -61,10 +62,10 @@ def test_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     before = store.path_for("avril").read_bytes()
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("plvmctl.concept.save_file", broken)
-    with pytest.raises(OSError):
+    monkeypatch.setattr("plvmctl.fileio.os.write", broken)
+    with pytest.raises(PlvmError, match=r"cannot write .*avril.concept: No space left on device"):
         store.save(_concept(seed=2), force=True)
     assert store.path_for("avril").read_bytes() == before
     assert os.listdir(tmp_path) == ["avril.concept"]  # no temp file left behind

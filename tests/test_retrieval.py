@@ -519,8 +519,7 @@ def test_crash_while_writing_leaves_the_old_index(tmp_path, monkeypatch):
     retrieval.build_index(first, out, progress=False)
     before = (out.read_bytes(), (tmp_path / "out" / "i.index.json").read_bytes())
 
-    def broken(index, name):
-        Path(name).write_bytes(b"half an index")
+    def broken(index, writer):
         raise RuntimeError("Error: 'fwrite' failed: No space left on device")
 
     monkeypatch.setattr(retrieval.faiss, "write_index", broken)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import click
 from ..recipe import DEFAULT_RECIPE
 
 STORE_ENV = "PLVMCTL_STORE"
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 class ReportingGroup(click.Group):
@@ -22,12 +25,21 @@ class ReportingGroup(click.Group):
     """
 
     def invoke(self, ctx: click.Context):
-        from ..errors import PlvmError
+        from ..errors import PlvmError, io_reason
 
         try:
             return super().invoke(ctx)
-        except PlvmError as error:
-            click.echo(f"error: {error}", err=True)
+        except (PlvmError, OSError) as error:
+            if isinstance(error, OSError):  # a write or read outside fileio's writers
+                reason = io_reason(error)
+                where = f"{error.filename}: " if error.filename else ""
+                message = f"cannot {'write' if error.errno in WRITE_ERRNOS else 'use'} {where}{reason}"
+            else:
+                message = str(error)
+            if getattr(ctx.find_root().obj, "verbose", 0) and (isinstance(error, OSError)
+                                                                or error.__cause__ is not None):
+                traceback.print_exception(error)
+            click.echo(f"error: {message}", err=True)
             ctx.exit(1)
 
 

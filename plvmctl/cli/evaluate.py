@@ -33,6 +33,18 @@ def default_out_dir(recipe_name: str) -> Path:
     return Path("runs") / f"eval-{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+ITEM_BYTES = 1024  # an answer in items/METHOD.jsonl: about 350 bytes measured; room for reasoning
+REPORT_BYTES = 1 << 20  # results.json, .md, .png
+
+
+def report_bytes(testset, methods: int, limit: int | None) -> int:
+    """What an evaluation report may take on disk, at most: every recognition pair (each query
+    photo against every identity), every question, for each method."""
+    tasks = [testset.query_count * len(testset.identities), len(testset.visual), len(testset.text)]
+    items = sum(min(count, limit) if limit else count for count in tasks)
+    return REPORT_BYTES + methods * items * ITEM_BYTES
+
+
 @click.command("eval")
 @click.option("--testset", type=click.Path(file_okay=False), default=None,
               help="Folder that holds validation_recognition/ [default: ../shared/testsets/plvm-val].")
@@ -78,6 +90,8 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
       plvmctl eval --testset /tmp/ts --method plvm,plvm-auto --captions
       plvmctl eval --testset /tmp/ts --method mcllava,plvm,yollava --pairs
     """
+    from ..fileio import check_free_space
+    from ..locks import LOCK_FILE, hold
     from ..evaluate import load_testset, recipe_mcq_mode, render_markdown, run_evaluation
 
     names = [] if retrieval_only else parse_methods(methods)
@@ -89,9 +103,11 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
     if recipe.name == "tiny" or str(recipe.model.source) == "tiny":
         click.echo(TINY_WARNING, err=True)
     out = Path(out_dir) if out_dir else default_out_dir(recipe.name)
-    results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
-                             neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
-                             batch_size=batch_size, progress=True,
-                             retrieval=retrieval or retrieval_only, captions=captions, pairs=pairs)
+    check_free_space(out, report_bytes(loaded, max(len(names), 1), limit), "the evaluation report")
+    with hold(out / LOCK_FILE, f"the evaluation folder {out}"):
+        results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
+                                 neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
+                                 batch_size=batch_size, progress=True,
+                                 retrieval=retrieval or retrieval_only, captions=captions, pairs=pairs)
     click.echo(render_markdown(results))
     click.echo(f"report: {out}/results.md, results.json, results.png; answers in {out}/items/")

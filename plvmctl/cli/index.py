@@ -83,6 +83,7 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
           train_sample: int | None, model_name: str | None, seed: int, progress: bool) -> None:
     """Build an index of SOURCE and print its path and a one-line summary."""
     from .. import retrieval
+    from ..locks import hold
 
     started = time.perf_counter()
     if gpu:
@@ -103,10 +104,11 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
         model_name = model_name or backbone_name
     else:
         src = retrieval.open_source(source)
-    info = retrieval.build_index(src, out_path, factory=factory, metric=metric,
-                                 train_sample=train_sample, use_gpu=gpu, progress=progress,
-                                 embedding_model=model_name, seed=seed,
-                                 search_params={"nprobe": nprobe} if nprobe else None)
+    with hold(Path(f"{out_path}.lock"), f"the index {out_path}"):
+        info = retrieval.build_index(src, out_path, factory=factory, metric=metric,
+                                     train_sample=train_sample, use_gpu=gpu, progress=progress,
+                                     embedding_model=model_name, seed=seed,
+                                     search_params={"nprobe": nprobe} if nprobe else None)
     seconds = time.perf_counter() - started
     click.echo(str(info.path))
     click.echo(f"{info.count} vectors, dim {info.dim}, {info.factory}, {info.metric}, "

@@ -9,12 +9,14 @@ the options here override it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
+from ..locks import LOCK_FILE, hold
 from .app import App
 
 pass_app = click.make_pass_decorator(App)
@@ -62,9 +64,12 @@ def aligner(app: App, data: str | None, out: str | None, steps: int | None, resu
     def echo(message: str) -> None:
         click.echo(message, err=True)
 
+    main_process = accelerator is None or accelerator.is_local_main_process
     try:
-        result = train_aligner(runtime, config, resume=resume, progress=sys.stderr.isatty(),
-                               echo=echo, accelerator=accelerator)
+        with hold(Path(config.out) / LOCK_FILE, f"the training folder {config.out}") if main_process \
+                else contextlib.nullcontext():
+            result = train_aligner(runtime, config, resume=resume, progress=sys.stderr.isatty(),
+                                   echo=echo, accelerator=accelerator)
     except TrainingInterrupted as stopped:
         click.echo(f"stopped: {stopped}", err=True)
         sys.exit(130)

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..errors import PlvmError
+from ..locks import LOCK_FILE, hold
 from .app import App
 
 pass_app = click.make_pass_decorator(App)
@@ -81,6 +82,8 @@ def mcllava(app: App, concept_options: tuple[str, ...], negatives_dir: str | Non
         raise PlvmError("one concept alone needs negatives: pass --negatives DIR or --index INDEX "
                         "(or train it together with other concepts)")
     run_dir = Path(out) if out else Path(config.out) / "+".join(photos)
+    lock = hold(run_dir / LOCK_FILE, f"the training folder {run_dir}")
+    click.get_current_context().with_resource(lock)  # one training a run folder, till the end
 
     def echo(message: str) -> None:
         click.echo(message, err=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import PlvmError
+from ..locks import LOCK_FILE, hold
 from .app import App
 
 pass_app = click.make_pass_decorator(App)
@@ -84,6 +85,8 @@ def myvlm(app: App, photos_dir: str, name: str, negatives_dir: str | None, index
         raise PlvmError("MyVLM needs negatives: pass --negatives DIR or --index INDEX (or --head "
                         "nearest with --set myvlm.threshold=COSINE)")
     run_dir = Path(out) if out else Path(config.out) / name
+    lock = hold(run_dir / LOCK_FILE, f"the training folder {run_dir}")
+    click.get_current_context().with_resource(lock)  # one training a run folder, till the end
 
     def echo(message: str) -> None:
         click.echo(message, err=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from ..errors import PlvmError
+from ..locks import LOCK_FILE, hold
 from .app import App
 
 pass_app = click.make_pass_decorator(App)
@@ -70,6 +71,8 @@ def yollava(app: App, photos_dir: str, name: str, index: str | None, negatives_d
     if index is None and negatives_dir is None:
         raise PlvmError("Yo'LLaVA needs negatives: pass --index INDEX and/or --negatives DIR")
     run_dir = Path(out) if out else Path(config.out) / name
+    lock = hold(run_dir / LOCK_FILE, f"the training folder {run_dir}")
+    click.get_current_context().with_resource(lock)  # one training a run folder, till the end
 
     def echo(message: str) -> None:
         click.echo(message, err=True)

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from ..errors import PlvmError
-from ..fileio import replace_folder, write_json_atomic
+from ..fileio import check_free_space, replace_folder, write_json_atomic
 from .encoder import EncoderSizes, EncoderTrainConfig
 from .lvlm import DESCRIPTION_KEYS, LvlmSizes, LvlmTrainConfig
 
@@ -163,6 +163,19 @@ def _stage_recipe(backbone_dir: Path, encoder_dir: Path, aligner_dir: Path | Non
     return recipe_from_dict(data, name="pocket-build")
 
 
+COMMITTED_POCKET = Path(__file__).resolve().parents[1] / "assets" / "pocket"
+WORK_FACTOR = 6  # checkpoints: weights + AdamW's two moments, the previous one kept while replaced
+
+
+def check_pocket_space(out: Path, work: Path) -> None:
+    """PlvmError before an hour of training when the disks clearly cannot hold the build: the
+    committed pocket's size (about what a build writes) twice beside --out (the staged copy
+    and the folder it replaces), WORK_FACTOR times in the work folder."""
+    size = sum(path.stat().st_size for path in COMMITTED_POCKET.rglob("*") if path.is_file())
+    check_free_space(out.parent, 2 * size, "the pocket checkpoint")
+    check_free_space(work, WORK_FACTOR * size, "the pocket build's work folder")
+
+
 def _stage_record(work: Path, name: str) -> dict[str, Any] | None:
     """What a finished stage of an earlier run in `work` recorded, or None."""
     path = work / f"stage-{name}.json"
@@ -213,6 +226,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         raise PlvmError(f"--out {out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     own_work = work_dir is None
+    check_pocket_space(out, Path(tempfile.gettempdir()) if own_work else Path(work_dir))
     work = Path(tempfile.mkdtemp(prefix="plvmctl-pocket-")) if own_work else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     everything = _jsonable(dataclasses.asdict(settings)) | {"seed": seed}

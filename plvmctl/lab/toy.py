@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import PlvmError
-from ..fileio import atomic_path, write_json_atomic, write_text_atomic
+from ..fileio import write_image_atomic, write_json_atomic, write_text_atomic
 
 # --------------------------------------------------------------------------------------------
 # Traits
@@ -823,8 +823,7 @@ def scene_qa_about(subject: Identity, info: SceneInfo, rng: random.Random) -> li
 
 def _save_png(image: Image.Image, path: Path) -> None:
     """Write `image` as PNG atomically."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    write_image_atomic(path, image)
 
 
 def _write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:

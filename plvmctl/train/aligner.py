@@ -49,7 +49,7 @@ from ..aligner import Aligner, AlignerConfig, load_aligner, save_aligner
 from ..concept import Concept
 from ..data.templates import RECOGNITION_ANSWER_STYLES
 from ..errors import PlvmError
-from ..fileio import atomic_path, sha256_file, write_json_atomic
+from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
 from ..prompt import build_prompt, encode_segments, split_names
 from ..table import ConceptTable
@@ -343,11 +343,10 @@ class ReferenceTokens:
             return {}
 
     def _save_disk(self, stored: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        with atomic_path(self.cache_file) as tmp:
-            save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp),
-                      metadata={"encoder": self.encoder.name})
+        write_bytes_atomic(self.cache_file, save({k: v.contiguous() for k, v in stored.items()},
+                                                 metadata={"encoder": self.encoder.name}))
 
     def prepare(self, identities: Sequence[Identity], progress: bool = False) -> None:
         """Encode every identity's reference photo (disk cache first)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -36,7 +37,8 @@ import numpy as np
 import torch
 
 from ..errors import PlvmError
-from ..fileio import atomic_folder, atomic_path, sha256_file, write_json_atomic
+from ..fileio import (atomic_folder, sha256_file, write_bytes_atomic, write_image_atomic,
+                      write_json_atomic, writing)
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_MODULE = "aligner"  # the trained module, as an Aligner folder
@@ -157,8 +159,9 @@ def save_checkpoint(out_dir: str | os.PathLike, *, module: torch.nn.Module,
         save_module(module, tmp / CHECKPOINT_MODULE)
         tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "rng": rng}
-        with atomic_path(tmp / CHECKPOINT_TENSORS) as path:
-            torch.save(tensors, path)
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        write_bytes_atomic(tmp / CHECKPOINT_TENSORS, buffer.getvalue())
         write_json_atomic(tmp / CHECKPOINT_STATE, {
             "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **state})
     return folder
@@ -220,8 +223,9 @@ class JsonlLogger:
         self._handle = self.path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(row) + "\n")
-        self._handle.flush()
+        with writing(self.path):
+            self._handle.write(json.dumps(row) + "\n")
+            self._handle.flush()
 
     def close(self) -> None:
         self._handle.close()
@@ -325,8 +329,7 @@ def draw_loss_curve(steps: Iterable[int], losses: Iterable[float], path: str | o
             x, y = raw[0]
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 90, 200))
     path = Path(path)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+    write_image_atomic(path, image)
     return path
 
 
