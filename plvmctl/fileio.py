@@ -1,7 +1,9 @@
 """Atomic writes and hashing: nothing half-written is ever left under a real name.
 
 Every write goes to a temporary file next to its target, is flushed to the disk (fsync), then
-renamed over the target, and the folder is flushed too. A failure at any of those steps
+renamed over the target, and the folder is flushed too. A temporary's name says which process
+writes it (`.NAME.PID.*.tmp`), so one left by a writer that was killed is removed by the next
+write of the same target. A failure at any of those steps
 removes the temporary file, leaves the target as it was and becomes one line,
 `cannot write <path>: <reason>` (errors.WriteError), whatever the OS or the library said.
 Libraries that would swallow an error (faiss ignores a failing close) write through
@@ -11,6 +13,7 @@ Libraries that would swallow an error (faiss ignores a failing close) write thro
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -49,6 +52,40 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _temporary_prefix(path: Path) -> str:
+    """`.NAME.PID.`: a temporary file or folder names its target and the process writing it."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of `path` left by writers that died before their rename (a
+    SIGKILL, a power cut): `.NAME.PID.*.tmp` whose process no longer exists. A live writer's
+    temporary is never touched. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = candidate.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or not _process_is_gone(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if candidate.is_dir():
+                shutil.rmtree(candidate)
+            else:
+                candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success flush it and rename it over `path`.
@@ -59,7 +96,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        sweep_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -185,7 +223,8 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     folder = Path(folder)
     with writing(folder):
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        sweep_stale_temporaries(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(folder), suffix=".tmp", dir=folder.parent))
     try:
         with writing(folder):
             yield tmp

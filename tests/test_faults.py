@@ -341,3 +341,35 @@ def test_a_full_disk_while_logging_eval_items_names_the_log_and_keeps_the_lines(
             log.append([{"key": "b", "mode": "yes", "answer": "no"}])
     assert path.read_bytes() == before  # nothing reached the file
     assert ItemLog(path).done("a", "yes") and not ItemLog(path).done("b", "yes")
+
+
+def test_a_killed_writers_temporaries_are_swept_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    from plvmctl.fileio import atomic_folder, write_text_atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        target = tmp_path / "a.concept"
+        target.write_text("old")
+        stale = tmp_path / f".a.concept.{dead.pid}.x1y2.tmp"
+        working = tmp_path / f".a.concept.{alive.pid}.z3w4.tmp"
+        other = tmp_path / f".b.concept.{dead.pid}.q5r6.tmp"  # another target's: not this write's business
+        for path in (stale, working, other):
+            path.write_text("half")
+        stale_folder = tmp_path / f".run.{dead.pid}.k7m8.tmp"
+        stale_folder.mkdir()
+
+        write_text_atomic(target, "new")
+        with atomic_folder(tmp_path / "run") as folder:
+            (folder / "x").write_text("done")
+
+        assert target.read_text() == "new"
+        assert not stale.exists() and not stale_folder.exists()
+        assert working.read_text() == "half" and other.read_text() == "half"
+        assert (tmp_path / "run" / "x").read_text() == "done"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == sorted(
+            [working.name, other.name])
+    finally:
+        alive.kill()
+        alive.wait()
