@@ -56,6 +56,8 @@ def evaluation(methods: dict[str, tuple], identities: int = 40) -> dict:
             "visual_qa": {"accuracy": visual}, "text_qa": {"accuracy": text},
             "seconds_per_concept": seconds, "tokens_per_concept": tokens,
             "skipped": {"total": 0}, "unparseable": {"total": 0},
+            "negatives": (f"the test set's negatives/ folder (/sets/toy/negatives)"
+                          if name in ("yollava", "myvlm", "mcllava") else None),
         }
     return results
 
@@ -153,6 +155,16 @@ def test_ablation_tables_vary_w_at_k16_and_k_at_w20():
     assert table_row(contexts, "16")[1:7] == ["90.0", "60.0", "75.0", "32.0", "33.0", "16"]
     data_rows = [line for line in contexts.splitlines() if re.match(r"\| \d", line)]
     assert len(data_rows) == 3
+
+
+def test_the_document_says_where_each_trained_method_took_its_negatives_from():
+    markdown = render_results_markdown(summary())
+    line = next(line for line in markdown.splitlines() if line.startswith("- Negatives of the methods that train"))
+    for name in ("yollava", "myvlm", "mcllava"):
+        assert f"{name}: the test set's negatives/ folder (/sets/toy/negatives)" in line
+    assert "plvm:" not in line and "llava-text" not in line
+    without = render_results_markdown(summary(Options(skip_trained=True)))
+    assert "- Negatives of the methods that train" not in without
 
 
 def test_reading_note_gives_the_chance_levels_of_this_test_set():
@@ -258,17 +270,22 @@ def test_each_aligner_is_trained_as_the_pocket_one_except_w_and_k(tmp_path):
 # Steps and errors
 
 
-def test_a_finished_step_is_reused_and_other_settings_are_refused(tmp_path):
-    calls = []
-    steps = StepRunner(tmp_path, echo=lambda message: None)
+def test_a_finished_step_is_reused_only_with_the_same_settings(tmp_path):
+    calls, said, cleared = [], [], []
+    steps = StepRunner(tmp_path, echo=said.append)
     work = lambda: calls.append(1)
-    assert not steps.run("main", {"negatives": 30}, work, done=lambda: True).reused
-    assert steps.run("main", {"negatives": 30}, work, done=lambda: True).reused
+    settings = {"negatives": 30, "methods": {"plvm": {"plvmctl": {"source_sha256": "aaa"}}}}
+    assert not steps.run("main", settings, work, done=lambda: True).reused
+    assert steps.run("main", settings, work, done=lambda: True).reused
     assert len(calls) == 1
-    assert not steps.run("main", {"negatives": 30}, work, done=lambda: False).reused  # outputs gone
-    assert len(calls) == 2
-    with pytest.raises(PlvmError, match=r"other settings \(negatives: 30 -> 10\)"):
-        steps.run("main", {"negatives": 10}, work, done=lambda: True)
+    assert not steps.run("main", settings, work, done=lambda: False).reused  # outputs gone
+    assert len(calls) == 2 and cleared == []
+    new_code = {**settings, "methods": {"plvm": {"plvmctl": {"source_sha256": "bbb"}}}}
+    record = steps.run("main", new_code, work, done=lambda: True, afresh=lambda: cleared.append(1))
+    assert not record.reused and len(calls) == 3 and cleared == [1]
+    assert 'step main: made with other settings (methods.plvm.plvmctl.source_sha256: "aaa" -> "bbb"), run afresh' \
+        in said[-3]
+    assert steps.run("main", new_code, work, done=lambda: True).reused  # the new settings are the marker's
 
 
 def test_an_interrupted_step_runs_again(tmp_path):

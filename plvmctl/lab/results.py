@@ -19,11 +19,15 @@ Steps (each one's outputs stay under --out-dir, so a repeated run skips what is 
     doc           docs/results.md (and OUT/results.json), written atomically
 
 Why the step markers: a step's outputs alone cannot say under which settings they were made
-(another model, another test set, other negatives). Each step writes OUT/steps/NAME.json with
-its settings before it starts and marks it finished at the end; a later run reuses a finished
-step whose settings are the same, resumes an unfinished one (evaluation per item, training
-from its checkpoint) and refuses, in one line, a folder made with other settings rather than
-mixing two experiments in one table.
+(another model, another test set, other negatives, other code). Each step writes
+OUT/steps/NAME.json with its settings before it starts and marks it finished at the end. The
+settings hold what decides the step's outputs: the weights' sha256, the digest of plvmctl's
+source, and for an evaluation each method's answer fingerprint (plvmctl/fingerprint.py: the
+resolved recipe, method settings included). A later run reuses a finished step whose settings
+are the same and resumes an unfinished one (evaluation per item, training from its
+checkpoint); a step made with other settings runs again, said in one line: a training from
+scratch, an evaluation asking afresh the methods whose fingerprint changed (run_evaluation's
+own rule). Two experiments are never mixed in one table.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ import click
 
 from ..errors import PlvmError
 from ..evaluate import method_row as evaluated_row
-from ..fileio import sha256_file, write_json_atomic, write_text_atomic
+from ..fileio import write_json_atomic, write_text_atomic
+from ..fingerprint import answer_fingerprint, first_difference, model_weights, source_digest, weights_digest
 from ..methods import DESCRIPTION_MAX_NEW_TOKENS
 
 RECIPE = "pocket"
@@ -234,13 +239,6 @@ class StepRecord:
     reused: bool
 
 
-def _first_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    for key in sorted(set(before) | set(now)):
-        if before.get(key) != now.get(key):
-            return f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}"
-    return ""
-
-
 class StepRunner:
     """Runs named steps once: OUT/steps/NAME.json holds each step's settings and wall time."""
 
@@ -250,8 +248,9 @@ class StepRunner:
         self.records: list[StepRecord] = []
 
     def run(self, name: str, settings: Mapping[str, Any], work: Callable[[], None],
-            done: Callable[[], bool]) -> StepRecord:
-        """`work()` unless a finished earlier run with the same settings left `done()` true."""
+            done: Callable[[], bool], afresh: Callable[[], None] = lambda: None) -> StepRecord:
+        """`work()` unless a finished earlier run with the same settings left `done()` true.
+        When the earlier run had other settings, `afresh()` (removing what it made) comes first."""
         marker = self.folder / f"{name}.json"
         settings = json.loads(json.dumps(settings, default=str))  # as it reads back from disk
         previous = None
@@ -261,9 +260,10 @@ class StepRunner:
             except json.JSONDecodeError:
                 previous = None  # a damaged marker: the step runs again (its outputs resume)
         if previous is not None and previous.get("settings") != settings:
-            change = _first_difference(previous.get("settings") or {}, settings)
-            raise PlvmError(f"{self.folder.parent} holds step {name!r} made with other settings "
-                            f"({change}): pass another --out-dir or remove that folder")
+            change = first_difference(previous.get("settings") or {}, settings)
+            self.echo(f"[results] step {name}: made with other settings ({change}), run afresh")
+            afresh()
+            previous = None
         if previous is not None and previous.get("finished") and done():
             record = StepRecord(name, float(previous.get("seconds", 0.0)), reused=True)
             self.echo(f"[results] step {name}: reused ({record.seconds:.1f} s when it ran)")
@@ -284,21 +284,6 @@ class StepRunner:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _file_identity(path: str | Path) -> str:
-    """sha256 of a model folder's model.safetensors (or of the file), else the path itself."""
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    return sha256_file(weights) if weights.is_file() else str(path)
-
-
-def _model_identity(recipe) -> dict[str, str]:
-    """What makes answers comparable: the weights of the backbone and of the encoder."""
-    from ..runtime import resolve_recipe_path
-
-    return {"backbone": _file_identity(resolve_recipe_path(recipe, recipe.model.source)),
-            "encoder": _file_identity(resolve_recipe_path(recipe, recipe.encoder.source))}
 
 
 def _toy_identity_count(testset: Path) -> int | None:
@@ -365,14 +350,13 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
     recipe = load_recipe(RECIPE, overrides)
     mcq = recipe_mcq_mode(recipe)
     testset = load_testset(options.testset)
-    settings = {"recipe": RECIPE, "overrides": overrides, **_model_identity(recipe),
+    weights = model_weights(recipe)
+    settings = {"recipe": RECIPE, "overrides": overrides,
                 "testset": str(testset.root.resolve()), "testset_counts": testset.counts(),
+                "testset_negatives": weights_digest(testset.negatives) if testset.negatives else None,
                 "neg_per_identity": options.neg_per_identity, "limit": options.limit,
-                "mcq": mcq, "seed": SEED}
-    if recipe.aligner.path:
-        from ..runtime import resolve_recipe_path
-
-        settings["aligner"] = _file_identity(resolve_recipe_path(recipe, recipe.aligner.path))
+                "mcq": mcq, "seed": SEED,
+                "methods": {name: answer_fingerprint(recipe, name, weights) for name in methods}}
 
     def work() -> None:
         from ..runtime import load_runtime
@@ -393,13 +377,13 @@ def training_data_step(options: Options, settings: Mapping[str, Any], folder: Pa
 
     manifest = folder / "manifest.jsonl"
     wanted = {"identities": settings["identities"], "photos": settings["photos"],
-              "seed": settings["seed"]}
+              "seed": settings["seed"], "plvmctl_source": source_digest()}
 
     def work() -> None:
         generate_training_data(folder, settings["identities"], settings["photos"],
                                settings["seed"], extra_scenes=0, progress=True)
 
-    steps.run("data", wanted, work, manifest.is_file)
+    steps.run("data", wanted, work, manifest.is_file, afresh=lambda: shutil.rmtree(folder, ignore_errors=True))
     return manifest
 
 
@@ -416,8 +400,8 @@ def train_step(run: AblationRun, settings: Mapping[str, Any], manifest: Path, fo
     described = dataclasses.asdict(config)
     described.pop("out")
     described["data"] = str(Path(described["data"]).resolve())
-    wanted = {"recipe": RECIPE, "overrides": training_overrides(run), **_model_identity(recipe),
-              "num_context": run.num_context, "train": described}
+    wanted = {"recipe": RECIPE, "overrides": training_overrides(run), "weights": model_weights(recipe),
+              "plvmctl_source": source_digest(), "num_context": run.num_context, "train": described}
 
     def finished() -> bool:
         weights = folder / ALIGNER_DIR / "model.safetensors"
@@ -440,7 +424,8 @@ def train_step(run: AblationRun, settings: Mapping[str, Any], manifest: Path, fo
                             f"continue (from its checkpoint in {folder} when one was saved)"
                             ) from None
 
-    steps.run(f"train-{run.name}", wanted, work, finished)
+    steps.run(f"train-{run.name}", wanted, work, finished,
+              afresh=lambda: shutil.rmtree(folder, ignore_errors=True))
     return json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
 
 
@@ -484,17 +469,10 @@ def prepare_truth(context) -> Any:
                           details={"descriptions": descriptions})
 
 
-def yollava_negatives() -> str:
-    """Where `eval --method yollava` takes each concept's negative photos from (the recipe)."""
-    from ..recipe import load_recipe
-    from ..train.yollava import YollavaConfig
-
-    config = load_recipe(RECIPE).section("yollava", YollavaConfig)
-    if config.index:
-        return f"hard and random ones from the index {config.index}"
-    if config.negatives_dir:
-        return f"photos of {config.negatives_dir}"
-    return "the other identities' reference photos"
+def negative_origins(main: Mapping[str, Any]) -> dict[str, str]:
+    """Where each trained method of the main evaluation took its negative photos from (never
+    the test identities: methods.base.negative_pool), as its results.json says."""
+    return {name: method["negatives"] for name, method in main["methods"].items() if method.get("negatives")}
 
 
 def machine_facts(threads: int) -> dict[str, Any]:
@@ -540,7 +518,7 @@ def build_summary(options: Options, testset, main: Mapping[str, Any],
         "main": [method_row(main, name) for name in options.methods],
         "main_folder": str(options.out_dir / "main"),
         "ablations_folder": str(options.out_dir / "ablations"),
-        "yollava_negatives": yollava_negatives(),
+        "negatives": negative_origins(main),
         "ablations": None,
         "aligner_training": dict(aligner_settings) if aligner_settings else None,
         "steps": [dataclasses.asdict(step) for step in steps],
@@ -600,6 +578,14 @@ _ACCURACY_HEADER = ("recognition positive | recognition negative | recognition m
                     "| text MCQ")
 
 
+def _negatives_lines(origins: Mapping[str, str]) -> list[str]:
+    """The doc's line on where each trained method's negative photos came from."""
+    if not origins:
+        return []
+    return ["- Negatives of the methods that train (photos of people who are not the concept, never a "
+            "test identity): " + "; ".join(f"{name}: {origin}" for name, origin in origins.items()) + "."]
+
+
 def render_results_markdown(summary: Mapping[str, Any]) -> str:
     """docs/results.md from a summary dict (`build_summary`): tables, command, machine, notes."""
     testset, protocol, machine = summary["testset"], summary["protocol"], summary["machine"]
@@ -640,8 +626,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         "no training); no prompt leaves `<name>` as plain text; the text prompt puts "
         "\"<name> is {description}.\" before every question, the description written by the "
         f"base model from the photo in at most {DESCRIPTION_MAX_NEW_TOKENS} tokens"
-        + ("; Yo'LLaVA trains soft tokens per identity (the recipe's yollava settings; "
-           f"negatives: {summary.get('yollava_negatives') or 'as the recipe says'})"
+        + ("; Yo'LLaVA trains soft tokens per identity (the recipe's yollava settings)"
            if any(row["method"] == "yollava" for row in summary["main"]) else "")
         + ("; MyVLM trains a concept head (does this photo show the person? the reference "
            "encoder's features of the photo and of windows of it, the best one against a "
@@ -656,6 +641,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
            "test set's toy_world.json), which is what the base LVLM can do with a written "
            "description before any Aligner" if any(row["method"] == TRUTH for row in summary["main"])
            else "") + ".",
+        *_negatives_lines(summary.get("negatives") or {}),
         "- Seconds to add a concept: wall time per concept (PLVM: one reference-encoder + "
         "Aligner pass; text prompt: the base model writing the description; Yo'LLaVA: training "
         "its soft prompt; MyVLM: training its head and embedding; MC-LLaVA: training its group's "
