@@ -711,6 +711,22 @@ def predict(item: EvalItem, record: Mapping[str, Any]) -> str | None:
     return parse_mcq_answer(record.get("answer"), item.options)
 
 
+def logged_items(items: dict[str, list[EvalItem]], log: ItemLog, mcq: str,
+                 unavailable: Mapping[str, str] | None = None):
+    """Per item of each task, in order: (task, item, its logged record, why it is not scored
+    or None). Its record is None when the item is skipped."""
+    for task in TASKS:
+        mode = _mode_for(task, mcq)
+        for item in items[task]:
+            record = log.records.get((item.key, mode))
+            reason = item.missing or (unavailable or {}).get(item.identity)
+            if reason is None and record is None:
+                reason = "not answered"
+            if reason is None and record.get("error") is not None:
+                reason = f"engine error: {record['error']}"
+            yield task, item, (None if reason else record), reason
+
+
 def score_method(items: dict[str, list[EvalItem]], log: ItemLog, mcq: str,
                  unavailable: Mapping[str, str]) -> dict[str, Any]:
     """Metrics of one method from its item log, with the skipped and unparseable items."""
@@ -718,26 +734,18 @@ def score_method(items: dict[str, list[EvalItem]], log: ItemLog, mcq: str,
     unparseable: list[dict[str, Any]] = []
     pairs: dict[str, list[tuple[str, str | None]]] = {task: [] for task in TASKS}
     decided = Counter(answers=0, no=0, correct=0)
-    for task in TASKS:
-        mode = _mode_for(task, mcq)
-        for item in items[task]:
-            record = log.records.get((item.key, mode))
-            reason = item.missing or unavailable.get(item.identity)
-            if reason is None and record is None:
-                reason = "not answered"
-            if reason is None and record.get("error") is not None:
-                reason = f"engine error: {record['error']}"
-            if reason is not None:
-                skipped.append({"key": item.key, "task": task, "reason": reason})
-                continue
-            predicted = predict(item, record)
-            if predicted is None:
-                unparseable.append({"key": item.key, "task": task, "answer": record.get("answer")})
-            pairs[task].append((item.expected, predicted))
-            if task == "recognition" and record.get("decided_by") == "retrieval":
-                decided["answers"] += 1
-                decided["correct"] += int(predicted == item.expected)
-                decided["no"] += int(predicted == "no")
+    for task, item, record, reason in logged_items(items, log, mcq, unavailable):
+        if reason is not None:
+            skipped.append({"key": item.key, "task": task, "reason": reason})
+            continue
+        predicted = predict(item, record)
+        if predicted is None:
+            unparseable.append({"key": item.key, "task": task, "answer": record.get("answer")})
+        pairs[task].append((item.expected, predicted))
+        if task == "recognition" and record.get("decided_by") == "retrieval":
+            decided["answers"] += 1
+            decided["correct"] += int(predicted == item.expected)
+            decided["no"] += int(predicted == "no")
     reasons = Counter((entry["task"], entry["reason"]) for entry in skipped)
     recognition = recognition_metrics(pairs["recognition"])
     recognition["decided_by_retrieval"] = {  # plvm-auto's "No." when retrieval missed the concept

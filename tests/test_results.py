@@ -167,6 +167,27 @@ def test_the_document_says_where_each_trained_method_took_its_negatives_from():
     assert "- Negatives of the methods that train" not in without
 
 
+def test_the_document_shows_the_paired_comparison_and_the_accuracy_per_question():
+    statistics = {
+        "paired": {"llava-text": {
+            "all": {"items": 1440, "both_right": 1200, "only_first": 51, "only_second": 16, "p_value": 2.1689e-05},
+            "positives": {"items": 240, "both_right": 180, "only_first": 38, "only_second": 11,
+                          "p_value": 0.00011}}},
+        "questions": {"text": {"plvm": {"What is <sks>'s hair color?": {"items": 40, "correct": 39, "accuracy": 0.975}},
+                               "llava-text": {"What is <sks>'s hair color?": {"items": 40, "correct": 20,
+                                                                               "accuracy": 0.5}}},
+                      "visual": {"plvm": {}, "llava-text": {}}}}
+    base = summary()
+    markdown = render_results_markdown({**base, "statistics": statistics})
+    paired = section(markdown, "## PLVM against each method, item by item (recognition)")
+    assert table_row(paired, "`llava-text`") == ["`llava-text`", "1440", "51", "16", "2e-05",
+                                                 "240", "38", "11", "1e-04"]
+    text = section(markdown, "## Text MCQ per question (which readings go wrong)")
+    assert table_row(text, "What is <sks>'s hair color?") == ["What is <sks>'s hair color?", "97.5 (40)", "50.0 (40)"]
+    assert "## Visual MCQ per question" not in markdown  # nothing answered there
+    assert "item by item" not in render_results_markdown({**base, "statistics": None})
+
+
 def test_reading_note_gives_the_chance_levels_of_this_test_set():
     markdown = render_results_markdown(summary())
     note = section(markdown, "## How to read the numbers")
@@ -385,3 +406,45 @@ def test_the_document_says_how_multiple_choice_was_read():
     assert "letter read where it stands" in render_results_markdown(data)
     data["protocol"]["mcq"] = "likelihood"
     assert "the option whose letter the model finds most likely" in render_results_markdown(data)
+
+
+def test_readings_compare_plvm_answer_by_answer_and_read_each_question(tmp_path):
+    """The McNemar table and the per-question / per-trait readings come from the item logs."""
+    from plvmctl.lab.readings import mcnemar_exact, mcq_by_question, paired_recognition, stated_traits
+    from plvmctl.lab.toy import write_testset
+    from plvmctl.evaluate import load_testset, build_items
+
+    assert mcnemar_exact(51, 16) == pytest.approx(2.17e-5, rel=1e-2) and mcnemar_exact(3, 3) == 1.0
+    root = write_testset(tmp_path / "ts", 3, 0, queries_per_identity=2, progress=False)
+    items = build_items(load_testset(root))
+    truth = json.loads((root / "toy_world.json").read_text())["identities"]
+    from plvmctl.lab.toy import Identity
+
+    def answer(item, right, hair_right=True):
+        hair = Identity.from_id(truth[item.identity]).trait_words()["hair"] if hair_right else "zz"
+        verdict = item.expected if right else ("no" if item.expected == "yes" else "yes")
+        return f"left x hair {hair} same mismatch. {verdict.capitalize()}."
+
+    folder = tmp_path / "main"
+    (folder / "items").mkdir(parents=True)
+    for name, right, hair_right in (("plvm", True, True), ("llava-text", False, False)):
+        records = [{"key": i.key, "mode": "generate", "answer": answer(i, right, hair_right), "error": None}
+                   for i in items["recognition"]]
+        records += [{"key": i.key, "mode": "generate", "answer": i.expected if right else "Z", "error": None}
+                    for i in items["text"] + items["visual"]]
+        (folder / "items" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    main = {"testset": str(root), "protocol": {"limit": None, "neg_per_identity": None, "seed": 0, "mcq": "generate"}}
+    pair = paired_recognition(folder, main, "plvm", "llava-text")
+    n = len(items["recognition"])
+    assert (pair["items"], pair["only_a"], pair["only_b"], pair["positives_only_a"]) == (n, n, 0, 6)
+    assert pair["p"] == pytest.approx(mcnemar_exact(n, 0))
+    questions = mcq_by_question(folder, main, ["plvm", "llava-text"])
+    assert {q["question"] for q in questions} >= {"What is <sks>'s hair color?"}
+    assert all(q["accuracy"] == {"plvm": 1.0, "llava-text": 0.0} for q in questions)
+    traits = stated_traits(folder, main, ["plvm", "llava-text"])
+    assert traits["plvm"]["hair"] == {"stated": n, "wrong": 0}
+    assert traits["llava-text"]["hair"] == {"stated": n, "wrong": n}
+    markdown = render_results_markdown({**summary(), "readings": {
+        "paired": [pair], "mcq_by_question": questions, "stated_traits": traits}})
+    assert f"| llava-text | {n} | {n} | 0 | 6 / 0 |" in markdown
+    assert "## Per-question and per-trait readings" in markdown

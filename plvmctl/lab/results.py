@@ -59,6 +59,8 @@ SEED = 0  # the seed of `make pocket` and of `make eval`'s test set
 MIN_IDENTITIES = 40  # the issue asks for at least 40 held-out identities
 
 TRUTH = "llava-truth"
+PLVM = "plvm"
+TASK_RECOGNITION = "recognition"
 MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava", "myvlm", "mcllava", TRUTH)
 TRAINED_METHODS = ("yollava", "myvlm", "mcllava")  # trained concepts: --skip-trained leaves them out
 METHOD_TITLES = {
@@ -469,6 +471,27 @@ def prepare_truth(context) -> Any:
                           details={"descriptions": descriptions})
 
 
+def item_statistics(options: Options, testset, main: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """From the main evaluation's item logs (plvmctl/item_stats.py): PLVM against every other
+    method on the same recognition items (exact McNemar), and each method's accuracy per
+    multiple-choice question as published (per trait on the toy set)."""
+    from ..evaluate import build_items
+    from ..item_stats import mcnemar, outcomes, question_accuracy
+
+    items = build_items(testset, limit=options.limit, neg_per_identity=options.neg_per_identity, seed=SEED)
+    mcq = main["protocol"]["mcq"]
+    correct = {name: outcomes(items, folder / main["methods"][name]["items_file"], mcq)
+               for name in main["methods"]}
+    expected = {item.key: item.expected for item in items["recognition"]}
+    questions = {row.key: row.question for row in (*testset.text, *testset.visual)}
+    return {
+        "paired": {name: mcnemar(correct[PLVM][TASK_RECOGNITION], correct[name][TASK_RECOGNITION], expected)
+                   for name in correct if name != PLVM} if PLVM in correct else {},
+        "questions": {task: {name: question_accuracy(items[task], correct[name][task], questions)
+                             for name in correct} for task in ("text", "visual")},
+    }
+
+
 def negative_origins(main: Mapping[str, Any]) -> dict[str, str]:
     """Where each trained method of the main evaluation took its negative photos from (never
     the test identities: methods.base.negative_pool), as its results.json says."""
@@ -495,7 +518,7 @@ def machine_facts(threads: int) -> dict[str, Any]:
 def build_summary(options: Options, testset, main: Mapping[str, Any],
                   ablations: list[tuple[AblationRun, dict[str, Any], dict[str, Any]]] | None,
                   aligner_settings: Mapping[str, Any] | None, steps: list[StepRecord],
-                  machine: Mapping[str, Any]) -> dict[str, Any]:
+                  machine: Mapping[str, Any], statistics: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything docs/results.md shows, as plain data (also written to OUT/results.json)."""
     counts = main["counts"]
     summary: dict[str, Any] = {
@@ -519,6 +542,7 @@ def build_summary(options: Options, testset, main: Mapping[str, Any],
         "main_folder": str(options.out_dir / "main"),
         "ablations_folder": str(options.out_dir / "ablations"),
         "negatives": negative_origins(main),
+        "statistics": dict(statistics) if statistics else None,
         "ablations": None,
         "aligner_training": dict(aligner_settings) if aligner_settings else None,
         "steps": [dataclasses.asdict(step) for step in steps],
@@ -584,6 +608,52 @@ def _negatives_lines(origins: Mapping[str, str]) -> list[str]:
         return []
     return ["- Negatives of the methods that train (photos of people who are not the concept, never a "
             "test identity): " + "; ".join(f"{name}: {origin}" for name, origin in origins.items()) + "."]
+
+
+def _p_value(value: float) -> str:
+    return f"{value:.0e}" if value < 0.001 else f"{value:.3f}"
+
+
+def _statistics_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The doc's paired comparison and per-question tables (`item_statistics`)."""
+    statistics = summary.get("statistics")
+    if not statistics:
+        return []
+    lines: list[str] = []
+    if statistics["paired"]:
+        lines += ["## PLVM against each method, item by item (recognition)", "",
+                  "On the same recognition items: how often PLVM alone is right and how often the "
+                  "other method alone is, and the exact McNemar test of \"both are equally accurate\" "
+                  "(two-sided binomial on the items where they disagree); then the positives alone.", "",
+                  "| method | items | PLVM alone right | method alone right | p | positives | "
+                  "PLVM alone right | method alone right | p |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, paired in statistics["paired"].items():
+            cells = [f"`{name}`"]
+            for part in (paired["all"], paired["positives"]):
+                cells += [str(part["items"]), str(part["only_first"]), str(part["only_second"]),
+                          _p_value(part["p_value"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for task, title in (("text", "Text MCQ"), ("visual", "Visual MCQ")):
+        table = statistics["questions"].get(task) or {}
+        names = [name for name, rows in table.items() if rows]
+        if not names:
+            continue
+        questions = sorted({question for name in names for question in table[name]})
+        lines += [f"## {title} per question (which readings go wrong)", "",
+                  "Accuracy in % on each question as published (`<sks>` is the person asked about), "
+                  "from the main evaluation's item logs; the number of items in brackets.", "",
+                  "| question | " + " | ".join(f"`{name}`" for name in names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for question in questions:
+            cells = [question.replace("|", "\\|")]
+            for name in names:
+                row = table[name].get(question)
+                cells.append(f"{_pct(row['accuracy'])} ({row['items']})" if row else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def render_results_markdown(summary: Mapping[str, Any]) -> str:
@@ -671,6 +741,8 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"Not run this time: {', '.join(missing)} (--skip-trained).")
     lines.append("")
 
+    lines += _statistics_lines(summary)
+
     ablations = summary.get("ablations")
     lines += ["## Ablations", ""]
     if ablations is None:
@@ -720,6 +792,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Accuracies in %.", ""]
 
+    lines += _readings_lines(summary.get("readings"))
     lines += [
         "## How to read the numbers",
         "",
@@ -752,6 +825,67 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {step['name']}{note} | {step['seconds']:.1f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def readings(folder: Path, main: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """From the main evaluation's item logs (lab/readings.py): plvm against every other method,
+    answer by answer (exact McNemar), each MCQ question's accuracy, traits stated wrongly."""
+    from . import readings as read
+
+    others = [name for name in methods if name != "plvm"]
+    return {"paired": [read.paired_recognition(folder, main, "plvm", name) for name in others]
+            if "plvm" in methods else [],
+            "mcq_by_question": read.mcq_by_question(folder, main, list(methods)),
+            "stated_traits": read.stated_traits(folder, main, list(methods))}
+
+
+def _readings_lines(found: Mapping[str, Any] | None) -> list[str]:
+    """docs/results.md: the sections read from the main evaluation's item logs."""
+    if not found:
+        return []
+    lines = ["## PLVM against each method, answer by answer", "",
+             "Recognition items of the main table that both answered: how many only PLVM got right and "
+             "how many only the other method did (all items; positives alone), and the exact McNemar p "
+             "of the two counts (two-sided binomial at 1/2; `plvmctl.lab.readings`).", "",
+             "| other method | items | PLVM alone right | other alone right | positives: PLVM alone / other alone "
+             "| McNemar p |", "|---|---:|---:|---:|---:|---:|"]
+    for pair in found["paired"]:
+        lines.append(f"| {pair['b']} | {pair['items']} | {pair['only_a']} | {pair['only_b']} "
+                     f"| {pair['positives_only_a']} / {pair['positives_only_b']} | {pair['p']:.2g} |")
+    methods = list(found["mcq_by_question"][0]["accuracy"]) if found["mcq_by_question"] else []
+    lines += ["", "## Per-question and per-trait readings", "",
+              "Accuracy of each multiple-choice question of the main table (in %), per method:", "",
+              "| task | question | items | " + " | ".join(methods) + " |",
+              "|---|---|---:|" + "---:|" * len(methods)]
+    for row in found["mcq_by_question"]:
+        lines.append(f"| {row['task']} | {row['question']} | {row['items']} | "
+                     + " | ".join(_pct(row["accuracy"][name]) for name in methods) + " |")
+    if found["stated_traits"]:
+        keys = sorted({key for counts in found["stated_traits"].values() for key in counts})
+        lines += ["", "Traits stated wrongly inside recognition answers (the pocket model compares before "
+                  "its verdict: \"left red hair red same ...\"; the word after each trait key is the value "
+                  "stated for the person asked about, checked against toy_world.json), % wrong of stated:", "",
+                  "| method | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for name, counts in found["stated_traits"].items():
+            cells = [f"{_pct(counts[k]['wrong'] / counts[k]['stated'])} ({counts[k]['stated']})" if k in counts
+                     else "–" for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def rerender(options: Options, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """--doc again from a finished run's OUT/results.json and item logs (no step runs): for
+    what the doc reads that the run did not yet (its step times stay the run's)."""
+    path = options.out_dir / "results.json"
+    if not path.is_file():
+        raise PlvmError(f"{path} not found: --render-only needs a finished run's --out-dir")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    main = json.loads((options.out_dir / "main" / "results.json").read_text(encoding="utf-8"))
+    summary["readings"] = readings(options.out_dir / "main", main, [row["method"] for row in summary["main"]])
+    write_json_atomic(path, summary)
+    write_text_atomic(options.doc, render_results_markdown(summary))
+    echo(f"[results] wrote {options.doc} from {path}")
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -802,7 +936,8 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
 
     began = time.perf_counter()
     summary = build_summary(options, testset, main, ablations, aligner_settings, steps.records,
-                            machine_facts(options.threads))
+                            machine_facts(options.threads), item_statistics(options, testset, main, out / "main"))
+    summary["readings"] = readings(out / "main", main, options.methods)
     summary["steps"].append({"name": "doc", "seconds": round(time.perf_counter() - began, 1),
                              "reused": False})
     summary["steps"].append({"name": "total (this run)",
@@ -837,9 +972,11 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
               help="At most N items per task in every evaluation (smoke runs only).")
 @click.option("--threads", default=DEFAULTS["threads"], show_default=True, type=int,
               help="torch CPU threads (one is fastest for the pocket model).")
+@click.option("--render-only", is_flag=True,
+              help="Write --doc again from the finished run in --out-dir (its results.json and item logs).")
 def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_identity: int,
          skip_trained: bool, skip_ablations: bool, aligner_steps: int | None, limit: int | None,
-         threads: int) -> None:
+         threads: int, render_only: bool) -> None:
     """Measure the pocket model and write docs/results.md: one command, numbers from the run.
 
     \b
@@ -860,7 +997,8 @@ def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_ident
                       skip_ablations=skip_ablations, aligner_steps=aligner_steps, limit=limit,
                       threads=threads)
     try:
-        make_results(options, echo=lambda message: click.echo(message, err=True))
+        run = rerender if render_only else make_results
+        run(options, echo=lambda message: click.echo(message, err=True))
     except PlvmError as error:
         raise click.ClickException(str(error)) from None
 
