@@ -6,6 +6,8 @@
 - `question_accuracy`: multiple-choice accuracy per question as published (with `<sks>`), so
   per trait on the toy set ("What is <sks>'s hair color?") and per kind of photo question
   ("Where is <sks>?"): which readings a method gets wrong.
+- `stated_traits`: on a toy test set, how often a recognition answer that compares before its
+  verdict ("left red hair red same ...") states a trait of the person asked about wrongly.
 
 An item counts when its method answered it without an engine error (an unparseable answer
 is wrong, as in the report); a paired comparison counts the items both methods answered.
@@ -14,10 +16,11 @@ is wrong, as in the report); a paired comparison counts the items both methods a
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from .evaluate import EvalItem, ItemLog, logged_items, predict
+from .evaluate import RECOGNITION_MODE, EvalItem, ItemLog, logged_items, predict, verdict_start
 
 
 def outcomes(items: Mapping[str, list[EvalItem]], items_file: str | Path, mcq: str) -> dict[str, dict[str, bool]]:
@@ -72,3 +75,26 @@ def question_accuracy(items: list[EvalItem], correct: Mapping[str, bool],
     for row in table.values():
         row["accuracy"] = row["correct"] / row["items"]
     return dict(sorted(table.items()))
+
+
+def stated_traits(items: list[EvalItem], items_file: str | Path,
+                  truth: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, int]]:
+    """{trait key: {"stated", "wrong"}} over a method's recognition answers: each "KEY VALUE
+    same|different" before the verdict states VALUE for the person asked about, wrong when it
+    is not their true one (`truth`: name -> trait key -> value, the toy set's toy_world.json)."""
+    keys = {key for traits in truth.values() for key in traits}
+    log = ItemLog(Path(items_file))
+    counts: dict[str, dict[str, int]] = {}
+    for item in items:
+        record = log.records.get((item.key, RECOGNITION_MODE))
+        if item.identity not in truth or record is None or record.get("error") is not None:
+            continue
+        answer = (record.get("answer") or "").lower()
+        start = verdict_start(answer)
+        words = re.findall(r"[a-z0-9]+", answer[:start] if start is not None else answer)
+        for i in range(len(words) - 2):
+            if words[i] in keys and words[i + 2] in ("same", "different"):
+                entry = counts.setdefault(words[i], {"stated": 0, "wrong": 0})
+                entry["stated"] += 1
+                entry["wrong"] += int(words[i + 1] != truth[item.identity][words[i]])
+    return dict(sorted(counts.items()))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from plvmctl.evaluate import build_items, load_testset
-from plvmctl.item_stats import exact_mcnemar, mcnemar, outcomes, question_accuracy
+from plvmctl.item_stats import exact_mcnemar, mcnemar, outcomes, question_accuracy, stated_traits
 from test_evaluate import make_testset
 
 
@@ -64,3 +64,21 @@ def test_outcomes_and_question_accuracy_read_an_item_log(tmp_path):
     assert question_accuracy(text, found["text"], questions) == {
         "Does <sks> wear glasses?": {"items": 1, "correct": 0, "accuracy": 0.0},
         "What is <sks>'s hair color?": {"items": 1, "correct": 1, "accuracy": 1.0}}
+
+
+def test_stated_traits_counts_the_values_a_compare_answer_states_wrongly(tmp_path):
+    testset = load_testset(make_testset(tmp_path / "set"))
+    recognition = build_items(testset)["recognition"]
+    truth = {"alice": {"hair": "red", "skin": "tan"}, "bob": {"hair": "black", "skin": "pale"}}
+    records = []
+    for item in recognition:
+        stated = {"alice": "left red hair red same skin dark different mismatch. No.",  # skin wrong
+                  "bob": "left x hair black same skin pale same match. Yes, hair red same."}  # after the verdict: not read
+        if item.identity in stated:
+            records.append({"key": item.key, "mode": "generate", "answer": stated[item.identity], "error": None})
+    log = _log(tmp_path / "items" / "m.jsonl", records)
+    alice = sum(item.identity == "alice" for item in recognition)
+    bob = sum(item.identity == "bob" for item in recognition)
+    assert stated_traits(recognition, log, truth) == {
+        "hair": {"stated": alice + bob, "wrong": 0}, "skin": {"stated": alice + bob, "wrong": alice}}
+    assert stated_traits(recognition, log, {}) == {}  # not a toy set: nothing to check against

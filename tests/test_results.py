@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from test_evaluate import make_testset
 
 from plvmctl.errors import PlvmError
 from plvmctl.lab.pocket import profile
@@ -179,13 +180,17 @@ def test_the_document_shows_the_paired_comparison_and_the_accuracy_per_question(
                       "visual": {"plvm": {}, "llava-text": {}}}}
     base = summary()
     markdown = render_results_markdown({**base, "statistics": statistics})
-    paired = section(markdown, "## PLVM against each method, item by item (recognition)")
+    paired = section(markdown, "## PLVM against each method, answer by answer")
     assert table_row(paired, "`llava-text`") == ["`llava-text`", "1440", "51", "16", "2e-05",
                                                  "240", "38", "11", "1e-04"]
-    text = section(markdown, "## Text MCQ per question (which readings go wrong)")
+    text = section(markdown, "### Text MCQ")
     assert table_row(text, "What is <sks>'s hair color?") == ["What is <sks>'s hair color?", "97.5 (40)", "50.0 (40)"]
-    assert "## Visual MCQ per question" not in markdown  # nothing answered there
-    assert "item by item" not in render_results_markdown({**base, "statistics": None})
+    assert "### Visual MCQ" not in markdown  # nothing answered there
+    stated = {"plvm": {"hair": {"stated": 200, "wrong": 1}, "skin": {"stated": 100, "wrong": 3}}}
+    markdown = render_results_markdown({**base, "statistics": {**statistics, "stated_traits": stated}})
+    traits = section(markdown, "### Traits stated wrongly inside recognition answers")
+    assert table_row(traits, "`plvm`") == ["`plvm`", "0.5 (200)", "3.0 (100)"]
+    assert "answer by answer" not in render_results_markdown({**base, "statistics": None})
 
 
 def test_reading_note_gives_the_chance_levels_of_this_test_set():
@@ -390,6 +395,15 @@ def test_whole_command_at_toy_size(tmp_path):
                 / "model.safetensors").is_file()
     assert "**Smoke run**: 4 identities" in markdown
     assert "--identities 4 --neg-per-identity 30 --aligner-steps 5 --threads 1" in markdown
+    main_results = json.loads((tmp_path / "out" / "main" / "results.json").read_text(encoding="utf-8"))
+    for name, paired in written["statistics"]["paired"].items():  # every answered item, paired
+        scored = main_results["methods"][name]["recognition"]
+        assert paired["all"]["items"] == scored["positive_total"] + scored["negative_total"], name
+        assert paired["positives"]["items"] == scored["positive_total"], name
+    assert set(written["negatives"]) == {"yollava", "myvlm", "mcllava"}
+    assert all(origin.startswith("the test set's negatives/ folder") for origin in written["negatives"].values())
+    assert "## PLVM against each method, answer by answer" in markdown
+    assert "### Text MCQ" in markdown and "### Traits stated wrongly" in markdown
     assert f"5 steps (--aligner-steps; the profile has {profile('full').aligner_steps})" in markdown
 
     again = CliRunner().invoke(main, arguments)  # everything finished: reused, same numbers
@@ -408,43 +422,35 @@ def test_the_document_says_how_multiple_choice_was_read():
     assert "the option whose letter the model finds most likely" in render_results_markdown(data)
 
 
-def test_readings_compare_plvm_answer_by_answer_and_read_each_question(tmp_path):
-    """The McNemar table and the per-question / per-trait readings come from the item logs."""
-    from plvmctl.lab.readings import mcnemar_exact, mcq_by_question, paired_recognition, stated_traits
-    from plvmctl.lab.toy import write_testset
-    from plvmctl.evaluate import load_testset, build_items
+def test_render_only_writes_the_doc_again_from_a_finished_run_with_its_item_statistics(tmp_path):
+    from plvmctl.evaluate import build_items, load_testset
 
-    assert mcnemar_exact(51, 16) == pytest.approx(2.17e-5, rel=1e-2) and mcnemar_exact(3, 3) == 1.0
-    root = write_testset(tmp_path / "ts", 3, 0, queries_per_identity=2, progress=False)
+    root = make_testset(tmp_path / "set")
     items = build_items(load_testset(root))
-    truth = json.loads((root / "toy_world.json").read_text())["identities"]
-    from plvmctl.lab.toy import Identity
-
-    def answer(item, right, hair_right=True):
-        hair = Identity.from_id(truth[item.identity]).trait_words()["hair"] if hair_right else "zz"
-        verdict = item.expected if right else ("no" if item.expected == "yes" else "yes")
-        return f"left x hair {hair} same mismatch. {verdict.capitalize()}."
-
-    folder = tmp_path / "main"
-    (folder / "items").mkdir(parents=True)
-    for name, right, hair_right in (("plvm", True, True), ("llava-text", False, False)):
-        records = [{"key": i.key, "mode": "generate", "answer": answer(i, right, hair_right), "error": None}
-                   for i in items["recognition"]]
-        records += [{"key": i.key, "mode": "generate", "answer": i.expected if right else "Z", "error": None}
-                    for i in items["text"] + items["visual"]]
-        (folder / "items" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    main = {"testset": str(root), "protocol": {"limit": None, "neg_per_identity": None, "seed": 0, "mcq": "generate"}}
-    pair = paired_recognition(folder, main, "plvm", "llava-text")
-    n = len(items["recognition"])
-    assert (pair["items"], pair["only_a"], pair["only_b"], pair["positives_only_a"]) == (n, n, 0, 6)
-    assert pair["p"] == pytest.approx(mcnemar_exact(n, 0))
-    questions = mcq_by_question(folder, main, ["plvm", "llava-text"])
-    assert {q["question"] for q in questions} >= {"What is <sks>'s hair color?"}
-    assert all(q["accuracy"] == {"plvm": 1.0, "llava-text": 0.0} for q in questions)
-    traits = stated_traits(folder, main, ["plvm", "llava-text"])
-    assert traits["plvm"]["hair"] == {"stated": n, "wrong": 0}
-    assert traits["llava-text"]["hair"] == {"stated": n, "wrong": n}
-    markdown = render_results_markdown({**summary(), "readings": {
-        "paired": [pair], "mcq_by_question": questions, "stated_traits": traits}})
-    assert f"| llava-text | {n} | {n} | 0 | 6 / 0 |" in markdown
-    assert "## Per-question and per-trait readings" in markdown
+    out = tmp_path / "out"
+    methods = {}
+    for name, always_yes in (("plvm", False), ("llava-text", True)):  # plvm always right
+        records = [{"key": item.key, "mode": "generate", "error": None,
+                    "answer": "yes" if always_yes and item.task == "recognition" else item.expected}
+                   for task in ("recognition", "text") for item in items[task]]
+        (out / "main" / "items").mkdir(parents=True, exist_ok=True)
+        (out / "main" / "items" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        methods[name] = {"items_file": f"items/{name}.jsonl"}
+    main_results = {"testset": str(root), "methods": methods,
+                    "protocol": {"limit": None, "neg_per_identity": None, "seed": 0, "mcq": "generate"}}
+    (out / "main" / "results.json").write_text(json.dumps(main_results))
+    (out / "results.json").write_text(json.dumps(summary()))
+    doc = tmp_path / "results.md"
+    result = CliRunner().invoke(main, ["--out-dir", str(out), "--doc", str(doc), "--render-only"])
+    assert result.exit_code == 0, result.output
+    markdown = doc.read_text(encoding="utf-8")
+    positives = sum(item.expected == "yes" for item in items["recognition"])
+    negatives = len(items["recognition"]) - positives
+    # llava-text is right on the positives only, plvm on everything: plvm alone right on the negatives
+    assert table_row(section(markdown, "## PLVM against each method, answer by answer"), "`llava-text`")[:4] == [
+        "`llava-text`", str(len(items["recognition"])), str(negatives), "0"]
+    assert "written again on" in markdown and "no step run again" in markdown
+    assert json.loads((out / "results.json").read_text())["statistics"]["paired"]["llava-text"]["all"]["only_first"] \
+        == negatives
+    missing = CliRunner().invoke(main, ["--out-dir", str(tmp_path / "none"), "--doc", str(doc), "--render-only"])
+    assert missing.exit_code != 0 and "needs a finished run's --out-dir" in missing.output

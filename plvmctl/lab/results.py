@@ -471,24 +471,33 @@ def prepare_truth(context) -> Any:
                           details={"descriptions": descriptions})
 
 
-def item_statistics(options: Options, testset, main: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """From the main evaluation's item logs (plvmctl/item_stats.py): PLVM against every other
-    method on the same recognition items (exact McNemar), and each method's accuracy per
-    multiple-choice question as published (per trait on the toy set)."""
-    from ..evaluate import build_items
-    from ..item_stats import mcnemar, outcomes, question_accuracy
+def item_statistics(main: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """From the main evaluation's item logs (plvmctl/item_stats.py), on its test set and
+    protocol: PLVM against every other method on the same recognition items (exact McNemar),
+    each method's accuracy per multiple-choice question as published (per trait on the toy
+    set) and, on a toy set, the traits its recognition answers state wrongly."""
+    from ..evaluate import build_items, load_testset
+    from ..item_stats import mcnemar, outcomes, question_accuracy, stated_traits
+    from .toy import TESTSET_SIDECAR, Identity
 
-    items = build_items(testset, limit=options.limit, neg_per_identity=options.neg_per_identity, seed=SEED)
-    mcq = main["protocol"]["mcq"]
-    correct = {name: outcomes(items, folder / main["methods"][name]["items_file"], mcq)
-               for name in main["methods"]}
+    testset, protocol = load_testset(main["testset"]), main["protocol"]
+    items = build_items(testset, limit=protocol["limit"], neg_per_identity=protocol["neg_per_identity"],
+                        seed=protocol["seed"])
+    logs = {name: folder / method["items_file"] for name, method in main["methods"].items()}
+    correct = {name: outcomes(items, log, protocol["mcq"]) for name, log in logs.items()}
     expected = {item.key: item.expected for item in items["recognition"]}
     questions = {row.key: row.question for row in (*testset.text, *testset.visual)}
+    sidecar = testset.root / TESTSET_SIDECAR
+    truth = ({name: Identity.from_id(identity).trait_words() for name, identity
+              in json.loads(sidecar.read_text(encoding="utf-8"))["identities"].items()}
+             if sidecar.is_file() else {})
     return {
         "paired": {name: mcnemar(correct[PLVM][TASK_RECOGNITION], correct[name][TASK_RECOGNITION], expected)
                    for name in correct if name != PLVM} if PLVM in correct else {},
         "questions": {task: {name: question_accuracy(items[task], correct[name][task], questions)
                              for name in correct} for task in ("text", "visual")},
+        "stated_traits": {name: found for name, log in logs.items()
+                          if (found := stated_traits(items[TASK_RECOGNITION], log, truth))},
     }
 
 
@@ -615,16 +624,17 @@ def _p_value(value: float) -> str:
 
 
 def _statistics_lines(summary: Mapping[str, Any]) -> list[str]:
-    """The doc's paired comparison and per-question tables (`item_statistics`)."""
+    """The doc's sections read from the main evaluation's item logs (`item_statistics`)."""
     statistics = summary.get("statistics")
     if not statistics:
         return []
     lines: list[str] = []
     if statistics["paired"]:
-        lines += ["## PLVM against each method, item by item (recognition)", "",
-                  "On the same recognition items: how often PLVM alone is right and how often the "
-                  "other method alone is, and the exact McNemar test of \"both are equally accurate\" "
-                  "(two-sided binomial on the items where they disagree); then the positives alone.", "",
+        lines += ["## PLVM against each method, answer by answer", "",
+                  "On the recognition items of the main table that both answered: how often PLVM alone is "
+                  "right and how often the other method alone is, and the exact McNemar test of \"both are "
+                  "equally accurate\" (two-sided binomial at 1/2 on the items where they disagree); then the "
+                  "positives alone (`plvmctl/item_stats.py`).", "",
                   "| method | items | PLVM alone right | method alone right | p | positives | "
                   "PLVM alone right | method alone right | p |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -635,15 +645,17 @@ def _statistics_lines(summary: Mapping[str, Any]) -> list[str]:
                           _p_value(part["p_value"])]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ["## Per-question and per-trait readings", "",
+              "Which readings go wrong, from the main evaluation's item logs. Multiple choice: accuracy "
+              "in % on each question as published (`<sks>` is the person asked about; on the toy set "
+              "one text question per trait), the number of items in brackets.", ""]
     for task, title in (("text", "Text MCQ"), ("visual", "Visual MCQ")):
         table = statistics["questions"].get(task) or {}
         names = [name for name, rows in table.items() if rows]
         if not names:
             continue
         questions = sorted({question for name in names for question in table[name]})
-        lines += [f"## {title} per question (which readings go wrong)", "",
-                  "Accuracy in % on each question as published (`<sks>` is the person asked about), "
-                  "from the main evaluation's item logs; the number of items in brackets.", "",
+        lines += [f"### {title}", "",
                   "| question | " + " | ".join(f"`{name}`" for name in names) + " |",
                   "|---|" + "---:|" * len(names)]
         for question in questions:
@@ -652,6 +664,20 @@ def _statistics_lines(summary: Mapping[str, Any]) -> list[str]:
                 row = table[name].get(question)
                 cells.append(f"{_pct(row['accuracy'])} ({row['items']})" if row else "")
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    stated = statistics.get("stated_traits") or {}
+    if stated:
+        keys = sorted({key for counts in stated.values() for key in counts})
+        lines += ["### Traits stated wrongly inside recognition answers", "",
+                  "A pocket-model recognition answer compares before its verdict (\"left red hair red same "
+                  "...\"): the word after each trait key is the value it states for the person asked about, "
+                  "checked against the test set's toy_world.json. % of the stated values that are wrong, the "
+                  "number stated in brackets.", "",
+                  "| method | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for name, counts in stated.items():
+            cells = [f"{_pct(counts[key]['wrong'] / counts[key]['stated'])} ({counts[key]['stated']})"
+                     if key in counts else "–" for key in keys]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -792,7 +818,6 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "Accuracies in %.", ""]
 
-    lines += _readings_lines(summary.get("readings"))
     lines += [
         "## How to read the numbers",
         "",
@@ -816,6 +841,9 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         f"(OMP_NUM_THREADS={machine['omp_num_threads'] or 'unset'}), Python "
         f"{machine['python']}, {machine['platform']}, device {machine['device']}.",
         f"- Date: {machine['date']}.",
+        *([f"- This page was written again on {summary['rendered_again']} from the run's results.json and "
+           "item logs, no step run again (the same command with `--render-only`)."]
+          if summary.get("rendered_again") else []),
         "",
         "| step | wall time (s) |",
         "|---|---:|",
@@ -827,52 +855,6 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def readings(folder: Path, main: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
-    """From the main evaluation's item logs (lab/readings.py): plvm against every other method,
-    answer by answer (exact McNemar), each MCQ question's accuracy, traits stated wrongly."""
-    from . import readings as read
-
-    others = [name for name in methods if name != "plvm"]
-    return {"paired": [read.paired_recognition(folder, main, "plvm", name) for name in others]
-            if "plvm" in methods else [],
-            "mcq_by_question": read.mcq_by_question(folder, main, list(methods)),
-            "stated_traits": read.stated_traits(folder, main, list(methods))}
-
-
-def _readings_lines(found: Mapping[str, Any] | None) -> list[str]:
-    """docs/results.md: the sections read from the main evaluation's item logs."""
-    if not found:
-        return []
-    lines = ["## PLVM against each method, answer by answer", "",
-             "Recognition items of the main table that both answered: how many only PLVM got right and "
-             "how many only the other method did (all items; positives alone), and the exact McNemar p "
-             "of the two counts (two-sided binomial at 1/2; `plvmctl.lab.readings`).", "",
-             "| other method | items | PLVM alone right | other alone right | positives: PLVM alone / other alone "
-             "| McNemar p |", "|---|---:|---:|---:|---:|---:|"]
-    for pair in found["paired"]:
-        lines.append(f"| {pair['b']} | {pair['items']} | {pair['only_a']} | {pair['only_b']} "
-                     f"| {pair['positives_only_a']} / {pair['positives_only_b']} | {pair['p']:.2g} |")
-    methods = list(found["mcq_by_question"][0]["accuracy"]) if found["mcq_by_question"] else []
-    lines += ["", "## Per-question and per-trait readings", "",
-              "Accuracy of each multiple-choice question of the main table (in %), per method:", "",
-              "| task | question | items | " + " | ".join(methods) + " |",
-              "|---|---|---:|" + "---:|" * len(methods)]
-    for row in found["mcq_by_question"]:
-        lines.append(f"| {row['task']} | {row['question']} | {row['items']} | "
-                     + " | ".join(_pct(row["accuracy"][name]) for name in methods) + " |")
-    if found["stated_traits"]:
-        keys = sorted({key for counts in found["stated_traits"].values() for key in counts})
-        lines += ["", "Traits stated wrongly inside recognition answers (the pocket model compares before "
-                  "its verdict: \"left red hair red same ...\"; the word after each trait key is the value "
-                  "stated for the person asked about, checked against toy_world.json), % wrong of stated:", "",
-                  "| method | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-        for name, counts in found["stated_traits"].items():
-            cells = [f"{_pct(counts[k]['wrong'] / counts[k]['stated'])} ({counts[k]['stated']})" if k in counts
-                     else "–" for k in keys]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
 def rerender(options: Options, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """--doc again from a finished run's OUT/results.json and item logs (no step runs): for
     what the doc reads that the run did not yet (its step times stay the run's)."""
@@ -881,7 +863,8 @@ def rerender(options: Options, echo: Callable[[str], None] = print) -> dict[str,
         raise PlvmError(f"{path} not found: --render-only needs a finished run's --out-dir")
     summary = json.loads(path.read_text(encoding="utf-8"))
     main = json.loads((options.out_dir / "main" / "results.json").read_text(encoding="utf-8"))
-    summary["readings"] = readings(options.out_dir / "main", main, [row["method"] for row in summary["main"]])
+    summary["statistics"] = item_statistics(main, options.out_dir / "main")
+    summary["rendered_again"] = _now()
     write_json_atomic(path, summary)
     write_text_atomic(options.doc, render_results_markdown(summary))
     echo(f"[results] wrote {options.doc} from {path}")
@@ -936,8 +919,7 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
 
     began = time.perf_counter()
     summary = build_summary(options, testset, main, ablations, aligner_settings, steps.records,
-                            machine_facts(options.threads), item_statistics(options, testset, main, out / "main"))
-    summary["readings"] = readings(out / "main", main, options.methods)
+                            machine_facts(options.threads), item_statistics(main, out / "main"))
     summary["steps"].append({"name": "doc", "seconds": round(time.perf_counter() - began, 1),
                              "reused": False})
     summary["steps"].append({"name": "total (this run)",
