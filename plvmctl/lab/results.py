@@ -620,6 +620,8 @@ def _negatives_lines(origins: Mapping[str, str]) -> list[str]:
 
 
 def _p_value(value: float) -> str:
+    if value < 1e-300:  # below what a float holds
+        return "< 1e-300"
     return f"{value:.0e}" if value < 0.001 else f"{value:.3f}"
 
 
