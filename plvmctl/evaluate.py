@@ -14,8 +14,15 @@ Protocol (the paper's, as described in the test set's README):
 - Rows whose photo is missing are reported, skipped from the scores and counted.
 
 Every answered item is appended to `OUT/items/<method>.jsonl` as soon as its batch returns;
-a later run with the same OUT asks only what is not there yet. Answers are re-parsed from the
-stored raw text each time the report is written.
+a later run with the same OUT asks only what is not there yet, and only while everything that
+decides the method's answers is the same (`OUT/items/run.json` holds each method's
+fingerprint, plvmctl/fingerprint.py): when it changed, the method's earlier answers and cached
+concepts are set aside (`*.previous`) and every item is asked afresh. Answers are re-parsed
+from the stored raw text each time the report is written.
+
+Methods that train on photos of other people (Yo'LLaVA, MyVLM, MC-LLaVA) take them from a
+pool that holds no test identity: `--negatives DIR`, the recipe's index or folder, or the test
+set's own `negatives/` folder (`methods.base.negative_pool`); with none the run is refused.
 """
 
 from __future__ import annotations
@@ -23,24 +30,28 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import random
 import re
+import shutil
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from .errors import PlvmError
 from .fileio import write_image_atomic, write_json_atomic, write_text_atomic, writing
-from .methods import MethodContext, PreparedMethod, Reference, get_method
+from .methods import METHOD_CACHES, TRAINED_ON_NEGATIVES, MethodContext, PreparedMethod, Reference, get_method, negative_pool
 
 DEFAULT_TESTSET = Path("../shared/testsets/plvm-val")
 SET_FOLDER = "validation_recognition"
 VISUAL_FILE = "query_ques.json"
 TEXT_FILE = "non_query_ques.json"
+NEGATIVES_FOLDER = "negatives"  # photos of people who are not test identities (trained methods' negatives)
 QUERY_SUFFIXES = (".jpg", ".jpeg", ".png")
 PRIMARY_REFERENCE = "ref_img.png"
 PLACEHOLDER = "<sks>"
@@ -109,6 +120,7 @@ class TestSet:
     visual: list[McqRow]
     text: list[McqRow]
     is_plvm_val: bool = False
+    negatives: Path | None = None  # ROOT/negatives/ when the set has one
 
     @property
     def query_count(self) -> int:
@@ -244,6 +256,7 @@ def load_testset(root: str | Path | None = None) -> TestSet:
         visual=_read_rows(root, VISUAL_FILE, "visual", identities),
         text=_read_rows(root, TEXT_FILE, "text", identities),
         is_plvm_val=_looks_like_plvm_val(root),
+        negatives=root / NEGATIVES_FOLDER if (root / NEGATIVES_FOLDER).is_dir() else None,
     )
 
 
@@ -679,6 +692,8 @@ def _answer_items(prepared: PreparedMethod, engine_api: Any, items: list[EvalIte
                     record["answer"] = result.answer
                 if getattr(result, "located", None):  # where the visual prompt put a concept (MC-LLaVA)
                     record["located"] = dict(result.located)
+                if getattr(result, "decided_by", None):  # answered without the model (plvm-auto)
+                    record["decided_by"] = result.decided_by
                 if getattr(result, "seen", None):  # concepts whose head fired on the photo (MyVLM)
                     record["seen"] = list(result.seen)
                     record["seen_boxes"] = {name: list(box) for name, box in result.seen_boxes.items()}
@@ -690,7 +705,8 @@ def _answer_items(prepared: PreparedMethod, engine_api: Any, items: list[EvalIte
     return len(items)
 
 
-def _predict(item: EvalItem, record: dict[str, Any]) -> str | None:
+def predict(item: EvalItem, record: Mapping[str, Any]) -> str | None:
+    """The answer an item's logged record gives: "yes" / "no", an option letter, or None."""
     if item.task == "recognition":
         return parse_yes_no(record.get("answer"))
     if record.get("scores") is not None:
@@ -699,31 +715,47 @@ def _predict(item: EvalItem, record: dict[str, Any]) -> str | None:
     return parse_mcq_answer(record.get("answer"), item.options)
 
 
+def logged_items(items: dict[str, list[EvalItem]], log: ItemLog, mcq: str,
+                 unavailable: Mapping[str, str] | None = None):
+    """Per item of each task, in order: (task, item, its logged record, why it is not scored
+    or None). Its record is None when the item is skipped."""
+    for task in TASKS:
+        mode = _mode_for(task, mcq)
+        for item in items[task]:
+            record = log.records.get((item.key, mode))
+            reason = item.missing or (unavailable or {}).get(item.identity)
+            if reason is None and record is None:
+                reason = "not answered"
+            if reason is None and record.get("error") is not None:
+                reason = f"engine error: {record['error']}"
+            yield task, item, (None if reason else record), reason
+
+
 def score_method(items: dict[str, list[EvalItem]], log: ItemLog, mcq: str,
                  unavailable: Mapping[str, str]) -> dict[str, Any]:
     """Metrics of one method from its item log, with the skipped and unparseable items."""
     skipped: list[dict[str, str]] = []
     unparseable: list[dict[str, Any]] = []
     pairs: dict[str, list[tuple[str, str | None]]] = {task: [] for task in TASKS}
-    for task in TASKS:
-        mode = _mode_for(task, mcq)
-        for item in items[task]:
-            record = log.records.get((item.key, mode))
-            reason = item.missing or unavailable.get(item.identity)
-            if reason is None and record is None:
-                reason = "not answered"
-            if reason is None and record.get("error") is not None:
-                reason = f"engine error: {record['error']}"
-            if reason is not None:
-                skipped.append({"key": item.key, "task": task, "reason": reason})
-                continue
-            predicted = _predict(item, record)
-            if predicted is None:
-                unparseable.append({"key": item.key, "task": task, "answer": record.get("answer")})
-            pairs[task].append((item.expected, predicted))
+    decided = Counter(answers=0, no=0, correct=0)
+    for task, item, record, reason in logged_items(items, log, mcq, unavailable):
+        if reason is not None:
+            skipped.append({"key": item.key, "task": task, "reason": reason})
+            continue
+        predicted = predict(item, record)
+        if predicted is None:
+            unparseable.append({"key": item.key, "task": task, "answer": record.get("answer")})
+        pairs[task].append((item.expected, predicted))
+        if task == "recognition" and record.get("decided_by") == "retrieval":
+            decided["answers"] += 1
+            decided["correct"] += int(predicted == item.expected)
+            decided["no"] += int(predicted == "no")
     reasons = Counter((entry["task"], entry["reason"]) for entry in skipped)
+    recognition = recognition_metrics(pairs["recognition"])
+    recognition["decided_by_retrieval"] = {  # plvm-auto's "No." when retrieval missed the concept
+        **decided, "of_no_answers": sum(1 for _, predicted in pairs["recognition"] if predicted == "no")}
     return {
-        "recognition": recognition_metrics(pairs["recognition"]),
+        "recognition": recognition,
         "text_qa": mcq_metrics(pairs["text"]),
         "visual_qa": mcq_metrics(pairs["visual"]),
         "skipped": {
@@ -954,19 +986,57 @@ def load_engine_api() -> Any:
     return engine
 
 
-def _check_run_folder(out_dir: Path, identity: dict[str, str]) -> None:
-    """Refuse to mix items from another recipe, model or test set into one OUT folder."""
-    path = out_dir / "items" / "run.json"
+RUN_FILE = "run.json"
+
+
+def _set_aside(path: Path) -> None:
+    """Move `path` to `path.previous` (replacing an older one)."""
+    old = path.with_name(path.name + ".previous")
+    if old.is_dir():
+        shutil.rmtree(old)
+    os.replace(path, old)
+
+
+def check_run_folder(out_dir: Path, testset_root: str, fingerprints: Mapping[str, Any],
+                     echo: Callable[[str], None]) -> dict[str, str]:
+    """Resume only what is the same: a method whose answers in `out_dir` were made under another
+    fingerprint (or under none recorded) has its item log and its cache set aside and starts
+    afresh, said in one line; the others are resumed. Returns {method: what changed}.
+
+    A folder made on another test set is refused (its item keys would mean other photos).
+    """
+    path = out_dir / "items" / RUN_FILE
+    previous: dict[str, Any] = {}
     if path.exists():
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             previous = {}
-        for key, value in identity.items():
-            if previous.get(key) not in (None, value):
-                raise PlvmError(f"{out_dir} holds answers for {key} {previous[key]!r}, not "
-                                f"{value!r}: pass another --out")
-    write_json_atomic(path, identity)
+    if previous.get("testset") not in (None, testset_root):
+        raise PlvmError(f"{out_dir} holds answers for testset {previous['testset']!r}, not "
+                        f"{testset_root!r}: pass another --out")
+    from .fingerprint import first_difference
+
+    known = previous.get("methods") if isinstance(previous.get("methods"), dict) else {}
+    changed: dict[str, str] = {}
+    for name, fingerprint in fingerprints.items():
+        log = out_dir / "items" / f"{name}.jsonl"
+        if not log.exists() or known.get(name) == fingerprint:
+            continue
+        changed[name] = (first_difference(known[name], fingerprint) if name in known
+                         else "no fingerprint recorded with its answers")
+        _set_aside(log)
+        cache = out_dir / "cache" / METHOD_CACHES.get(name, "")
+        if name in METHOD_CACHES and cache.exists():
+            _set_aside(cache)
+        echo(f"{name}: asked afresh, what decides its answers changed ({changed[name]}); "
+             f"earlier answers in items/{name}.jsonl.previous")
+    write_json_atomic(path, {"testset": testset_root, "methods": {**known, **fingerprints}})
+    return changed
+
+
+def _echo_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[str],
@@ -975,7 +1045,9 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                    batch_size: int | None = None, progress: bool = True,
                    engine_api: Any = None,
                    extra_methods: Mapping[str, Any] | None = None,
-                   retrieval: bool = False, captions: bool = False, pairs: bool = False) -> dict[str, Any]:
+                   retrieval: bool = False, captions: bool = False, pairs: bool = False,
+                   negatives: str | Path | None = None,
+                   echo: Callable[[str], None] = _echo_stderr) -> dict[str, Any]:
     """Evaluate `methods` on `testset` with `runtime`, writing the report into `out_dir`.
 
     Returns the results dict that is also written to `out_dir/results.json`. `engine_api`
@@ -984,7 +1056,10 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     adds "who is in this photo" by retrieval (`retrieval_task`); then `methods` may be empty.
     `captions` adds MyVLM's caption recall per method (`caption_items`, `caption_metrics`).
     `pairs` adds questions that hold two concepts at once (`pair_items`, `pair_metrics`),
-    reported apart: the single-concept numbers do not change.
+    reported apart: the single-concept numbers do not change. `negatives` is a folder of
+    photos of people outside the test set for the methods that train on negatives (default:
+    the test set's negatives/ folder; see `methods.base.negative_pool`). `echo` gets the lines
+    that say which methods start afresh.
     """
     if mcq not in MCQ_MODES:
         raise PlvmError(f"--mcq must be one of {', '.join(MCQ_MODES)}, got {mcq!r}")
@@ -1000,13 +1075,23 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
         raise PlvmError(f"--batch-size must be at least 1, got {batch_size}")
     if not isinstance(testset, TestSet):
         testset = load_testset(testset)
-    engine_api = engine_api if engine_api is not None else load_engine_api()
     recipe = runtime.recipe
+    given = Path(negatives) if negatives is not None else None
+    pools = {name: negative_pool(name, TRAINED_ON_NEGATIVES[name](recipe), given, testset.negatives)
+             for name in factories if name in TRAINED_ON_NEGATIVES}  # refused before any work
+    if "plvm-auto" in factories and (given or testset.negatives):
+        pools["plvm-auto"] = negative_pool("plvm-auto", None, given, testset.negatives)
+    engine_api = engine_api if engine_api is not None else load_engine_api()
     chunk = batch_size or recipe.generation.batch_size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_folder(out_dir, {"recipe": recipe.name, "model": str(recipe.model.source),
-                                "testset": str(testset.root.resolve())})
+    from .fingerprint import answer_fingerprint, model_weights
+
+    weights = model_weights(recipe)
+    fingerprints = {name: answer_fingerprint(recipe, name, weights, {
+        "negatives": {"origin": pools[name].origin, "sha256": pools[name].digest()}} if name in pools else None)
+        for name in factories}
+    afresh = check_run_folder(out_dir, str(testset.root.resolve()), fingerprints, echo)
     items = build_items(testset, limit=limit, neg_per_identity=neg_per_identity, seed=seed)
     references = [Reference(identity.name, identity.reference) for identity in testset.identities]
     captioned = caption_items(testset) if captions else []
@@ -1016,7 +1101,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     for name, factory in factories.items():
         context = MethodContext(runtime=runtime, references=references,
                                 cache_dir=out_dir / "cache", engine_api=engine_api,
-                                batch_size=batch_size, progress=progress)
+                                batch_size=batch_size, progress=progress, negatives=pools.get(name))
         prepared = factory(context)
         log = ItemLog(out_dir / "items" / f"{name}.jsonl")
         asked = 0
@@ -1051,6 +1136,8 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
             "concepts": {"made": len(references) - len(prepared.unavailable),
                          "unavailable": dict(prepared.unavailable)},
             "asked_this_run": asked,
+            "asked_afresh_because": afresh.get(name),
+            "negatives": pools[name].origin if name in pools else None,
             "items_file": f"items/{name}.jsonl",
             "details": prepared.details,
         })
@@ -1062,6 +1149,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
         "model": str(recipe.model.source),
         "testset": str(testset.root.resolve()),
         "testset_is_plvm_val": testset.is_plvm_val,
+        "fingerprints": fingerprints,
         "protocol": {
             "limit": limit, "neg_per_identity": neg_per_identity, "seed": seed, "mcq": mcq,
             "batch_size": chunk, "recognition_question": RECOGNITION_QUESTION.format(name="name"),
@@ -1205,9 +1293,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         parts = [f"{TASK_TITLES[r['task']]}: {r['count']} × {r['reason']}"
                  for r in skipped["reasons"]]
         lines.append(f"- {name}: {skipped['total']} ({'; '.join(parts)})")
-    notes = [(name, (results["methods"][name].get("details") or {}).get("note"))
-             for name in _method_names(results)]
-    notes = [(name, note) for name, note in notes if note]
+    notes = [(name, note) for name in _method_names(results) for note in _method_notes(results["methods"][name])]
     if notes:
         lines += ["", "## Method notes", ""]
         lines += [f"- {name}: {note}" for name, note in notes]
@@ -1222,6 +1308,19 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"- {name}: {unparseable['total']} ({by_task}){example}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _method_notes(method: Mapping[str, Any]) -> list[str]:
+    """results.md: what a reader must know about a method's numbers (its details' note, where
+    its negatives came from, how many "no"s retrieval gave without the model)."""
+    notes = [(method.get("details") or {}).get("note")]
+    if method.get("negatives"):
+        notes.append(f"trained with negatives from {method['negatives']}")
+    decided = method["recognition"].get("decided_by_retrieval") or {}
+    if decided.get("answers"):
+        notes.append(f"{decided['no']} of its {decided['of_no_answers']} recognition \"no\" answers were "
+                     f"decided by retrieval alone, without the model ({decided['correct']} of them correct)")
+    return [note for note in notes if note]
 
 
 def _retrieval_lines(found: Mapping[str, Any]) -> list[str]:

@@ -66,12 +66,14 @@ def test_plvm_auto_answers_recognition_from_the_concepts_found(runtime, testset,
     recognition = [item for item in items if item["task"] == "recognition"]
     assert recognition and all(item["answer"] == "No." for item in recognition)
     assert method["text_qa"]["total"] > 0 and method["visual_qa"]["total"] > 0  # still answered
-    # everything is found: the model is asked, with the found concepts in the prompt
-    everyone = run_evaluation(_with_retrieval(runtime, threshold=-1.0, top_k=3), testset, ["plvm-auto"],
+    # everything is found: the model is asked, with the found concepts in the prompt; the store
+    # holds the 3 test identities and the 3 people of the set's negatives/ folder
+    everyone = run_evaluation(_with_retrieval(runtime, threshold=-1.0, top_k=6), testset, ["plvm-auto"],
                               tmp_path / "all", limit=4, progress=False)
+    assert everyone["methods"]["plvm-auto"]["details"]["distractors"] == 3
     items = [json.loads(line) for line in (tmp_path / "all" / "items" / "plvm-auto.jsonl").read_text().splitlines()]
     asked = [item for item in items if item["task"] == "recognition"]
-    assert all(item["answer"] != "No." and len(item["seen"]) == 3 for item in asked)
+    assert all(item["answer"] != "No." and len(item["seen"]) == 6 for item in asked)
     assert "plvm-auto: the concepts in each photo are found by retrieval" in (tmp_path / "all" / "results.md").read_text()
 
 

@@ -527,8 +527,9 @@ def test_run_evaluation_refuses_bad_requests(tmp_path):
         run_evaluation(FakeRuntime(), root, ["plvm"], tmp_path / "a", mcq="vote", engine_api=api)
     run_evaluation(FakeRuntime(), root, ["llava-none"], tmp_path / "b", progress=False,
                    engine_api=api)
-    with pytest.raises(PlvmError, match="recipe 'fake', not 'other'"):
-        run_evaluation(FakeRuntime("other"), root, ["llava-none"], tmp_path / "b",
+    other = make_testset(tmp_path / "other-set")
+    with pytest.raises(PlvmError, match="holds answers for testset .*set', not .*other-set'"):
+        run_evaluation(FakeRuntime(), other, ["llava-none"], tmp_path / "b",
                        progress=False, engine_api=api)
 
 

@@ -323,7 +323,7 @@ def test_cli_trains_concepts_that_ask_uses(cli, world, tmp_path):
 
 def test_eval_method_trains_groups_once_and_reuses_them(runtime, world, tmp_path):
     from plvmctl.engine import AskRequest as Request
-    from plvmctl.methods import MethodContext, Reference, get_method
+    from plvmctl.methods import MethodContext, Reference, get_method, negative_pool
 
     references = []
     for name in NAMES:
@@ -340,7 +340,8 @@ def test_eval_method_trains_groups_once_and_reuses_them(runtime, world, tmp_path
         Engine = Engine
         AskRequest = Request
 
-    context = MethodContext(runtime=local, references=references, cache_dir=tmp_path / "cache", engine_api=Api)
+    context = MethodContext(runtime=local, references=references, cache_dir=tmp_path / "cache", engine_api=Api,
+                            negatives=negative_pool("mcllava", None, world["negatives"], None))
     prepared = get_method("mcllava")(context)
     assert prepared.unavailable == {} and prepared.seconds_per_concept > 0
     files = {p.stem: Concept.load(p) for p in (tmp_path / "cache" / "mcllava").glob("*.concept")}

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from test_evaluate import make_testset
 
 from plvmctl.errors import PlvmError
 from plvmctl.lab.pocket import profile
@@ -56,6 +57,8 @@ def evaluation(methods: dict[str, tuple], identities: int = 40) -> dict:
             "visual_qa": {"accuracy": visual}, "text_qa": {"accuracy": text},
             "seconds_per_concept": seconds, "tokens_per_concept": tokens,
             "skipped": {"total": 0}, "unparseable": {"total": 0},
+            "negatives": (f"the test set's negatives/ folder (/sets/toy/negatives)"
+                          if name in ("yollava", "myvlm", "mcllava") else None),
         }
     return results
 
@@ -153,6 +156,41 @@ def test_ablation_tables_vary_w_at_k16_and_k_at_w20():
     assert table_row(contexts, "16")[1:7] == ["90.0", "60.0", "75.0", "32.0", "33.0", "16"]
     data_rows = [line for line in contexts.splitlines() if re.match(r"\| \d", line)]
     assert len(data_rows) == 3
+
+
+def test_the_document_says_where_each_trained_method_took_its_negatives_from():
+    markdown = render_results_markdown(summary())
+    line = next(line for line in markdown.splitlines() if line.startswith("- Negatives of the methods that train"))
+    for name in ("yollava", "myvlm", "mcllava"):
+        assert f"{name}: the test set's negatives/ folder (/sets/toy/negatives)" in line
+    assert "plvm:" not in line and "llava-text" not in line
+    without = render_results_markdown(summary(Options(skip_trained=True)))
+    assert "- Negatives of the methods that train" not in without
+
+
+def test_the_document_shows_the_paired_comparison_and_the_accuracy_per_question():
+    statistics = {
+        "paired": {"llava-text": {
+            "all": {"items": 1440, "both_right": 1200, "only_first": 51, "only_second": 16, "p_value": 2.1689e-05},
+            "positives": {"items": 240, "both_right": 180, "only_first": 38, "only_second": 11,
+                          "p_value": 0.00011}}},
+        "questions": {"text": {"plvm": {"What is <sks>'s hair color?": {"items": 40, "correct": 39, "accuracy": 0.975}},
+                               "llava-text": {"What is <sks>'s hair color?": {"items": 40, "correct": 20,
+                                                                               "accuracy": 0.5}}},
+                      "visual": {"plvm": {}, "llava-text": {}}}}
+    base = summary()
+    markdown = render_results_markdown({**base, "statistics": statistics})
+    paired = section(markdown, "## PLVM against each method, answer by answer")
+    assert table_row(paired, "`llava-text`") == ["`llava-text`", "1440", "51", "16", "2e-05",
+                                                 "240", "38", "11", "1e-04"]
+    text = section(markdown, "### Text MCQ")
+    assert table_row(text, "What is <sks>'s hair color?") == ["What is <sks>'s hair color?", "97.5 (40)", "50.0 (40)"]
+    assert "### Visual MCQ" not in markdown  # nothing answered there
+    stated = {"plvm": {"hair": {"stated": 200, "wrong": 1}, "skin": {"stated": 100, "wrong": 3}}}
+    markdown = render_results_markdown({**base, "statistics": {**statistics, "stated_traits": stated}})
+    traits = section(markdown, "### Traits stated wrongly inside recognition answers")
+    assert table_row(traits, "`plvm`") == ["`plvm`", "0.5 (200)", "3.0 (100)"]
+    assert "answer by answer" not in render_results_markdown({**base, "statistics": None})
 
 
 def test_reading_note_gives_the_chance_levels_of_this_test_set():
@@ -258,17 +296,22 @@ def test_each_aligner_is_trained_as_the_pocket_one_except_w_and_k(tmp_path):
 # Steps and errors
 
 
-def test_a_finished_step_is_reused_and_other_settings_are_refused(tmp_path):
-    calls = []
-    steps = StepRunner(tmp_path, echo=lambda message: None)
+def test_a_finished_step_is_reused_only_with_the_same_settings(tmp_path):
+    calls, said, cleared = [], [], []
+    steps = StepRunner(tmp_path, echo=said.append)
     work = lambda: calls.append(1)
-    assert not steps.run("main", {"negatives": 30}, work, done=lambda: True).reused
-    assert steps.run("main", {"negatives": 30}, work, done=lambda: True).reused
+    settings = {"negatives": 30, "methods": {"plvm": {"plvmctl": {"source_sha256": "aaa"}}}}
+    assert not steps.run("main", settings, work, done=lambda: True).reused
+    assert steps.run("main", settings, work, done=lambda: True).reused
     assert len(calls) == 1
-    assert not steps.run("main", {"negatives": 30}, work, done=lambda: False).reused  # outputs gone
-    assert len(calls) == 2
-    with pytest.raises(PlvmError, match=r"other settings \(negatives: 30 -> 10\)"):
-        steps.run("main", {"negatives": 10}, work, done=lambda: True)
+    assert not steps.run("main", settings, work, done=lambda: False).reused  # outputs gone
+    assert len(calls) == 2 and cleared == []
+    new_code = {**settings, "methods": {"plvm": {"plvmctl": {"source_sha256": "bbb"}}}}
+    record = steps.run("main", new_code, work, done=lambda: True, afresh=lambda: cleared.append(1))
+    assert not record.reused and len(calls) == 3 and cleared == [1]
+    assert 'step main: made with other settings (methods.plvm.plvmctl.source_sha256: "aaa" -> "bbb"), run afresh' \
+        in said[-3]
+    assert steps.run("main", new_code, work, done=lambda: True).reused  # the new settings are the marker's
 
 
 def test_an_interrupted_step_runs_again(tmp_path):
@@ -352,6 +395,15 @@ def test_whole_command_at_toy_size(tmp_path):
                 / "model.safetensors").is_file()
     assert "**Smoke run**: 4 identities" in markdown
     assert "--identities 4 --neg-per-identity 30 --aligner-steps 5 --threads 1" in markdown
+    main_results = json.loads((tmp_path / "out" / "main" / "results.json").read_text(encoding="utf-8"))
+    for name, paired in written["statistics"]["paired"].items():  # every answered item, paired
+        scored = main_results["methods"][name]["recognition"]
+        assert paired["all"]["items"] == scored["positive_total"] + scored["negative_total"], name
+        assert paired["positives"]["items"] == scored["positive_total"], name
+    assert set(written["negatives"]) == {"yollava", "myvlm", "mcllava"}
+    assert all(origin.startswith("the test set's negatives/ folder") for origin in written["negatives"].values())
+    assert "## PLVM against each method, answer by answer" in markdown
+    assert "### Text MCQ" in markdown and "### Traits stated wrongly" in markdown
     assert f"5 steps (--aligner-steps; the profile has {profile('full').aligner_steps})" in markdown
 
     again = CliRunner().invoke(main, arguments)  # everything finished: reused, same numbers
@@ -368,3 +420,37 @@ def test_the_document_says_how_multiple_choice_was_read():
     assert "letter read where it stands" in render_results_markdown(data)
     data["protocol"]["mcq"] = "likelihood"
     assert "the option whose letter the model finds most likely" in render_results_markdown(data)
+
+
+def test_render_only_writes_the_doc_again_from_a_finished_run_with_its_item_statistics(tmp_path):
+    from plvmctl.evaluate import build_items, load_testset
+
+    root = make_testset(tmp_path / "set")
+    items = build_items(load_testset(root))
+    out = tmp_path / "out"
+    methods = {}
+    for name, always_yes in (("plvm", False), ("llava-text", True)):  # plvm always right
+        records = [{"key": item.key, "mode": "generate", "error": None,
+                    "answer": "yes" if always_yes and item.task == "recognition" else item.expected}
+                   for task in ("recognition", "text") for item in items[task]]
+        (out / "main" / "items").mkdir(parents=True, exist_ok=True)
+        (out / "main" / "items" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        methods[name] = {"items_file": f"items/{name}.jsonl"}
+    main_results = {"testset": str(root), "methods": methods,
+                    "protocol": {"limit": None, "neg_per_identity": None, "seed": 0, "mcq": "generate"}}
+    (out / "main" / "results.json").write_text(json.dumps(main_results))
+    (out / "results.json").write_text(json.dumps(summary()))
+    doc = tmp_path / "results.md"
+    result = CliRunner().invoke(main, ["--out-dir", str(out), "--doc", str(doc), "--render-only"])
+    assert result.exit_code == 0, result.output
+    markdown = doc.read_text(encoding="utf-8")
+    positives = sum(item.expected == "yes" for item in items["recognition"])
+    negatives = len(items["recognition"]) - positives
+    # llava-text is right on the positives only, plvm on everything: plvm alone right on the negatives
+    assert table_row(section(markdown, "## PLVM against each method, answer by answer"), "`llava-text`")[:4] == [
+        "`llava-text`", str(len(items["recognition"])), str(negatives), "0"]
+    assert "written again on" in markdown and "no step run again" in markdown
+    assert json.loads((out / "results.json").read_text())["statistics"]["paired"]["llava-text"]["all"]["only_first"] \
+        == negatives
+    missing = CliRunner().invoke(main, ["--out-dir", str(tmp_path / "none"), "--doc", str(doc), "--render-only"])
+    assert missing.exit_code != 0 and "needs a finished run's --out-dir" in missing.output

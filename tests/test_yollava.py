@@ -354,7 +354,7 @@ def test_cli_trains_a_concept_that_ask_loads(cli, world, tmp_path):
 
 def test_eval_method_trains_once_and_reuses_the_cache(runtime, world, tmp_path):
     from plvmctl import engine as engine_api
-    from plvmctl.methods import METHODS, MethodContext, Reference
+    from plvmctl.methods import METHODS, MethodContext, Reference, negative_pool
 
     references = []
     for number, folder in enumerate((world["ana"], world["bo"], world["negatives"])):
@@ -367,8 +367,12 @@ def test_eval_method_trains_once_and_reuses_the_cache(runtime, world, tmp_path):
     section = dataclasses.asdict(small_config(epochs=1, select_after_epoch=1))
     recipe = dataclasses.replace(runtime.recipe, sections={**runtime.recipe.sections, "yollava": section})
     local = dataclasses.replace(runtime, recipe=recipe)
+    pool = tmp_path / "pool"  # other people than the three references
+    pool.mkdir()
+    for photo in list_photos(world["negatives"])[2:]:
+        (pool / photo.name).write_bytes(photo.read_bytes())
     context = MethodContext(runtime=local, references=references, cache_dir=tmp_path / "cache",
-                            engine_api=engine_api)
+                            engine_api=engine_api, negatives=negative_pool("yollava", None, pool, None))
     prepared = METHODS["yollava"](context)
     assert prepared.unavailable == {}
     assert prepared.seconds_per_concept is not None and prepared.seconds_per_concept > 0

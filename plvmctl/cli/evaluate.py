@@ -75,9 +75,13 @@ def report_bytes(testset, methods: int, limit: int | None) -> int:
               help="Also ask questions that hold two concepts at once (\"Is <A> in this photo?\" with "
                    "<B> in the prompt too, \"Which of <A> and <B> is in this photo?\"); reported "
                    "in their own section.")
+@click.option("--negatives", type=click.Path(file_okay=False), default=None,
+              help="Photos of people who are not in the test set: the negatives of the methods that "
+                   "train (yollava, myvlm, mcllava) and plvm-auto's other people [default: the "
+                   "test set's negatives/ folder, else the recipe's METHOD.index / negatives_dir].")
 @click.pass_obj
 def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, mcq, batch_size,
-                 retrieval, retrieval_only, captions, pairs):
+                 retrieval, retrieval_only, captions, pairs, negatives):
     """Recognition (positive/negative/mean), text QA and visual QA accuracy, per method.
 
     Writes results.json, results.md, results.png and items/<method>.jsonl into the output
@@ -108,6 +112,7 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
         results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
                                  neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
                                  batch_size=batch_size, progress=True,
-                                 retrieval=retrieval or retrieval_only, captions=captions, pairs=pairs)
+                                 retrieval=retrieval or retrieval_only, captions=captions, pairs=pairs,
+                                 negatives=negatives, echo=lambda message: click.echo(message, err=True))
     click.echo(render_markdown(results))
     click.echo(f"report: {out}/results.md, results.json, results.png; answers in {out}/items/")

@@ -19,11 +19,15 @@ Steps (each one's outputs stay under --out-dir, so a repeated run skips what is 
     doc           docs/results.md (and OUT/results.json), written atomically
 
 Why the step markers: a step's outputs alone cannot say under which settings they were made
-(another model, another test set, other negatives). Each step writes OUT/steps/NAME.json with
-its settings before it starts and marks it finished at the end; a later run reuses a finished
-step whose settings are the same, resumes an unfinished one (evaluation per item, training
-from its checkpoint) and refuses, in one line, a folder made with other settings rather than
-mixing two experiments in one table.
+(another model, another test set, other negatives, other code). Each step writes
+OUT/steps/NAME.json with its settings before it starts and marks it finished at the end. The
+settings hold what decides the step's outputs: the weights' sha256, the digest of plvmctl's
+source, and for an evaluation each method's answer fingerprint (plvmctl/fingerprint.py: the
+resolved recipe, method settings included). A later run reuses a finished step whose settings
+are the same and resumes an unfinished one (evaluation per item, training from its
+checkpoint); a step made with other settings runs again, said in one line: a training from
+scratch, an evaluation asking afresh the methods whose fingerprint changed (run_evaluation's
+own rule). Two experiments are never mixed in one table.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ import click
 
 from ..errors import PlvmError
 from ..evaluate import method_row as evaluated_row
-from ..fileio import sha256_file, write_json_atomic, write_text_atomic
+from ..fileio import write_json_atomic, write_text_atomic
+from ..fingerprint import answer_fingerprint, first_difference, model_weights, source_digest, weights_digest
 from ..methods import DESCRIPTION_MAX_NEW_TOKENS
 
 RECIPE = "pocket"
@@ -54,6 +59,8 @@ SEED = 0  # the seed of `make pocket` and of `make eval`'s test set
 MIN_IDENTITIES = 40  # the issue asks for at least 40 held-out identities
 
 TRUTH = "llava-truth"
+PLVM = "plvm"
+TASK_RECOGNITION = "recognition"
 MAIN_METHODS = ("plvm", "llava-none", "llava-text", "yollava", "myvlm", "mcllava", TRUTH)
 TRAINED_METHODS = ("yollava", "myvlm", "mcllava")  # trained concepts: --skip-trained leaves them out
 METHOD_TITLES = {
@@ -234,13 +241,6 @@ class StepRecord:
     reused: bool
 
 
-def _first_difference(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
-    for key in sorted(set(before) | set(now)):
-        if before.get(key) != now.get(key):
-            return f"{key}: {json.dumps(before.get(key))} -> {json.dumps(now.get(key))}"
-    return ""
-
-
 class StepRunner:
     """Runs named steps once: OUT/steps/NAME.json holds each step's settings and wall time."""
 
@@ -250,8 +250,9 @@ class StepRunner:
         self.records: list[StepRecord] = []
 
     def run(self, name: str, settings: Mapping[str, Any], work: Callable[[], None],
-            done: Callable[[], bool]) -> StepRecord:
-        """`work()` unless a finished earlier run with the same settings left `done()` true."""
+            done: Callable[[], bool], afresh: Callable[[], None] = lambda: None) -> StepRecord:
+        """`work()` unless a finished earlier run with the same settings left `done()` true.
+        When the earlier run had other settings, `afresh()` (removing what it made) comes first."""
         marker = self.folder / f"{name}.json"
         settings = json.loads(json.dumps(settings, default=str))  # as it reads back from disk
         previous = None
@@ -261,9 +262,10 @@ class StepRunner:
             except json.JSONDecodeError:
                 previous = None  # a damaged marker: the step runs again (its outputs resume)
         if previous is not None and previous.get("settings") != settings:
-            change = _first_difference(previous.get("settings") or {}, settings)
-            raise PlvmError(f"{self.folder.parent} holds step {name!r} made with other settings "
-                            f"({change}): pass another --out-dir or remove that folder")
+            change = first_difference(previous.get("settings") or {}, settings)
+            self.echo(f"[results] step {name}: made with other settings ({change}), run afresh")
+            afresh()
+            previous = None
         if previous is not None and previous.get("finished") and done():
             record = StepRecord(name, float(previous.get("seconds", 0.0)), reused=True)
             self.echo(f"[results] step {name}: reused ({record.seconds:.1f} s when it ran)")
@@ -284,21 +286,6 @@ class StepRunner:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _file_identity(path: str | Path) -> str:
-    """sha256 of a model folder's model.safetensors (or of the file), else the path itself."""
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    return sha256_file(weights) if weights.is_file() else str(path)
-
-
-def _model_identity(recipe) -> dict[str, str]:
-    """What makes answers comparable: the weights of the backbone and of the encoder."""
-    from ..runtime import resolve_recipe_path
-
-    return {"backbone": _file_identity(resolve_recipe_path(recipe, recipe.model.source)),
-            "encoder": _file_identity(resolve_recipe_path(recipe, recipe.encoder.source))}
 
 
 def _toy_identity_count(testset: Path) -> int | None:
@@ -365,14 +352,13 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
     recipe = load_recipe(RECIPE, overrides)
     mcq = recipe_mcq_mode(recipe)
     testset = load_testset(options.testset)
-    settings = {"recipe": RECIPE, "overrides": overrides, **_model_identity(recipe),
+    weights = model_weights(recipe)
+    settings = {"recipe": RECIPE, "overrides": overrides,
                 "testset": str(testset.root.resolve()), "testset_counts": testset.counts(),
+                "testset_negatives": weights_digest(testset.negatives) if testset.negatives else None,
                 "neg_per_identity": options.neg_per_identity, "limit": options.limit,
-                "mcq": mcq, "seed": SEED}
-    if recipe.aligner.path:
-        from ..runtime import resolve_recipe_path
-
-        settings["aligner"] = _file_identity(resolve_recipe_path(recipe, recipe.aligner.path))
+                "mcq": mcq, "seed": SEED,
+                "methods": {name: answer_fingerprint(recipe, name, weights) for name in methods}}
 
     def work() -> None:
         from ..runtime import load_runtime
@@ -393,13 +379,13 @@ def training_data_step(options: Options, settings: Mapping[str, Any], folder: Pa
 
     manifest = folder / "manifest.jsonl"
     wanted = {"identities": settings["identities"], "photos": settings["photos"],
-              "seed": settings["seed"]}
+              "seed": settings["seed"], "plvmctl_source": source_digest()}
 
     def work() -> None:
         generate_training_data(folder, settings["identities"], settings["photos"],
                                settings["seed"], extra_scenes=0, progress=True)
 
-    steps.run("data", wanted, work, manifest.is_file)
+    steps.run("data", wanted, work, manifest.is_file, afresh=lambda: shutil.rmtree(folder, ignore_errors=True))
     return manifest
 
 
@@ -416,8 +402,8 @@ def train_step(run: AblationRun, settings: Mapping[str, Any], manifest: Path, fo
     described = dataclasses.asdict(config)
     described.pop("out")
     described["data"] = str(Path(described["data"]).resolve())
-    wanted = {"recipe": RECIPE, "overrides": training_overrides(run), **_model_identity(recipe),
-              "num_context": run.num_context, "train": described}
+    wanted = {"recipe": RECIPE, "overrides": training_overrides(run), "weights": model_weights(recipe),
+              "plvmctl_source": source_digest(), "num_context": run.num_context, "train": described}
 
     def finished() -> bool:
         weights = folder / ALIGNER_DIR / "model.safetensors"
@@ -440,7 +426,8 @@ def train_step(run: AblationRun, settings: Mapping[str, Any], manifest: Path, fo
                             f"continue (from its checkpoint in {folder} when one was saved)"
                             ) from None
 
-    steps.run(f"train-{run.name}", wanted, work, finished)
+    steps.run(f"train-{run.name}", wanted, work, finished,
+              afresh=lambda: shutil.rmtree(folder, ignore_errors=True))
     return json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))
 
 
@@ -484,17 +471,40 @@ def prepare_truth(context) -> Any:
                           details={"descriptions": descriptions})
 
 
-def yollava_negatives() -> str:
-    """Where `eval --method yollava` takes each concept's negative photos from (the recipe)."""
-    from ..recipe import load_recipe
-    from ..train.yollava import YollavaConfig
+def item_statistics(main: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """From the main evaluation's item logs (plvmctl/item_stats.py), on its test set and
+    protocol: PLVM against every other method on the same recognition items (exact McNemar),
+    each method's accuracy per multiple-choice question as published (per trait on the toy
+    set) and, on a toy set, the traits its recognition answers state wrongly."""
+    from ..evaluate import build_items, load_testset
+    from ..item_stats import mcnemar, outcomes, question_accuracy, stated_traits
+    from .toy import TESTSET_SIDECAR, Identity
 
-    config = load_recipe(RECIPE).section("yollava", YollavaConfig)
-    if config.index:
-        return f"hard and random ones from the index {config.index}"
-    if config.negatives_dir:
-        return f"photos of {config.negatives_dir}"
-    return "the other identities' reference photos"
+    testset, protocol = load_testset(main["testset"]), main["protocol"]
+    items = build_items(testset, limit=protocol["limit"], neg_per_identity=protocol["neg_per_identity"],
+                        seed=protocol["seed"])
+    logs = {name: folder / method["items_file"] for name, method in main["methods"].items()}
+    correct = {name: outcomes(items, log, protocol["mcq"]) for name, log in logs.items()}
+    expected = {item.key: item.expected for item in items["recognition"]}
+    questions = {row.key: row.question for row in (*testset.text, *testset.visual)}
+    sidecar = testset.root / TESTSET_SIDECAR
+    truth = ({name: Identity.from_id(identity).trait_words() for name, identity
+              in json.loads(sidecar.read_text(encoding="utf-8"))["identities"].items()}
+             if sidecar.is_file() else {})
+    return {
+        "paired": {name: mcnemar(correct[PLVM][TASK_RECOGNITION], correct[name][TASK_RECOGNITION], expected)
+                   for name in correct if name != PLVM} if PLVM in correct else {},
+        "questions": {task: {name: question_accuracy(items[task], correct[name][task], questions)
+                             for name in correct} for task in ("text", "visual")},
+        "stated_traits": {name: found for name, log in logs.items()
+                          if (found := stated_traits(items[TASK_RECOGNITION], log, truth))},
+    }
+
+
+def negative_origins(main: Mapping[str, Any]) -> dict[str, str]:
+    """Where each trained method of the main evaluation took its negative photos from (never
+    the test identities: methods.base.negative_pool), as its results.json says."""
+    return {name: method["negatives"] for name, method in main["methods"].items() if method.get("negatives")}
 
 
 def machine_facts(threads: int) -> dict[str, Any]:
@@ -517,7 +527,7 @@ def machine_facts(threads: int) -> dict[str, Any]:
 def build_summary(options: Options, testset, main: Mapping[str, Any],
                   ablations: list[tuple[AblationRun, dict[str, Any], dict[str, Any]]] | None,
                   aligner_settings: Mapping[str, Any] | None, steps: list[StepRecord],
-                  machine: Mapping[str, Any]) -> dict[str, Any]:
+                  machine: Mapping[str, Any], statistics: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything docs/results.md shows, as plain data (also written to OUT/results.json)."""
     counts = main["counts"]
     summary: dict[str, Any] = {
@@ -540,7 +550,8 @@ def build_summary(options: Options, testset, main: Mapping[str, Any],
         "main": [method_row(main, name) for name in options.methods],
         "main_folder": str(options.out_dir / "main"),
         "ablations_folder": str(options.out_dir / "ablations"),
-        "yollava_negatives": yollava_negatives(),
+        "negatives": negative_origins(main),
+        "statistics": dict(statistics) if statistics else None,
         "ablations": None,
         "aligner_training": dict(aligner_settings) if aligner_settings else None,
         "steps": [dataclasses.asdict(step) for step in steps],
@@ -600,6 +611,79 @@ _ACCURACY_HEADER = ("recognition positive | recognition negative | recognition m
                     "| text MCQ")
 
 
+def _negatives_lines(origins: Mapping[str, str]) -> list[str]:
+    """The doc's line on where each trained method's negative photos came from."""
+    if not origins:
+        return []
+    return ["- Negatives of the methods that train (photos of people who are not the concept, never a "
+            "test identity): " + "; ".join(f"{name}: {origin}" for name, origin in origins.items()) + "."]
+
+
+def _p_value(value: float) -> str:
+    if value < 1e-300:  # below what a float holds
+        return "< 1e-300"
+    return f"{value:.0e}" if value < 0.001 else f"{value:.3f}"
+
+
+def _statistics_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The doc's sections read from the main evaluation's item logs (`item_statistics`)."""
+    statistics = summary.get("statistics")
+    if not statistics:
+        return []
+    lines: list[str] = []
+    if statistics["paired"]:
+        lines += ["## PLVM against each method, answer by answer", "",
+                  "On the recognition items of the main table that both answered: how often PLVM alone is "
+                  "right and how often the other method alone is, and the exact McNemar test of \"both are "
+                  "equally accurate\" (two-sided binomial at 1/2 on the items where they disagree); then the "
+                  "positives alone (`plvmctl/item_stats.py`).", "",
+                  "| method | items | PLVM alone right | method alone right | p | positives | "
+                  "PLVM alone right | method alone right | p |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, paired in statistics["paired"].items():
+            cells = [f"`{name}`"]
+            for part in (paired["all"], paired["positives"]):
+                cells += [str(part["items"]), str(part["only_first"]), str(part["only_second"]),
+                          _p_value(part["p_value"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Per-question and per-trait readings", "",
+              "Which readings go wrong, from the main evaluation's item logs. Multiple choice: accuracy "
+              "in % on each question as published (`<sks>` is the person asked about; on the toy set "
+              "one text question per trait), the number of items in brackets.", ""]
+    for task, title in (("text", "Text MCQ"), ("visual", "Visual MCQ")):
+        table = statistics["questions"].get(task) or {}
+        names = [name for name, rows in table.items() if rows]
+        if not names:
+            continue
+        questions = sorted({question for name in names for question in table[name]})
+        lines += [f"### {title}", "",
+                  "| question | " + " | ".join(f"`{name}`" for name in names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for question in questions:
+            cells = [question.replace("|", "\\|")]
+            for name in names:
+                row = table[name].get(question)
+                cells.append(f"{_pct(row['accuracy'])} ({row['items']})" if row else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    stated = statistics.get("stated_traits") or {}
+    if stated:
+        keys = sorted({key for counts in stated.values() for key in counts})
+        lines += ["### Traits stated wrongly inside recognition answers", "",
+                  "A pocket-model recognition answer compares before its verdict (\"left red hair red same "
+                  "...\"): the word after each trait key is the value it states for the person asked about, "
+                  "checked against the test set's toy_world.json. % of the stated values that are wrong, the "
+                  "number stated in brackets.", "",
+                  "| method | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for name, counts in stated.items():
+            cells = [f"{_pct(counts[key]['wrong'] / counts[key]['stated'])} ({counts[key]['stated']})"
+                     if key in counts else "–" for key in keys]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def render_results_markdown(summary: Mapping[str, Any]) -> str:
     """docs/results.md from a summary dict (`build_summary`): tables, command, machine, notes."""
     testset, protocol, machine = summary["testset"], summary["protocol"], summary["machine"]
@@ -640,8 +724,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         "no training); no prompt leaves `<name>` as plain text; the text prompt puts "
         "\"<name> is {description}.\" before every question, the description written by the "
         f"base model from the photo in at most {DESCRIPTION_MAX_NEW_TOKENS} tokens"
-        + ("; Yo'LLaVA trains soft tokens per identity (the recipe's yollava settings; "
-           f"negatives: {summary.get('yollava_negatives') or 'as the recipe says'})"
+        + ("; Yo'LLaVA trains soft tokens per identity (the recipe's yollava settings)"
            if any(row["method"] == "yollava" for row in summary["main"]) else "")
         + ("; MyVLM trains a concept head (does this photo show the person? the reference "
            "encoder's features of the photo and of windows of it, the best one against a "
@@ -656,6 +739,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
            "test set's toy_world.json), which is what the base LVLM can do with a written "
            "description before any Aligner" if any(row["method"] == TRUTH for row in summary["main"])
            else "") + ".",
+        *_negatives_lines(summary.get("negatives") or {}),
         "- Seconds to add a concept: wall time per concept (PLVM: one reference-encoder + "
         "Aligner pass; text prompt: the base model writing the description; Yo'LLaVA: training "
         "its soft prompt; MyVLM: training its head and embedding; MC-LLaVA: training its group's "
@@ -684,6 +768,8 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
     if missing:
         lines.append(f"Not run this time: {', '.join(missing)} (--skip-trained).")
     lines.append("")
+
+    lines += _statistics_lines(summary)
 
     ablations = summary.get("ablations")
     lines += ["## Ablations", ""]
@@ -757,6 +843,9 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         f"(OMP_NUM_THREADS={machine['omp_num_threads'] or 'unset'}), Python "
         f"{machine['python']}, {machine['platform']}, device {machine['device']}.",
         f"- Date: {machine['date']}.",
+        *([f"- This page was written again on {summary['rendered_again']} from the run's results.json and "
+           "item logs, no step run again (the same command with `--render-only`)."]
+          if summary.get("rendered_again") else []),
         "",
         "| step | wall time (s) |",
         "|---|---:|",
@@ -766,6 +855,22 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| {step['name']}{note} | {step['seconds']:.1f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def rerender(options: Options, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """--doc again from a finished run's OUT/results.json and item logs (no step runs): for
+    what the doc reads that the run did not yet (its step times stay the run's)."""
+    path = options.out_dir / "results.json"
+    if not path.is_file():
+        raise PlvmError(f"{path} not found: --render-only needs a finished run's --out-dir")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    main = json.loads((options.out_dir / "main" / "results.json").read_text(encoding="utf-8"))
+    summary["statistics"] = item_statistics(main, options.out_dir / "main")
+    summary["rendered_again"] = _now()
+    write_json_atomic(path, summary)
+    write_text_atomic(options.doc, render_results_markdown(summary))
+    echo(f"[results] wrote {options.doc} from {path}")
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -816,7 +921,7 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
 
     began = time.perf_counter()
     summary = build_summary(options, testset, main, ablations, aligner_settings, steps.records,
-                            machine_facts(options.threads))
+                            machine_facts(options.threads), item_statistics(main, out / "main"))
     summary["steps"].append({"name": "doc", "seconds": round(time.perf_counter() - began, 1),
                              "reused": False})
     summary["steps"].append({"name": "total (this run)",
@@ -851,9 +956,11 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
               help="At most N items per task in every evaluation (smoke runs only).")
 @click.option("--threads", default=DEFAULTS["threads"], show_default=True, type=int,
               help="torch CPU threads (one is fastest for the pocket model).")
+@click.option("--render-only", is_flag=True,
+              help="Write --doc again from the finished run in --out-dir (its results.json and item logs).")
 def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_identity: int,
          skip_trained: bool, skip_ablations: bool, aligner_steps: int | None, limit: int | None,
-         threads: int) -> None:
+         threads: int, render_only: bool) -> None:
     """Measure the pocket model and write docs/results.md: one command, numbers from the run.
 
     \b
@@ -874,7 +981,8 @@ def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_ident
                       skip_ablations=skip_ablations, aligner_steps=aligner_steps, limit=limit,
                       threads=threads)
     try:
-        make_results(options, echo=lambda message: click.echo(message, err=True))
+        run = rerender if render_only else make_results
+        run(options, echo=lambda message: click.echo(message, err=True))
     except PlvmError as error:
         raise click.ClickException(str(error)) from None
 

@@ -15,9 +15,9 @@ they share is in base.py.
 from __future__ import annotations
 
 from ..errors import PlvmError
-from .base import MethodContext, MethodFactory, PreparedMethod, Reference
-from .mcllava import MCLLAVA_CACHE, prepare_mcllava
-from .myvlm import MYVLM_CACHE, prepare_myvlm
+from .base import MethodContext, MethodFactory, NegativePool, PreparedMethod, Reference, negative_pool
+from .mcllava import MCLLAVA_CACHE, location_settings, prepare_mcllava
+from .myvlm import MYVLM_CACHE, myvlm_settings, prepare_myvlm
 from .plvm import prepare_plvm
 from .plvm_auto import prepare_plvm_auto
 from .text import (
@@ -29,7 +29,7 @@ from .text import (
     prepare_llava_none,
     prepare_llava_text,
 )
-from .yollava import YOLLAVA_CACHE, prepare_yollava
+from .yollava import YOLLAVA_CACHE, prepare_yollava, yollava_settings
 
 # Every name `--method` may ever take; a name here but not (yet) in METHODS is "not available".
 KNOWN_METHODS = ("plvm", "plvm-auto", "yollava", "myvlm", "mcllava", "llava-text", "llava-none")
@@ -43,6 +43,14 @@ METHODS["yollava"] = prepare_yollava
 METHODS["myvlm"] = prepare_myvlm
 METHODS["plvm-auto"] = prepare_plvm_auto
 METHODS["mcllava"] = prepare_mcllava
+
+# The methods that train on photos of other people, with how each reads its settings (which
+# name its index / negatives_dir): `eval` gives them a `negative_pool` before anything runs.
+TRAINED_ON_NEGATIVES = {"yollava": yollava_settings, "myvlm": myvlm_settings, "mcllava": location_settings}
+# What each method keeps in an evaluation's cache folder (set aside with its answers when what
+# decides them changed).
+METHOD_CACHES = {"llava-text": DESCRIPTIONS_CACHE, "yollava": YOLLAVA_CACHE, "myvlm": MYVLM_CACHE,
+                 "mcllava": MCLLAVA_CACHE}
 
 
 def get_method(name: str) -> MethodFactory:
@@ -58,8 +66,8 @@ def get_method(name: str) -> MethodFactory:
 
 __all__ = [
     "DESCRIPTION_MAX_NEW_TOKENS", "DESCRIPTION_PROMPT", "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
-    "MCLLAVA_CACHE", "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "PreparedMethod", "Reference",
-    "YOLLAVA_CACHE",
+    "METHOD_CACHES", "MCLLAVA_CACHE", "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "NegativePool",
+    "PreparedMethod", "Reference", "TRAINED_ON_NEGATIVES", "YOLLAVA_CACHE", "negative_pool",
     "clean_description", "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
     "prepare_mcllava", "prepare_myvlm", "prepare_plvm", "prepare_plvm_auto", "prepare_yollava",
 ]

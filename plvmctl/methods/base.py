@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import PlvmError
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -15,12 +17,66 @@ class Reference:
     path: Path
 
 
+@dataclass(frozen=True)
+class NegativePool:
+    """Where a method's photos of other people come from: never the test identities.
+
+    `index` (hard + random negatives, `plvmctl index build`) and/or `folder` (photos);
+    `origin` says which in words, for the report.
+    """
+
+    index: str | None
+    folder: Path | None
+    origin: str
+
+    def digest(self) -> str:
+        """What the pool holds: the index's and the folder's file digests."""
+        from ..fingerprint import weights_digest
+
+        parts = [weights_digest(where) if where and Path(where).exists() else str(where)
+                 for where in (self.index, self.folder)]
+        return ",".join(parts)
+
+    def people(self) -> list[Reference]:
+        """The folder's photos as references named after their files (plvm-auto's distractors)."""
+        from ..evaluate import concept_name
+        from ..train.yollava import list_photos
+
+        return [Reference(concept_name(photo.stem), photo) for photo in list_photos(self.folder)] \
+            if self.folder else []
+
+
+def negative_pool(method: str, config, given: Path | None, testset_folder: Path | None) -> NegativePool:
+    """The negatives of a trained method: the folder given on the command line, else the
+    recipe's `METHOD.index` / `METHOD.negatives_dir` (`config`: the method's settings, or None),
+    else the test set's `negatives/` folder; with none of them, PlvmError (the other test
+    identities are never used)."""
+    if given is not None:
+        pool = NegativePool(None, Path(given), f"the folder given with --negatives ({given})")
+    elif config is not None and (config.index or config.negatives_dir):
+        folder = Path(config.negatives_dir) if config.negatives_dir else None
+        pool = NegativePool(config.index, folder, f"the recipe's {method}.index {config.index}" if config.index
+                            else f"the recipe's {method}.negatives_dir {config.negatives_dir}")
+    elif testset_folder is not None:
+        pool = NegativePool(None, Path(testset_folder), f"the test set's negatives/ folder ({testset_folder})")
+    else:
+        raise PlvmError(f"{method} trains on photos of other people and none are given: pass --negatives DIR "
+                        f"(photos of people not in the test set), set {method}.index or {method}.negatives_dir "
+                        "in the recipe, or use a test set with a negatives/ folder (`plvmctl toy testset` "
+                        "writes one); the test identities are never used as negatives")
+    if pool.folder is not None and not pool.folder.is_dir():
+        raise PlvmError(f"{method}: negatives folder not found: {pool.folder}")
+    return pool
+
+
 @dataclass
 class MethodContext:
     """What a method factory gets.
 
     `engine_api` is anything with `Engine` and `AskRequest` attributes: the module
-    `plvmctl.engine` in real runs, a fake in tests.
+    `plvmctl.engine` in real runs, a fake in tests. `negatives` is the pool a trained method
+    takes its negatives from (`negative_pool`); plvm-auto also encodes its people as
+    concepts that are not in the test set.
     """
 
     runtime: Any
@@ -29,6 +85,7 @@ class MethodContext:
     engine_api: Any
     batch_size: int | None = None
     progress: bool = False
+    negatives: NegativePool | None = None
 
 
 @dataclass
@@ -69,10 +126,10 @@ def train_per_identity(context: MethodContext, method: str, config, train) -> Tr
     (a result with `.concept` and `.seconds["total"]`), cached in `cache_dir/METHOD/NAME.concept`.
 
     Positives are the reference photo and any other `ref_img*` beside it; negatives come from
-    `config.index` (hard + random) or `config.negatives_dir` when set, else they are the other
-    identities' reference photos (never a query photo). A cached concept is reused while the
-    model, the positives and the settings are those it was made with; its seconds are the ones
-    stored in it. A concept that cannot be made is reported in `unavailable`.
+    `context.negatives` (`negative_pool`: never a test identity). A cached concept is reused
+    while the model, the positives, the settings and the negative pool are those it was made
+    with; its seconds are the ones stored in it. A concept that cannot be made is reported in
+    `unavailable`.
     """
     def train_one(names, positives, negatives, folder):
         [name] = names
@@ -89,10 +146,10 @@ def train_in_groups(context: MethodContext, method: str, config, train_group, *,
     `positives` and `negatives` mapping each name to its photos; cached in
     `cache_dir/METHOD/NAME.concept` (the run folders beside them).
 
-    Positives and negatives as in `train_per_identity`; the other identities of the same group
-    are not among a concept's default negatives (a joint trainer sees their photos anyway). A
-    group is reused from the cache when every member is there, made for this model, these
-    positives and these settings (`digest(config)`, default `config_digest`) and, for a concept
+    Positives and negatives as in `train_per_identity` (a joint trainer also sees the photos of
+    its group's other members). A group is reused from the cache when every member is there,
+    made for this model, these positives, these settings (`digest(config)`, default
+    `config_digest`) and this negative pool and, for a concept
     that records it (`trained_with`), with the same group; else the whole group is trained
     again. A member whose photos cannot be read, or a group whose training fails, is reported
     in `unavailable`.
@@ -100,14 +157,16 @@ def train_in_groups(context: MethodContext, method: str, config, train_group, *,
     from tqdm import tqdm
 
     from ..concept import Concept
-    from ..errors import PlvmError
     from ..train.common import config_digest, photos_digest
     from ..train.yollava import gather_negatives, reference_photos
 
     runtime = context.runtime
     folder = context.cache_dir / method
     made = TrainedConcepts({}, {}, [], folder)
-    settings = (digest or config_digest)(config)
+    pool = context.negatives
+    if pool is None:
+        raise PlvmError(f"{method} needs a negative pool (methods.base.negative_pool)")
+    settings, pool_digest = (digest or config_digest)(config), pool.digest()
     references = list(context.references)
     groups = [references[start:start + group_size] for start in range(0, len(references), group_size)]
     bar = tqdm(total=len(references), desc=f"{method}: train concepts", unit="concept",
@@ -131,6 +190,7 @@ def train_in_groups(context: MethodContext, method: str, config, train_group, *,
             if concept is not None and concept.meta.base_model == runtime.backbone.fingerprint \
                     and extra.get("positives_sha256") == photos_digest(positives[name]) \
                     and extra.get("config_sha256") == settings \
+                    and extra.get("negatives_sha256") == pool_digest \
                     and extra.get("trained_with", ",".join(names)) == ",".join(names):
                 cached[name] = concept.renamed(name)
         if names and len(cached) == len(names):
@@ -140,15 +200,10 @@ def train_in_groups(context: MethodContext, method: str, config, train_group, *,
             bar.update(len(group))
             continue
         try:
-            negatives = {}
-            for name in names:
-                if config.index or config.negatives_dir:
-                    # reads hard_negatives, random_negatives, exclude_threshold and seed, which
-                    # every per-concept trainer's settings have under these names
-                    negatives[name] = gather_negatives(runtime, positives[name], config, index=config.index,
-                                                       negatives_dir=config.negatives_dir).photos
-                else:
-                    negatives[name] = [other.path for other in references if other not in group]
+            # reads hard_negatives, random_negatives, exclude_threshold and seed, which every
+            # per-concept trainer's settings have under these names
+            negatives = {name: gather_negatives(runtime, positives[name], config, index=pool.index,
+                                                negatives_dir=pool.folder).photos for name in names}
             run = folder if len(names) == 1 and group_size == 1 else folder / f"group-{names[0]}-{len(names)}"
             concepts, seconds = train_group(names, positives, negatives, run) if names else ({}, {})
         except PlvmError as error:
@@ -157,6 +212,7 @@ def train_in_groups(context: MethodContext, method: str, config, train_group, *,
             bar.update(len(group))
             continue
         for name in names:
+            concepts[name].meta.extra["negatives_sha256"] = pool_digest  # reused only with this pool
             concepts[name].save(folder / f"{name}.concept")
             made.concepts[name] = concepts[name]
             made.seconds.append(seconds[name])

@@ -165,17 +165,16 @@ def prepare_mcllava(context: MethodContext) -> PreparedMethod:
     in the test set's order, cached on disk (cache_dir/mcllava/NAME.concept).
 
     Positives are the reference photo and any other `ref_img*` beside it; negatives are the
-    other members of the group (joint training) plus the recipe's `mcllava.index` (hard +
-    random) or `mcllava.negatives_dir` when set, else the identities outside the group. A
+    other members of the group (joint training) plus `context.negatives`
+    (`base.negative_pool`; never a test identity outside the group). A
     group is reused while the model, the photos, the settings and the group are unchanged.
     Seconds per concept is a group's wall time divided by its size. Questions with a photo get
     the personalized visual prompt (`mcllava.location`; details say which).
     """
-    from ..train.mcllava import McllavaConfig, train_mcllava, training_digest
+    from ..train.mcllava import train_mcllava, training_digest
 
     runtime = context.runtime
-    config = runtime.recipe.section("mcllava", McllavaConfig)
-    config.validate()
+    config = location_settings(runtime.recipe)
 
     def train_group(names, positives, negatives, folder):
         result = train_mcllava(runtime, {name: positives[name] for name in names}, negatives, config, folder,
@@ -190,7 +189,8 @@ def prepare_mcllava(context: MethodContext) -> PreparedMethod:
         seconds_per_concept=made.seconds_per_concept,
         tokens_per_concept=float(config.num_context) if made.concepts else None,
         unavailable=made.unavailable,
-        details={"concepts_folder": str(made.folder), "epochs": config.epochs, "num_context": config.num_context,
+        details={"concepts_folder": str(made.folder), "negatives": context.negatives.origin,
+                 "epochs": config.epochs, "num_context": config.num_context,
                  "group_size": config.group_size, "kmeans": config.kmeans, "location": config.location,
                  "location_grid": config.location_grid},
     )

@@ -6,7 +6,12 @@ their sentences in the prompt of every question about that photo. A recognition 
 ("Is <name> in this photo?") is answered from what was found: when <name> was not found the
 answer is "No." without asking the model; when it was, the model is asked with the found
 concepts (it among them) in the prompt. Other questions keep their named concept as well
-(`ask --auto`'s rule). Each answer records the found concepts and boxes as `seen`.
+(`ask --auto`'s rule). Each answer records the found concepts and boxes as `seen`, and an
+answer retrieval gave alone says so (`decided_by`: the report counts those "no"s apart).
+
+With a negative pool (`context.negatives`: --negatives, or the test set's negatives/ folder)
+its people are encoded too and searched with the test identities: a store that, like a real
+one, holds people who are not in the test set.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Decided:
     seen_boxes: dict[str, tuple] = field(default_factory=dict)
     logprobs: list[float] | None = None
     num_tokens: list[int] | None = None
+    decided_by: str = "retrieval"
 
     @property
     def ok(self) -> bool:
@@ -127,16 +133,25 @@ class AutoEngine:
 
 
 def prepare_plvm_auto(context: MethodContext) -> PreparedMethod:
-    """PLVM concepts of every reference, their keys indexed; questions go through AutoEngine."""
+    """PLVM concepts of every reference (and of the negative pool's people), their keys
+    indexed; questions go through AutoEngine."""
     from ..concept_index import KeyIndex
     from ..recognise import retrieval_config
 
     concepts, unavailable, seconds = encode_references(context)
-    config = retrieval_config(context.runtime.recipe)
-    index = KeyIndex.from_concepts(concepts, context.runtime.encoder_fingerprint)
-    engine = AutoEngine(context.runtime, context.engine_api.Engine(context.runtime, concepts),
-                        context.engine_api, index, config)
     tokens = [float(concept.num_context) for concept in concepts.values()]
+    distractors = {}
+    for reference in context.negatives.people() if context.negatives else []:
+        if reference.name not in concepts and reference.name not in unavailable:
+            try:
+                distractors[reference.name] = context.runtime.encode_concept(reference.name, reference.path)
+            except PlvmError:
+                continue  # an unreadable photo of the pool is only one distractor fewer
+    searched = {**concepts, **distractors}
+    config = retrieval_config(context.runtime.recipe)
+    index = KeyIndex.from_concepts(searched, context.runtime.encoder_fingerprint)
+    engine = AutoEngine(context.runtime, context.engine_api.Engine(context.runtime, searched),
+                        context.engine_api, index, config)
     return PreparedMethod(
         name="plvm-auto",
         engine=engine,
@@ -144,11 +159,14 @@ def prepare_plvm_auto(context: MethodContext) -> PreparedMethod:
         tokens_per_concept=sum(tokens) / len(tokens) if tokens else None,
         unavailable=unavailable,
         details={"threshold": config.threshold, "top_k": config.top_k, "crops": config.crops,
-                 "verify": config.verify,
+                 "verify": config.verify, "distractors": len(distractors),
+                 "distractors_from": context.negatives.origin if distractors else None,
                  "note": ("the concepts in each photo are found by retrieval (whole view and "
                           + (f"windows, the {config.verify} best candidates verified by the model"
                              if config.verify else f"windows, cosine >= {config.threshold:g}")
                           + f", at most {config.top_k}); "
                           "a recognition question whose concept was not found is answered "
-                          f"'{NOT_FOUND_ANSWER}' without the model")},
+                          f"'{NOT_FOUND_ANSWER}' without the model"
+                          + (f"; the store also holds {len(distractors)} people who are not in the test "
+                             f"set ({context.negatives.origin})" if distractors else ""))},
     )
