@@ -356,7 +356,7 @@ def test_eval_method_trains_groups_once_and_reuses_them(runtime, world, tmp_path
 def test_pair_items_hold_two_concepts_and_are_scored_apart(tmp_path):
     from test_evaluate import FakeApi, FakeEngine, FakeRequest, FakeRuntime, make_testset
 
-    from plvmctl import evaluate
+    from plvmctl import answers, evaluate
 
     @dataclasses.dataclass
     class Request(FakeRequest):
@@ -384,8 +384,8 @@ def test_pair_items_hold_two_concepts_and_are_scored_apart(tmp_path):
     assert set(evaluate.item_concepts(which)) == {yes.identity, no.identity}
     assert evaluate.pair_items(testset, seed=0) == items  # seeded
     assert len(evaluate.pair_items(testset, limit=1)) == 3
-    assert evaluate.parse_which("Yes, <bob> and then alice", ["alice", "bob"]) == "bob"
-    assert evaluate.parse_which("nobody", ["alice", "bob"]) is None
+    assert answers.parse_which("Yes, <bob> and then alice", ["alice", "bob"]) == "bob"
+    assert answers.parse_which("nobody", ["alice", "bob"]) is None
 
     plain = evaluate.run_evaluation(FakeRuntime(), root, ["plvm"], tmp_path / "plain", progress=False,
                                     engine_api=Api())

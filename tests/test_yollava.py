@@ -453,7 +453,7 @@ def test_yollava_beats_the_no_prompt_baseline_on_a_toy_identity(tmp_path):
     reasons before its verdict, so answers are generated and read as `plvmctl eval` reads
     them, and the recipe's yollava settings (reasoning_base: recognition rows in the base
     model's own reasoning) apply."""
-    from plvmctl.evaluate import parse_yes_no
+    from plvmctl.answers import parse_yes_no
     from plvmctl.recipe import load_recipe
     from plvmctl.runtime import load_runtime
 

@@ -46,7 +46,7 @@ import click
 from ..errors import PlvmError
 from ..evaluate import method_row as evaluated_row
 from ..fileio import sha256_file, write_json_atomic, write_text_atomic
-from ..methods import DESCRIPTION_MAX_NEW_TOKENS
+from ..answers import DESCRIPTION_MAX_NEW_TOKENS
 
 RECIPE = "pocket"
 DEVICE = "cpu"  # the pocket model is made for a CPU; its timings are CPU timings

@@ -20,15 +20,7 @@ from .mcllava import MCLLAVA_CACHE, prepare_mcllava
 from .myvlm import MYVLM_CACHE, prepare_myvlm
 from .plvm import prepare_plvm
 from .plvm_auto import prepare_plvm_auto
-from .text import (
-    DESCRIPTION_MAX_NEW_TOKENS,
-    DESCRIPTION_PROMPT,
-    DESCRIPTIONS_CACHE,
-    clean_description,
-    count_tokens,
-    prepare_llava_none,
-    prepare_llava_text,
-)
+from .text import DESCRIPTIONS_CACHE, count_tokens, prepare_llava_none, prepare_llava_text
 from .yollava import YOLLAVA_CACHE, prepare_yollava
 
 # Every name `--method` may ever take; a name here but not (yet) in METHODS is "not available".
@@ -57,9 +49,9 @@ def get_method(name: str) -> MethodFactory:
 
 
 __all__ = [
-    "DESCRIPTION_MAX_NEW_TOKENS", "DESCRIPTION_PROMPT", "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
+    "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
     "MCLLAVA_CACHE", "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "PreparedMethod", "Reference",
     "YOLLAVA_CACHE",
-    "clean_description", "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
+    "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
     "prepare_mcllava", "prepare_myvlm", "prepare_plvm", "prepare_plvm_auto", "prepare_yollava",
 ]

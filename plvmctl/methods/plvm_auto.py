@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..answers import RECOGNITION_QUESTION
 from ..errors import PlvmError
 from .base import MethodContext, PreparedMethod
 from .plvm import encode_references
@@ -80,8 +81,6 @@ class AutoEngine:
 
     def _plan(self, requests):
         """Per request: a Decided answer, or the request to pass on with its found concepts."""
-        from ..evaluate import RECOGNITION_QUESTION
-
         recognition = re.compile("^" + re.escape(RECOGNITION_QUESTION).replace(re.escape("{name}"),
                                                                                 "([A-Za-z0-9_-]+)") + "$")
         self.prefetch([r.image for r in requests])
