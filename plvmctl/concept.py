@@ -6,24 +6,25 @@ A concept is three tensors in the LM's hidden size H:
     head     [H]     its output-head row, so the model can say `<name>`
     context  [k, H]  the k soft tokens of the sentence `<name> is <t1>…<tk>.`
 
-and, for methods that recognise the concept in the photo first (MyVLM):
+and, for methods that recognise the concept in the photo first:
 
     visual   [m, H]  tokens placed right after a photo's image tokens when the concept is
-                     recognised in that photo (MyVLM's concept embedding, m = 1); m = 0 otherwise
-    parts    {key: tensor}  what decides that (MyVLM's concept head: plvmctl/concept_head.py)
+                     recognised in that photo (by its method's ask-time hook); m = 0 otherwise
+    parts    {key: tensor}  what its method needs at ask time (e.g. a concept head's weights,
+                     plvmctl/concept_head.py)
 
 and, for finding the concept in photos nobody named it in (concept_index.py, recognise.py):
 
     parts["retrieval.key"]  [D]  the L2-normalised reference-encoder CLS vector of its
                      reference photo (of its photos' mean, for trained concepts)
 
-However it was made (PLVM's Aligner, Yo'LLaVA, MyVLM, MC-LLaVA), a concept is used the
-same way. On disk it is a safetensors file (never a pickle) whose string metadata says what
-it is and which model it belongs to; loading checks all of it. A concept with visual tokens
-or parts is written as format version 2, every other one as version 1, so a plvmctl that
-reads only version 1 refuses a MyVLM concept instead of using it without its head. A retrieval
-key is a part too: concepts encoded now are version 2; version 1 files still load (and get a
-key from `plvmctl concepts reindex`).
+However it was made (the Aligner or a trained method, plvmctl/methods), a concept is used
+the same way. On disk it is a safetensors file (never a pickle) whose string metadata says
+what it is and which model it belongs to; loading checks all of it. A concept with visual
+tokens or parts is written as format version 2, every other one as version 1, so a plvmctl
+that reads only version 1 refuses a concept with visual tokens instead of using it without
+its parts. A retrieval key is a part too: concepts encoded now are version 2; version 1 files
+still load (and get a key from `plvmctl concepts reindex`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def validate_name(name: str) -> str:
 class ConceptMeta:
     """Where a concept came from; stored as the safetensors file's string metadata."""
 
-    method: str = "plvm"  # plvm | yollava | myvlm | mcllava | copy
+    method: str = "plvm"  # the method that made it (a name of plvmctl.methods), or "copy"
     base_model: str = ""  # the backbone's fingerprint (Backbone.fingerprint)
     base_model_name: str = ""  # hub id or folder, for messages
     aligner_id: str = ""  # folder or preset of the Aligner (plvm only)

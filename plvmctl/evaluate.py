@@ -28,6 +28,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
@@ -511,11 +512,12 @@ def _answer_items(prepared: PreparedMethod, engine_api: Any, items: list[EvalIte
                                         if record["error"] is None else None)
                 else:
                     record["answer"] = result.answer
-                if getattr(result, "located", None):  # where the visual prompt put a concept (MC-LLaVA)
-                    record["located"] = dict(result.located)
-                if getattr(result, "seen", None):  # concepts whose head fired on the photo (MyVLM)
-                    record["seen"] = list(result.seen)
-                    record["seen_boxes"] = {name: list(box) for name, box in result.seen_boxes.items()}
+                notes = getattr(result, "notes", {})  # what the method's ask-time hook found
+                if mode != "likelihood" and notes.get("located"):  # where the visual prompt put a concept
+                    record["located"] = dict(notes["located"])
+                if notes.get("seen"):  # the concepts recognised in the photo, and the crop of each
+                    record["seen"] = list(notes["seen"])
+                    record["seen_boxes"] = {name: list(box) for name, box in notes["seen"].items()}
                 records.append(record)
             log.append(records)
             bar.update(len(chunk))
@@ -762,10 +764,11 @@ def retrieval_task(runtime: Any, testset: TestSet, out_dir: Path, *, progress: b
 
 
 def load_engine_api() -> Any:
-    """The real engine module (`Engine`, `AskRequest`); imported only when needed."""
-    from . import engine
+    """The real engine: `Engine` (with every method's ask-time hooks) and `AskRequest`."""
+    from .engine import AskRequest
+    from .methods import make_engine
 
-    return engine
+    return SimpleNamespace(Engine=make_engine, AskRequest=AskRequest)
 
 
 def _check_run_folder(out_dir: Path, identity: dict[str, str]) -> None:

@@ -114,7 +114,8 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
       plvmctl ask --batch queries.jsonl --out answers.jsonl --batch-size 16
       plvmctl ask party.jpg "Who is in this photo?" --auto --json
     """
-    from ..engine import AskRequest, Engine
+    from ..engine import AskRequest
+    from ..methods import make_engine
 
     problems: dict[int, str] = {}
     if batch_file:
@@ -155,7 +156,7 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     if auto and any(isinstance(request.image, list) for request in requests):
         raise PlvmError("--auto finds concepts in one photo per question: leave out --together")
     found = _auto_concepts(app, requests, problems, threshold, top_k) if auto else {}
-    engine = Engine(app.runtime, app.store, locate=location)
+    engine = make_engine(app.runtime, app.store, locate=location)
     todo = [i for i in range(len(requests)) if i not in problems]
     results = engine.ask([requests[i] for i in todo], batch_size=batch_size,
                          max_new_tokens=max_new_tokens, progress=len(todo) > 1 and sys.stderr.isatty())
@@ -169,8 +170,8 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
         else:
             result = results[todo.index(i)]
             row.update(answer=result.answer, error=result.error)
-            if result.located:
-                row["located"] = dict(result.located)
+            if result.notes.get("located"):  # where the prompt said a concept is (MC-LLaVA)
+                row["located"] = dict(result.notes["located"])
         if auto:
             row["found"] = [f.to_json() for f in found[i]] if i in found else None
         rows.append(row)
@@ -341,9 +342,10 @@ CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the 
 @pass_app
 def chat(app: App, image: str | None, auto: bool):
     """Interactive questions about IMAGE (optional). Type /help for commands."""
-    from ..engine import AskRequest, Engine
+    from ..engine import AskRequest
+    from ..methods import make_engine
 
-    engine = Engine(app.runtime, app.store)
+    engine = make_engine(app.runtime, app.store)
     current = image
     found: dict[str, tuple[str, ...]] = {}  # --auto: photo -> the concepts found in it
     click.echo(f"plvmctl chat ({app.recipe.name}); {CHAT_HELP}")
@@ -366,7 +368,7 @@ def chat(app: App, image: str | None, auto: bool):
                     raise PlvmError("usage: /add REF NAME")
                 concept = app.runtime.encode_concept(parts[2], parts[1])
                 click.echo(f"saved {app.store.save(concept, force=True)}")
-                engine = Engine(app.runtime, app.store)
+                engine = make_engine(app.runtime, app.store)
                 found.clear()
             elif line.startswith("/image "):
                 path = line.split(maxsplit=1)[1]

@@ -14,10 +14,14 @@ they share is in base.py.
 
 from __future__ import annotations
 
+from typing import Mapping
+
+from ..concept import Concept, ConceptStore
+from ..engine import Engine
 from ..errors import PlvmError
 from .base import MethodContext, MethodFactory, PreparedMethod, Reference
-from .mcllava import MCLLAVA_CACHE, prepare_mcllava
-from .myvlm import MYVLM_CACHE, prepare_myvlm
+from .mcllava import MCLLAVA_CACHE, LocatedHook, prepare_mcllava
+from .myvlm import MYVLM_CACHE, SeenHook, prepare_myvlm
 from .plvm import prepare_plvm
 from .plvm_auto import prepare_plvm_auto
 from .text import DESCRIPTIONS_CACHE, count_tokens, prepare_llava_none, prepare_llava_text
@@ -37,6 +41,20 @@ METHODS["plvm-auto"] = prepare_plvm_auto
 METHODS["mcllava"] = prepare_mcllava
 
 
+# The ask-time hooks of the methods that have one, in the order the engine runs them: MyVLM's
+# concept heads first, then MC-LLaVA's visual prompt.
+ASK_HOOKS = (("myvlm", SeenHook), ("mcllava", LocatedHook))
+
+
+def make_engine(runtime, concepts: Mapping[str, Concept] | ConceptStore | None = None,
+                descriptions: Mapping[str, str] | None = None, literal_names: bool = False, *,
+                locate: bool = True) -> Engine:
+    """An Engine that runs every method's ask-time hook, so a concept behaves as its method
+    made it. `locate=False` leaves out MC-LLaVA's visual prompt (`plvmctl ask --no-location`)."""
+    hooks = [hook() for method, hook in ASK_HOOKS if locate or method != "mcllava"]
+    return Engine(runtime, concepts, descriptions=descriptions, literal_names=literal_names, hooks=hooks)
+
+
 def get_method(name: str) -> MethodFactory:
     """The factory registered under `name`; PlvmError for unknown or not-yet-available names."""
     if name in METHODS:
@@ -52,6 +70,6 @@ __all__ = [
     "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
     "MCLLAVA_CACHE", "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "PreparedMethod", "Reference",
     "YOLLAVA_CACHE",
-    "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
+    "ASK_HOOKS", "count_tokens", "get_method", "make_engine", "prepare_llava_none", "prepare_llava_text",
     "prepare_mcllava", "prepare_myvlm", "prepare_plvm", "prepare_plvm_auto", "prepare_yollava",
 ]

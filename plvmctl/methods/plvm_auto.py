@@ -30,8 +30,7 @@ class Decided:
     request: Any
     answer: str | None = None
     error: str | None = None
-    seen: list[str] = field(default_factory=list)
-    seen_boxes: dict[str, tuple] = field(default_factory=dict)
+    notes: dict[str, dict] = field(default_factory=dict)  # as AskResult's: {"seen": {name: box}}
     logprobs: list[float] | None = None
     num_tokens: list[int] | None = None
 
@@ -94,7 +93,7 @@ class AutoEngine:
             boxes = {f.name: f.box for f in found}
             named = recognition.match(request.question)
             if named and named.group(1) not in names:
-                plan.append(Decided(request, NOT_FOUND_ANSWER, seen=names, seen_boxes=boxes))
+                plan.append(Decided(request, NOT_FOUND_ANSWER, notes={"seen": boxes}))
                 continue
             passed = self.engine_api.AskRequest(request.question, request.image, concepts=tuple(names))
             plan.append((passed, names, boxes))
@@ -112,7 +111,7 @@ class AutoEngine:
             result = next(answered)
             result.request = request
             if isinstance(step, tuple):
-                result.seen, result.seen_boxes = list(step[1]), dict(step[2])
+                result.notes = {**getattr(result, "notes", {}), "seen": dict(step[2])}  # found, and where
             results.append(result)
         return results
 
