@@ -42,11 +42,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .concept import NAME_PATTERN, SUFFIX, Concept, ConceptStore
+from .concept import NAME_PATTERN, SUFFIX, Concept
 from .errors import PlvmError
 from .fileio import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+# `ConceptStore` in the annotations below is plvmctl.store's: the store imports this module to
+# keep its index in step, so this module only names it.
 
 KEY_PART = "retrieval.key"
 ENCODER_META = "retrieval.encoder"

@@ -26,10 +26,11 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from .concept import Concept, ConceptStore
+from .concept import Concept
 from .errors import PlvmError
 from .images import load_image
 from .prompt import build_prompt, encode_segments, insert_after_image, mentioned_names, split_names
+from .store import ConceptStore
 from .table import ConceptTable
 from .tokens import decode_with_names
 

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from plvmctl.concept import Concept, ConceptStore
+from plvmctl.concept import Concept
 from plvmctl.engine import AskRequest
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
@@ -22,6 +22,7 @@ from plvmctl.lab import toy
 from plvmctl.methods import make_engine
 from plvmctl.methods.mcllava import Location, draw_mark, patch_centre, place_words, visual_prompts
 from plvmctl.prompt import Slot, build_prompt
+from plvmctl.store import ConceptStore
 from plvmctl.train.mcllava import (
     PROTOTYPES,
     THRESHOLD,

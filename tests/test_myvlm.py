@@ -14,13 +14,14 @@ import torch
 from click.testing import CliRunner
 
 from helpers import copied_concept, save_portraits
-from plvmctl.concept import Concept, ConceptStore
+from plvmctl.concept import Concept
 from plvmctl.concept_head import ConceptHead, crop_boxes, crop_features, photo_features
 from plvmctl.engine import AskRequest
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
 from plvmctl.lab import toy
 from plvmctl.methods import make_engine
+from plvmctl.store import ConceptStore
 from plvmctl.train.myvlm import (
     EmbeddingTrainer,
     MyvlmConfig,
@@ -282,7 +283,7 @@ def test_attention_penalty_pulls_attention_off_the_embedding(runtime, world):
 
 
 def test_file_round_trip_and_refusal_by_another_model(tmp_path, trained):
-    from plvmctl.backbone import load_backbone
+    from plvmctl.families import load_backbone
 
     concept = trained["result"].concept
     path = ConceptStore(tmp_path).save(concept)

@@ -14,11 +14,12 @@ import torch
 from click.testing import CliRunner
 
 from helpers import save_portraits
-from plvmctl.concept import Concept, ConceptStore
-from plvmctl.lab import toy
+from plvmctl.concept import Concept
 from plvmctl.engine import AskRequest, Engine
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
+from plvmctl.lab import toy
+from plvmctl.store import ConceptStore
 from plvmctl.train.data import Sample
 from plvmctl.train.yollava import (
     CONVERSATIONS_FILE,

@@ -11,14 +11,13 @@ from pathlib import Path
 import click
 
 from ..errors import PlvmError
-from . import main
 from .app import App
 
 pass_app = click.make_pass_decorator(App)
 
 
 # -- encode -------------------------------------------------------------------------------
-@main.command()
+@click.command()
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.option("--name", required=True, help="Concept name, used as <NAME> in questions.")
 @click.option("--force", is_flag=True, help="Replace an existing concept of that name.")
@@ -68,7 +67,7 @@ def _read_batch(path: str):
     return requests, problems
 
 
-@main.command()
+@click.command()
 @click.argument("args", nargs=-1, required=False)
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False),
               help='JSONL file, one {"image": PATH, "question": TEXT} per line.')
@@ -239,7 +238,7 @@ def _summary(path: Path) -> str:
     return re.split(r"[:.](?:\s|$)", " ".join(lines), maxsplit=1)[0].strip()
 
 
-@main.command()
+@click.command()
 def recipes():
     """The named recipes (use one with --recipe NAME): name, what it is, its file."""
     from ..recipe import DEFAULT_RECIPE, known_recipes
@@ -250,7 +249,7 @@ def recipes():
 
 
 # -- concepts -------------------------------------------------------------------------------
-@main.group()
+@click.group()
 def concepts():
     """List, show or remove concepts in the store."""
 
@@ -335,7 +334,7 @@ CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the 
 /reset (forget the photo), /concepts, /quit. Anything else is a question."""
 
 
-@main.command()
+@click.command()
 @click.argument("image", required=False, type=click.Path(dir_okay=False))
 @click.option("--auto", is_flag=True, help="Put the concepts found in the photo by retrieval "
               "into every question's prompt (as `ask --auto`).")
@@ -400,7 +399,7 @@ def chat(app: App, image: str | None, auto: bool):
 
 
 # -- aligner --------------------------------------------------------------------------------
-@main.group()
+@click.group()
 def aligner():
     """Manage Aligner checkpoints."""
 

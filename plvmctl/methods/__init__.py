@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ..concept import Concept, ConceptStore
+from ..concept import Concept
 from ..engine import Engine
 from ..errors import PlvmError
+from ..store import ConceptStore
 from .base import MethodContext, MethodFactory, PreparedMethod, Reference
 from .mcllava import MCLLAVA_CACHE, LocatedHook, prepare_mcllava
 from .myvlm import MYVLM_CACHE, SeenHook, prepare_myvlm
