@@ -17,9 +17,11 @@ does:
     plvmctl --recipe pocket --set aligner.path=runs/aligner-mcq/run/aligner eval \\
         --testset runs/toy-testset --method plvm --neg-per-identity 30 --out runs/aligner-mcq/eval
 
-Measured (2 CPU cores shared with `make results`, --per-trait 2, on the make results test
-set of 40 held-out identities; run as a one-off script doing these same steps, whose option
-draws came from another seed):
+Not yet measured with this script: the table below is from a one-off script doing these same
+steps (its option draws came from another seed), run on 2026-12-02 on the pocket model of
+commit 3005af9 (the committed one), 2 CPU cores shared with `make results`, --per-trait 2, on
+the make results test set of 40 held-out identities. Rerun the two commands above to replace
+it with this script's own output (its JSON line, then the eval's results.md):
 
     Aligner                    validation  recognition pos / neg / mean  text MCQ  visual MCQ
     committed (no MCQ rows)    0.950       93.8 / 98.2 / 96.0            45.4      66.7

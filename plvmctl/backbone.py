@@ -64,6 +64,9 @@ class Backbone:
     model_class: ClassVar[str] = ""
     # Whether one prompt may carry several photos (`ask --together`).
     multi_image: ClassVar[bool] = False
+    # Whether `model.image_preprocess` (pad | crop) decides how photos reach the tower; a
+    # family that does its own (OneVision's anyres tiling) refuses the setting.
+    takes_image_preprocess: ClassVar[bool] = False
 
     # -- shapes and ids ---------------------------------------------------------------
     @property

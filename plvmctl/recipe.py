@@ -38,13 +38,15 @@ class ModelSection:
     # auto (bf16 on GPU, fp16 there with the released Aligner, fp32 on CPU) | float32 | bfloat16 | float16
     dtype: str = "auto"
     quantization: str = "none"  # none | 8bit | 4bit (needs bitsandbytes and a GPU)
-    image_preprocess: str = "pad"  # pad (LLaVA-1.5's pad-to-square, mean colour) | crop
+    # pad (LLaVA-1.5's pad-to-square, mean colour) | crop; unset: the family's own (pad for
+    # LLaVA-1.5). LLaVA-OneVision tiles photos by anyres and refuses it.
+    image_preprocess: str | None = None
     template: str = "auto"  # auto (the model family's own) | vicuna_v1 | pocket
     # How prompt text becomes ids: natural (the whole text at once, concept slots as words) |
     # per_piece (PLVM's released code: the text after a concept word or after <image> is
     # tokenized on its own; the released Aligner was trained on those ids)
     prompt_pieces: str = "natural"
-    seed: int = 0  # for the random tiny preset only
+    seed: int = 0  # for the random tiny parts only (refused when the recipe has none)
 
 
 @dataclass
@@ -252,7 +254,8 @@ def _validate(recipe: Recipe) -> None:
 
     choice("model.dtype", recipe.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     choice("model.quantization", recipe.model.quantization, ("none", "8bit", "4bit"))
-    choice("model.image_preprocess", recipe.model.image_preprocess, ("pad", "crop"))
+    if recipe.model.image_preprocess is not None:
+        choice("model.image_preprocess", recipe.model.image_preprocess, ("pad", "crop"))
     choice("model.prompt_pieces", recipe.model.prompt_pieces, ("natural", "per_piece"))
     choice("aligner.layout", recipe.aligner.layout, ("paper", "released"))
     if recipe.aligner.num_context < 1:
@@ -261,3 +264,28 @@ def _validate(recipe: Recipe) -> None:
         raise PlvmError("generation.max_new_tokens: must be at least 1")
     if recipe.generation.batch_size < 1:
         raise PlvmError("generation.batch_size: must be at least 1")
+    refuse_unused_settings(recipe)
+
+
+def refuse_unused_settings(recipe: Recipe) -> None:
+    """A setting nothing would read is an error, not a silent no-op: the sampling knobs with
+    sampling off, the random presets' seed with no random part, a hub model's revision or
+    quantization on the tiny preset. The family-specific ones (image_preprocess on
+    LLaVA-OneVision) are refused where the family is known, in backbone.load_backbone."""
+    generation, defaults = recipe.generation, GenerationSection()
+    if not generation.do_sample:
+        for key in ("temperature", "top_p", "top_k", "seed"):
+            if getattr(generation, key) != getattr(defaults, key):
+                raise PlvmError(f"generation.{key}={getattr(generation, key)} is unused with sampling off: "
+                                "set generation.do_sample=true as well (`ask --sample`)")
+    model = recipe.model
+    if model.source == "tiny":
+        if model.revision is not None:
+            raise PlvmError("model.revision is for hub models; model.source=tiny is built from configs")
+        if model.quantization != "none":
+            raise PlvmError(f"model.quantization={model.quantization} is for real models; "
+                            "model.source=tiny is built in float from configs")
+    random_parts = model.source == "tiny" or recipe.encoder.source == "tiny" or recipe.aligner.path is None
+    if model.seed != 0 and not random_parts:
+        raise PlvmError(f"model.seed={model.seed} seeds the random tiny parts only; this recipe's model, "
+                        "encoder and Aligner are all loaded from weights")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# Tests never touch the network: hub ids resolve from the local cache or fail at once. Forced
+# (whatever the caller's environment says) and set before anything imports huggingface_hub,
+# which reads it once at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from plvmctl.recipe import load_recipe
-from plvmctl.runtime import load_runtime
+from pathlib import Path  # noqa: E402
 
-# Tests never touch the network: hub ids resolve from the local cache or fail at once.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from plvmctl.recipe import load_recipe  # noqa: E402
+from plvmctl.runtime import load_runtime  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PLVM_VAL = SHARED / "testsets" / "plvm-val"
@@ -70,3 +73,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def restore_global_state():
+    """Every test leaves the process as it found it: torch's thread count and transformers'
+    progress bars and log level (the CLI silences them, the pocket build sets threads).
+    Environment variables are changed through `monkeypatch`, which undoes them itself."""
+    from transformers.utils import logging as transformers_logging
+
+    threads = torch.get_num_threads()
+    bars = transformers_logging.is_progress_bar_enabled()
+    verbosity = transformers_logging.get_verbosity()
+    yield
+    torch.set_num_threads(threads)
+    (transformers_logging.enable_progress_bar if bars else transformers_logging.disable_progress_bar)()
+    transformers_logging.set_verbosity(verbosity)

@@ -59,16 +59,19 @@ def test_concept_words_come_back_as_names(runtime, concepts):
     assert engine.decode(ids, table) == "<avril> is with <bob>"
 
 
-def test_sampling_is_seeded(runtime, concepts, photos):
-    runtime.recipe.generation.do_sample = True
-    try:
-        engine = Engine(runtime, concepts)
-        request = [AskRequest("Is <avril> here?", photos["plain0.png"])]
-        first = engine.ask(request, max_new_tokens=8)[0].answer
-        second = engine.ask(request, max_new_tokens=8)[0].answer
-    finally:
-        runtime.recipe.generation.do_sample = False
-    assert first == second
+def test_sampling_is_seeded(runtime, concepts, photos, monkeypatch):
+    """With sampling on, the seed decides the answer: the same seed gives the same answer
+    every time, other seeds give others (greedy would give one answer for every seed)."""
+    monkeypatch.setattr(runtime.recipe.generation, "do_sample", True)
+    monkeypatch.setattr(runtime.recipe.generation, "temperature", 1.5)
+    request = [AskRequest("Is <avril> here?", photos["plain0.png"])]
+
+    def answer(seed: int) -> str:
+        monkeypatch.setattr(runtime.recipe.generation, "seed", seed)
+        return Engine(runtime, concepts).ask(request, max_new_tokens=8)[0].answer
+
+    assert answer(3) == answer(3)
+    assert len({answer(seed) for seed in range(4)}) > 1
 
 
 def test_option_scores_agree_with_greedy_generation(runtime, concepts, photos):

@@ -94,6 +94,14 @@ def backbone(folder):
     return load_backbone(str(folder), device="cpu")
 
 
+def test_image_preprocess_is_refused_because_anyres_ignores_it(folder):
+    """OneVision's processor tiles photos itself: `model.image_preprocess` would change
+    nothing, so setting it is an error, not a silent no-op."""
+    for value in ("pad", "crop"):
+        with pytest.raises(PlvmError, match=rf"^model.image_preprocess={value}: llava-onevision ignores it"):
+            load_backbone(str(folder), device="cpu", image_preprocess=value)
+
+
 @pytest.fixture(scope="module")
 def runtime(backbone):
     return Runtime(recipe=recipe_from_dict({"generation": {"max_new_tokens": 6}}), backbone=backbone)

@@ -1,8 +1,10 @@
 """The committed pocket model (plvmctl/assets/pocket): loads, fits, sees, recognises.
 
-Fast: a few dozen forward passes of a few-MB model. The thresholds are well below what the
-committed model measured (see card.json), so they catch a broken or swapped checkpoint, not
-noise.
+Fast: a few hundred forward passes of a few-MB model (seconds). Every photo shows held-out
+identities (`toy.heldout_identities()`, the part of the toy world `toy testset` draws from and
+no stage of `make pocket` trains on), so the checks measure what the model learnt, not what it
+memorised. The thresholds sit just below what the committed model measures here and far above
+chance, so a broken, swapped or untrained checkpoint fails them.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def pocket():
+def pocket(one_thread):
     from plvmctl.recipe import load_recipe
     from plvmctl.runtime import load_runtime
 
-    torch.set_num_threads(1)
     return load_runtime(load_recipe("pocket"), device="cpu")
 
 
@@ -66,7 +67,7 @@ def test_base_model_sees_fresh_scenes(engine):
     """Generic questions (no names) about photos of held-out people, greedy answers."""
     from plvmctl.engine import AskRequest
 
-    scenes, rng = _scenes(16, seed=0)
+    scenes, rng = _scenes(40, seed=0)
     requests, truths = [], []
     for image, info in scenes:
         requests.append(AskRequest("How many people are in the photo?", image))
@@ -75,49 +76,61 @@ def test_base_model_sees_fresh_scenes(engine):
         where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}[person.position]
         requests.append(AskRequest(f"What colour is the shirt of the person {where}?", image))
         truths.append(person.shirt)
-    results = engine.ask(requests, batch_size=16)
+    results = engine.ask(requests, batch_size=40)
     correct = [result.ok and (result.answer or "").strip().lower() == truth.lower()
                for result, truth in zip(results, truths)]
     accuracy = sum(correct) / len(correct)
-    # blind guessing: 1/3 for the count, 1/8 for the shirt colour (about 0.23 overall)
-    assert accuracy >= 0.5, [(r.request.question, r.answer, t) for r, t in zip(results, truths)]
+    # blind guessing: 1/3 for the count, 1/8 for the shirt colour (about 0.23 overall); the committed
+    # model: 1.00 on these 80
+    assert accuracy >= 0.9, [(r.request.question, r.answer, t) for r, t in zip(results, truths)]
 
 
-def _recognition(pocket):
-    """Six held-out people: a concept from one portrait each, asked on a photo with them and
-    on a photo without them. Returns (parsed answers, truths)."""
+RECOGNITION_PEOPLE = 80  # two items each: 160 recognition items
+
+
+@pytest.fixture(scope="module")
+def recognition(pocket):
+    """PLVM recognition as `plvmctl eval` asks it: 80 held-out people, a concept from one
+    portrait each, asked "Is <name> in this photo?" on a photo with them (1-3 people) and on
+    a photo without them; the free answers read by eval's parser. Returns (said, truths)."""
     from plvmctl.engine import AskRequest, Engine
 
     rng = random.Random("test-pocket-recognition")
     pool = list(toy.heldout_identities())
     concepts, requests, truths = {}, [], []
-    for number in range(6):
-        person, other = rng.sample(pool, 2)
+    for number, person in enumerate(rng.sample(pool, RECOGNITION_PEOPLE)):
         name = f"person{number}"
         concepts[name] = pocket.encode_concept(name, toy.render_portrait(person, rng))
+        others = [p for p in pool if p != person]
         positive, _ = toy.random_scene(person, rng, pool)
-        negative, _ = toy.random_scene(other, rng, [p for p in pool if p != person])
+        negative, _ = toy.random_scene(rng.choice(others), rng, others)
         requests += [AskRequest(f"Is <{name}> in this photo?", positive),
                      AskRequest(f"Is <{name}> in this photo?", negative)]
         truths += ["yes", "no"]
-    results = Engine(pocket, concepts).ask(requests, batch_size=12)
+    results = Engine(pocket, concepts).ask(requests, batch_size=40)
     assert all(result.ok for result in results), [result.error for result in results]
     return [parse_yes_no(result.answer) for result in results], truths
 
 
-def test_recognition_answers_the_question(pocket):
-    """Encode held-out people and ask: every answer is a clear Yes or No, and a person is
-    recognised in a photo of them."""
-    said, truths = _recognition(pocket)
+def _accuracy(said, truths, truth):
+    hits = [s == t for s, t in zip(said, truths) if t == truth]
+    return sum(hits) / len(hits)
+
+
+def test_recognition_of_held_out_people_is_learnt(recognition):
+    """The learning check: positives and negatives both well above the 0.5 of a coin, their
+    mean at least 0.90 (the committed model: 0.90 / 0.95, mean 0.925; with each concept
+    made from another person's portrait: 0.01 / 1.00)."""
+    said, truths = recognition
+    assert len(truths) >= 120
+    positive, negative = _accuracy(said, truths, "yes"), _accuracy(said, truths, "no")
+    assert (positive + negative) / 2 >= 0.90, (positive, negative)
+    assert positive >= 0.8 and negative >= 0.8, (positive, negative)
+
+
+def test_recognition_answers_say_yes_or_no(recognition):
+    said, _ = recognition
     assert all(word in ("yes", "no") for word in said), said
-    positives = [s == t for s, t in zip(said, truths) if t == "yes"]
-    assert sum(positives) / len(positives) >= 0.5, said
-
-
-def test_recognition_rejects_a_stranger(pocket):
-    said, truths = _recognition(pocket)
-    negatives = [s == t for s, t in zip(said, truths) if t == "no"]
-    assert sum(negatives) / len(negatives) >= 0.5, said
 
 
 def test_a_recognised_person_is_named_in_the_answer(pocket):

@@ -94,3 +94,25 @@ def test_auto_dtype_is_fp16_on_a_gpu_only_for_the_released_aligner():
     assert resolve_dtype(recipe_dtype(load_recipe("tiny"), gpu), gpu) == torch.bfloat16
     chosen = load_recipe("llava15-7b", ["model.dtype=bfloat16"])
     assert resolve_dtype(recipe_dtype(chosen, gpu), gpu) == torch.bfloat16
+
+
+@pytest.mark.parametrize("recipe, override, message", [
+    ("tiny", "generation.temperature=0.5", "generation.temperature=0.5 is unused with sampling off"),
+    ("tiny", "generation.top_p=0.9", "generation.top_p=0.9 is unused with sampling off"),
+    ("tiny", "generation.top_k=5", "generation.top_k=5 is unused with sampling off"),
+    ("tiny", "generation.seed=3", "generation.seed=3 is unused with sampling off"),
+    ("tiny", "model.quantization=8bit", "model.quantization=8bit is for real models"),
+    ("tiny", "model.revision=main", "model.revision is for hub models"),
+    ("pocket", "model.seed=2", "model.seed=2 seeds the random tiny parts only"),
+])
+def test_a_setting_nothing_reads_is_refused(recipe, override, message):
+    with pytest.raises(PlvmError, match=message):
+        load_recipe(recipe, [override])
+
+
+def test_the_same_settings_are_taken_where_they_are_read():
+    sampled = load_recipe("tiny", ["generation.do_sample=true", "generation.temperature=0.5", "generation.seed=3"])
+    assert sampled.generation.temperature == 0.5 and sampled.generation.seed == 3
+    assert load_recipe("tiny", ["model.seed=2"]).model.seed == 2  # the random tiny model
+    assert load_recipe("pocket", ["aligner.path=null", "model.seed=2"]).model.seed == 2  # a random Aligner
+    assert load_recipe("tiny").model.image_preprocess is None  # the family's own (pad for LLaVA-1.5)

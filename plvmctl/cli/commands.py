@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import PlvmError
+from ..recipe import refuse_unused_settings
 from .app import App
 
 pass_app = click.make_pass_decorator(App)
@@ -150,6 +151,7 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     for key, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
         if value is not None:
             setattr(generation, key, value)
+    refuse_unused_settings(app.recipe)  # --temperature, --top-p or --seed without --sample
     if (threshold is not None or top_k is not None) and not auto:
         raise PlvmError("--threshold and --top-k go with --auto")
     if auto and any(isinstance(request.image, list) for request in requests):

@@ -48,13 +48,14 @@ def _quantization_config(quantization: str):
 
 
 def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
-                  quantization: str = "none", image_preprocess: str = "pad",
+                  quantization: str = "none", image_preprocess: str | None = None,
                   revision: str | None = None, seed: int = 0) -> Backbone:
     """Load a vision-language model: `tiny` (random, from configs), a local folder or a hub id.
 
     The family (LLaVA-1.5, LLaVA-OneVision, ...) is read from the config's `model_type`. Hub
     ids resolve through transformers' cache; with no network only cached or local models
-    load, and the error says so.
+    load, and the error says so. `image_preprocess` None is the family's own (pad for
+    LLaVA-1.5); a family that ignores the setting refuses a value.
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -62,7 +63,7 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
         model, tokenizer, image_processor = build_tiny_llava(seed=seed)
         model = model.to(device=torch_device, dtype=torch_dtype)
         return Llava15Backbone(model, tokenizer, image_processor, name=f"tiny-llava-seed{seed}",
-                               image_preprocess=image_preprocess).freeze()
+                               image_preprocess=image_preprocess or "pad").freeze()
 
     import transformers  # here, not at the top: only a real model needs them loaded
     from transformers import AutoConfig
@@ -82,6 +83,9 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
             "(pass a local folder, or make sure the Hugging Face cache has it)"
         ) from error
     family = family_for(config.model_type, source)
+    if image_preprocess is not None and not family.takes_image_preprocess:
+        raise PlvmError(f"model.image_preprocess={image_preprocess}: {family.family} ignores it (its processor "
+                        "decides how photos are cut); leave it out of the recipe")
     kwargs = {"dtype": torch_dtype, "revision": revision}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -96,4 +100,4 @@ def load_backbone(source: str, *, device: str = "auto", dtype: str = "auto",
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
     return family(model, tokenizer, processor.image_processor, name=source,
-                  image_preprocess=image_preprocess, loaded_processor=processor).freeze()
+                  image_preprocess=image_preprocess or "pad", loaded_processor=processor).freeze()

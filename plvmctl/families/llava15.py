@@ -21,6 +21,7 @@ class Llava15Backbone(Backbone):
     family = "llava-1.5"
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
+    takes_image_preprocess = True
     multi_image = False
 
     def chat_template(self):

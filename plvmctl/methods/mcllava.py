@@ -141,7 +141,7 @@ def visual_prompts(runtime: Any, photos: Sequence[tuple[Image.Image, Mapping[str
     settings = location_settings(runtime.recipe)
     if settings.location == "off":
         return [({}, image) for image, _ in photos]
-    preprocess = getattr(runtime.recipe.model, "image_preprocess", "pad")
+    preprocess = runtime.backbone.image_preprocess
     features: list[torch.Tensor] = []
     for start in range(0, len(photos), FEATURE_CHUNK):
         features += runtime.backbone.image_features([image for image, _ in photos[start:start + FEATURE_CHUNK]])

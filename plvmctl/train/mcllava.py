@@ -351,7 +351,7 @@ class McllavaTrainer(YollavaTrainer):
         self.cache_features(self.photos[name] + against)
         negative_rows = (torch.cat([self.features[(str(p), False)].float().cpu() for p in against])
                          if against and config.mask == "similarity" else None)
-        preprocess = getattr(self.runtime.recipe.model, "image_preprocess", "pad")
+        preprocess = self.runtime.backbone.image_preprocess
         tokens = []
         for photo in self.photos[name]:
             features = self.features[(str(photo), False)].float().cpu()
