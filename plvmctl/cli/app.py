@@ -53,7 +53,6 @@ class App:
 
     @functools.cached_property
     def store(self):
-        
         from ..store import ConceptStore
 
         directory = self.store_dir or os.environ.get(STORE_ENV) or self.recipe.store
