@@ -46,9 +46,10 @@ from pathlib import Path
 
 import torch
 
-from plvmctl.engine import AskRequest, Engine
-from plvmctl.evaluate import RECOGNITION_QUESTION, parse_yes_no
+from plvmctl.answers import RECOGNITION_QUESTION, parse_yes_no
+from plvmctl.engine import AskRequest
 from plvmctl.lab.concepts import write_concept_folders
+from plvmctl.methods import make_engine
 from plvmctl.recipe import load_recipe
 from plvmctl.runtime import load_runtime
 from plvmctl.train.mcllava import McllavaConfig, train_mcllava
@@ -57,14 +58,14 @@ from plvmctl.train.yollava import list_photos
 
 def held_out_accuracy(runtime, concepts: dict, queries: list[dict], *, locate: bool) -> dict:
     """Recognition accuracy of `concepts` on the query scenes (positive, negative, mean)."""
-    engine = Engine(runtime, concepts, locate=locate)
+    engine = make_engine(runtime, concepts, locate=locate)
     requests = [AskRequest(RECOGNITION_QUESTION.format(name=row["about"]), row["photo"]) for row in queries]
     results = engine.ask(requests, batch_size=32)
     right = {"positive": [0, 0], "negative": [0, 0]}
     located = {"positive": 0, "negative": 0, "right_place": 0}
     for row, result in zip(queries, results):
         kind = "positive" if row["about"] in row["people"] else "negative"
-        place = result.located.get(row["about"])
+        place = result.notes.get("located", {}).get(row["about"])
         located[kind] += place is not None
         located["right_place"] += place is not None and kind == "positive" and \
             place.endswith(row["places"][row["about"]])

@@ -1,4 +1,4 @@
-"""Concepts, the `.concept` file format and the concept store.
+"""Concepts and the `.concept` file format (the folder of them is store.py).
 
 A concept is three tensors in the LM's hidden size H:
 
@@ -6,24 +6,25 @@ A concept is three tensors in the LM's hidden size H:
     head     [H]     its output-head row, so the model can say `<name>`
     context  [k, H]  the k soft tokens of the sentence `<name> is <t1>…<tk>.`
 
-and, for methods that recognise the concept in the photo first (MyVLM):
+and, for methods that recognise the concept in the photo first:
 
     visual   [m, H]  tokens placed right after a photo's image tokens when the concept is
-                     recognised in that photo (MyVLM's concept embedding, m = 1); m = 0 otherwise
-    parts    {key: tensor}  what decides that (MyVLM's concept head: plvmctl/concept_head.py)
+                     recognised in that photo (by its method's ask-time hook); m = 0 otherwise
+    parts    {key: tensor}  what its method needs at ask time (e.g. a concept head's weights,
+                     plvmctl/concept_head.py)
 
 and, for finding the concept in photos nobody named it in (concept_index.py, recognise.py):
 
     parts["retrieval.key"]  [D]  the L2-normalised reference-encoder CLS vector of its
                      reference photo (of its photos' mean, for trained concepts)
 
-However it was made (PLVM's Aligner, Yo'LLaVA, MyVLM, MC-LLaVA), a concept is used the
-same way. On disk it is a safetensors file (never a pickle) whose string metadata says what
-it is and which model it belongs to; loading checks all of it. A concept with visual tokens
-or parts is written as format version 2, every other one as version 1, so a plvmctl that
-reads only version 1 refuses a MyVLM concept instead of using it without its head. A retrieval
-key is a part too: concepts encoded now are version 2; version 1 files still load (and get a
-key from `plvmctl concepts reindex`).
+However it was made (the Aligner or a trained method, plvmctl/methods), a concept is used
+the same way. On disk it is a safetensors file (never a pickle) whose string metadata says
+what it is and which model it belongs to; loading checks all of it. A concept with visual
+tokens or parts is written as format version 2, every other one as version 1, so a plvmctl
+that reads only version 1 refuses a concept with visual tokens instead of using it without
+its parts. A retrieval key is a part too: concepts encoded now are version 2; version 1 files
+still load (and get a key from `plvmctl concepts reindex`).
 """
 
 from __future__ import annotations
@@ -62,11 +63,16 @@ def validate_name(name: str) -> str:
     return name
 
 
+def concept_name(folder_name: str) -> str:
+    """The concept name for a folder or file name: letters, digits, '-' and '_' kept, others '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", folder_name)
+
+
 @dataclass
 class ConceptMeta:
     """Where a concept came from; stored as the safetensors file's string metadata."""
 
-    method: str = "plvm"  # plvm | yollava | myvlm | mcllava | copy
+    method: str = "plvm"  # the method that made it (a name of plvmctl.methods), or "copy"
     base_model: str = ""  # the backbone's fingerprint (Backbone.fingerprint)
     base_model_name: str = ""  # hub id or folder, for messages
     aligner_id: str = ""  # folder or preset of the Aligner (plvm only)
@@ -209,68 +215,3 @@ class Concept:
             raise PlvmError(f"{path}: metadata says k={metadata.get('k')} but context has "
                             f"{concept.num_context} rows")
         return concept
-
-
-class ConceptStore:
-    """A folder of `NAME.concept` files: the default is ./concepts."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-
-    def path_for(self, name: str) -> Path:
-        return self.root / f"{validate_name(name)}{SUFFIX}"
-
-    def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.stem for p in self.root.glob(f"*{SUFFIX}") if NAME_PATTERN.match(p.stem))
-
-    def __contains__(self, name: str) -> bool:
-        return NAME_PATTERN.match(name or "") is not None and self.path_for(name).is_file()
-
-    def check_writable(self, name: str, force: bool = False) -> Path:
-        """The path for `name`; PlvmError if a concept is there and `force` is not given."""
-        path = self.path_for(name)
-        if path.exists() and not force:
-            raise PlvmError(f"concept {name!r} already exists at {path} (use --force to replace it)")
-        return path
-
-    def save(self, concept: Concept, force: bool = False) -> Path:
-        path = concept.save(self.check_writable(concept.name, force))
-        self._refresh_index(concept.name)
-        return path
-
-    def _refresh_index(self, name: str) -> None:
-        """Keep the store's retrieval index (STORE/.retrieval, concept_index.py) in step, when
-        there is one; a failed update only leaves it stale, which its users detect."""
-        from .concept_index import INDEX_FOLDER, TABLE_FILE
-
-        if not (self.root / INDEX_FOLDER / TABLE_FILE).is_file():
-            return
-        from .concept_index import StoreIndex
-
-        try:
-            StoreIndex(self).refresh(name)
-        except (PlvmError, OSError, RuntimeError) as error:
-            import logging
-
-            logging.getLogger(__name__).warning("concept index not updated (%s); it will be "
-                                                "rebuilt on next use", error)
-
-    def load(self, name: str) -> Concept:
-        if name not in self:
-            known = self.names()
-            listing = ", ".join(f"<{n}>" for n in known) if known else "none yet"
-            raise PlvmError(f"unknown concept <{name}> in {self.root} (known: {listing})")
-        concept = Concept.load(self.path_for(name))
-        if concept.name != name:
-            concept = concept.renamed(name)
-        return concept
-
-    def remove(self, name: str) -> Path:
-        if name not in self:
-            raise PlvmError(f"unknown concept <{name}> in {self.root}")
-        path = self.path_for(name)
-        path.unlink()
-        self._refresh_index(name)
-        return path

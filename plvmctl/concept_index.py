@@ -42,12 +42,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .concept import NAME_PATTERN, SUFFIX, Concept, ConceptStore
+from .concept import NAME_PATTERN, SUFFIX, Concept
 from .errors import PlvmError, WriteError
 from .fileio import write_bytes_atomic, write_json_atomic
 from .locks import LOCK_FILE, hold
 
 log = logging.getLogger(__name__)
+
+# `ConceptStore` in the annotations below is plvmctl.store's: the store imports this module to
+# keep its index in step, so this module only names it.
 
 KEY_PART = "retrieval.key"
 ENCODER_META = "retrieval.encoder"

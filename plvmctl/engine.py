@@ -5,16 +5,13 @@ request that fails there gets its error and the rest still run. Prepared request
 by whether they carry a photo, sorted by length and cut into batches; each batch builds one
 concept table with every concept its questions mention, so any mix of concepts shares a batch.
 
-A concept with visual tokens (MyVLM) is recognised first: for each request whose question
-names it and that has a photo, its concept head (concept_head.py) looks at the photo (the
-whole photo, or its crops with the best one counting), and when it fires the concept's visual
-tokens go right after that row's image tokens (the row's `seen`; `seen_boxes` says which crop
-fired). Without a photo, or when the head does not fire, the concept is only its word.
-
-A concept with location prototypes (MC-LLaVA) gets its personalized visual prompt on a
-question with one photo (plvmctl/methods/mcllava.py): where in the photo it scores best, when
-above its threshold, as ` <name> is on the left.` after its sentence (the row's `located`);
-`Engine(..., locate=False)` turns that off.
+What a concept's method does at ask time is an `AskHook` the engine is given (each method's
+hook lives with the method; plvmctl.methods.make_engine builds an engine with all of them).
+After every request is prepared, each hook in turn reads the prepared items (their photos and
+concepts) and may put a concept's visual tokens right after the row's image tokens
+(`after_image`), say where a concept is in the photo (`located`: ` <name> is on the left.`
+after its sentence), replace a photo, and record what it found under its key in the row's
+`notes` (returned on the AskResult). The engine itself knows no method.
 """
 
 from __future__ import annotations
@@ -22,18 +19,18 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from .concept import Concept, ConceptStore
-from .concept_head import Box, ConceptHead, crop_features
+from .concept import Concept
 from .errors import PlvmError
 from .images import load_image
 from .prompt import build_prompt, encode_segments, insert_after_image, mentioned_names, split_names
+from .store import ConceptStore
 from .table import ConceptTable
 from .tokens import decode_with_names
 
@@ -52,9 +49,7 @@ class AskResult:
     request: AskRequest
     answer: str | None = None
     error: str | None = None
-    seen: list[str] = field(default_factory=list)  # concepts whose head fired on the photo
-    seen_boxes: dict[str, Box] = field(default_factory=dict)  # name -> the crop its head fired on
-    located: dict[str, str] = field(default_factory=dict)  # name -> where the prompt says it is (MC-LLaVA)
+    notes: dict[str, dict] = field(default_factory=dict)  # hook key -> {concept: what the hook found}
 
     @property
     def ok(self) -> bool:
@@ -69,27 +64,40 @@ class OptionScores:
     logprobs: list[float] | None = None
     num_tokens: list[int] | None = None
     error: str | None = None
-    seen: list[str] = field(default_factory=list)  # concepts whose head fired on the photo
-    seen_boxes: dict[str, Box] = field(default_factory=dict)  # name -> the crop its head fired on
+    notes: dict[str, dict] = field(default_factory=dict)  # hook key -> {concept: what the hook found}
 
 
 @dataclass
-class _Prepared:
-    """One request ready to batch: its prompt segments, photos, soft-prompt concepts and the
-    concepts recognised in its photos (their visual tokens follow the last image's tokens)."""
+class Prepared:
+    """One request ready to batch: its prompt segments, photos and soft-prompt concepts, and
+    what the hooks made of it: the concepts whose visual tokens follow the last image's tokens
+    (`after_image`, in that order), where the prompt says a concept is in the photo
+    (`located`: name -> "on the left") and their notes (hook key -> {concept: finding})."""
 
     index: int
     segments: list
     images: list[Image.Image]
     names: list[str]
-    seen: list[str] = field(default_factory=list)
-    boxes: dict[str, Box] = field(default_factory=dict)
     request: AskRequest | None = None
+    after_image: list[str] = field(default_factory=list)
     located: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, dict] = field(default_factory=dict)
 
 
-def _photo_key(image: Image.Image) -> str:
-    """Equal photos (the same pixels) share their crop features."""
+class AskHook(Protocol):
+    """What a concept's method does at ask time, between preparing the requests and encoding
+    them. `prepare` reads the prepared items (`engine.concept(name)` gives a concept) and may
+    set their `after_image`, `located` and `images`, and record `notes[key]`; an item it cannot
+    handle gets its error in `errors` and is left out of the list it returns."""
+
+    key: str
+
+    def prepare(self, engine: "Engine", items: list[Prepared], errors: dict[int, str]) -> list[Prepared]:
+        ...
+
+
+def photo_key(image: Image.Image) -> str:
+    """Equal photos (the same pixels) have the same key: a hook computes their features once."""
     digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
@@ -101,11 +109,12 @@ class Engine:
     `concepts` is a mapping name → Concept or a ConceptStore (loaded on demand and checked
     against the backbone's fingerprint). `descriptions` gives plain-text personas
     (`<name> is {text}.`); `literal_names=True` leaves unknown `<name>`s as plain text.
+    `hooks` run, in order, on every prepared batch of requests (see AskHook).
     """
 
     def __init__(self, runtime, concepts: Mapping[str, Concept] | ConceptStore | None = None,
                  descriptions: Mapping[str, str] | None = None, literal_names: bool = False,
-                 locate: bool = True):
+                 hooks: Sequence[AskHook] = ()):
         self.runtime = runtime
         self.backbone = runtime.backbone
         self.template = runtime.template
@@ -116,8 +125,7 @@ class Engine:
             runtime.check_concept(concept)
         self.descriptions = dict(descriptions or {})
         self.literal_names = literal_names
-        self.locate = locate
-        self._heads: dict[str, ConceptHead | None] = {}
+        self.hooks = list(hooks)
 
     # -- concepts ------------------------------------------------------------------------
     def concept(self, name: str) -> Concept:
@@ -127,16 +135,6 @@ class Engine:
                 raise PlvmError(f"unknown concept <{name}> (known: {known})")
             self._concepts[name] = self.runtime.check_concept(self._store.load(name))
         return self._concepts[name]
-
-    def head(self, name: str) -> ConceptHead | None:
-        """The concept head of `name` when it has visual tokens (MyVLM), else None."""
-        if name not in self._heads:
-            concept = self.concept(name)
-            head = ConceptHead.from_concept(concept) if concept.num_visual else None
-            if concept.num_visual and head is None:
-                raise PlvmError(f"concept <{name}> has visual tokens but no concept head")
-            self._heads[name] = head
-        return self._heads[name]
 
     def _has(self, name: str) -> bool:
         return name in self._concepts or (self._store is not None and name in self._store)
@@ -151,7 +149,7 @@ class Engine:
         return known
 
     # -- preparation ---------------------------------------------------------------------
-    def _prepare(self, index: int, request: AskRequest) -> _Prepared:
+    def _prepare(self, index: int, request: AskRequest) -> Prepared:
         sources = request.image if isinstance(request.image, (list, tuple)) else \
             ([] if request.image is None else [request.image])
         if len(sources) > 1 and not self.backbone.multi_image:
@@ -163,7 +161,7 @@ class Engine:
         concepts = self._known(names)
         segments = self._segments(request, concepts, len(images))
         # Token ids are assigned per batch, once the batch's concept table exists.
-        return _Prepared(index, segments, images, list(concepts), request=request)
+        return Prepared(index, segments, images, list(concepts), request=request)
 
     def _segments(self, request: AskRequest, concepts: Mapping[str, int], images: int,
                   located: Mapping[str, str] | None = None) -> list:
@@ -173,9 +171,9 @@ class Engine:
                             concepts=concepts, descriptions=self.descriptions,
                             literal_names=self.literal_names, also=request.concepts, located=located)
 
-    def _batches(self, prepared: list[_Prepared], batch_size: int):
+    def _batches(self, prepared: list[Prepared], batch_size: int):
         """Group by has-image, sort by prompt length, cut into batches."""
-        def length(item: _Prepared) -> int:
+        def length(item: Prepared) -> int:
             return sum(len(s) if isinstance(s, str) else 1 for s in item.segments)
 
         for has_image in (False, True):
@@ -184,92 +182,10 @@ class Engine:
             for start in range(0, len(group), batch_size):
                 yield group[start:start + batch_size]
 
-    def _recognise(self, prepared: list[_Prepared], errors: dict[int, str]) -> list[_Prepared]:
-        """Fill each item's `seen`: the concepts it names whose head fires on one of its photos
-        (the box is that of the best crop of all its photos).
-
-        Crop features are computed once per distinct photo, feature source and crop setting,
-        all crops together in batches; an item whose recognition fails gets the error and is
-        dropped.
-        """
-        wanted: dict[tuple[str, str], list[tuple[_Prepared, str]]] = {}  # (source, crops) -> (item, name)
-        failed: set[int] = set()
-        for item in prepared:
-            if not item.images:
-                continue
-            try:
-                for name in item.names:
-                    head = self.head(name)
-                    if head is not None:
-                        wanted.setdefault((head.features, head.crops), []).append((item, name))
-            except PlvmError as error:
-                errors[item.index] = str(error)
-                failed.add(item.index)
-        for (source, crops), pairs in wanted.items():
-            pairs = [(item, name) for item, name in pairs if item.index not in failed]
-            photos = list({item.index: item for item, _ in pairs}.values())
-            if not photos:
-                continue
-            keys = {item.index: [_photo_key(image) for image in item.images] for item in photos}
-            distinct = list({key: image for item in photos
-                             for key, image in zip(keys[item.index], item.images)}.items())
-            try:
-                found = crop_features(self.runtime, [image for _, image in distinct], source, crops)
-            except (PlvmError, RuntimeError, ValueError) as error:
-                for item in photos:
-                    errors[item.index] = f"concept head: {str(error).splitlines()[0]}"
-                    failed.add(item.index)
-                continue
-            features = {key: photo for (key, _), photo in zip(distinct, found)}
-            for item, name in pairs:
-                try:
-                    scores, boxes = self.head(name).best([features[key] for key in keys[item.index]])
-                    number = int(scores.argmax())
-                    if float(scores[number]) >= self.head(name).threshold:
-                        item.seen.append(name)
-                        item.boxes[name] = boxes[number]
-                except PlvmError as error:
-                    errors[item.index] = str(error)
-                    failed.add(item.index)
-        for item in prepared:  # the order of the question, whatever the feature sources
-            item.seen.sort(key=item.names.index)
-        return [item for item in prepared if item.index not in failed]
-
-    def _locate(self, prepared: list[_Prepared], errors: dict[int, str]) -> list[_Prepared]:
-        """MC-LLaVA's visual prompt: each one-photo item's concepts with location prototypes
-        that score above their threshold get ` <name> is <where>.` in the prompt (and, with
-        `mcllava.location: mark`, a mark on the photo). An item whose locating fails gets the
-        error and is dropped."""
-        from .methods.mcllava import has_prototypes, visual_prompts
-
-        wanted: list[tuple[_Prepared, dict[str, Concept]]] = []
-        for item in prepared:
-            if self.locate and len(item.images) == 1:
-                concepts = {name: self.concept(name) for name in item.names}
-                concepts = {name: concept for name, concept in concepts.items() if has_prototypes(concept)}
-                if concepts:
-                    wanted.append((item, concepts))
-        if not wanted:
-            return prepared
-        try:
-            prompts = visual_prompts(self.runtime, [(item.images[0], concepts) for item, concepts in wanted])
-        except (PlvmError, RuntimeError, ValueError) as error:
-            for item, _ in wanted:
-                errors[item.index] = f"visual prompt: {str(error).splitlines()[0]}"
-            failed = {item.index for item, _ in wanted}
-            return [item for item in prepared if item.index not in failed]
-        for (item, _), (located, image) in zip(wanted, prompts):
-            if not located:
-                continue
-            item.located = located
-            item.images[0] = image
-            item.segments = self._segments(item.request, self._known(item.names), 1, located)
-        return prepared
-
-    def _encode_item(self, item: _Prepared, table: ConceptTable) -> list[int]:
-        """The prompt ids of one item, its recognised concepts' visual tokens after the image."""
+    def _encode_item(self, item: Prepared, table: ConceptTable) -> list[int]:
+        """The prompt ids of one item, the visual tokens of its `after_image` concepts after the image."""
         ids = self._encode(item.segments, table, images=item.images)
-        visual = [token for name in item.seen for token in table.visual_ids(name)]
+        visual = [token for name in item.after_image for token in table.visual_ids(name)]
         return insert_after_image(ids, self.backbone.image_token_id, visual)
 
     def _encode(self, segments: list, table: ConceptTable, add_bos: bool = True,
@@ -305,7 +221,13 @@ class Engine:
                 prepared.append(self._prepare(index, request))
             except PlvmError as error:
                 errors[index] = str(error)
-        return self._locate(self._recognise(prepared, errors), errors)
+        for hook in self.hooks:
+            prepared = hook.prepare(self, prepared, errors)
+        for item in prepared:  # the prompt says where the hooks found its concepts
+            if item.located:
+                item.segments = self._segments(item.request, self._known(item.names), len(item.images),
+                                               item.located)
+        return prepared
 
     # -- asking --------------------------------------------------------------------------
     def generation_config(self, max_new_tokens: int | None = None) -> GenerationConfig:
@@ -361,10 +283,8 @@ class Engine:
                     errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             bar.update(len(batch))
         bar.close()
-        seen = {item.index: item for item in prepared}
-        return [AskResult(request, answers.get(i), errors.get(i),
-                          list(seen[i].seen) if i in seen else [], dict(seen[i].boxes) if i in seen else {},
-                          dict(seen[i].located) if i in seen else {})
+        notes = {item.index: item.notes for item in prepared}
+        return [AskResult(request, answers.get(i), errors.get(i), dict(notes.get(i, {})))
                 for i, request in enumerate(requests)]
 
     # -- scoring ---------------------------------------------------------------------------
@@ -403,10 +323,9 @@ class Engine:
                     errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             bar.update(len(batch))
         bar.close()
-        seen = {item.index: item for item in prepared}
+        notes = {item.index: item.notes for item in prepared}
         return [OptionScores(request, *(scores.get(i) or (None, None)), error=errors.get(i),
-                             seen=list(seen[i].seen) if i in seen else [],
-                             seen_boxes=dict(seen[i].boxes) if i in seen else {})
+                             notes=dict(notes.get(i, {})))
                 for i, request in enumerate(requests)]
 
     def _continuation_logprobs(self, rows: list[list[int]], spans: list[int],

@@ -20,7 +20,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from .evaluate import RECOGNITION_MODE, EvalItem, ItemLog, logged_items, predict, verdict_start
+from .answers import verdict_start
+from .evaluate import RECOGNITION_MODE, EvalItem, ItemLog, logged_items, predict
 
 
 def outcomes(items: Mapping[str, list[EvalItem]], items_file: str | Path, mcq: str) -> dict[str, dict[str, bool]]:

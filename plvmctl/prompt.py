@@ -135,11 +135,11 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool | int
     of photos (several in one prompt). Every `<name>` in the
     question must be one of them unless `literal_names` (then unknown ones stay plain text,
     the "no personal information" baseline). Only concepts the question mentions get a
-    sentence, in order of first mention; a concept with no context tokens (k = 0, as MyVLM's)
+    sentence, in order of first mention; a concept with no context tokens (k = 0)
     gets none: it is only its word where the question names it. `also` names further concepts
     that get their sentence after those (the ones found in the photo by retrieval, `ask --auto`).
-    `located` maps a concept to where it is in the photo ("on the left"; MC-LLaVA's visual
-    prompt): ` <name> is on the left.` follows that concept's sentence.
+    `located` maps a concept to where it is in the photo ("on the left", found by its method's
+    ask-time hook): ` <name> is on the left.` follows that concept's sentence.
     """
     located = located or {}
     concepts = concepts or {}
@@ -165,8 +165,8 @@ def build_prompt(question: str, *, template: ChatTemplate, has_image: bool | int
 
 
 def insert_after_image(ids: list[int], image_token_id: int, extra: list[int]) -> list[int]:
-    """`ids` with `extra` right after the last image token: MyVLM appends its concept
-    embedding to the photo's visual tokens, so the LM reads it between the image and the text."""
+    """`ids` with `extra` right after the last image token: a concept recognised in the photo
+    adds its visual tokens to the photo's, so the LM reads them between the image and the text."""
     if not extra:
         return list(ids)
     positions = [i for i, token in enumerate(ids) if token == image_token_id]
@@ -192,7 +192,7 @@ def encode_segments(segments: list[Segment], tokenizer, *, slot_id: Callable[[Sl
     `add_bos=False` means the segments continue a text already encoded (an answer after its
     prompt): their first piece is tokenized as running text, never as the start of one.
 
-    `pieces="per_piece"` gives the ids of PLVM's released code instead (the `released` Aligner
+    `pieces="per_piece"` gives the ids of the published Aligner code instead (the `released` Aligner
     was trained on them): the text right after `<image>` and the text right after a concept
     word are each tokenized on their own (after the word, without its leading spaces), so a
     SentencePiece tokenizer puts a "▁" in front of them: "<sks>?" is `<sks> ▁?`, not `<sks> ?`.

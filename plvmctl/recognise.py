@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from .answers import RECOGNITION_QUESTION, parse_yes_no
 from .concept_head import CROPS, Box, crop_features
 from .concept_index import KeyIndex
 from .errors import PlvmError
@@ -131,7 +132,6 @@ def verify(engine, images: Sequence[Image.Image], looked: list[Looked], config: 
     it reads them); found are those the model says yes to, best score first, at most top_k.
     Retrieval only proposes; the model, which compares each person with the concept, decides."""
     from .engine import AskRequest
-    from .evaluate import RECOGNITION_QUESTION, parse_yes_no
 
     asked = [(number, found) for number, result in enumerate(looked)
              for found in result.candidates[:config.verify]]

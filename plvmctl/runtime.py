@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .backbone import Backbone, load_backbone, resolve_device, resolve_dtype
+from .backbone import Backbone, resolve_device, resolve_dtype
 from .concept import Concept, ConceptMeta, validate_name
 from .errors import PlvmError
+from .families import load_backbone
 from .fileio import sha256_file
 from .images import load_image
 from .prompt import get_template

@@ -5,8 +5,8 @@ vocabulary V are laid out as
 
     V + i                      the word `<c_i>` (has an output-head row: can be generated)
     V + n + offset_i + j       context token j of c_i (input only)
-    V + n + Σk + voffset_i + j visual token j of c_i (input only; MyVLM's concept embedding,
-                               placed after a photo's image tokens when its head fires)
+    V + n + Σk + voffset_i + j visual token j of c_i (input only; placed after a photo's
+                               image tokens when the concept is recognised in it)
 
 `ConceptTable.active()` puts two hooks around the backbone for the duration of a `with`:
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from plvmctl.backbone import load_backbone, resolve_dtype, save_backbone
+from plvmctl.backbone import resolve_dtype, save_backbone
+from plvmctl.families import load_backbone
 from plvmctl.errors import PlvmError
 
 

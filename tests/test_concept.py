@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from plvmctl.concept import Concept, ConceptMeta, ConceptStore, validate_name
+from plvmctl.concept import Concept, ConceptMeta, validate_name
 from plvmctl.errors import PlvmError
+from plvmctl.store import ConceptStore
 
 
 def _concept(name="avril", k=4, hidden=8, fingerprint="abc", seed=0):

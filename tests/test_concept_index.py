@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from helpers import copied_concept
 from plvmctl.cli import main
-from plvmctl.concept import Concept, ConceptStore
+from plvmctl.concept import Concept
 from plvmctl.concept_index import (
     KEY_PART,
     KeyIndex,
@@ -26,6 +26,7 @@ from plvmctl.concept_index import (
 )
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
+from plvmctl.store import ConceptStore
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread

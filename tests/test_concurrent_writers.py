@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from plvmctl.cli import main
-from plvmctl.concept import ConceptStore
+from plvmctl.store import ConceptStore
 from plvmctl.concept_index import StoreIndex, open_store_index
 from plvmctl.locks import LOCK_FILE, hold
 
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SAVE = """
 import sys
-from plvmctl.concept import Concept, ConceptStore
+from plvmctl.concept import Concept
+from plvmctl.store import ConceptStore
 store = ConceptStore(sys.argv[1])
 concepts = [Concept.load(path) for path in sys.argv[2:]]
 print("ready", flush=True)

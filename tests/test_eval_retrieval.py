@@ -90,7 +90,8 @@ def test_cli_eval_retrieval_only(testset, tmp_path):
 
 
 def test_caption_recall_counts_concepts_named_in_each_description(testset, tmp_path):
-    from plvmctl.evaluate import CAPTION_QUESTION, ItemLog, caption_items, caption_metrics, names_concept
+    from plvmctl.answers import CAPTION_QUESTION, names_concept
+    from plvmctl.evaluate import ItemLog, caption_items, caption_metrics
 
     assert names_concept("<avril> and Bob at a table", "avril") and names_concept("AVRIL smiles", "avril")
     assert not names_concept("avrils at a table", "avril") and not names_concept("my-avril", "avril")

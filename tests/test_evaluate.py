@@ -11,21 +11,25 @@ import pytest
 from PIL import Image
 
 from plvmctl import evaluate
+from plvmctl.answers import (
+    clean_description,
+    mcq_prompt,
+    parse_mcq_answer,
+    parse_mcq_prompt,
+    parse_yes_no,
+    pick_by_likelihood,
+    verdict_start,
+)
 from plvmctl.errors import PlvmError
 from plvmctl.evaluate import (
     load_testset,
     mcq_metrics,
-    mcq_prompt,
-    parse_mcq_answer,
-    parse_mcq_prompt,
     recipe_mcq_mode,
-    parse_yes_no,
-    pick_by_likelihood,
     recognition_items,
     recognition_metrics,
     run_evaluation,
 )
-from plvmctl.methods import METHODS, clean_description
+from plvmctl.methods import METHODS
 from plvmctl.recipe import load_recipe, recipe_from_dict
 
 PLVM_VAL = Path(__file__).parents[1] / ".." / "shared" / "testsets" / "plvm-val"
@@ -614,7 +618,6 @@ def test_paper_rows_only_for_the_real_set(tmp_path):
 
 
 def test_verdict_start_splits_the_reasoning_from_the_verdict():
-    from plvmctl.evaluate import verdict_start
 
     answer = "left red hair red same tan skin pale different mismatch. No, <a> is not here."
     assert answer[verdict_start(answer):].startswith("No, <a>")

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from plvmctl import retrieval
 from plvmctl.cli import main
-from plvmctl.concept import ConceptStore
+from plvmctl.store import ConceptStore
 from plvmctl.concept_index import StoreIndex, open_store_index
 from plvmctl.errors import PlvmError, WriteError
 from plvmctl.locks import hold

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from plvmctl.concept import ConceptStore
+from plvmctl.store import ConceptStore
 from plvmctl.concept_index import StoreIndex, open_store_index
 
 from test_evaluate import make_testset

@@ -286,7 +286,7 @@ def test_a_comparison_checks_every_person_trait_by_trait():
 
 
 def test_compare_answers_reason_then_give_a_verdict_that_follows_from_the_reasoning():
-    from plvmctl.evaluate import parse_yes_no
+    from plvmctl.answers import parse_yes_no
 
     rows, _, infos = lvlm.sample_step(random.Random(4), toy.training_identities(), _compare_config(),
                                       scene_size=32)
@@ -431,7 +431,7 @@ def test_generated_answers_never_hold_image_or_padding_tokens(small, monkeypatch
 
 
 def test_multiple_choice_rows_say_the_value_then_its_letter_when_asked():
-    from plvmctl.evaluate import parse_mcq_answer, parse_mcq_prompt
+    from plvmctl.answers import parse_mcq_answer, parse_mcq_prompt
 
     rng = random.Random(0)
     config = lvlm.LvlmTrainConfig(mcq_share=1.0, mcq_answer="value_letter")
@@ -459,7 +459,7 @@ def test_measure_reads_the_letter_of_generated_multiple_choice_answers(small):
 
 
 def test_about_rows_find_the_person_before_they_answer_when_asked():
-    from plvmctl.evaluate import parse_mcq_answer, parse_mcq_prompt
+    from plvmctl.answers import parse_mcq_answer, parse_mcq_prompt
 
     rng = random.Random(3)
     config = lvlm.LvlmTrainConfig(about_answer="compare", mcq_answer="value_letter", mcq_share=0.5,

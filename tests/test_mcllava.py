@@ -14,13 +14,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from plvmctl.concept import Concept, ConceptStore
-from plvmctl.engine import AskRequest, Engine
+from plvmctl.concept import Concept
+from plvmctl.engine import AskRequest
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
 from plvmctl.lab import toy
+from plvmctl.methods import make_engine
 from plvmctl.methods.mcllava import Location, draw_mark, patch_centre, place_words, visual_prompts
 from plvmctl.prompt import Slot, build_prompt
+from plvmctl.store import ConceptStore
 from plvmctl.train.mcllava import (
     PROTOTYPES,
     THRESHOLD,
@@ -130,7 +132,7 @@ def test_concept_files_round_trip_and_answer_together(runtime, trained, tmp_path
     loaded = Concept.load(store.path_for("bo"))
     assert torch.equal(loaded.parts[PROTOTYPES], trained["result"].concepts["bo"].parts[PROTOTYPES])
     assert float(loaded.parts[THRESHOLD]) == float(trained["result"].concepts["bo"].parts[THRESHOLD])
-    engine = Engine(runtime, store)
+    engine = make_engine(runtime, store)
     [result] = engine.ask([AskRequest("Is <ana> next to <bo>?", world["ana"] / "together.png")])
     assert result.ok and result.answer is not None
 
@@ -204,17 +206,17 @@ def _with_mcllava(runtime, **settings):
 
 def test_location_sentence_only_above_the_threshold(runtime, world):
     photo = list_photos(world["cy"])[0]
-    below = Engine(runtime, {"pin": _pinned(runtime, photo, 0.99)})
-    above = Engine(runtime, {"pin": _pinned(runtime, photo, 1.5)})
+    below = make_engine(runtime, {"pin": _pinned(runtime, photo, 0.99)})
+    above = make_engine(runtime, {"pin": _pinned(runtime, photo, 1.5)})
     [found] = below.ask([AskRequest("Where is <pin>?", photo)], max_new_tokens=2)
     [missed] = above.ask([AskRequest("Where is <pin>?", photo)], max_new_tokens=2)
-    assert found.located == {"pin": "at the top left"}  # patch 0 of the grid
-    assert missed.located == {}
-    [off] = Engine(runtime, {"pin": _pinned(runtime, photo, 0.99)}, locate=False).ask(
+    assert found.notes.get("located", {}) == {"pin": "at the top left"}  # patch 0 of the grid
+    assert missed.notes.get("located", {}) == {}
+    [off] = make_engine(runtime, {"pin": _pinned(runtime, photo, 0.99)}, locate=False).ask(
         [AskRequest("Where is <pin>?", photo)], max_new_tokens=2)
-    assert off.located == {}
+    assert off.notes.get("located", {}) == {}
     [text] = below.ask([AskRequest("Where is <pin>?", None)], max_new_tokens=2)
-    assert text.located == {}  # no photo, no visual prompt
+    assert text.notes.get("located", {}) == {}  # no photo, no visual prompt
 
 
 def test_the_location_sentence_follows_the_concept_sentence(runtime):
@@ -250,7 +252,7 @@ def test_mark_mode_draws_on_the_photo_and_names_the_mark(runtime, world):
 def test_a_batch_answers_as_one_by_one(runtime, trained, world):
     concepts = dict(trained["result"].concepts)
     concepts["pin"] = _pinned(runtime, list_photos(world["cy"])[0], 0.9).renamed("pin")
-    engine = Engine(runtime, concepts)
+    engine = make_engine(runtime, concepts)
     requests = [AskRequest("Is <ana> in this photo?", world["ana"] / "together.png"),
                 AskRequest("Where is <pin>?", list_photos(world["cy"])[0]),
                 AskRequest("Are <bo> and <cy> both here?", list_photos(world["bo"])[0]),
@@ -258,8 +260,8 @@ def test_a_batch_answers_as_one_by_one(runtime, trained, world):
     together = engine.ask(requests, batch_size=4, max_new_tokens=4)
     alone = [engine.ask([request], batch_size=1, max_new_tokens=4)[0] for request in requests]
     assert [r.answer for r in together] == [r.answer for r in alone]
-    assert [r.located for r in together] == [r.located for r in alone]
-    assert together[1].located
+    assert [r.notes.get("located", {}) for r in together] == [r.notes.get("located", {}) for r in alone]
+    assert together[1].notes.get("located", {})
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def test_eval_method_trains_groups_once_and_reuses_them(runtime, world, tmp_path
     local = _with_mcllava(runtime, **settings)
 
     class Api:
-        Engine = Engine
+        Engine = make_engine
         AskRequest = Request
 
     context = MethodContext(runtime=local, references=references, cache_dir=tmp_path / "cache", engine_api=Api,
@@ -357,7 +359,7 @@ def test_eval_method_trains_groups_once_and_reuses_them(runtime, world, tmp_path
 def test_pair_items_hold_two_concepts_and_are_scored_apart(tmp_path):
     from test_evaluate import FakeApi, FakeEngine, FakeRequest, FakeRuntime, make_testset
 
-    from plvmctl import evaluate
+    from plvmctl import answers, evaluate
 
     @dataclasses.dataclass
     class Request(FakeRequest):
@@ -385,8 +387,8 @@ def test_pair_items_hold_two_concepts_and_are_scored_apart(tmp_path):
     assert set(evaluate.item_concepts(which)) == {yes.identity, no.identity}
     assert evaluate.pair_items(testset, seed=0) == items  # seeded
     assert len(evaluate.pair_items(testset, limit=1)) == 3
-    assert evaluate.parse_which("Yes, <bob> and then alice", ["alice", "bob"]) == "bob"
-    assert evaluate.parse_which("nobody", ["alice", "bob"]) is None
+    assert answers.parse_which("Yes, <bob> and then alice", ["alice", "bob"]) == "bob"
+    assert answers.parse_which("nobody", ["alice", "bob"]) is None
 
     plain = evaluate.run_evaluation(FakeRuntime(), root, ["plvm"], tmp_path / "plain", progress=False,
                                     engine_api=Api())

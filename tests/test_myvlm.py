@@ -14,12 +14,14 @@ import torch
 from click.testing import CliRunner
 
 from helpers import copied_concept, save_portraits
-from plvmctl.concept import Concept, ConceptStore
+from plvmctl.concept import Concept
 from plvmctl.concept_head import ConceptHead, crop_boxes, crop_features, photo_features
-from plvmctl.engine import AskRequest, Engine
+from plvmctl.engine import AskRequest
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
 from plvmctl.lab import toy
+from plvmctl.methods import make_engine
+from plvmctl.store import ConceptStore
 from plvmctl.train.myvlm import (
     EmbeddingTrainer,
     MyvlmConfig,
@@ -164,11 +166,11 @@ def test_a_head_with_windows_finds_the_identity_among_others(runtime, world):
     assert [f for f, _, _ in whole.look(runtime, [together, strangers])] == [False, False]
 
     concept = _concept_with_head(runtime, head)
-    engine = Engine(runtime, {"me": concept})
+    engine = make_engine(runtime, {"me": concept})
     seen, unseen = engine.score_options([AskRequest("Is <me> here?", together),
                                          AskRequest("Is <me> here?", strangers)], [["Yes", "No"]] * 2)
-    assert seen.seen == ["me"] and seen.seen_boxes == {"me": (48, 48, 96, 96)}
-    assert unseen.seen == [] and unseen.seen_boxes == {}
+    assert list(seen.notes.get("seen", {})) == ["me"] and seen.notes.get("seen", {}) == {"me": (48, 48, 96, 96)}
+    assert list(unseen.notes.get("seen", {})) == [] and unseen.notes.get("seen", {}) == {}
 
 
 def test_the_threshold_is_chosen_on_what_the_head_sees(runtime, world, monkeypatch):
@@ -281,7 +283,7 @@ def test_attention_penalty_pulls_attention_off_the_embedding(runtime, world):
 
 
 def test_file_round_trip_and_refusal_by_another_model(tmp_path, trained):
-    from plvmctl.backbone import load_backbone
+    from plvmctl.families import load_backbone
 
     concept = trained["result"].concept
     path = ConceptStore(tmp_path).save(concept)
@@ -331,14 +333,14 @@ def test_embedding_is_injected_only_when_the_head_fires(runtime, trained, world)
     question = "Is <me> in this photo?"
     requests = [AskRequest(question, seen_photo), AskRequest(question, unseen_photo), AskRequest(question)]
     options = [["Yes", "No"]] * 3
-    first = Engine(runtime, {"me": base}).score_options(requests, options)
-    second = Engine(runtime, {"me": other}).score_options(requests, options)
-    assert [r.seen for r in first] == [["me"], [], []]
+    first = make_engine(runtime, {"me": base}).score_options(requests, options)
+    second = make_engine(runtime, {"me": other}).score_options(requests, options)
+    assert [list(r.notes.get("seen", {})) for r in first] == [["me"], [], []]
     assert first[0].logprobs != second[0].logprobs  # the embedding is read when injected
     assert first[1].logprobs == second[1].logprobs  # and not at all when the head does not fire
     assert first[2].logprobs == second[2].logprobs  # nor without a photo
-    [answer] = Engine(runtime, {"me": base}).ask([AskRequest(question, seen_photo)])
-    assert answer.ok and answer.seen == ["me"]
+    [answer] = make_engine(runtime, {"me": base}).ask([AskRequest(question, seen_photo)])
+    assert answer.ok and list(answer.notes.get("seen", {})) == ["me"]
 
 
 def test_a_batch_mixing_myvlm_plvm_and_none_answers_as_one_by_one(runtime, trained, world):
@@ -354,10 +356,10 @@ def test_a_batch_mixing_myvlm_plvm_and_none_answers_as_one_by_one(runtime, train
         AskRequest("What is in this photo?", unseen_photo),
     ]
     options = [["Yes", "No", "<me>"]] * len(requests)
-    engine = Engine(runtime, concepts)
+    engine = make_engine(runtime, concepts)
     batch = engine.score_options(requests, options, batch_size=8)
     alone = [engine.score_options([r], [o])[0] for r, o in zip(requests, options)]
-    assert [r.seen for r in batch] == [["me"], [], ["me"], [], [], []]
+    assert [list(r.notes.get("seen", {})) for r in batch] == [["me"], [], ["me"], [], [], []]
     for together, single in zip(batch, alone):
         assert together.error is None and single.error is None
         assert together.logprobs == pytest.approx(single.logprobs, abs=1e-4)

@@ -22,7 +22,8 @@ from PIL import Image
 
 from conftest import SHARED
 from helpers import copied_concept
-from plvmctl.backbone import load_backbone, save_backbone
+from plvmctl.backbone import save_backbone
+from plvmctl.families import load_backbone
 from plvmctl.concept import Concept
 from plvmctl.engine import AskRequest, Engine
 from plvmctl.errors import PlvmError

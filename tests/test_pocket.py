@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from plvmctl.lab import toy
-from plvmctl.evaluate import parse_yes_no
+from plvmctl.answers import parse_yes_no
 from plvmctl.lab.pocket import ASSETS, CARD_FILE, MAX_BYTES, folder_bytes
 
 pytestmark = pytest.mark.skipif(

@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from plvmctl.cli import main
-from plvmctl.concept import ConceptStore
 from plvmctl.concept_index import KeyIndex
 from plvmctl.engine import AskRequest, Engine
 from plvmctl.errors import PlvmError
 from plvmctl.lab import toy
 from plvmctl.prompt import Slot
 from plvmctl.recognise import Found, Looked, RetrievalConfig, calibrate_threshold, look, presence_metrics, verify
+from plvmctl.store import ConceptStore
 
 # On the tiny recipe's random encoder every two photos look alike (cosines of 0.99), but a
 # crop holding exactly the reference portrait scores 1: the tests' threshold sits between.

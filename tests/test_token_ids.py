@@ -19,7 +19,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from conftest import SHARED
-from plvmctl.backbone import load_backbone
+from plvmctl.families import load_backbone
 from plvmctl.concept import Concept
 from plvmctl.engine import AskRequest, Engine
 from plvmctl.prompt import VICUNA_V1, Slot, build_prompt, encode_segments, mentioned_names, split_names

@@ -14,11 +14,12 @@ import torch
 from click.testing import CliRunner
 
 from helpers import save_portraits
-from plvmctl.concept import Concept, ConceptStore
-from plvmctl.lab import toy
+from plvmctl.concept import Concept
 from plvmctl.engine import AskRequest, Engine
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
+from plvmctl.lab import toy
+from plvmctl.store import ConceptStore
 from plvmctl.train.data import Sample
 from plvmctl.train.yollava import (
     CONVERSATIONS_FILE,
@@ -457,7 +458,7 @@ def test_yollava_beats_the_no_prompt_baseline_on_a_toy_identity(tmp_path):
     reasons before its verdict, so answers are generated and read as `plvmctl eval` reads
     them, and the recipe's yollava settings (reasoning_base: recognition rows in the base
     model's own reasoning) apply."""
-    from plvmctl.evaluate import parse_yes_no
+    from plvmctl.answers import parse_yes_no
     from plvmctl.recipe import load_recipe
     from plvmctl.runtime import load_runtime
 

@@ -1,7 +1,7 @@
 """The `plvmctl` command line: thin click commands over the library.
 
-Each command group lives in its own module of this package and is registered on `main`
-below; commands parse arguments, call the library and print. `PlvmError` becomes a one-line
+Each command or group lives in a module of this package and is registered on `main` below,
+all the same way; commands parse arguments, call the library and print. `PlvmError` becomes a one-line
 `error: ...` and exit status 1.
 """
 
@@ -10,6 +10,16 @@ from __future__ import annotations
 import click
 
 from .app import ReportingGroup, global_options
+from .commands import aligner, ask, chat, concepts, encode, recipes
+from .data import data
+from .evaluate import eval_command
+from .find import find
+from .index import index
+from .toy import toy
+from .train import train
+from .train_mcllava import mcllava
+from .train_myvlm import myvlm
+from .train_yollava import yollava
 
 
 @click.group(cls=ReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,24 +38,7 @@ def main(**_):
     """
 
 
-def _register() -> None:
-    """Attach every command group; each lives in its own module of this package."""
-    from . import commands  # noqa: F401  (core commands attach themselves to `main`)
-    from .data import data
-    from .evaluate import eval_command
-    from .find import find
-    from .index import index
-    from .toy import toy
-    from .train import train
-    from .train_mcllava import mcllava
-    from .train_myvlm import myvlm
-    from .train_yollava import yollava
-
-    train.add_command(yollava)
-    train.add_command(myvlm)
-    train.add_command(mcllava)
-    for command in (train, data, index, toy, eval_command, find):
-        main.add_command(command)
-
-
-_register()
+for method_command in (yollava, myvlm, mcllava):
+    train.add_command(method_command)
+for command in (encode, ask, recipes, concepts, chat, aligner, train, data, index, toy, eval_command, find):
+    main.add_command(command)

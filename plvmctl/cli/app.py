@@ -65,7 +65,7 @@ class App:
 
     @functools.cached_property
     def store(self):
-        from ..concept import ConceptStore
+        from ..store import ConceptStore
 
         directory = self.store_dir or os.environ.get(STORE_ENV) or self.recipe.store
         return ConceptStore(Path(directory))

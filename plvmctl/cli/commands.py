@@ -12,14 +12,13 @@ import click
 
 from ..errors import PlvmError
 from ..recipe import refuse_unused_settings
-from . import main
 from .app import App
 
 pass_app = click.make_pass_decorator(App)
 
 
 # -- encode -------------------------------------------------------------------------------
-@main.command()
+@click.command()
 @click.argument("reference", type=click.Path(dir_okay=False))
 @click.option("--name", required=True, help="Concept name, used as <NAME> in questions.")
 @click.option("--force", is_flag=True, help="Replace an existing concept of that name.")
@@ -69,7 +68,7 @@ def _read_batch(path: str):
     return requests, problems
 
 
-@main.command()
+@click.command()
 @click.argument("args", nargs=-1, required=False)
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False),
               help='JSONL file, one {"image": PATH, "question": TEXT} per line.')
@@ -115,7 +114,8 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
       plvmctl ask --batch queries.jsonl --out answers.jsonl --batch-size 16
       plvmctl ask party.jpg "Who is in this photo?" --auto --json
     """
-    from ..engine import AskRequest, Engine
+    from ..engine import AskRequest
+    from ..methods import make_engine
 
     problems: dict[int, str] = {}
     if batch_file:
@@ -157,7 +157,7 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     if auto and any(isinstance(request.image, list) for request in requests):
         raise PlvmError("--auto finds concepts in one photo per question: leave out --together")
     found = _auto_concepts(app, requests, problems, threshold, top_k) if auto else {}
-    engine = Engine(app.runtime, app.store, locate=location)
+    engine = make_engine(app.runtime, app.store, locate=location)
     todo = [i for i in range(len(requests)) if i not in problems]
     results = engine.ask([requests[i] for i in todo], batch_size=batch_size,
                          max_new_tokens=max_new_tokens, progress=len(todo) > 1 and sys.stderr.isatty())
@@ -171,8 +171,8 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
         else:
             result = results[todo.index(i)]
             row.update(answer=result.answer, error=result.error)
-            if result.located:
-                row["located"] = dict(result.located)
+            if result.notes.get("located"):  # where the prompt said a concept is (MC-LLaVA)
+                row["located"] = dict(result.notes["located"])
         if auto:
             row["found"] = [f.to_json() for f in found[i]] if i in found else None
         rows.append(row)
@@ -240,7 +240,7 @@ def _summary(path: Path) -> str:
     return re.split(r"[:.](?:\s|$)", " ".join(lines), maxsplit=1)[0].strip()
 
 
-@main.command()
+@click.command()
 def recipes():
     """The named recipes (use one with --recipe NAME): name, what it is, its file."""
     from ..recipe import DEFAULT_RECIPE, known_recipes
@@ -251,7 +251,7 @@ def recipes():
 
 
 # -- concepts -------------------------------------------------------------------------------
-@main.group()
+@click.group()
 def concepts():
     """List, show or remove concepts in the store."""
 
@@ -336,16 +336,17 @@ CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the 
 /reset (forget the photo), /concepts, /quit. Anything else is a question."""
 
 
-@main.command()
+@click.command()
 @click.argument("image", required=False, type=click.Path(dir_okay=False))
 @click.option("--auto", is_flag=True, help="Put the concepts found in the photo by retrieval "
               "into every question's prompt (as `ask --auto`).")
 @pass_app
 def chat(app: App, image: str | None, auto: bool):
     """Interactive questions about IMAGE (optional). Type /help for commands."""
-    from ..engine import AskRequest, Engine
+    from ..engine import AskRequest
+    from ..methods import make_engine
 
-    engine = Engine(app.runtime, app.store)
+    engine = make_engine(app.runtime, app.store)
     current = image
     found: dict[str, tuple[str, ...]] = {}  # --auto: photo -> the concepts found in it
     click.echo(f"plvmctl chat ({app.recipe.name}); {CHAT_HELP}")
@@ -368,7 +369,7 @@ def chat(app: App, image: str | None, auto: bool):
                     raise PlvmError("usage: /add REF NAME")
                 concept = app.runtime.encode_concept(parts[2], parts[1])
                 click.echo(f"saved {app.store.save(concept, force=True)}")
-                engine = Engine(app.runtime, app.store)
+                engine = make_engine(app.runtime, app.store)
                 found.clear()
             elif line.startswith("/image "):
                 path = line.split(maxsplit=1)[1]
@@ -400,7 +401,7 @@ def chat(app: App, image: str | None, auto: bool):
 
 
 # -- aligner --------------------------------------------------------------------------------
-@main.group()
+@click.group()
 def aligner():
     """Manage Aligner checkpoints."""
 

@@ -34,9 +34,9 @@ def look_at_photos(app: App, photos: list, config, progress: bool = False) -> di
     index = open_index(app)
     engine = None
     if config.verify:  # retrieve, then verify: the model checks each photo's best candidates
-        from ..engine import Engine
+        from ..methods import make_engine
 
-        engine = Engine(app.runtime, app.store)
+        engine = make_engine(app.runtime, app.store)
     results: dict[int, object] = {}
     bar = tqdm(total=len(photos), desc="finding", unit="photo", disable=not progress)
     for start in range(0, len(photos), config.batch_size):

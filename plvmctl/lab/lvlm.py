@@ -74,6 +74,15 @@ from PIL import Image
 from tokenizers import pre_tokenizers
 from transformers import LlavaForConditionalGeneration
 
+from ..answers import (
+    DESCRIPTION_PROMPT,
+    MCQ_INSTRUCTION,
+    RECOGNITION_QUESTION,
+    mcq_prompt,
+    parse_mcq_answer,
+    parse_mcq_prompt,
+    parse_yes_no,
+)
 from ..data import templates as recognition_templates
 from . import toy
 from ..errors import PlvmError
@@ -159,8 +168,6 @@ def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "se
     renders, only the text is kept), plus the recognition templates, the evaluation's
     multiple-choice instruction, the description prompt and the pocket chat template.
     """
-    from ..evaluate import MCQ_INSTRUCTION, RECOGNITION_QUESTION
-    from ..methods import DESCRIPTION_PROMPT
 
     rng = random.Random(f"plvmctl-pocket-vocab-{seed}")
     texts: list[str] = [POCKET.system, POCKET.user, POCKET.assistant, MCQ_INSTRUCTION,
@@ -350,9 +357,8 @@ def _mcq(question: str, values: Sequence[str], correct: str, rng: random.Random,
     chance (the letter depends only on where the value stands among the options, no direct
     signal), while saying the value first gives every word one (bench/mcq_study.py: 0.42 vs
     0.75 held out after 1,200 steps). The evaluation reads the letter where it stands
-    (`evaluate.parse_mcq_answer`).
+    (`answers.parse_mcq_answer`).
     """
-    from ..evaluate import mcq_prompt
 
     if config.mcq_answer not in MCQ_ANSWERS:
         raise ValueError(f"mcq_answer must be one of {', '.join(MCQ_ANSWERS)}, got {config.mcq_answer!r}")
@@ -1007,7 +1013,6 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
 
     mcq_rows = [row for row in rows if row.mcq]
     if mcq_rows:  # the letter the answer gives, wherever it stands, read as `plvmctl eval` does
-        from ..evaluate import parse_mcq_answer, parse_mcq_prompt
 
         said = generate_answers(model, tokenizer, mcq_rows, pixels, batch_rows=batch_rows)
         for row, answer in zip(mcq_rows, said):
@@ -1018,7 +1023,6 @@ def measure(model, tokenizer, image_processor, *, scenes: int = 40, seed: int = 
             greedy[key] = greedy.get(key, []) + [right]
             chances[key] = chances.get(key, []) + [1.0 / len(options)]
     if compare:  # the verdict comes after the comparison: generate it
-        from ..evaluate import parse_yes_no
 
         recognition = [row for row in rows if row.kind == "recognition"]
         said = generate_answers(model, tokenizer, recognition, pixels, batch_rows=batch_rows)
@@ -1045,7 +1049,6 @@ def measure_comparisons(model, tokenizer, image_processor, *, scenes: int = 60, 
     on `positive` and `negative` questions and their mean (`verdict_mean`), read as the
     evaluation reads it. `examples`: two answers next to the truth.
     """
-    from ..evaluate import parse_yes_no
 
     config = dataclasses.replace(config or LvlmTrainConfig(), recognition_answer="compare", scene_share=0.0,
                                  about_share=0.0, recognition_share=1.0, rows_per_scene=2)

@@ -199,7 +199,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     settings (`LvlmTrainConfig`) for an experiment; the card records the settings used.
     """
     from ..aligner import load_aligner, save_aligner
-    from ..backbone import load_backbone, save_backbone
+    from ..backbone import save_backbone
+    from ..families import load_backbone
     from ..families.llava15 import Llava15Backbone
     from ..runtime import load_runtime
     from ..train.aligner import train_aligner

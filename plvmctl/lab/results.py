@@ -49,9 +49,9 @@ import click
 
 from ..errors import PlvmError
 from ..evaluate import method_row as evaluated_row
+from ..answers import DESCRIPTION_MAX_NEW_TOKENS
 from ..fileio import write_json_atomic, write_text_atomic
 from ..fingerprint import answer_fingerprint, first_difference, model_weights, source_digest, weights_digest
-from ..methods import DESCRIPTION_MAX_NEW_TOKENS
 
 RECIPE = "pocket"
 DEVICE = "cpu"  # the pocket model is made for a CPU; its timings are CPU timings

@@ -14,21 +14,18 @@ they share is in base.py.
 
 from __future__ import annotations
 
+from typing import Mapping
+
+from ..concept import Concept
+from ..engine import Engine
 from ..errors import PlvmError
+from ..store import ConceptStore
 from .base import MethodContext, MethodFactory, NegativePool, PreparedMethod, Reference, negative_pool
-from .mcllava import MCLLAVA_CACHE, location_settings, prepare_mcllava
-from .myvlm import MYVLM_CACHE, myvlm_settings, prepare_myvlm
+from .mcllava import MCLLAVA_CACHE, LocatedHook, location_settings, prepare_mcllava
+from .myvlm import MYVLM_CACHE, SeenHook, myvlm_settings, prepare_myvlm
 from .plvm import prepare_plvm
 from .plvm_auto import prepare_plvm_auto
-from .text import (
-    DESCRIPTION_MAX_NEW_TOKENS,
-    DESCRIPTION_PROMPT,
-    DESCRIPTIONS_CACHE,
-    clean_description,
-    count_tokens,
-    prepare_llava_none,
-    prepare_llava_text,
-)
+from .text import DESCRIPTIONS_CACHE, count_tokens, prepare_llava_none, prepare_llava_text
 from .yollava import YOLLAVA_CACHE, prepare_yollava, yollava_settings
 
 # Every name `--method` may ever take; a name here but not (yet) in METHODS is "not available".
@@ -53,6 +50,20 @@ METHOD_CACHES = {"llava-text": DESCRIPTIONS_CACHE, "yollava": YOLLAVA_CACHE, "my
                  "mcllava": MCLLAVA_CACHE}
 
 
+# The ask-time hooks of the methods that have one, in the order the engine runs them: MyVLM's
+# concept heads first, then MC-LLaVA's visual prompt.
+ASK_HOOKS = (("myvlm", SeenHook), ("mcllava", LocatedHook))
+
+
+def make_engine(runtime, concepts: Mapping[str, Concept] | ConceptStore | None = None,
+                descriptions: Mapping[str, str] | None = None, literal_names: bool = False, *,
+                locate: bool = True) -> Engine:
+    """An Engine that runs every method's ask-time hook, so a concept behaves as its method
+    made it. `locate=False` leaves out MC-LLaVA's visual prompt (`plvmctl ask --no-location`)."""
+    hooks = [hook() for method, hook in ASK_HOOKS if locate or method != "mcllava"]
+    return Engine(runtime, concepts, descriptions=descriptions, literal_names=literal_names, hooks=hooks)
+
+
 def get_method(name: str) -> MethodFactory:
     """The factory registered under `name`; PlvmError for unknown or not-yet-available names."""
     if name in METHODS:
@@ -65,9 +76,9 @@ def get_method(name: str) -> MethodFactory:
 
 
 __all__ = [
-    "DESCRIPTION_MAX_NEW_TOKENS", "DESCRIPTION_PROMPT", "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
+    "ASK_HOOKS", "DESCRIPTIONS_CACHE", "KNOWN_METHODS",
     "METHOD_CACHES", "MCLLAVA_CACHE", "METHODS", "MYVLM_CACHE", "MethodContext", "MethodFactory", "NegativePool",
     "PreparedMethod", "Reference", "TRAINED_ON_NEGATIVES", "YOLLAVA_CACHE", "negative_pool",
-    "clean_description", "count_tokens", "get_method", "prepare_llava_none", "prepare_llava_text",
+    "count_tokens", "get_method", "make_engine", "prepare_llava_none", "prepare_llava_text",
     "prepare_mcllava", "prepare_myvlm", "prepare_plvm", "prepare_plvm_auto", "prepare_yollava",
 ]

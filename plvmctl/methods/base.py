@@ -39,7 +39,7 @@ class NegativePool:
 
     def people(self) -> list[Reference]:
         """The folder's photos as references named after their files (plvm-auto's distractors)."""
-        from ..evaluate import concept_name
+        from ..concept import concept_name
         from ..train.yollava import list_photos
 
         return [Reference(concept_name(photo.stem), photo) for photo in list_photos(self.folder)] \

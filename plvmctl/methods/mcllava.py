@@ -21,7 +21,8 @@ the right" (its scene questions) and has never seen a drawn mark, and its 96 px 
 patches would give a mark a whole third of the photo. A real LLaVA reads both; the paper found
 marks useful there, so `--set mcllava.location=mark` is one setting away (and
 `location_grid: 3x3`, the default, says "at the top left" ... for real photos; the pocket recipe
-uses `columns`, the places its photos have).
+uses `columns`, the places its photos have). `LocatedHook` does this for the engine; each item's
+`notes["located"]` says what the prompt said.
 
 Why the prototypes and not the trained context tokens: the trained tokens are moved by the
 LM's loss, away from the visual space the patches live in (they are also rescaled to the
@@ -38,6 +39,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image, ImageDraw
 
+from ..engine import Engine, Prepared
+from ..errors import PlvmError
 from .base import MethodContext, PreparedMethod, train_in_groups
 
 MCLLAVA_CACHE = "mcllava"
@@ -158,6 +161,40 @@ def visual_prompts(runtime: Any, photos: Sequence[tuple[Image.Image, Mapping[str
                 texts[name] = place_words(row, column, location.side, settings.location_grid)
         prompts.append((texts, shown))
     return prompts
+
+
+class LocatedHook:
+    """MC-LLaVA at ask time: each one-photo item's concepts with location prototypes that score
+    above their threshold get ` <name> is <where>.` in the prompt (and, with
+    `mcllava.location: mark`, a mark on the photo). An item whose locating fails gets the error
+    and is dropped."""
+
+    key = "located"
+
+    def prepare(self, engine: Engine, prepared: list[Prepared], errors: dict[int, str]) -> list[Prepared]:
+        wanted: list[tuple[Prepared, dict[str, Any]]] = []
+        for item in prepared:
+            if len(item.images) == 1:
+                concepts = {name: engine.concept(name) for name in item.names}
+                concepts = {name: concept for name, concept in concepts.items() if has_prototypes(concept)}
+                if concepts:
+                    wanted.append((item, concepts))
+        if not wanted:
+            return prepared
+        try:
+            prompts = visual_prompts(engine.runtime, [(item.images[0], concepts) for item, concepts in wanted])
+        except (PlvmError, RuntimeError, ValueError) as error:
+            for item, _ in wanted:
+                errors[item.index] = f"visual prompt: {str(error).splitlines()[0]}"
+            failed = {item.index for item, _ in wanted}
+            return [item for item in prepared if item.index not in failed]
+        for (item, _), (located, image) in zip(wanted, prompts):
+            if not located:
+                continue
+            item.located.update(located)
+            item.notes[self.key] = dict(located)
+            item.images[0] = image
+        return prepared
 
 
 def prepare_mcllava(context: MethodContext) -> PreparedMethod:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from ..answers import RECOGNITION_QUESTION
 from ..errors import PlvmError
 from .base import MethodContext, PreparedMethod
 from .plvm import encode_references
@@ -34,8 +35,7 @@ class Decided:
     request: Any
     answer: str | None = None
     error: str | None = None
-    seen: list[str] = field(default_factory=list)
-    seen_boxes: dict[str, tuple] = field(default_factory=dict)
+    notes: dict[str, dict] = field(default_factory=dict)  # as AskResult's: {"seen": {name: box}}
     logprobs: list[float] | None = None
     num_tokens: list[int] | None = None
     decided_by: str = "retrieval"
@@ -86,8 +86,6 @@ class AutoEngine:
 
     def _plan(self, requests):
         """Per request: a Decided answer, or the request to pass on with its found concepts."""
-        from ..evaluate import RECOGNITION_QUESTION
-
         recognition = re.compile("^" + re.escape(RECOGNITION_QUESTION).replace(re.escape("{name}"),
                                                                                 "([A-Za-z0-9_-]+)") + "$")
         self.prefetch([r.image for r in requests])
@@ -101,7 +99,7 @@ class AutoEngine:
             boxes = {f.name: f.box for f in found}
             named = recognition.match(request.question)
             if named and named.group(1) not in names:
-                plan.append(Decided(request, NOT_FOUND_ANSWER, seen=names, seen_boxes=boxes))
+                plan.append(Decided(request, NOT_FOUND_ANSWER, notes={"seen": boxes}))
                 continue
             passed = self.engine_api.AskRequest(request.question, request.image, concepts=tuple(names))
             plan.append((passed, names, boxes))
@@ -119,7 +117,7 @@ class AutoEngine:
             result = next(answered)
             result.request = request
             if isinstance(step, tuple):
-                result.seen, result.seen_boxes = list(step[1]), dict(step[2])
+                result.notes = {**getattr(result, "notes", {}), "seen": dict(step[2])}  # found, and where
             results.append(result)
         return results
 

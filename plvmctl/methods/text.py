@@ -9,46 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..answers import DESCRIPTION_MAX_NEW_TOKENS, DESCRIPTION_PROMPT, clean_description
 from ..fileio import write_json_atomic
 from .base import MethodContext, PreparedMethod
 
-DESCRIPTION_PROMPT = "Describe the person in this photo in one short sentence."
-DESCRIPTION_MAX_NEW_TOKENS = 16  # the paper's "LLaVA + 16-token text prompt" baseline
 DESCRIPTIONS_CACHE = "llava-text-descriptions.json"
-
-# Openings a description often starts with that would read badly after "<name> is ...".
-_DESCRIPTION_OPENINGS = (
-    "the person in this photo is ",
-    "the person in the photo is ",
-    "the person in the image is ",
-    "the person is ",
-    "this person is ",
-    "this is ",
-    "it is ",
-    "he is ",
-    "she is ",
-)
-
-
-def clean_description(text: str | None) -> str:
-    """Turn a generated description into the `{text}` of "<name> is {text}."
-
-    Keeps the first line, drops quotes, a trailing full stop and openings such as
-    "This is"; lower-cases a leading article ("A woman" -> "a woman").
-    """
-    stripped = (text or "").strip()
-    line = stripped.splitlines()[0].strip("\"'` ") if stripped else ""
-    lowered = line.lower()
-    for opening in _DESCRIPTION_OPENINGS:
-        if lowered.startswith(opening):
-            line = line[len(opening):]
-            break
-    line = line.rstrip(" .!,;:").strip()
-    first, _, rest = line.partition(" ")
-    if first in ("A", "An", "The"):
-        line = first.lower() + (" " + rest if rest else "")
-    return line
-
 
 def count_tokens(runtime: Any, text: str) -> int | None:
     """Tokens of `text` in the runtime's tokenizer, or None when the runtime has none we know."""

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..aligner import Aligner, AlignerConfig, load_aligner, save_aligner
+from ..answers import parse_yes_no
 from ..concept import Concept
 from ..data.templates import RECOGNITION_ANSWER_STYLES
 from ..errors import PlvmError
@@ -515,7 +516,6 @@ def _validate_by_generating(aligner: torch.nn.Module, samples: Sequence[Sample],
     """`validate_recognition` for answers that reason before the verdict: the Aligner's concepts
     go through the engine (greedy answers), parsed as `plvmctl eval` parses them."""
     from ..engine import AskRequest, Engine
-    from ..evaluate import parse_yes_no
 
     was_training = aligner.training
     aligner.eval()

@@ -86,6 +86,13 @@ from PIL import Image
 from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..answers import (
+    DESCRIPTION_MAX_NEW_TOKENS,
+    DESCRIPTION_PROMPT,
+    clean_description,
+    parse_yes_no,
+    verdict_start,
+)
 from ..concept import Concept, ConceptMeta, validate_name
 from ..concept_index import photos_key, with_key
 from ..data.templates import (
@@ -382,8 +389,6 @@ def reasoned_recognition_samples(runtime, name: str, positives: Sequence[Path], 
     asked to be compared with a photo.
     """
     from ..engine import AskRequest, Engine
-    from ..evaluate import parse_yes_no, verdict_start
-    from ..methods.text import DESCRIPTION_MAX_NEW_TOKENS, DESCRIPTION_PROMPT, clean_description
 
     described = Engine(runtime, {}).ask([AskRequest(DESCRIPTION_PROMPT, image=positives[0])],
                                         max_new_tokens=DESCRIPTION_MAX_NEW_TOKENS)[0]
@@ -683,7 +688,6 @@ class YollavaTrainer:
     def _generated_accuracy(self, question: str, positives: Sequence[Path],
                             negatives: Sequence[Path], name: str) -> dict[str, float]:
         from ..engine import AskRequest, Engine
-        from ..evaluate import parse_yes_no
 
         photos = [Path(p) for p in list(positives) + list(negatives)]
         live = self.current(name)
