@@ -440,7 +440,7 @@ class ItemLog:
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
-        self._handle = None
+        self._fd: int | None = None
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -459,25 +459,27 @@ class ItemLog:
             self._append(records)
 
     def _append(self, records: list[dict[str, Any]]) -> None:
-        if self._handle is None:
+        """One batch, one appending `os.write` loop: a failure anywhere leaves the batch out of
+        `records`, and at worst a torn last line on disk, which a later read skips."""
+        text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            needs_newline = False
             if self.path.exists() and self.path.stat().st_size > 0:
                 with open(self.path, "rb") as existing:
                     existing.seek(-1, 2)
-                    needs_newline = existing.read(1) != b"\n"
-            self._handle = open(self.path, "a", encoding="utf-8")
-            if needs_newline:
-                self._handle.write("\n")
+                    if existing.read(1) != b"\n":
+                        text = "\n" + text
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            data = data[os.write(self._fd, data):]
         for record in records:
-            self._handle.write(json.dumps(record, sort_keys=True) + "\n")
             self.records[(record["key"], record["mode"])] = record
-        self._handle.flush()
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _relative(path: Path | None, root: Path) -> str | None:

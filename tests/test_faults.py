@@ -12,6 +12,7 @@ succeeds once the fault is gone.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -327,18 +328,12 @@ def test_a_full_disk_while_logging_eval_items_names_the_log_and_keeps_the_lines(
     log.close()
     before = path.read_bytes()
 
-    class FullDisk:
-        def write(self, text):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def opened(file, mode="r", **kwargs):
-        return FullDisk() if mode == "a" else open(file, mode, **kwargs)
-
     log = ItemLog(path)
     with monkeypatch.context() as patch:
-        patch.setattr("plvmctl.evaluate.open", opened, raising=False)
+        Faults(patch, tmp_path, "write", 1)  # the disk is full at the log's next write
         with pytest.raises(WriteError, match=rf"cannot write {path}: No space left on device$"):
             log.append([{"key": "b", "mode": "yes", "answer": "no"}])
+    log.close()
     assert path.read_bytes() == before  # nothing reached the file
     assert ItemLog(path).done("a", "yes") and not ItemLog(path).done("b", "yes")
 
@@ -373,3 +368,31 @@ def test_a_killed_writers_temporaries_are_swept_by_the_next_write_and_a_live_one
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_an_evaluation_survives_a_fault_at_every_write(monkeypatch, tmp_path):
+    """`eval` into a folder that holds an earlier run: every write of its item logs and its
+    report fails in turn; what was logged stays usable, and the next run finishes the job."""
+    from test_evaluate import FakeApi, FakeRuntime, make_testset
+
+    from plvmctl.evaluate import ItemLog, run_evaluation
+
+    root = make_testset(tmp_path / "set")
+
+    def evaluate(methods):
+        return lambda folder: run_evaluation(FakeRuntime(), root, methods, folder, progress=False,
+                                             engine_api=FakeApi())
+
+    def loads(folder: Path) -> None:
+        for log in (folder / "items").glob("*.jsonl"):
+            ItemLog(log).close()  # every whole line parses; a torn last one is skipped
+        for report in (folder / "results.json", folder / "items" / "run.json"):
+            if report.exists():
+                json.loads(report.read_text())
+
+    injected = walk(monkeypatch, tmp_path / "out", evaluate(["plvm"]), evaluate(["plvm", "llava-none"]), loads,
+                    renamed=lambda kind, fail_at: True)  # several files: each is old or whole, and loads
+    assert injected >= 8
+    done = run_evaluation(FakeRuntime(), root, ["plvm", "llava-none"], tmp_path / "out", progress=False,
+                          engine_api=FakeApi())
+    assert all(method["asked_this_run"] == 0 for method in done["methods"].values())
