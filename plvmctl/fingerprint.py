@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__
+from .errors import WriteError
 from .fileio import sha256_file, write_json_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -89,8 +90,8 @@ def weights_digest(path: str | os.PathLike) -> str:
     if json.dumps(cache, sort_keys=True) != before:
         try:
             write_json_atomic(cache_file, cache)
-        except OSError:
-            pass  # a cache that cannot be written only costs time
+        except (OSError, WriteError):
+            pass  # a cache that cannot be written (full disk, read-only home) only costs time
     return value
 
 

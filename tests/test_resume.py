@@ -143,3 +143,16 @@ def test_plvm_auto_counts_its_retrieval_only_noes_and_searches_other_people(test
     assert auto["details"]["distractors"] == 3
     assert "3 people who are not in the test set" in auto["details"]["note"]
     assert "decided by retrieval alone" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_digest_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeypatch):
+    from plvmctl.fingerprint import weights_digest
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))  # below a regular file: unwritable
+    first = weights_digest(weights)
+    weights.write_bytes(b"other weights")
+    assert weights_digest(weights) != first
