@@ -9,7 +9,7 @@ show it and as many that do not; strangers around), generated and read as `plvmc
 reads them, without the visual prompt (the k-means start alone), and once more at the end with
 it. Prints one JSON object: per run, accuracy (positive / negative / mean) by optimizer step.
 
-    OMP_NUM_THREADS=1 python bench/mcllava_kmeans.py                 # pocket recipe, ~N minutes
+    OMP_NUM_THREADS=1 python bench/mcllava_kmeans.py                 # pocket recipe (timing below)
     python bench/mcllava_kmeans.py --recipe tiny --epochs 2          # the machinery only
 
 Measured on the committed pocket model (the one that answers multiple choice value first;
