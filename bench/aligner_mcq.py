@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from plvmctl.evaluate import mcq_prompt
+from plvmctl.answers import mcq_prompt
 from plvmctl.lab import toy
 from plvmctl.lab.pocket import ASSETS, _stage_recipe, aligner_train_config, profile
 from plvmctl.runtime import load_runtime

@@ -24,8 +24,8 @@ held-out photos with the description in words (card.json). Each run takes about 
 import argparse, json, math, random, time, torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from plvmctl.answers import mcq_prompt
 from plvmctl.lab import toy, lvlm
-from plvmctl.evaluate import mcq_prompt
 p = argparse.ArgumentParser(description="Multiple choice on a fresh pocket-size LM: the letter alone vs the value then the letter.")
 p.add_argument("--answer", default="letter"); p.add_argument("--steps", type=int, default=600)
 p.add_argument("--copy-steps", type=int, default=300); p.add_argument("--batch", type=int, default=32)

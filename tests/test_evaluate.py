@@ -582,7 +582,7 @@ def test_cli_eval(tmp_path, monkeypatch):
     from plvmctl.cli.evaluate import eval_command
 
     api = FakeApi()
-    monkeypatch.setattr(evaluate, "load_engine_api", lambda: api)
+    monkeypatch.setattr("plvmctl.evaluate.run.load_engine_api", lambda: api)
     root = make_testset(tmp_path / "set")
     out = tmp_path / "out"
     runner = CliRunner()
@@ -609,7 +609,7 @@ def test_cli_eval(tmp_path, monkeypatch):
 
 
 def test_paper_rows_only_for_the_real_set(tmp_path):
-    from plvmctl.evaluate import _looks_like_plvm_val
+    from plvmctl.evaluate.testset import _looks_like_plvm_val
 
     (tmp_path / "README.md").write_text("# Toy plvm-val: a synthetic evaluation set\n")
     assert not _looks_like_plvm_val(tmp_path)
