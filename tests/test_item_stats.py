@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from plvmctl.evaluate import build_items, load_testset
-from plvmctl.item_stats import exact_mcnemar, mcnemar, outcomes, question_accuracy, stated_traits
+from plvmctl.evaluate.item_stats import exact_mcnemar, mcnemar, outcomes, question_accuracy, stated_traits
 from test_evaluate import make_testset
 
 

@@ -34,6 +34,7 @@ The package, read from the bottom up:
     who.py       "who is in this photo": every query photo searched for all test identities
     report.py    results.json, results.md and results.png
     run.py       run_evaluation: prepare, ask, score, report
+    item_stats.py  beyond the headline numbers: McNemar, per-question and per-trait readings
 
 This module re-exports the names the command line, the laboratory, bench/ and the tests use.
 """

@@ -472,12 +472,12 @@ def prepare_truth(context) -> Any:
 
 
 def item_statistics(main: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """From the main evaluation's item logs (plvmctl/item_stats.py), on its test set and
+    """From the main evaluation's item logs (plvmctl/evaluate/item_stats.py), on its test set and
     protocol: PLVM against every other method on the same recognition items (exact McNemar),
     each method's accuracy per multiple-choice question as published (per trait on the toy
     set) and, on a toy set, the traits its recognition answers state wrongly."""
     from ..evaluate import build_items, load_testset
-    from ..item_stats import mcnemar, outcomes, question_accuracy, stated_traits
+    from ..evaluate.item_stats import mcnemar, outcomes, question_accuracy, stated_traits
     from .toy import TESTSET_SIDECAR, Identity
 
     testset, protocol = load_testset(main["testset"]), main["protocol"]
@@ -636,7 +636,7 @@ def _statistics_lines(summary: Mapping[str, Any]) -> list[str]:
                   "On the recognition items of the main table that both answered: how often PLVM alone is "
                   "right and how often the other method alone is, and the exact McNemar test of \"both are "
                   "equally accurate\" (two-sided binomial at 1/2 on the items where they disagree); then the "
-                  "positives alone (`plvmctl/item_stats.py`).", "",
+                  "positives alone (`plvmctl/evaluate/item_stats.py`).", "",
                   "| method | items | PLVM alone right | method alone right | p | positives | "
                   "PLVM alone right | method alone right | p |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

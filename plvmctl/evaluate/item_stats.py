@@ -20,9 +20,9 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from .answers import verdict_start
-from .evaluate.itemlog import ItemLog, logged_items, predict
-from .evaluate.items import RECOGNITION_MODE, EvalItem
+from ..answers import verdict_start
+from .itemlog import ItemLog, logged_items, predict
+from .items import RECOGNITION_MODE, EvalItem
 
 
 def outcomes(items: Mapping[str, list[EvalItem]], items_file: str | Path, mcq: str) -> dict[str, dict[str, bool]]:
