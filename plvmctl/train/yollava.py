@@ -302,7 +302,7 @@ def gather_negatives(runtime, positives: Sequence[Path], config: YollavaConfig, 
                                 seed=config.seed, exclude=positives)
         return Negatives(easy=easy)
 
-    from .. import retrieval
+    from .. import image_index as retrieval
 
     opened = retrieval.open_index(index)
     embeddings = runtime.backbone.embed_images([load_image(p) for p in positives]).cpu().numpy()
