@@ -105,7 +105,8 @@ from ..data.templates import (
 from ..errors import PlvmError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
-from .aligner import encode_batch, first_token_id, weighted_answer_loss
+from .aligner import weighted_answer_loss
+from .batches import encode_batch, first_token_id
 from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
 from .data import Sample, neutral_question, question_plan
 
