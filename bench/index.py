@@ -34,7 +34,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from plvmctl import retrieval
+from plvmctl import image_index
+from plvmctl.image_index.factory import find_ivf
 
 CHUNK = 50_000
 
@@ -137,7 +138,7 @@ def recall(found: list[list[int]], truth: np.ndarray) -> dict[str, float]:
     return {"recall_10_at_10": round(float(ten), 4), "recall_1_at_10": round(float(one), 4)}
 
 
-def measure(opened: retrieval.OpenedIndex, queries: np.ndarray, truth: np.ndarray,
+def measure(opened: image_index.OpenedIndex, queries: np.ndarray, truth: np.ndarray,
             single: int) -> dict:
     """Default search (dedup + rerank when approximate) and the FAISS index alone."""
     started = time.perf_counter()
@@ -229,22 +230,22 @@ def main() -> None:
         baseline = (measure_numpy(vectors, queries, truth, args.numpy_batches)
                     if args.numpy_batches > 0 else None)
 
-        chosen = retrieval.choose_factory(args.n, args.d)
-        aliases = {"large": retrieval.choose_factory(args.n, args.d, exact_limit=0,
-                                                     sq_limit=0),
-                   "mid": retrieval.choose_factory(args.n, args.d, exact_limit=0),
+        chosen = image_index.choose_factory(args.n, args.d)
+        aliases = {"large": image_index.choose_factory(args.n, args.d, exact_limit=0,
+                                                       sq_limit=0),
+                   "mid": image_index.choose_factory(args.n, args.d, exact_limit=0),
                    "flat": "Flat"}
         factories = [chosen] + [aliases.get(f, f) for f in args.factory]
         results = []
         for number, factory in enumerate(dict.fromkeys(factories)):
             out = workdir / f"index{number}.faiss"
             started = time.perf_counter()
-            info = retrieval.build_index(vectors, out, factory=factory, progress=False,
-                                         train_sample=args.train_sample, seed=args.seed)
+            info = image_index.build_index(vectors, out, factory=factory, progress=False,
+                                           train_sample=args.train_sample, seed=args.seed)
             build_s = time.perf_counter() - started
             say(f"built {factory} in {build_s:.1f} s")
-            opened = retrieval.open_index(out)
-            if args.nprobe and retrieval._ivf(opened.index) is not None:
+            opened = image_index.open_index(out)
+            if args.nprobe and find_ivf(opened.index) is not None:
                 opened.set_search_params(nprobe=args.nprobe)
             results.append({"factory": factory, "chosen": factory == chosen,
                             "build_s": round(build_s, 2), "train_sample": info.train_sample,

@@ -137,12 +137,12 @@ def read_key(path: str | os.PathLike) -> tuple[np.ndarray, str] | None:
 
 
 def choose_index_factory(n: int, d: int, exact_floats: int = EXACT_FLOATS) -> str:
-    """`Flat` while n·d <= exact_floats, else `IVF{nlist},Flat` (nlist as retrieval's rule)."""
-    from .retrieval import _nlist
+    """`Flat` while n·d <= exact_floats, else `IVF{nlist},Flat` (nlist as the image index's rule)."""
+    from .image_index.factory import nlist_for
 
     if n * d <= exact_floats:
         return "Flat"
-    return f"IVF{_nlist(n)},Flat"
+    return f"IVF{nlist_for(n)},Flat"
 
 
 def _new_index(factory: str, keys: np.ndarray, ids: np.ndarray):
@@ -486,7 +486,7 @@ class KeyFill:
 
 def _photos_by_digest(folders: Sequence[str | os.PathLike]) -> dict[str, Path]:
     from .fileio import sha256_file
-    from .retrieval import list_images
+    from .images import list_images
 
     found: dict[str, Path] = {}
     for folder in folders:

@@ -1,4 +1,5 @@
-"""Opening user photos safely: every odd file becomes either an RGB image or a PlvmError."""
+"""User photos: finding them in folders, and opening them safely (every odd file becomes either an
+RGB image or a PlvmError)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,25 @@ from .errors import PlvmError
 # photos but shrink anything with a longer side above MAX_SIDE right after decoding.
 MAX_PIXELS = 200_000_000
 MAX_SIDE = 2048
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # list_images' photos
+
+
+def list_images(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[Path]:
+    """Image files under `folder` (recursive, by suffix), sorted; hidden entries and anything
+    under `exclude` are left out."""
+    folder = Path(folder).resolve()
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    found = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if excluded is not None and (path == excluded or excluded in path.parents):
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from plvmctl import retrieval
+from plvmctl import image_index
 from plvmctl.cli import main
 from plvmctl.store import ConceptStore
 from plvmctl.concept_index import StoreIndex, open_store_index
@@ -235,14 +235,14 @@ def test_index_build_survives_a_fault_at_every_write(monkeypatch, tmp_path):
         np.save(vectors[name], data / np.linalg.norm(data, axis=1, keepdims=True))
 
     def prepare(folder: Path) -> None:
-        retrieval.build_index(vectors["first"], folder / "i.index", progress=False)
+        image_index.build_index(vectors["first"], folder / "i.index", progress=False)
 
     def rebuild(folder: Path) -> None:
-        retrieval.build_index(vectors["second"], folder / "i.index", progress=False)
+        image_index.build_index(vectors["second"], folder / "i.index", progress=False)
 
     def loads(folder: Path) -> None:
         try:
-            assert retrieval.open_index(folder / "i.index").info.count in (30, 60)
+            assert image_index.open_index(folder / "i.index").info.count in (30, 60)
         except PlvmError as error:  # the new index beside the old sidecar: refused, not used
             assert "and its sidecar" in str(error)
 
@@ -315,7 +315,7 @@ def test_an_index_build_that_cannot_fit_says_so_before_building(monkeypatch, tmp
     np.save(tmp_path / "v.npy", data)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 100))
     with pytest.raises(PlvmError, match=r"not enough free space for an index of 50 vectors .* 100 B free"):
-        retrieval.build_index(tmp_path / "v.npy", tmp_path / "i.index", progress=False)
+        image_index.build_index(tmp_path / "v.npy", tmp_path / "i.index", progress=False)
     assert not (tmp_path / "i.index").exists()
 
 

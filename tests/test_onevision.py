@@ -32,7 +32,7 @@ from plvmctl.prompt import Slot, build_prompt, encode_segments, mentioned_names,
 from plvmctl.recipe import recipe_from_dict
 from plvmctl.runtime import Runtime
 from plvmctl.table import ConceptTable
-from plvmctl.train.aligner import encode_batch, first_token_id
+from plvmctl.train.batches import encode_batch, first_token_id
 from plvmctl.train.data import Sample
 
 QWEN = SHARED / "fixtures" / "tokenizers" / "qwen3"

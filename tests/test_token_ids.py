@@ -26,7 +26,7 @@ from plvmctl.prompt import VICUNA_V1, Slot, build_prompt, encode_segments, menti
 from plvmctl.recipe import recipe_from_dict
 from plvmctl.runtime import Runtime
 from plvmctl.table import ConceptTable
-from plvmctl.train.aligner import encode_batch, first_token_id
+from plvmctl.train.batches import encode_batch, first_token_id
 from plvmctl.train.data import Sample
 
 FIXTURES = SHARED / "fixtures" / "tokenizers"

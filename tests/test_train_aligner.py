@@ -20,14 +20,8 @@ from plvmctl.data.templates import ATTRIBUTE_QUESTIONS, NEGATIVE_ANSWERS, POSITI
 from plvmctl.errors import PlvmError
 from plvmctl.recipe import load_recipe
 from plvmctl.runtime import load_runtime
-from plvmctl.train.aligner import (
-    IGNORE,
-    TrainConfig,
-    encode_batch,
-    logged_losses,
-    train_aligner,
-    weighted_answer_loss,
-)
+from plvmctl.train.aligner import TrainConfig, logged_losses, train_aligner, weighted_answer_loss
+from plvmctl.train.batches import IGNORE, encode_batch
 from plvmctl.train.common import (
     TrainingInterrupted,
     capture_rng_state,

@@ -251,7 +251,7 @@ def test_no_negatives_is_a_clear_error(runtime, world, tmp_path):
 def index(runtime, world, tmp_path_factory):
     """An image-folder index (the backbone's embeddings) over the negatives + one copy of a
     positive of <ana> (a near-duplicate that must never become a negative)."""
-    from plvmctl import retrieval
+    from plvmctl import image_index
 
     root = tmp_path_factory.mktemp("index")
     pool = root / "pool"
@@ -263,18 +263,18 @@ def index(runtime, world, tmp_path_factory):
     def embed(images):
         return runtime.backbone.embed_images(images).numpy()
 
-    folder = retrieval.embed_image_folder(pool, root / "work", embed, progress=False)
-    retrieval.build_index(folder.source, root / "pool.faiss", progress=False)
+    folder = image_index.embed_image_folder(pool, root / "work", embed, progress=False)
+    image_index.build_index(folder.source, root / "pool.faiss", progress=False)
     return {"path": root / "pool.faiss", "pool": pool}
 
 
 def test_index_negatives_hard_and_random_without_the_positives(runtime, world, index):
-    from plvmctl import retrieval
+    from plvmctl import image_index
 
     positives = list_photos(world["ana"])[:1]
     copy_of_ana = index["pool"] / "copy_of_ana.png"
     query = runtime.backbone.embed_images([load_image(positives[0])]).numpy()
-    [top, *_] = retrieval.open_index(index["path"]).search(query, 3, dedup_threshold=None)[0]
+    [top, *_] = image_index.open_index(index["path"]).search(query, 3, dedup_threshold=None)[0]
     assert Path(top.metadata["path"]) == copy_of_ana  # the nearest neighbour, unless excluded
     # 13 rows: 5 hard, then all 8 others drawn at random; the copy is among them and dropped
     config = small_config(hard_negatives=5, random_negatives=8, exclude_threshold=0.9999)
@@ -287,13 +287,13 @@ def test_index_negatives_hard_and_random_without_the_positives(runtime, world, i
 
 
 def test_index_hits_without_a_file_are_counted_or_found_by_id(runtime, world, index, tmp_path):
-    from plvmctl import retrieval
+    from plvmctl import image_index
 
     positives = list_photos(world["ana"])
     config = small_config(hard_negatives=3, random_negatives=0, exclude_threshold=0.99999)
-    opened = retrieval.open_index(index["path"])
+    opened = image_index.open_index(index["path"])
     embeddings = runtime.backbone.embed_images([load_image(p) for p in positives]).numpy()
-    [first, *_] = retrieval.hard_negatives(opened, embeddings, 3, 0.99999)
+    [first, *_] = image_index.hard_negatives(opened, embeddings, 3, 0.99999)
     moved = tmp_path / "by_id"
     moved.mkdir()
     original = Path(first.metadata["path"])

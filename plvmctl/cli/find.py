@@ -57,7 +57,7 @@ def look_at_photos(app: App, photos: list, config, progress: bool = False) -> di
 
 
 def _photo_list(paths: tuple[str, ...]) -> list[str]:
-    from ..retrieval import list_images
+    from ..images import list_images
 
     photos: list[str] = []
     for path in paths:

@@ -82,33 +82,33 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
           nprobe: int | None, batch_size: int, shard_size: int, work: Path | None,
           train_sample: int | None, model_name: str | None, seed: int, progress: bool) -> None:
     """Build an index of SOURCE and print its path and a one-line summary."""
-    from .. import retrieval
+    from .. import image_index
     from ..locks import hold
 
     started = time.perf_counter()
     if gpu:
-        retrieval.check_gpu()  # before any embedding work
-    kind = retrieval.source_kind(source)
+        image_index.check_gpu()  # before any embedding work
+    kind = image_index.source_kind(source)
     if kind == "images":
         embed, backbone_name = _embedder()
         work = work or Path(str(out_path) + ".embeddings")
-        embedded = retrieval.embed_image_folder(source, work, embed, batch_size=batch_size,
-                                                shard_size=shard_size, model_name=backbone_name,
-                                                progress=progress)
+        embedded = image_index.embed_image_folder(source, work, embed, batch_size=batch_size,
+                                                  shard_size=shard_size, model_name=backbone_name,
+                                                  progress=progress)
         if embedded.skipped:
-            click.echo(retrieval.describe_skipped(embedded.skipped), err=True)
+            click.echo(image_index.describe_skipped(embedded.skipped), err=True)
         if embedded.reused_shards:
             click.echo(f"reused {embedded.reused_shards} complete embeddings shard(s) from {work}",
                        err=True)
         src = embedded.source
         model_name = model_name or backbone_name
     else:
-        src = retrieval.open_source(source)
+        src = image_index.open_source(source)
     with hold(Path(f"{out_path}.lock"), f"the index {out_path}"):
-        info = retrieval.build_index(src, out_path, factory=factory, metric=metric,
-                                     train_sample=train_sample, use_gpu=gpu, progress=progress,
-                                     embedding_model=model_name, seed=seed,
-                                     search_params={"nprobe": nprobe} if nprobe else None)
+        info = image_index.build_index(src, out_path, factory=factory, metric=metric,
+                                       train_sample=train_sample, use_gpu=gpu, progress=progress,
+                                       embedding_model=model_name, seed=seed,
+                                       search_params={"nprobe": nprobe} if nprobe else None)
     seconds = time.perf_counter() - started
     click.echo(str(info.path))
     click.echo(f"{info.count} vectors, dim {info.dim}, {info.factory}, {info.metric}, "
@@ -166,9 +166,9 @@ def search(index_path: Path, images: tuple[Path, ...], k: int, as_json: bool, np
            ef_search: int | None, dedup: float, no_dedup: bool, vector_npy: Path | None,
            batch_size: int) -> None:
     """Print the k nearest hits (id, score, url/caption/path) of each IMAGE."""
-    from .. import retrieval
+    from .. import image_index
 
-    opened = retrieval.open_index(index_path)
+    opened = image_index.open_index(index_path)
     if nprobe is not None or ef_search is not None:
         opened.set_search_params(nprobe=nprobe, efSearch=ef_search)
     queries, labels, model_name = _query_vectors(images, vector_npy, batch_size)

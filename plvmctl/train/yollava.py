@@ -105,7 +105,8 @@ from ..data.templates import (
 from ..errors import PlvmError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
-from .aligner import encode_batch, first_token_id, weighted_answer_loss
+from .aligner import weighted_answer_loss
+from .batches import encode_batch, first_token_id
 from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
 from .data import Sample, neutral_question, question_plan
 
@@ -302,7 +303,7 @@ def gather_negatives(runtime, positives: Sequence[Path], config: YollavaConfig, 
                                 seed=config.seed, exclude=positives)
         return Negatives(easy=easy)
 
-    from .. import retrieval
+    from .. import image_index as retrieval
 
     opened = retrieval.open_index(index)
     embeddings = runtime.backbone.embed_images([load_image(p) for p in positives]).cpu().numpy()

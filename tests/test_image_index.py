@@ -1,4 +1,4 @@
-"""Retrieval: sources (LAION shards, .npy, image folders), index build/open/search, negatives, CLI."""
+"""The image index: sources (LAION shards, .npy, image folders), build/open/search, negatives, CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from plvmctl import retrieval
+from plvmctl import image_index
+from plvmctl.image_index import search as index_search
+from plvmctl.image_index.factory import default_search, find_ivf
 from plvmctl.cli.index import index as index_group
 from plvmctl.errors import PlvmError
 
@@ -68,27 +70,27 @@ def save_npy(path: Path, array: np.ndarray) -> Path:
 
 
 def test_choose_factory_rules():
-    assert retrieval.choose_factory(1, 768) == "Flat"
-    assert retrieval.choose_factory(100_000, 768) == "Flat"
+    assert image_index.choose_factory(1, 768) == "Flat"
+    assert image_index.choose_factory(100_000, 768) == "Flat"
     # Above 100 k: IVF with 8-bit scalar codes (re-ranked exactly at search time) up to 4 M.
-    assert retrieval.choose_factory(100_001, 768) == "IVF1024,SQ8"
-    assert retrieval.choose_factory(1_000_000, 768) == "IVF4096,SQ8"
-    assert retrieval.choose_factory(4_000_000, 768) == "IVF8192,SQ8"
-    mid = retrieval.choose_factory(4_000_001, 768)
+    assert image_index.choose_factory(100_001, 768) == "IVF1024,SQ8"
+    assert image_index.choose_factory(1_000_000, 768) == "IVF4096,SQ8"
+    assert image_index.choose_factory(4_000_000, 768) == "IVF8192,SQ8"
+    mid = image_index.choose_factory(4_000_001, 768)
     assert mid == "IVF8192,PQ128np"  # 4·sqrt(4e6) = 8000 → 2^round(12.97) = 8192
-    assert retrieval.choose_factory(2_000_000, 768, sq_limit=0) == "IVF4096,PQ128np"
-    assert retrieval.choose_factory(2_000_000, 1000, sq_limit=0) == "IVF4096,PQ125np"  # m | d
-    large = retrieval.choose_factory(100_000_000, 768)
+    assert image_index.choose_factory(2_000_000, 768, sq_limit=0) == "IVF4096,PQ128np"
+    assert image_index.choose_factory(2_000_000, 1000, sq_limit=0) == "IVF4096,PQ125np"  # m | d
+    large = image_index.choose_factory(100_000_000, 768)
     assert large == "OPQ128_768,IVF32768_HNSW32,PQ128x8np"
-    assert retrieval.choose_factory(100_000, 64, exact_limit=10_000) == "IVF1024,SQ8"
-    assert retrieval.choose_factory(100_000, 64, exact_limit=10_000, sq_limit=0) == "IVF1024,PQ32np"
+    assert image_index.choose_factory(100_000, 64, exact_limit=10_000) == "IVF1024,SQ8"
+    assert image_index.choose_factory(100_000, 64, exact_limit=10_000, sq_limit=0) == "IVF1024,PQ32np"
     # the large tier wins over the SQ8 limit when both are forced down
-    assert retrieval.choose_factory(100_000, 64, exact_limit=10, large_limit=50_000).startswith("OPQ")
-    odd = retrieval.choose_factory(50_000, 30, exact_limit=10, sq_limit=0)
+    assert image_index.choose_factory(100_000, 64, exact_limit=10, large_limit=50_000).startswith("OPQ")
+    odd = image_index.choose_factory(50_000, 30, exact_limit=10, sq_limit=0)
     nlist = int(odd.split(",")[0][3:])
     m = int(odd.split(",")[1][2:-2])
     assert nlist & (nlist - 1) == 0 and 30 % m == 0
-    tiny = retrieval.choose_factory(500, 64, exact_limit=10)  # at most n/39 per list
+    tiny = image_index.choose_factory(500, 64, exact_limit=10)  # at most n/39 per list
     assert tiny == "IVF8,SQ8" and 8 * 39 <= 500 < 16 * 39
 
 
@@ -97,7 +99,7 @@ def test_default_nprobe_by_code_kind():
     for factory, nprobe in [("IVF4096,SQ8", 32), ("IVF1024,SQ8", 16), ("IVF8,SQ8", 8),
                             ("IVF4096,PQ8np", 64), ("IVF32768,SQ8", 256)]:
         index = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
-        assert retrieval._default_search(index) == {"nprobe": nprobe}, factory
+        assert default_search(index) == {"nprobe": nprobe}, factory
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def hundred_k(tmp_path_factory):
     return save_npy(folder / "x.npy", x), x, q, exact_top(x, q, 10)
 
 
-def recall_at_10(hits: list[list[retrieval.Hit]], truth: np.ndarray) -> tuple[float, float]:
+def recall_at_10(hits: list[list[image_index.Hit]], truth: np.ndarray) -> tuple[float, float]:
     """(10-recall@10: share of the exact top-10 found, 1-recall@10: exact top-1 in the top-10)."""
     found = [[h.id for h in row] for row in hits]
     ten = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
@@ -119,21 +121,21 @@ def recall_at_10(hits: list[list[retrieval.Hit]], truth: np.ndarray) -> tuple[fl
 
 def test_default_index_is_exact_for_100k(hundred_k, tmp_path):
     path, x, q, truth = hundred_k
-    info = retrieval.build_index(path, tmp_path / "flat.index", progress=False)
+    info = image_index.build_index(path, tmp_path / "flat.index", progress=False)
     assert info.factory == "Flat" and info.count == 100_000 and info.dim == 64
-    opened = retrieval.open_index(tmp_path / "flat.index")
+    opened = image_index.open_index(tmp_path / "flat.index")
     ten, one = recall_at_10(opened.search(q, 10, dedup_threshold=None), truth)
     assert ten >= 0.99 and one == 1.0
 
 
 def test_ivfpq_recall_with_nprobe(hundred_k, tmp_path):
     path, x, q, truth = hundred_k
-    factory = retrieval.choose_factory(len(x), 64, exact_limit=10_000, sq_limit=0)
-    info = retrieval.build_index(path, tmp_path / "ivfpq.index", factory=factory,
+    factory = image_index.choose_factory(len(x), 64, exact_limit=10_000, sq_limit=0)
+    info = image_index.build_index(path, tmp_path / "ivfpq.index", factory=factory,
                                  train_sample=10_000, progress=False)
     assert info.factory == "IVF1024,PQ32np" and info.train_sample == 10_000
     assert info.search == {"nprobe": 16}
-    opened = retrieval.open_index(tmp_path / "ivfpq.index")
+    opened = image_index.open_index(tmp_path / "ivfpq.index")
     assert opened.mmapped and opened.search_params == {"nprobe": 16}
     assert not opened.exact
 
@@ -155,10 +157,10 @@ def test_ivf_sq8_tier_with_every_list_visited_equals_exact_search(tmp_path):
     x = clustered(6_000, 32, seed=4, draw=5, clusters=50)
     q = clustered(40, 32, seed=4, draw=6, clusters=50)
     path = save_npy(tmp_path / "x.npy", x)
-    info = retrieval.build_index(path, tmp_path / "sq.index", progress=False, exact_limit=1_000)
-    assert info.factory == retrieval.choose_factory(6_000, 32, exact_limit=1_000) == "IVF128,SQ8"
+    info = image_index.build_index(path, tmp_path / "sq.index", progress=False, exact_limit=1_000)
+    assert info.factory == image_index.choose_factory(6_000, 32, exact_limit=1_000) == "IVF128,SQ8"
     assert info.search == {"nprobe": 16}
-    opened = retrieval.open_index(tmp_path / "sq.index")
+    opened = image_index.open_index(tmp_path / "sq.index")
     assert not opened.exact
     opened.set_search_params(nprobe=128)
     truth = exact_top(x, q, 10)
@@ -184,14 +186,14 @@ def test_batched_dedup_equals_the_candidate_by_candidate_rule(tmp_path, rerank):
     near = unit(copies[:200] + 1e-5 * rng.standard_normal((200, 16)))
     x = np.vstack([base, copies, near])
     path = save_npy(tmp_path / "x.npy", x)
-    retrieval.build_index(path, tmp_path / "d.index", progress=False,
+    image_index.build_index(path, tmp_path / "d.index", progress=False,
                           factory="Flat" if not rerank else "IVF16,SQ8")
-    opened = retrieval.open_index(tmp_path / "d.index")
+    opened = image_index.open_index(tmp_path / "d.index")
     if rerank:
         opened.set_search_params(nprobe=16)
     queries = np.vstack([x[:30], copies[:30], unit(rng.standard_normal((30, 16)))])
     prepared = opened._queries(queries)
-    rule = opened._duplicate_rule(0.98, retrieval.DEDUP_SCORE_EPSILON)
+    rule = opened._duplicate_rule(0.98, image_index.DEDUP_SCORE_EPSILON)
 
     def one_by_one(candidate, chosen):  # not a _DuplicateRule: the per-candidate path
         return rule(candidate, chosen)
@@ -213,12 +215,12 @@ def test_the_ten_million_tier_opq_ivf_hnsw_pq_builds_and_searches(hundred_k, tmp
     """The factory of ≥ 10 M vectors (OPQ rotation, HNSW coarse quantizer), forced on 100 k
     (slow: OPQ training takes about a minute here)."""
     path, x, q, truth = hundred_k
-    factory = retrieval.choose_factory(len(x), 64, exact_limit=10_000, large_limit=50_000)
+    factory = image_index.choose_factory(len(x), 64, exact_limit=10_000, large_limit=50_000)
     assert factory == "OPQ32_64,IVF1024_HNSW32,PQ32x8np"
-    info = retrieval.build_index(path, tmp_path / "large.index", factory=factory,
+    info = image_index.build_index(path, tmp_path / "large.index", factory=factory,
                                  train_sample=10_000, progress=False)
     assert info.search == {"nprobe": 16, "efSearch": 64}
-    opened = retrieval.open_index(tmp_path / "large.index")
+    opened = image_index.open_index(tmp_path / "large.index")
     assert opened.search_params == {"nprobe": 16, "efSearch": 64}
     opened.set_search_params(efSearch=128)
     ten, one = recall_at_10(opened.search(q, 10), truth)  # re-ranked exactly from the source
@@ -227,14 +229,14 @@ def test_the_ten_million_tier_opq_ivf_hnsw_pq_builds_and_searches(hundred_k, tmp
 
 def test_set_search_params_on_flat_is_an_error(tmp_path):
     path = save_npy(tmp_path / "v.npy", unit(np.random.default_rng(0).standard_normal((50, 8))))
-    retrieval.build_index(path, tmp_path / "f.index", progress=False)
-    opened = retrieval.open_index(tmp_path / "f.index")
+    image_index.build_index(path, tmp_path / "f.index", progress=False)
+    opened = image_index.open_index(tmp_path / "f.index")
     with pytest.raises(PlvmError, match="nprobe applies to IVF"):
         opened.set_search_params(nprobe=4)
     with pytest.raises(PlvmError, match="efSearch applies to HNSW"):
         opened.set_search_params(efSearch=32)
     with pytest.raises(PlvmError, match="not usable"):
-        retrieval.build_index(path, tmp_path / "g.index", factory="NotAFactory", progress=False)
+        image_index.build_index(path, tmp_path / "g.index", factory="NotAFactory", progress=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,10 +267,10 @@ def write_laion(folder: Path, sizes: dict[int, int], d: int = 16, seed: int = 0,
 
 def test_laion_shards_map_ids_to_the_right_rows(tmp_path):
     vectors = write_laion(tmp_path / "laion", {0: 5, 2: 7, 10: 4})
-    source = retrieval.open_laion(tmp_path / "laion")
+    source = image_index.open_laion(tmp_path / "laion")
     assert [s.shard for s in source.shards] == [0, 2, 10]  # numeric, not lexical, order
     assert [(s.start, s.count) for s in source.shards] == [(0, 5), (5, 7), (12, 4)]
-    info = retrieval.build_index(source, tmp_path / "laion.index", progress=False,
+    info = image_index.build_index(source, tmp_path / "laion.index", progress=False,
                                  embedding_model="ViT-test")
     assert info.count == 16 and info.dim == 16
     sidecar = json.loads((tmp_path / "laion.index.json").read_text())
@@ -277,7 +279,7 @@ def test_laion_shards_map_ids_to_the_right_rows(tmp_path):
         (0, 0, 5), (2, 5, 7), (10, 12, 4)]
     assert sidecar["shards"][1]["file"].endswith("img_emb_2.npy")
 
-    opened = retrieval.open_index(tmp_path / "laion.index")
+    opened = image_index.open_index(tmp_path / "laion.index")
     everything = np.concatenate([vectors[0], vectors[2], vectors[10]]).astype(np.float32)
     results = opened.search(everything, 1)
     expected = [(0, r) for r in range(5)] + [(2, r) for r in range(7)] + [(10, r) for r in range(4)]
@@ -292,7 +294,7 @@ def test_laion_shards_map_ids_to_the_right_rows(tmp_path):
 def test_laion_row_count_mismatch_names_the_shard(tmp_path):
     write_laion(tmp_path / "laion", {0: 5, 1: 6}, metadata_rows={1: 4})
     with pytest.raises(PlvmError, match=r"shard 1: img_emb_1\.npy has 6 rows but metadata_1\.parquet has 4"):
-        retrieval.open_laion(tmp_path / "laion")
+        image_index.open_laion(tmp_path / "laion")
 
 
 def test_laion_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
@@ -301,15 +303,15 @@ def test_laion_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
     write_laion(tmp_path / "laion", {0: 5})
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now raises ImportError
     with pytest.raises(PlvmError, match=r"needs pyarrow: pip install 'plvmctl\[laion\]'"):
-        retrieval.open_laion(tmp_path / "laion")
+        image_index.open_laion(tmp_path / "laion")
 
 
 def test_l2_metric_keeps_vectors_as_they_are(tmp_path):
     x = np.random.default_rng(4).standard_normal((100, 8)).astype(np.float32) * 3
     path = save_npy(tmp_path / "v.npy", x)
-    info = retrieval.build_index(path, tmp_path / "l2.index", metric="l2", progress=False)
+    info = image_index.build_index(path, tmp_path / "l2.index", metric="l2", progress=False)
     assert info.metric == "l2" and not info.normalized
-    hits = retrieval.open_index(tmp_path / "l2.index").search(x[7] + 0.01, 3)[0]
+    hits = image_index.open_index(tmp_path / "l2.index").search(x[7] + 0.01, 3)[0]
     assert hits[0].id == 7 and hits[0].score == pytest.approx(8 * 0.01 ** 2, rel=1e-2)
     assert hits[0].score <= hits[1].score <= hits[2].score
 
@@ -318,40 +320,40 @@ def test_laion_missing_metadata_and_empty_folder(tmp_path):
     write_laion(tmp_path / "laion", {0: 5, 1: 6})
     (tmp_path / "laion" / "metadata" / "metadata_1.parquet").unlink()
     with pytest.raises(PlvmError, match="shard 1"):
-        retrieval.open_laion(tmp_path / "laion")
+        image_index.open_laion(tmp_path / "laion")
     (tmp_path / "empty" / "img_emb").mkdir(parents=True)
     with pytest.raises(PlvmError, match="no img_emb"):
-        retrieval.build_index(tmp_path / "empty", tmp_path / "x.index", progress=False)
+        image_index.build_index(tmp_path / "empty", tmp_path / "x.index", progress=False)
 
 
 def test_sidecar_missing_corrupt_or_disagreeing(tmp_path):
     path = save_npy(tmp_path / "v.npy", unit(np.random.default_rng(0).standard_normal((40, 8))))
-    retrieval.build_index(path, tmp_path / "a.index", progress=False)
+    image_index.build_index(path, tmp_path / "a.index", progress=False)
     sidecar = tmp_path / "a.index.json"
     good = sidecar.read_text()
     sidecar.unlink()
     with pytest.raises(PlvmError, match="sidecar missing"):
-        retrieval.open_index(tmp_path / "a.index")
+        image_index.open_index(tmp_path / "a.index")
     sidecar.write_text(good[: len(good) // 2])
     with pytest.raises(PlvmError, match="corrupt"):
-        retrieval.open_index(tmp_path / "a.index")
+        image_index.open_index(tmp_path / "a.index")
     data = json.loads(good)
     data["count"] = 41
     data["shards"][0]["count"] = 41
     sidecar.write_text(json.dumps(data))
     with pytest.raises(PlvmError, match="disagree"):
-        retrieval.open_index(tmp_path / "a.index")
+        image_index.open_index(tmp_path / "a.index")
     del data["dim"]
     sidecar.write_text(json.dumps(data))
     with pytest.raises(PlvmError, match="'dim' missing"):
-        retrieval.open_index(tmp_path / "a.index")
+        image_index.open_index(tmp_path / "a.index")
     with pytest.raises(PlvmError, match="index not found"):
-        retrieval.open_index(tmp_path / "nope.index")
+        image_index.open_index(tmp_path / "nope.index")
 
 
 def test_mmap_falls_back_to_a_plain_read(tmp_path, monkeypatch):
     path = save_npy(tmp_path / "v.npy", unit(np.random.default_rng(0).standard_normal((40, 8))))
-    retrieval.build_index(path, tmp_path / "a.index", progress=False)
+    image_index.build_index(path, tmp_path / "a.index", progress=False)
     real = faiss.read_index
 
     def no_mmap(name, flags=0):
@@ -359,8 +361,8 @@ def test_mmap_falls_back_to_a_plain_read(tmp_path, monkeypatch):
             raise RuntimeError("Error: 'mmap' failed: not supported for this index")
         return real(name)
 
-    monkeypatch.setattr(retrieval.faiss, "read_index", no_mmap)
-    opened = retrieval.open_index(tmp_path / "a.index")
+    monkeypatch.setattr(faiss, "read_index", no_mmap)
+    opened = image_index.open_index(tmp_path / "a.index")
     assert not opened.mmapped and opened.index.ntotal == 40
 
 
@@ -379,10 +381,10 @@ def test_search_removes_near_duplicates(tmp_path, source_on_disk):
     x = np.vstack([base, copy, near_copy, related])  # ids 300, 301, 302
     assert 0.8 < float(related @ base[0]) < 0.95
     path = save_npy(tmp_path / "v.npy", x)
-    retrieval.build_index(path, tmp_path / "d.index", progress=False)
+    image_index.build_index(path, tmp_path / "d.index", progress=False)
     if not source_on_disk:  # vectors then come from index reconstruction
         path.rename(tmp_path / "moved.npy")
-    opened = retrieval.open_index(tmp_path / "d.index")
+    opened = image_index.open_index(tmp_path / "d.index")
     assert opened.source.vectors_available() == source_on_disk
 
     hits = opened.search(base[0], 5)[0]
@@ -405,14 +407,14 @@ def hard_negative_fixture(tmp_path: Path):
     assert (positives @ near_positives.T).max(axis=0).min() > 0.99
     assert (positives @ decoy).max() < 0.95
     path = save_npy(tmp_path / "v.npy", x)
-    retrieval.build_index(path, tmp_path / "h.index", progress=False)
+    image_index.build_index(path, tmp_path / "h.index", progress=False)
     return x, positives
 
 
 def test_hard_negatives_are_nearest_to_the_mean_without_positives_or_duplicates(tmp_path):
     x, positives = hard_negative_fixture(tmp_path)
-    opened = retrieval.open_index(tmp_path / "h.index")
-    hits = retrieval.hard_negatives(opened, positives, k=20, exclude_threshold=0.95)
+    opened = image_index.open_index(tmp_path / "h.index")
+    hits = image_index.hard_negatives(opened, positives, k=20, exclude_threshold=0.95)
     ids = [h.id for h in hits]
     assert len(ids) == 20
     assert not set(ids) & set(range(400, 406))
@@ -427,16 +429,16 @@ def test_hard_negatives_are_nearest_to_the_mean_without_positives_or_duplicates(
 
 def test_random_negatives(tmp_path):
     x, _ = hard_negative_fixture(tmp_path)
-    opened = retrieval.open_index(tmp_path / "h.index")
-    first = retrieval.random_negatives(opened, 50, seed=1, exclude_ids=range(100))
-    again = retrieval.random_negatives(opened.info, 50, seed=1, exclude_ids=range(100))
+    opened = image_index.open_index(tmp_path / "h.index")
+    first = image_index.random_negatives(opened, 50, seed=1, exclude_ids=range(100))
+    again = image_index.random_negatives(opened.info, 50, seed=1, exclude_ids=range(100))
     ids = [h.id for h in first]
     assert ids == [h.id for h in again] and len(set(ids)) == 50
     assert min(ids) >= 100 and max(ids) < len(x)
     assert all(math.isnan(h.score) for h in first)
-    assert [h.id for h in retrieval.random_negatives(opened, 50, seed=2)] != ids
+    assert [h.id for h in image_index.random_negatives(opened, 50, seed=2)] != ids
     with pytest.raises(PlvmError, match="only 308 eligible"):
-        retrieval.random_negatives(opened, 309, seed=0, exclude_ids=range(100))
+        image_index.random_negatives(opened, 309, seed=0, exclude_ids=range(100))
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,7 +476,7 @@ def test_image_folder_skips_bad_files_and_resumes(tmp_path):
         return fake_embed(images)
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        retrieval.embed_image_folder(tmp_path / "photos", work, failing, batch_size=3,
+        image_index.embed_image_folder(tmp_path / "photos", work, failing, batch_size=3,
                                      shard_size=3, progress=False)
     assert (work / "metadata" / "metadata_0.jsonl").is_file()
     assert not (work / "metadata" / "metadata_1.jsonl").exists()
@@ -485,24 +487,24 @@ def test_image_folder_skips_bad_files_and_resumes(tmp_path):
         embedded_now.append(fake_embed(images))
         return embedded_now[-1]
 
-    result = retrieval.embed_image_folder(tmp_path / "photos", work, counting, batch_size=3,
+    result = image_index.embed_image_folder(tmp_path / "photos", work, counting, batch_size=3,
                                           shard_size=3, progress=False)
     assert result.reused_shards == 1 and result.embedded == 4  # a3..a6, not a0..a2 again
     assert sum(len(block) for block in embedded_now) == 4
     assert result.source.count == 7
     assert len(result.skipped) == 1 and result.skipped[0][0].endswith("bad.png")
-    assert "skipped 1 unreadable image" in retrieval.describe_skipped(result.skipped)
+    assert "skipped 1 unreadable image" in image_index.describe_skipped(result.skipped)
 
-    info = retrieval.build_index(result.source, tmp_path / "p.index", progress=False,
+    info = image_index.build_index(result.source, tmp_path / "p.index", progress=False,
                                  embedding_model="fake")
     assert info.source["kind"] == "images"
-    opened = retrieval.open_index(tmp_path / "p.index")
+    opened = image_index.open_index(tmp_path / "p.index")
     query = fake_embed([Image.open(photos[4]).convert("RGB")])
     top = opened.search(query, 1)[0][0]
     assert top.id == 4 and top.metadata["path"] == str(photos[4].resolve())
 
     with pytest.raises(PlvmError, match="shard_size differ"):
-        retrieval.embed_image_folder(tmp_path / "photos", work, fake_embed, shard_size=4,
+        image_index.embed_image_folder(tmp_path / "photos", work, fake_embed, shard_size=4,
                                      progress=False)
 
 
@@ -516,26 +518,26 @@ def test_crash_while_writing_leaves_the_old_index(tmp_path, monkeypatch):
     first = save_npy(tmp_path / "first.npy", unit(rng.standard_normal((30, 8))))
     second = save_npy(tmp_path / "second.npy", unit(rng.standard_normal((60, 8))))
     out = tmp_path / "out" / "i.index"
-    retrieval.build_index(first, out, progress=False)
+    image_index.build_index(first, out, progress=False)
     before = (out.read_bytes(), (tmp_path / "out" / "i.index.json").read_bytes())
 
     def broken(index, writer):
         raise RuntimeError("Error: 'fwrite' failed: No space left on device")
 
-    monkeypatch.setattr(retrieval.faiss, "write_index", broken)
+    monkeypatch.setattr(faiss, "write_index", broken)
     with pytest.raises(PlvmError, match="No space left"):
-        retrieval.build_index(second, out, progress=False)
+        image_index.build_index(second, out, progress=False)
     assert (out.read_bytes(), (tmp_path / "out" / "i.index.json").read_bytes()) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["i.index", "i.index.json"]
     monkeypatch.undo()
-    assert retrieval.open_index(out).info.count == 30
+    assert image_index.open_index(out).info.count == 30
 
 
 @pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="faiss has GPU support here")
 def test_gpu_without_faiss_gpu_is_a_clear_error(tmp_path):
     path = save_npy(tmp_path / "v.npy", unit(np.random.default_rng(0).standard_normal((40, 8))))
     with pytest.raises(PlvmError, match=r"faiss-gpu build: pip install 'plvmctl\[gpu\]'"):
-        retrieval.build_index(path, tmp_path / "g.index", use_gpu=True, progress=False)
+        image_index.build_index(path, tmp_path / "g.index", use_gpu=True, progress=False)
     assert not (tmp_path / "g.index").exists()
 
 
@@ -601,10 +603,10 @@ def test_memory_mapped_ivf_starts_no_prefetch_threads(tmp_path):
     per search call; open_index turns that off, and searching still works."""
     x = unit(np.random.default_rng(2).standard_normal((2_000, 16)))
     path = save_npy(tmp_path / "x.npy", x)
-    retrieval.build_index(path, tmp_path / "m.index", factory="IVF16,SQ8", progress=False)
-    opened = retrieval.open_index(tmp_path / "m.index")
+    image_index.build_index(path, tmp_path / "m.index", factory="IVF16,SQ8", progress=False)
+    opened = image_index.open_index(tmp_path / "m.index")
     assert opened.mmapped
-    lists = faiss.downcast_InvertedLists(retrieval._ivf(opened.index).invlists)
+    lists = faiss.downcast_InvertedLists(find_ivf(opened.index).invlists)
     assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.prefetch_nthread == 0
     assert opened.search(x[5], 1, dedup_threshold=None)[0][0].id == 5
 
@@ -616,10 +618,10 @@ def test_flat_search_is_a_matmul_equal_to_faiss(tmp_path, monkeypatch):
     x = unit(rng.standard_normal((1_000, 24)))
     x[700] = x[300]  # an exact tie
     path = save_npy(tmp_path / "x.npy", x)
-    retrieval.build_index(path, tmp_path / "f.index", progress=False)
-    opened = retrieval.open_index(tmp_path / "f.index")
+    image_index.build_index(path, tmp_path / "f.index", progress=False)
+    opened = image_index.open_index(tmp_path / "f.index")
     assert opened.mmapped and opened._flat is not None and not opened._flat.flags.owndata
-    monkeypatch.setattr(retrieval, "FLAT_BLOCK", 128)  # several blocks, a short last one
+    monkeypatch.setattr(index_search, "FLAT_BLOCK", 128)  # several blocks, a short last one
     q = np.vstack([x[300], unit(rng.standard_normal((20, 24)))])
     scores, ids = opened._index_search(q, 15)
     faiss_scores, faiss_ids = opened.index.search(q, 15)
@@ -629,12 +631,12 @@ def test_flat_search_is_a_matmul_equal_to_faiss(tmp_path, monkeypatch):
     np.testing.assert_allclose(scores, faiss_scores, atol=1e-5)
     hits = opened.search(q, 10, dedup_threshold=None)
     assert [[h.id for h in row] for row in hits] == ids[:, :10].tolist()
-    small = retrieval.open_index(retrieval.build_index(save_npy(tmp_path / "s.npy", x[:5]), tmp_path / "s.index",
+    small = image_index.open_index(image_index.build_index(save_npy(tmp_path / "s.npy", x[:5]), tmp_path / "s.index",
                                                        progress=False).path)
     scores, ids = small._index_search(q[:2], 8)
     assert (ids[:, 5:] == -1).all() and sorted(ids[1, :5].tolist()) == [0, 1, 2, 3, 4]
     # without the source embeddings, duplicates are still found from the index's own vectors
     path.rename(tmp_path / "gone.npy")
-    again = retrieval.open_index(tmp_path / "f.index")
+    again = image_index.open_index(tmp_path / "f.index")
     assert not again.source.vectors_available()
     assert len({h.id for h in again.search(x[300], 3)[0]} & {300, 700}) == 1
