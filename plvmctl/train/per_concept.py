@@ -1,70 +1,28 @@
-"""Yo'LLaVA as a baseline: train one concept's soft prompt on its photos, per concept.
+"""The pieces every per-concept training method composes: its photos, its negatives, its
+conversations, the epoch loop and the training of a test set's identities a group at a time.
 
-What Yo'LLaVA (arXiv 2406.09400) trains, in plvmctl's concept form
---------------------------------------------------------------------
-Yo'LLaVA adds `<sks>` and 16 latent tokens `<token0>`...`<token15>` to the vocabulary and
-trains only their input-embedding rows (17) and output-head rows (17), with the prompt
-`<sks> is <token0>...<token15>.`. Here the same rows are the three tensors of a `Concept`:
+Yo'LLaVA, MC-LLaVA and MyVLM (plvmctl/methods/<name>/trainer.py) train a concept from a few
+photos of it and photos of other people; what they share is here, as public functions:
 
-    word     [H]     input embedding of `<name>`          (Yo'LLaVA: embedding row of <sks>)
-    context  [k, H]  input embeddings of the k latents    (embedding rows of <token0..15>)
-    head     [H]     output-head row of `<name>`          (lm_head row of <sks>)
-
-and the prompt is the one every plvmctl concept uses: `<name> is <t1>...<tk>.`.
-
-Only the word's head row is trained, not the 16 latent tokens' head rows. The latent tokens
-never appear in an answer, so their head rows are never a target: their only gradient comes
-through the softmax normaliser and just pushes their logits down. The concept table already
-gives context ids the lowest logit (they can never be generated), which is where that
-training would take them, so nothing the model can say changes.
-
-Why this is peft's TrainableTokens without a vocabulary resize
---------------------------------------------------------------
-peft's `TrainableTokens` leaves the embedding and head matrices frozen and substitutes
-trainable values for the listed rows. The `ConceptTable` does exactly that for ids above the
-vocabulary: the embedding hook returns the concept rows where the ids are virtual
-(`torch.where`, real rows untouched) and the head hook appends the concept's head row as one
-more logit column. The gradient reaching a concept tensor is therefore the gradient an
-extended matrix would give its row: the sum over the positions holding that id (input side),
-and hidden-state x (softmax - target) on that column (output side). The 17 + 1 tensors are
-plain `nn.Parameter`s outside the model; no model parameter has `requires_grad`, no gradient
-mask is needed, no row is "restored after every step", and because the ids are virtual the
-tokenizer and the matrices are never resized. The concepts of several Yo'LLaVA runs can
-therefore share one question (the original reuses `<token0>` and cannot load two concepts).
-
-Initialisation
---------------
-word and every context row start as the input embedding of a generic word (`init_word`,
-"person"; the mean of its pieces when the tokenizer splits it, the mean of all rows if it is
-unknown), head as that word's head row, each plus Gaussian noise of `init_noise` times the
-row's RMS (different noise per row, from the run's seed), so the 17 rows start as "a person"
-but are not identical.
-
-Data (per concept, cached in OUT/conversations.json)
-----------------------------------------------------
-- positives: the 4-10 photos of the concept, `recognition_per_photo` (15) recognition Q&As each
-  ("Is <name> in this photo?" phrasings; a "Yes, ..." answer);
-- negatives: hard ones (the index's nearest neighbours of the mean CLIP embedding of the
-  positives, near-duplicates of the positives removed) and random easy ones; one Q&A each
-  with a "No, ..." answer;
-- attributes: `attribute_per_photo` (10) text-only Q&As per positive photo. The frozen base
-  model answers each question about "the person" with the photo attached; for training the
-  question names `<name>`, "the person" in the answer becomes `<name>`, and the prompt has NO
-  image, so the attributes must live in the tokens. Answers are kept in the JSON and a rerun
-  does not ask again.
-
-Training
---------
-Answer-token cross-entropy (`weighted_answer_loss` from the PLVM trainer with every weight 1
-by default: Yo'LLaVA has no Yes/No weighting), AdamW lr 1e-3, `epochs` (15) passes over all
-conversations in a seeded shuffled order, `batch_size` (4) conversations a step. The vision
-features (CLIP tower + projector output) of every training photo are computed once and fed to
-LLaVA through its `mm_encoder_outputs` argument, so a step runs only the language model.
-Random horizontal flips are optional (`flip`; the flipped photo's features are cached too).
-After each epoch past the first `select_after_epoch` (4), the concept scores Yes against No as
-the first answer token for the positives and as many negatives; the epoch with the best mean
-of the two accuracies is kept (ties: the later epoch, as in Yo'LLaVA's code). When there are
-no more epochs than that, the last epoch is scored and kept.
+- photos: `list_photos` (a folder's image files), `reference_photos` (an evaluation
+  identity's `ref_img*` photos);
+- negatives (`gather_negatives`, settings typed by `NegativeSettings`): hard ones (the index's
+  nearest neighbours of the mean image embedding of the positives, near-duplicates of the
+  positives removed) and random easy ones, or random photos of a folder;
+- conversations (`build_conversations`, Yo'LLaVA's data, which MC-LLaVA reuses per concept):
+  `recognition_per_photo` recognition Q&As per positive photo ("Is <name> in this photo?"
+  phrasings; a "Yes, ..." answer), one "No, ..." Q&A per negative photo, and
+  `attribute_per_photo` text-only Q&As per positive photo: the frozen base model answers each
+  question about "the person" with the photo attached; for training the question names
+  `<name>`, "the person" in the answer becomes `<name>`, and the prompt has NO image, so the
+  attributes must live in the tokens. Answers are cached in a JSON file and a rerun does not
+  ask again. A base model that reasons before its verdict gets recognition rows in its own
+  words instead (`reasoned_recognition_samples`);
+- the epoch loop (`train_epochs`): seeded shuffled passes over the rows, `batch_size` a step,
+  optional random flips, and after each epoch past `select_after_epoch` a score; the best
+  epoch's tensors are kept (ties: the later epoch, as in Yo'LLaVA's code);
+- group training for `plvmctl eval` (`train_in_groups`): concepts made a group of identities
+  at a time, cached on disk and reused while what made them is unchanged.
 """
 
 from __future__ import annotations
@@ -77,14 +35,12 @@ import re
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
-from PIL import Image
 from tqdm import tqdm
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..answers import (
     DESCRIPTION_MAX_NEW_TOKENS,
@@ -93,8 +49,7 @@ from ..answers import (
     parse_yes_no,
     verdict_start,
 )
-from ..concept import Concept, ConceptMeta, validate_name
-from ..concept_index import photos_key, with_key
+from ..concept import Concept
 from ..data.templates import (
     ATTRIBUTE_QUESTIONS,
     NEGATIVE_ANSWERS,
@@ -105,16 +60,11 @@ from ..data.templates import (
 from ..errors import PlvmError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
-from .aligner import encode_batch, first_token_id, weighted_answer_loss
-from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
+from .common import JsonlLogger, photos_digest
 from .data import Sample, neutral_question, question_plan
+from .soft_prompt import SoftPromptConfig, SoftPromptTrainer
 
-METHOD = "yollava"
-CONVERSATIONS_FILE = "conversations.json"
 CONVERSATIONS_FORMAT = "plvmctl.yollava-conversations"
-LOG_FILE = "log.jsonl"
-CURVE_FILE = "loss.png"
-RESULT_FILE = "result.json"
 DOWNLOADS_DIR = "downloads"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # "the person" / "this person" in a base-model answer is the concept: it becomes `<name>`.
@@ -122,69 +72,18 @@ PERSON_RE = re.compile(r"\b(?:[Tt]he|[Tt]his) person\b")
 
 
 # --------------------------------------------------------------------------------------------
-# Settings
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class YollavaConfig:
-    """The recipe's `yollava:` section (`--set yollava.KEY=VALUE`); defaults are Yo'LLaVA's."""
-
-    num_context: int = 16  # latent tokens <t1>...<tk>
-    epochs: int = 15
-    lr: float = 1e-3
-    weight_decay: float = 0.01  # as in Yo'LLaVA's train.py (AdamW, betas 0.9/0.999)
-    batch_size: int = 4  # conversations a step (Yo'LLaVA: 1); the loss averages their answer tokens
-    yes_no_weight: float = 1.0  # 1 = plain answer cross-entropy (Yo'LLaVA); PLVM uses 20
-    recognition_per_photo: int = 15
-    attribute_per_photo: int = 10
-    hard_negatives: int = 150  # nearest neighbours of the positives' mean embedding
-    random_negatives: int = 100  # easy negatives drawn at random
-    exclude_threshold: float = 0.95  # cosine above which a neighbour is a near-duplicate
-    init_word: str = "person"
-    init_noise: float = 0.1  # noise std as a fraction of the initial row's RMS
-    select_after_epoch: int = 4  # best-epoch selection scores the epochs after this many
-    selection_negatives: int = 0  # negatives scored for selection (0: as many as positives)
-    cache_features: bool = True
-    flip: bool = False  # random horizontal flip of photos (features of both sides cached)
-    attribute_max_new_tokens: int = 32
-    # A base model that compares before its verdict ("left red hair red same ... match. Yes,
-    # ..."; the pocket model) is not given plain "Yes"/"No" recognition conversations: they
-    # would teach the concept to skip the comparison it needs. Its recognition rows carry the
-    # base model's own reasoning instead (`reasoned_recognition_samples`), and epochs are
-    # scored by the verdict of generated answers (at most `reasoning_max_new_tokens`), as
-    # `plvmctl eval` reads them.
-    reasoning_base: bool = False
-    reasoning_max_new_tokens: int = 64
-    seed: int = 0
-    out: str = "runs/yollava"  # OUT/<name>/ holds conversations, log, curve, result
-    index: str | None = None  # used by `plvmctl eval --method yollava` for hard negatives
-    negatives_dir: str | None = None  # ditto: local negative photos
-
-    SECTION = "yollava"  # the recipe section, named in messages (a subclass says its own)
-
-    def validate(self) -> None:
-        """PlvmError naming the first bad value."""
-        section = self.SECTION
-        positive_ints = ("num_context", "epochs", "batch_size", "attribute_max_new_tokens", "reasoning_max_new_tokens")
-        for key in positive_ints:
-            if getattr(self, key) < 1:
-                raise PlvmError(f"{section}.{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("recognition_per_photo", "attribute_per_photo", "hard_negatives",
-                    "random_negatives", "select_after_epoch", "selection_negatives"):
-            if getattr(self, key) < 0:
-                raise PlvmError(f"{section}.{key} must be 0 or more, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise PlvmError(f"{section}.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.init_noise < 0 or self.yes_no_weight <= 0:
-            raise PlvmError(f"{section}.weight_decay and init_noise must be >= 0, yes_no_weight > 0")
-        if not -1.0 <= self.exclude_threshold <= 1.0:
-            raise PlvmError(f"{section}.exclude_threshold is a cosine in [-1, 1], got {self.exclude_threshold}")
-
-
-# --------------------------------------------------------------------------------------------
 # Photos and negatives
 # --------------------------------------------------------------------------------------------
+
+
+class NegativeSettings(Protocol):
+    """What gathering negatives reads from a method's settings (every per-concept method's
+    recipe section has these four)."""
+
+    hard_negatives: int  # nearest neighbours of the positives' mean embedding (with an index)
+    random_negatives: int  # easy negatives drawn at random
+    exclude_threshold: float  # cosine above which an index hit is a copy of a positive
+    seed: int
 
 
 def list_photos(folder: str | os.PathLike) -> list[Path]:
@@ -272,7 +171,7 @@ def _hit_row(hit: Any) -> dict[str, Any]:
     return {**dict(getattr(hit, "metadata", {}) or {}), "id": hit.id}
 
 
-def gather_negatives(runtime, positives: Sequence[Path], config: YollavaConfig, *,
+def gather_negatives(runtime, positives: Sequence[Path], config: NegativeSettings, *,
                      index: str | os.PathLike | None = None,
                      negatives_dir: str | os.PathLike | None = None, download: bool = False,
                      download_dir: Path | None = None,
@@ -346,6 +245,15 @@ def gather_negatives(runtime, positives: Sequence[Path], config: YollavaConfig, 
     return result
 
 
+
+def reference_photos(reference: Path) -> list[Path]:
+    """The photos of one evaluation identity: every `ref_img*` beside `reference` (it first)."""
+    reference = Path(reference)
+    siblings = [p for p in list_photos(reference.parent) if p.name.startswith("ref_img") and p != reference]
+    return [reference] + siblings
+
+
+
 # --------------------------------------------------------------------------------------------
 # Conversations
 # --------------------------------------------------------------------------------------------
@@ -376,7 +284,7 @@ def recognition_samples(name: str, positives: Sequence[Path], negatives: Sequenc
 
 
 def reasoned_recognition_samples(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],
-                                 config: YollavaConfig, *, progress: bool = False) -> list[Sample]:
+                                 config: SoftPromptConfig, *, progress: bool = False) -> list[Sample]:
     """Recognition rows for a base model that reasons before its verdict, in its own words.
 
     The base model describes the first positive photo in one short sentence (as the
@@ -447,7 +355,7 @@ class Conversations:
 
 
 def build_conversations(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],
-                        config: YollavaConfig, cache_file: Path | None, *,
+                        config: SoftPromptConfig, cache_file: Path | None, *,
                         progress: bool = False) -> Conversations:
     """Recognition and attribute Q&As for `name`; attribute answers cached in `cache_file`."""
     from ..engine import AskRequest, Engine
@@ -487,257 +395,20 @@ def build_conversations(runtime, name: str, positives: Sequence[Path], negatives
     return Conversations(samples, asked=len(todo), reused=reused)
 
 
-# --------------------------------------------------------------------------------------------
-# The trainer
-# --------------------------------------------------------------------------------------------
-
-
-def noisy_rows(row: torch.Tensor, count: int, noise: float, generator: torch.Generator) -> torch.Tensor:
-    """`count` copies of `row` [H], each plus Gaussian noise of `noise` times the row's RMS."""
-    rms = row.pow(2).mean().sqrt()
-    return row.unsqueeze(0) + torch.randn((count, row.shape[0]), generator=generator) * noise * rms
-
-
-def initial_rows(backbone, word: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input embedding, head row) of `word`: the mean over its pieces, float32 on CPU.
-
-    Falls back to the mean of all rows when the tokenizer knows none of it.
-    """
-    embedding = backbone.model.get_input_embeddings().weight.detach().float()
-    head = backbone.model.get_output_embeddings().weight.detach().float()
-    tokenizer = backbone.tokenizer
-    # no leading space: sentencepiece tokenizers add their own ("▁person"), and a bare "▁"
-    # piece would only dilute the mean
-    ids = [i for i in tokenizer(word.strip(), add_special_tokens=False)["input_ids"]
-           if i != tokenizer.unk_token_id and i < embedding.shape[0]]
-    if not ids:
-        return embedding.mean(0).cpu(), head.mean(0).cpu()
-    return embedding[ids].mean(0).cpu(), head[ids].mean(0).cpu()
-
-
-class YollavaTrainer:
-    """The trainable concept tensors of one Yo'LLaVA concept and a step over a batch.
-
-    `word`, `head` and `context` are `nn.Parameter`s (float32, on the model's device); the
-    model is frozen and never changes. Features of photos are cached by (path, flipped).
-    """
-
-    def __init__(self, runtime, name: str, config: YollavaConfig) -> None:
-        validate_name(name)
-        config.validate()
-        self.runtime = runtime
-        self.backbone = runtime.backbone
-        self.backbone.freeze()
-        self.name = name
-        self.config = config
-        device = self.backbone.device
-        self.features: dict[tuple[str, bool], torch.Tensor] = {}
-        word, head, context = self.initial_tensors()
-        self.word = torch.nn.Parameter(word.to(device))
-        self.head = torch.nn.Parameter(head.to(device))
-        self.context = torch.nn.Parameter(context.to(device))
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay)
-        prefix = runtime.template.answer_prefix
-        self._yes_no = (first_token_id(self.backbone, prefix + "Yes"), first_token_id(self.backbone, prefix + "No"))
-
-    def initial_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(word [H], head [H], context [k, H]) to start from: `init_word`'s rows plus noise."""
-        word, head = initial_rows(self.backbone, self.config.init_word)
-        generator = torch.Generator().manual_seed(self.config.seed)
-        return (noisy_rows(word, 1, self.config.init_noise, generator)[0],
-                noisy_rows(head, 1, self.config.init_noise, generator)[0],
-                noisy_rows(word, self.config.num_context, self.config.init_noise, generator))
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [self.word, self.head, self.context]
-
-    def current(self, name: str) -> Concept:
-        """The concept `name` with the live tensors (gradients flow through it)."""
-        return Concept(name, self.word, self.head, self.context)
-
-    def concept(self, meta: ConceptMeta | None = None) -> Concept:
-        """The current tensors as a Concept (detached copies, float32 on the CPU)."""
-        return Concept(self.name, self.word.detach().float().cpu().clone(),
-                       self.head.detach().float().cpu().clone(),
-                       self.context.detach().float().cpu().clone(), meta or ConceptMeta(method=METHOD))
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {"word": self.word.detach().clone(), "head": self.head.detach().clone(),
-                "context": self.context.detach().clone()}
-
-    def restore(self, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.word.copy_(state["word"])
-            self.head.copy_(state["head"])
-            self.context.copy_(state["context"])
-
-    # -- vision features ------------------------------------------------------------------
-    @staticmethod
-    def _image(photo: Path, flipped: bool):
-        image = load_image(photo)
-        return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else image
-
-    @torch.no_grad()
-    def _compute_features(self, images: list) -> list[torch.Tensor]:
-        """Vision tower + projector output of each image ([N, H] each), as the model computes it."""
-        return self.backbone.image_features(images)
-
-    def cache_features(self, photos: Sequence[Path], *, flips: Sequence[bool] = (False,),
-                       chunk: int = 16, progress: bool = False) -> int:
-        """Compute the features of every (photo, side) not cached yet; returns how many."""
-        todo = [(str(p), f) for p in dict.fromkeys(Path(p) for p in photos) for f in flips
-                if (str(p), f) not in self.features]
-        bar = tqdm(total=len(todo), desc="vision features", unit="img", disable=not progress or not todo)
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            computed = self._compute_features([self._image(Path(p), f) for p, f in part])
-            for key, features in zip(part, computed):
-                self.features[key] = features
-            bar.update(len(part))
-        bar.close()
-        return len(todo)
-
-    # -- forward ----------------------------------------------------------------------------
-    def _table(self, names: Sequence[str] | None = None):
-        """The concept table of `names` (a batch's, in its order), with the live tensors."""
-        from ..table import ConceptTable
-
-        concepts = [self.current(name) for name in (names or [self.name])]
-        return ConceptTable(concepts, self.backbone.vocab_size, device=self.backbone.device,
-                            dtype=self.backbone.dtype)
-
-    def logits(self, samples: Sequence[Sample], *, cached: bool = True,
-               flips: Sequence[bool] | None = None, with_answers: bool = True):
-        """(EncodedBatch, logits [B, T, V + 1 + k]) of `samples` with the current tensors.
-
-        `cached` feeds the cached vision features (computed on first need) through LLaVA's
-        `mm_encoder_outputs`; otherwise pixel values go through the vision tower as usual.
-        `flips`, one per photo row, mirrors those photos.
-        """
-        batch = encode_batch(samples, self.backbone, self.runtime.template, self.config.num_context,
-                             yes_no_weight=self.config.yes_no_weight, with_answers=with_answers)
-        device = self.backbone.device
-        inputs: dict[str, Any] = {"input_ids": batch.input_ids.to(device),
-                                  "attention_mask": batch.attention_mask.to(device),
-                                  "use_cache": False}
-        if batch.photos:
-            sides = list(flips) if flips is not None else [False] * len(batch.photos)
-            if cached:
-                missing = [(p, f) for p, f in zip(batch.photos, sides) if (str(p), f) not in self.features]
-                for photo, side in missing:
-                    self.cache_features([photo], flips=(side,))
-                features = [self.features[(str(p), f)] for p, f in zip(batch.photos, sides)]
-                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-            else:
-                images = [self._image(p, f) for p, f in zip(batch.photos, sides)]
-                inputs.update(self.backbone.image_inputs(images))
-        with self._table(batch.names).active(self.backbone.model):
-            logits = self.backbone.model(**inputs).logits
-        return batch, logits
-
-    def loss(self, samples: Sequence[Sample], *, cached: bool = True,
-             flips: Sequence[bool] | None = None) -> torch.Tensor:
-        """Mean answer-token cross-entropy of `samples` (Yes/No token weighted by yes_no_weight)."""
-        batch, logits = self.logits(samples, cached=cached, flips=flips)
-        device = logits.device
-        return weighted_answer_loss(logits[:, :-1], batch.labels[:, 1:].to(device),
-                                    batch.weights[:, 1:].to(device))
-
-    def step(self, samples: Sequence[Sample], *, cached: bool = True,
-             flips: Sequence[bool] | None = None) -> float:
-        """One AdamW step on `samples`; returns the loss before the step."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(samples, cached=cached, flips=flips)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
-
-    @torch.no_grad()
-    def recognition_accuracy(self, positives: Sequence[Path], negatives: Sequence[Path], *,
-                             cached: bool = True, name: str | None = None) -> dict[str, float]:
-        """Yes-vs-No as the first answer token to "Is <name> in this photo?" (the verdict of
-        the generated answer with `reasoning_base`): accuracy on `positives`, on `negatives`
-        and their mean (NaN parts when a list is empty). `name`: which concept (default: this
-        trainer's)."""
-        name = name or self.name
-        question = fill(RECOGNITION_QUESTIONS[0], name)
-        if self.config.reasoning_base:
-            return self._generated_accuracy(question, positives, negatives, name)
-        rows = [Sample(name, "positive", question, "", Path(p)) for p in positives]
-        rows += [Sample(name, "negative", question, "", Path(p)) for p in negatives]
-        yes, no = self._yes_no
-        correct = {"positive": 0, "negative": 0}
-        total = {"positive": 0, "negative": 0}
-        size = max(1, self.config.batch_size)
-        for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
-            batch, logits = self.logits(chunk, cached=cached, with_answers=False)
-            for row, sample in enumerate(chunk):
-                last = logits[row, batch.prompt_lengths[row] - 1].float()
-                says_yes = bool(last[yes] > last[no])
-                total[sample.kind] += 1
-                correct[sample.kind] += int(says_yes == (sample.kind == "positive"))
-        nan = float("nan")
-        positive = correct["positive"] / total["positive"] if total["positive"] else nan
-        negative = correct["negative"] / total["negative"] if total["negative"] else nan
-        return {"positive": positive, "negative": negative, "mean": (positive + negative) / 2}
-
-
-    @torch.no_grad()
-    def _generated_accuracy(self, question: str, positives: Sequence[Path],
-                            negatives: Sequence[Path], name: str) -> dict[str, float]:
-        from ..engine import AskRequest, Engine
-
-        photos = [Path(p) for p in list(positives) + list(negatives)]
-        live = self.current(name)
-        concept = Concept(name, live.word.detach(), live.head.detach(), live.context.detach())
-        results = Engine(self.runtime, {name: concept}).ask(
-            [AskRequest(question, photo) for photo in photos], batch_size=max(1, self.config.batch_size),
-            max_new_tokens=self.config.reasoning_max_new_tokens)
-        said = [parse_yes_no(result.answer) for result in results]
-        nan = float("nan")
-        positive = sum(s == "yes" for s in said[:len(positives)]) / len(positives) if positives else nan
-        negative = sum(s == "no" for s in said[len(positives):]) / len(negatives) if negatives else nan
-        return {"positive": positive, "negative": negative, "mean": (positive + negative) / 2}
-
 
 # --------------------------------------------------------------------------------------------
-# A whole run
+# The epoch loop
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class YollavaResult:
-    """What `train_yollava` made and measured."""
-
-    concept: Concept
-    out: Path
-    losses: list[float]  # every step's loss
-    epochs: list[dict[str, Any]]  # per epoch: mean loss, and accuracy when scored
-    best_epoch: int
-    best_accuracy: dict[str, float] | None
-    seconds: dict[str, float]  # conversations, features, training, total
-    counts: dict[str, Any]
-
-    def summary(self) -> dict[str, Any]:
-        return {"name": self.concept.name, "out": str(self.out), "best_epoch": self.best_epoch,
-                "best_accuracy": self.best_accuracy, "epochs": self.epochs,
-                "seconds": self.seconds, "counts": self.counts,
-                "first_loss": self.losses[0] if self.losses else None,
-                "last_loss": self.losses[-1] if self.losses else None}
-
-
-def _spread(items: Sequence[Path], count: int) -> list[Path]:
+def spread(items: Sequence[Path], count: int) -> list[Path]:
     """`count` items spread evenly over `items` (all of them if there are fewer)."""
     if count >= len(items):
         return list(items)
     return [items[(i * len(items)) // count] for i in range(count)]
 
 
-
-
-def train_epochs(trainer: "YollavaTrainer", samples: Sequence[Sample], config: YollavaConfig, log_path: Path, *,
+def train_epochs(trainer: SoftPromptTrainer, samples: Sequence[Sample], config: SoftPromptConfig, log_path: Path, *,
                  order_seed: str, label: str, score: Callable[[], tuple[Any, float]], progress: bool = False,
                  on_epoch: Callable[[int, int, Any], None] | None = None) -> tuple[list[float], list[dict], int, Any]:
     """`config.epochs` passes over `samples` in a seeded shuffled order, `batch_size` a step
@@ -787,80 +458,94 @@ def train_epochs(trainer: "YollavaTrainer", samples: Sequence[Sample], config: Y
     return losses, epochs, best_epoch, best_accuracy
 
 
-def train_yollava(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],
-                  config: YollavaConfig, out_dir: str | os.PathLike, *, progress: bool = False,
-                  echo: Callable[[str], None] | None = None) -> YollavaResult:
-    """Build the conversations, train the concept, keep the best epoch; writes into `out_dir`
-    conversations.json, log.jsonl (one row per step and per epoch), loss.png, result.json.
 
-    The returned concept carries ConceptMeta(method="yollava", base_model=fingerprint).
+# --------------------------------------------------------------------------------------------
+# A test set's identities, a group at a time (plvmctl eval)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainedConcepts:
+    """What a per-concept training method made for the test identities."""
+
+    concepts: dict[str, Any]
+    unavailable: dict[str, str]
+    seconds: list[float]
+    folder: Path
+
+    @property
+    def seconds_per_concept(self) -> float | None:
+        return sum(self.seconds) / len(self.seconds) if self.seconds else None
+
+
+TrainGroup = Callable[[list[str], dict[str, list[Path]], dict[str, list[Path]], Path],
+                      tuple[dict[str, Concept], dict[str, float]]]
+
+
+def train_in_groups(runtime, references: Sequence[tuple[str, Path]], folder: Path, settings: NegativeSettings,
+                    train_group: TrainGroup, *, settings_digest: str, negatives_index: str | None,
+                    negatives_folder: Path | None, negatives_digest: str, group_size: int = 1,
+                    label: str = "train concepts", progress: bool = False) -> TrainedConcepts:
+    """Concepts of the (name, reference photo) `references`, trained `group_size` identities at
+    a time (in their order) by `train_group(names, positives, negatives, run folder)` →
+    ({name: concept}, {name: seconds}), `positives` and `negatives` mapping each name to its
+    photos; cached in `folder/NAME.concept` (the run folders beside them).
+
+    Positives are the reference photo and any other `ref_img*` beside it (`reference_photos`);
+    negatives are gathered (`gather_negatives`, with `settings`) from `negatives_index` and/or
+    `negatives_folder`, the pool whose digest is `negatives_digest`. A group is reused from the
+    cache when every member is there, made for this model, these positives, these settings
+    (`settings_digest`) and this negative pool and, for a concept that records it
+    (`trained_with`), with the same group; else the whole group is trained again. A member
+    whose photos cannot be read, or a group whose training fails, is reported in `unavailable`.
     """
-    config.validate()
-    validate_name(name)
-    positives = [Path(p) for p in positives]
-    negatives = [Path(p) for p in negatives]
-    if not positives:
-        raise PlvmError(f"Yo'LLaVA needs positive photos of <{name}> (4-10 recommended), got none")
-    if not negatives:
-        raise PlvmError(f"Yo'LLaVA needs negative photos for <{name}>, got none")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    say = echo or (lambda message: None)
-    started = time.perf_counter()
-
-    conversations = build_conversations(runtime, name, positives, negatives, config,
-                                        out / CONVERSATIONS_FILE, progress=progress)
-    samples = conversations.samples
-    seconds_conversations = time.perf_counter() - started
-    say(f"<{name}>: {len(samples)} conversations {conversations.counts()} "
-        f"({conversations.asked} attribute answers asked, {conversations.reused} reused)")
-
-    trainer = YollavaTrainer(runtime, name, config)
-    sides = (False, True) if config.flip else (False,)
-    feature_start = time.perf_counter()
-    if config.cache_features:
-        trainer.cache_features(positives + negatives, flips=sides, progress=progress)
-    seconds_features = time.perf_counter() - feature_start
-
-    selection_negatives = _spread(negatives, config.selection_negatives or len(positives))
-
-    def score() -> tuple[dict[str, float], float]:
-        accuracy = trainer.recognition_accuracy(positives, selection_negatives, cached=config.cache_features)
-        return accuracy, accuracy["mean"]
-
-    train_start = time.perf_counter()
-    losses, epochs, best_epoch, best_accuracy = train_epochs(
-        trainer, samples, config, out / LOG_FILE, order_seed=f"yollava-order-{config.seed}",
-        label=f"yollava <{name}>", score=score, progress=progress)
-    seconds_training = time.perf_counter() - train_start
-    seconds = {"conversations": seconds_conversations, "features": seconds_features,
-               "training": seconds_training, "total": time.perf_counter() - started}
-    counts = {**conversations.counts(), "positive_photos": len(positives),
-              "negative_photos": len(negatives), "steps": len(losses)}
-    meta = ConceptMeta(
-        method=METHOD, base_model=runtime.backbone.fingerprint, base_model_name=runtime.backbone.name,
-        reference_sha256=sha256_file(positives[0]), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        extra={"positives": str(len(positives)), "positives_sha256": photos_digest(positives),
-               "negatives": str(len(negatives)), "epochs": str(config.epochs),
-               "best_epoch": str(best_epoch), "train_accuracy": json.dumps(best_accuracy),
-               "seconds": f"{seconds['total']:.6f}", "init_word": config.init_word,
-               "config_sha256": config_digest(config)},
-    )
-    concept = trainer.concept(meta)
-    # its retrieval key: the normalised mean of its photos' normalised CLS vectors
-    concept = with_key(concept, photos_key(runtime, [load_image(p) for p in positives]),
-                       runtime.encoder_fingerprint, len(positives), positives[0])
-    if losses:
-        draw_loss_curve(range(1, len(losses) + 1), losses, out / CURVE_FILE,
-                        title=f"Yo'LLaVA <{name}> loss")
-    result = YollavaResult(concept, out, losses, epochs, best_epoch, best_accuracy, seconds, counts)
-    write_json_atomic(out / RESULT_FILE, {**result.summary(), "config": asdict(config)})
-    return result
-
-
-def reference_photos(reference: Path) -> list[Path]:
-    """The photos of one evaluation identity: every `ref_img*` beside `reference` (it first)."""
-    reference = Path(reference)
-    siblings = [p for p in list_photos(reference.parent) if p.name.startswith("ref_img") and p != reference]
-    return [reference] + siblings
-
+    made = TrainedConcepts({}, {}, [], folder)
+    references = list(references)
+    groups = [references[start:start + group_size] for start in range(0, len(references), group_size)]
+    bar = tqdm(total=len(references), desc=label, unit="concept", disable=not progress)
+    for group in groups:
+        positives: dict[str, list] = {}
+        for name, reference in group:
+            try:
+                positives[name] = reference_photos(reference)
+            except PlvmError as error:
+                made.unavailable[name] = f"concept could not be made: {error}"
+        names = list(positives)
+        cached: dict[str, Concept] = {}
+        for name in names:
+            path = folder / f"{name}.concept"
+            try:
+                concept = Concept.load(path) if path.is_file() else None
+            except PlvmError:
+                concept = None  # a damaged cache entry is only trained again
+            extra = concept.meta.extra if concept is not None else {}
+            if concept is not None and concept.meta.base_model == runtime.backbone.fingerprint \
+                    and extra.get("positives_sha256") == photos_digest(positives[name]) \
+                    and extra.get("config_sha256") == settings_digest \
+                    and extra.get("negatives_sha256") == negatives_digest \
+                    and extra.get("trained_with", ",".join(names)) == ",".join(names):
+                cached[name] = concept.renamed(name)
+        if names and len(cached) == len(names):
+            for name in names:
+                made.concepts[name] = cached[name]
+                made.seconds.append(float(cached[name].meta.extra.get("seconds", "nan")))
+            bar.update(len(group))
+            continue
+        try:
+            negatives = {name: gather_negatives(runtime, positives[name], settings, index=negatives_index,
+                                                negatives_dir=negatives_folder).photos for name in names}
+            run = folder if len(names) == 1 and group_size == 1 else folder / f"group-{names[0]}-{len(names)}"
+            concepts, seconds = train_group(names, positives, negatives, run) if names else ({}, {})
+        except PlvmError as error:
+            for name in names:
+                made.unavailable[name] = f"concept could not be made: {error}"
+            bar.update(len(group))
+            continue
+        for name in names:
+            concepts[name].meta.extra["negatives_sha256"] = negatives_digest  # reused only with this pool
+            concepts[name].save(folder / f"{name}.concept")
+            made.concepts[name] = concepts[name]
+            made.seconds.append(seconds[name])
+        bar.update(len(group))
+    bar.close()
+    return made

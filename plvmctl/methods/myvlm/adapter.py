@@ -1,12 +1,10 @@
-"""`myvlm`: one MyVLM concept trained per identity (plvmctl.train.myvlm), cached on disk, and
-its concept head at ask time (`SeenHook`)."""
+"""`myvlm`: one MyVLM concept trained per identity (methods/myvlm/trainer.py), cached on disk;
+its concept head acts at ask time (hook.py, `SeenHook`)."""
 
 from __future__ import annotations
 
-from ..concept_head import ConceptHead, crop_features
-from ..engine import Engine, Prepared, photo_key
-from ..errors import PlvmError
-from .base import MethodContext, PreparedMethod, train_per_identity
+from ..base import MethodContext, PreparedMethod, train_per_identity
+from .trainer import MyvlmConfig, train_myvlm
 
 MYVLM_CACHE = "myvlm"
 TEXT_QA_NOTE = ("text QA is asked without a photo, so no MyVLM concept head can fire: the "
@@ -16,8 +14,6 @@ TEXT_QA_NOTE = ("text QA is asked without a photo, so no MyVLM concept head can 
 
 def myvlm_settings(recipe):
     """The recipe's `myvlm:` section, checked."""
-    from ..train.myvlm import MyvlmConfig
-
     config = recipe.section("myvlm", MyvlmConfig)
     config.validate()
     return config
@@ -32,8 +28,6 @@ def prepare_myvlm(context: MethodContext) -> PreparedMethod:
     per concept is the wall time of making it (head, QA rows, embedding). Text-only questions
     are answered with the concept's name alone, and the report says so (`details["note"]`).
     """
-    from ..train.myvlm import train_myvlm
-
     runtime = context.runtime
     config = myvlm_settings(runtime.recipe)
     made = train_per_identity(
@@ -49,83 +43,3 @@ def prepare_myvlm(context: MethodContext) -> PreparedMethod:
                  "embedding_steps": config.embedding_steps, "attention_weight": config.attention_weight,
                  "note": TEXT_QA_NOTE},
     )
-
-
-class SeenHook:
-    """MyVLM at ask time: a concept with visual tokens is recognised first. For each request
-    whose question names it and that has a photo, its concept head (concept_head.py) looks at
-    the photo (the whole photo, or its crops with the best one counting), and when it fires the
-    concept's visual tokens go right after that row's image tokens; `notes["seen"]` maps each
-    such concept to the crop it fired on, in the question's order. Without a photo, or when the
-    head does not fire, the concept is only its word."""
-
-    key = "seen"
-
-    def __init__(self):
-        self._heads: dict[str, ConceptHead | None] = {}
-
-    def head(self, engine: Engine, name: str) -> ConceptHead | None:
-        """The concept head of `name` when it has visual tokens, else None."""
-        if name not in self._heads:
-            concept = engine.concept(name)
-            head = ConceptHead.from_concept(concept) if concept.num_visual else None
-            if concept.num_visual and head is None:
-                raise PlvmError(f"concept <{name}> has visual tokens but no concept head")
-            self._heads[name] = head
-        return self._heads[name]
-
-    def prepare(self, engine: Engine, prepared: list[Prepared], errors: dict[int, str]) -> list[Prepared]:
-        """Each item's concepts whose head fires on one of its photos (the box is that of the
-        best crop of all its photos).
-
-        Crop features are computed once per distinct photo, feature source and crop setting,
-        all crops together in batches; an item whose recognition fails gets the error and is
-        dropped.
-        """
-        wanted: dict[tuple[str, str], list[tuple[Prepared, str]]] = {}  # (source, crops) -> (item, name)
-        failed: set[int] = set()
-        seen: dict[int, dict] = {}
-        for item in prepared:
-            if not item.images:
-                continue
-            try:
-                for name in item.names:
-                    head = self.head(engine, name)
-                    if head is not None:
-                        wanted.setdefault((head.features, head.crops), []).append((item, name))
-            except PlvmError as error:
-                errors[item.index] = str(error)
-                failed.add(item.index)
-        for (source, crops), pairs in wanted.items():
-            pairs = [(item, name) for item, name in pairs if item.index not in failed]
-            photos = list({item.index: item for item, _ in pairs}.values())
-            if not photos:
-                continue
-            keys = {item.index: [photo_key(image) for image in item.images] for item in photos}
-            distinct = list({key: image for item in photos
-                             for key, image in zip(keys[item.index], item.images)}.items())
-            try:
-                found = crop_features(engine.runtime, [image for _, image in distinct], source, crops)
-            except (PlvmError, RuntimeError, ValueError) as error:
-                for item in photos:
-                    errors[item.index] = f"concept head: {str(error).splitlines()[0]}"
-                    failed.add(item.index)
-                continue
-            features = {key: photo for (key, _), photo in zip(distinct, found)}
-            for item, name in pairs:
-                try:
-                    head = self.head(engine, name)
-                    scores, boxes = head.best([features[key] for key in keys[item.index]])
-                    number = int(scores.argmax())
-                    if float(scores[number]) >= head.threshold:
-                        seen.setdefault(item.index, {})[name] = boxes[number]
-                except PlvmError as error:
-                    errors[item.index] = str(error)
-                    failed.add(item.index)
-        for item in prepared:  # the order of the question, whatever the feature sources
-            fired = seen.get(item.index, {})
-            if fired:
-                ordered = sorted(fired, key=item.names.index)
-                item.after_image += ordered
-                item.notes[self.key] = {name: fired[name] for name in ordered}
-        return [item for item in prepared if item.index not in failed]
