@@ -52,8 +52,8 @@ from plvmctl.lab.concepts import write_concept_folders
 from plvmctl.methods import make_engine
 from plvmctl.recipe import load_recipe
 from plvmctl.runtime import load_runtime
-from plvmctl.train.mcllava import McllavaConfig, train_mcllava
-from plvmctl.train.yollava import list_photos
+from plvmctl.methods.mcllava.trainer import McllavaConfig, train_mcllava
+from plvmctl.train.per_concept import list_photos
 
 
 def held_out_accuracy(runtime, concepts: dict, queries: list[dict], *, locate: bool) -> dict:

@@ -36,12 +36,9 @@ import torch
 from plvmctl.lab import toy
 from plvmctl.recipe import load_recipe
 from plvmctl.runtime import load_runtime
-from plvmctl.train.yollava import (
-    YollavaConfig,
-    YollavaTrainer,
-    build_conversations,
-    train_yollava,
-)
+from plvmctl.methods.yollava.trainer import YollavaConfig, train_yollava, yollava_trainer
+from plvmctl.train.per_concept import build_conversations
+from plvmctl.train.soft_prompt import SoftPromptTrainer
 
 
 def _photos(folder: Path, identities: list, per_identity: int, seed: int, size: int) -> list[Path]:
@@ -56,7 +53,7 @@ def _photos(folder: Path, identities: list, per_identity: int, seed: int, size: 
     return paths
 
 
-def _timed_steps(trainer: YollavaTrainer, samples: list, steps: int, batch_size: int,
+def _timed_steps(trainer: SoftPromptTrainer, samples: list, steps: int, batch_size: int,
                  cached: bool, sync) -> float:
     """Seconds for `steps` optimizer steps over `samples` taken in order, cycling."""
     sync()
@@ -124,10 +121,10 @@ def main() -> None:
         samples = build_conversations(runtime, "bench", positives, negatives, config,
                                       root / "run" / "conversations.json").samples
         random.Random(0).shuffle(samples)
-        naive = YollavaTrainer(runtime, "bench", config)
+        naive = yollava_trainer(runtime, "bench", config)
         _timed_steps(naive, samples, 2, 1, False, sync)  # warm-up
         naive_seconds = _timed_steps(naive, samples, args.steps, 1, False, sync)
-        fast = YollavaTrainer(runtime, "bench", config)
+        fast = yollava_trainer(runtime, "bench", config)
         sync()
         began = time.perf_counter()
         fast.cache_features(positives + negatives)

@@ -19,7 +19,7 @@ Both are L2-normalised. Which parts of the photo the head looks at (`crops`):
 Two kinds of head:
 
     linear    score = w·f + b, a linear classifier trained on the concept's photos against
-              negatives (plvmctl.train.myvlm); it fires when score >= threshold
+              negatives (plvmctl.methods.myvlm.trainer); it fires when score >= threshold
     nearest   score = the highest cosine between f and the concept's reference features (the
               positives' own); it fires when score >= threshold. MyVLM recognises people this
               way, with a face-recognition network and a cosine threshold; here the features are

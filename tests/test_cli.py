@@ -169,7 +169,7 @@ def test_the_product_never_imports_the_laboratory():
     import sys
 
     code = ("import sys, plvmctl.cli, plvmctl.engine, plvmctl.evaluate, plvmctl.methods, plvmctl.train, "
-            "plvmctl.train.yollava, plvmctl.image_index; "
+            "plvmctl.train.per_concept, plvmctl.methods.yollava.trainer, plvmctl.image_index; "
             "print(sorted(m for m in sys.modules if m.startswith('plvmctl.lab')))")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"

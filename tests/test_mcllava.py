@@ -20,10 +20,10 @@ from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
 from plvmctl.lab import toy
 from plvmctl.methods import make_engine
-from plvmctl.methods.mcllava import Location, draw_mark, patch_centre, place_words, visual_prompts
+from plvmctl.methods.mcllava.hook import Location, draw_mark, patch_centre, place_words, visual_prompts
 from plvmctl.prompt import Slot, build_prompt
 from plvmctl.store import ConceptStore
-from plvmctl.train.mcllava import (
+from plvmctl.methods.mcllava.trainer import (
     PROTOTYPES,
     THRESHOLD,
     McllavaConfig,
@@ -35,7 +35,8 @@ from plvmctl.train.mcllava import (
     parse_concept_options,
     train_mcllava,
 )
-from plvmctl.train.yollava import initial_rows, list_photos
+from plvmctl.train.per_concept import list_photos
+from plvmctl.train.soft_prompt import initial_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
 
@@ -154,10 +155,10 @@ def test_kmeans_start_lands_at_the_mean_embedding_norm(runtime, trained):
     trainer = McllavaTrainer(runtime, trained["photos"], trained["config"])
     norm = mean_embedding_norm(runtime.backbone)
     for number, name in enumerate(NAMES):
-        rows = trainer.context[number].detach()
+        rows = trainer.prompts.context[number].detach()
         assert torch.allclose(rows.norm(dim=-1), torch.full((4,), norm), rtol=1e-2)
         centroid = torch.nn.functional.normalize(trainer.prototypes[name].mean(0), dim=0) * norm
-        assert torch.allclose(trainer.word[number].detach(), centroid, atol=1e-5)
+        assert torch.allclose(trainer.prompts.word[number].detach(), centroid, atol=1e-5)
         # the prototypes are the unscaled centroids of the photos' visual tokens
         assert float(trainer.prototypes[name].norm(dim=-1).mean()) != pytest.approx(norm, rel=0.05)
 
@@ -166,8 +167,9 @@ def test_without_kmeans_the_start_is_the_init_word(runtime, trained):
     config = small_config(kmeans=False, init_noise=0.0)
     trainer = McllavaTrainer(runtime, trained["photos"], config)
     word, head = initial_rows(runtime.backbone, config.init_word)
-    assert torch.equal(trainer.word[1].detach(), word) and torch.equal(trainer.head[2].detach(), head)
-    assert torch.equal(trainer.context[0, 3].detach(), word)
+    prompts = trainer.prompts
+    assert torch.equal(prompts.word[1].detach(), word) and torch.equal(prompts.head[2].detach(), head)
+    assert torch.equal(prompts.context[0, 3].detach(), word)
 
 
 def test_a_mask_file_limits_the_tokens_clustered(runtime, world, tmp_path):

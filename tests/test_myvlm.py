@@ -22,7 +22,7 @@ from plvmctl.images import load_image
 from plvmctl.lab import toy
 from plvmctl.methods import make_engine
 from plvmctl.store import ConceptStore
-from plvmctl.train.myvlm import (
+from plvmctl.methods.myvlm.trainer import (
     EmbeddingTrainer,
     MyvlmConfig,
     Row,
@@ -30,7 +30,7 @@ from plvmctl.train.myvlm import (
     fit_concept_head,
     train_myvlm,
 )
-from plvmctl.train.yollava import list_photos
+from plvmctl.train.per_concept import list_photos
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
@@ -175,7 +175,7 @@ def test_a_head_with_windows_finds_the_identity_among_others(runtime, world):
 
 def test_the_threshold_is_chosen_on_what_the_head_sees(runtime, world, monkeypatch):
     """The picker gets each held-out photo's best-crop score, negatives' windows included."""
-    import plvmctl.train.myvlm as myvlm
+    import plvmctl.methods.myvlm.trainer as myvlm
 
     picked = {}
     original = myvlm.choose_threshold
@@ -267,7 +267,7 @@ def test_attention_penalty_pulls_attention_off_the_embedding(runtime, world):
     trainer = EmbeddingTrainer(runtime, "me", small_config(attention_weight=50.0, lr=1e-2),
                                {p: load_image(p) for p in photos})
     trainer.start_embedding(photos)
-    from plvmctl.train.myvlm import eager_attention
+    from plvmctl.methods.myvlm.trainer import eager_attention
 
     with eager_attention(runtime.backbone.model):
         first = trainer.step(rows)["attention"]

@@ -13,7 +13,7 @@ from plvmctl.errors import PlvmError
 from plvmctl.evaluate import load_testset, run_evaluation
 from plvmctl.methods import METHODS, MethodContext, PreparedMethod, Reference, negative_pool
 from plvmctl.methods.base import train_per_identity
-from plvmctl.train.yollava import YollavaConfig
+from plvmctl.methods.yollava.trainer import YollavaConfig
 from test_evaluate import FakeApi, FakeRuntime, make_testset
 
 

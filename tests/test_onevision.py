@@ -353,13 +353,13 @@ def test_batched_option_scores_equal_one_by_one(engine, tmp_path):
 
 
 def test_yollava_features_and_steps_run_on_onevision(backbone, runtime, tmp_path):
-    from plvmctl.train.yollava import YollavaConfig, YollavaTrainer
+    from plvmctl.methods.yollava.trainer import YollavaConfig, yollava_trainer
 
     photos = []
     for i, size in enumerate([(40, 20), (16, 16)]):
         photos.append(tmp_path / f"y{i}.png")
         _photo(*size, seed=i).save(photos[-1])
-    trainer = YollavaTrainer(runtime, "ana", YollavaConfig(num_context=2, init_word="person"))
+    trainer = yollava_trainer(runtime, "ana", YollavaConfig(num_context=2, init_word="person"))
     samples = [Sample("ana", "positive", "Is <ana> in this photo?", "Yes", photos[0]),
                Sample("ana", "negative", "Is <ana> in this photo?", "No", photos[1]),
                Sample("ana", "attribute", "What does <ana> wear?", "A red hat.", None)]

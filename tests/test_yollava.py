@@ -20,21 +20,17 @@ from plvmctl.errors import PlvmError
 from plvmctl.images import load_image
 from plvmctl.lab import toy
 from plvmctl.store import ConceptStore
-from plvmctl.train.data import Sample
-from plvmctl.train.yollava import (
+from plvmctl.methods.yollava.trainer import (
     CONVERSATIONS_FILE,
     CURVE_FILE,
     LOG_FILE,
     RESULT_FILE,
     YollavaConfig,
-    YollavaTrainer,
-    attribute_plan,
-    build_conversations,
-    gather_negatives,
-    list_photos,
-    name_answer,
     train_yollava,
+    yollava_trainer,
 )
+from plvmctl.train.data import Sample
+from plvmctl.train.per_concept import attribute_plan, build_conversations, gather_negatives, list_photos, name_answer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread
@@ -90,7 +86,7 @@ def test_model_is_bit_identical_after_training(runtime, trained):
 
 
 def test_concept_tensors_moved_from_their_start(runtime, trained):
-    start = YollavaTrainer(runtime, "ana", trained["config"]).concept()
+    start = yollava_trainer(runtime, "ana", trained["config"]).concept()
     concept = trained["result"].concept
     for part in ("word", "head", "context"):
         assert not torch.equal(getattr(start, part), getattr(concept, part)), part
@@ -99,14 +95,14 @@ def test_concept_tensors_moved_from_their_start(runtime, trained):
 
 def test_initial_rows_are_the_init_word_plus_small_noise(runtime):
     config = small_config(init_noise=0.0)
-    trainer = YollavaTrainer(runtime, "ana", config)
+    trainer = yollava_trainer(runtime, "ana", config)
     person = runtime.backbone.tokenizer.convert_tokens_to_ids("person")
     embedding = runtime.backbone.model.get_input_embeddings().weight
     head = runtime.backbone.model.get_output_embeddings().weight
-    assert torch.equal(trainer.word.detach(), embedding[person])
-    assert torch.equal(trainer.head.detach(), head[person])
-    noisy = YollavaTrainer(runtime, "ana", small_config(init_noise=0.1))
-    rows = noisy.context.detach()
+    assert torch.equal(trainer.word[0].detach(), embedding[person])
+    assert torch.equal(trainer.head[0].detach(), head[person])
+    noisy = yollava_trainer(runtime, "ana", small_config(init_noise=0.1))
+    rows = noisy.context[0].detach()
     assert not torch.equal(rows[0], rows[1])  # every latent token gets its own noise
     assert float((rows - embedding[person]).norm(dim=-1).max()) < float(embedding[person].norm())
 
@@ -114,7 +110,7 @@ def test_initial_rows_are_the_init_word_plus_small_noise(runtime):
 def test_loss_falls(runtime, trained):
     epochs = trained["result"].epochs
     assert epochs[-1]["mean_loss"] < epochs[0]["mean_loss"]
-    trainer = YollavaTrainer(runtime, "ana", small_config())
+    trainer = yollava_trainer(runtime, "ana", small_config())
     samples = build_conversations(runtime, "ana", trained["positives"][:2], trained["negatives"][:2],
                                   small_config(), None).samples[:4]
     first = trainer.step(samples)
@@ -132,7 +128,7 @@ def test_cached_features_give_the_same_loss_and_gradient(runtime, trained):
     picked = [s for s in samples if s.kind == "positive"][:2] + \
         [s for s in samples if s.kind == "negative"][:1] + [s for s in samples if s.kind == "attribute"][:1]
     assert {s.kind for s in picked} == {"positive", "negative", "attribute"}
-    trainer = YollavaTrainer(runtime, "ana", small_config())
+    trainer = yollava_trainer(runtime, "ana", small_config())
     gradients = []
     losses = []
     for cached in (True, False):
@@ -315,11 +311,7 @@ def test_index_hits_without_a_file_are_counted_or_found_by_id(runtime, world, in
 @pytest.fixture(scope="module")
 def cli():
     from plvmctl.cli import main
-    from plvmctl.cli.train import train
-    from plvmctl.cli.train_yollava import yollava
 
-    if "yollava" not in train.commands:
-        train.add_command(yollava)
     return main
 
 
@@ -530,7 +522,7 @@ def test_a_reasoning_base_gets_recognition_rows_in_its_own_words(tmp_path, monke
     reasoning; a wrong verdict drops the row."""
     from plvmctl import engine as engine_module
     from plvmctl.engine import AskResult
-    from plvmctl.train.yollava import reasoned_recognition_samples
+    from plvmctl.train.per_concept import reasoned_recognition_samples
 
     positives = [tmp_path / "p0.png", tmp_path / "p1.png"]
     negatives = [tmp_path / "n0.png", tmp_path / "n1.png"]

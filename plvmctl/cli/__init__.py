@@ -1,7 +1,8 @@
 """The `plvmctl` command line: thin click commands over the library.
 
 Each command or group lives in a module of this package and is registered on `main` below,
-all the same way; commands parse arguments, call the library and print. `PlvmError` becomes a one-line
+all the same way (a method's `train` command lives in its folder, plvmctl/methods/NAME/cli.py,
+and comes from the methods registry); commands parse arguments, call the library and print. `PlvmError` becomes a one-line
 `error: ...` and exit status 1.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import click
 
+from ..methods import REGISTRY
 from .app import ReportingGroup, global_options
 from .commands import aligner, ask, chat, concepts, encode, recipes
 from .data import data
@@ -17,9 +19,6 @@ from .find import find
 from .index import index
 from .toy import toy
 from .train import train
-from .train_mcllava import mcllava
-from .train_myvlm import myvlm
-from .train_yollava import yollava
 
 
 @click.group(cls=ReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +37,8 @@ def main(**_):
     """
 
 
-for method_command in (yollava, myvlm, mcllava):
-    train.add_command(method_command)
+for method in REGISTRY:  # each method's own `plvmctl train NAME`, when it has one
+    if method.train_command is not None:
+        train.add_command(method.train_command)
 for command in (encode, ask, recipes, concepts, chat, aligner, train, data, index, toy, eval_command, find):
     main.add_command(command)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from ..methods import check_recipe_sections
 from ..recipe import DEFAULT_RECIPE
 
 STORE_ENV = "PLVMCTL_STORE"
@@ -61,7 +62,9 @@ class App:
         overrides = list(self.overrides)
         if self.dtype:
             overrides.append(f"model.dtype={self.dtype}")
-        return load_recipe(self.recipe_name, overrides)
+        recipe = load_recipe(self.recipe_name, overrides)
+        check_recipe_sections(recipe)
+        return recipe
 
     @functools.cached_property
     def store(self):

@@ -1,4 +1,5 @@
-"""What every method shares: the references it is given, its context, what it returns."""
+"""What every eval adapter shares: the references it is given, its context, what it returns,
+and the training of a trained method's concepts for the test identities."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..concept import concept_name
 from ..errors import PlvmError
+from ..fingerprint import weights_digest
+from ..train.common import config_digest
+from ..train.per_concept import NegativeSettings, TrainedConcepts, TrainGroup, list_photos, train_in_groups
 
 
 @dataclass(frozen=True)
@@ -31,17 +36,12 @@ class NegativePool:
 
     def digest(self) -> str:
         """What the pool holds: the index's and the folder's file digests."""
-        from ..fingerprint import weights_digest
-
         parts = [weights_digest(where) if where and Path(where).exists() else str(where)
                  for where in (self.index, self.folder)]
         return ",".join(parts)
 
     def people(self) -> list[Reference]:
         """The folder's photos as references named after their files (plvm-auto's distractors)."""
-        from ..concept import concept_name
-        from ..train.yollava import list_photos
-
         return [Reference(concept_name(photo.stem), photo) for photo in list_photos(self.folder)] \
             if self.folder else []
 
@@ -107,21 +107,7 @@ class PreparedMethod:
 MethodFactory = Callable[[MethodContext], PreparedMethod]
 
 
-@dataclass
-class TrainedConcepts:
-    """What a per-concept training method made for the test identities."""
-
-    concepts: dict[str, Any]
-    unavailable: dict[str, str]
-    seconds: list[float]
-    folder: Path
-
-    @property
-    def seconds_per_concept(self) -> float | None:
-        return sum(self.seconds) / len(self.seconds) if self.seconds else None
-
-
-def train_per_identity(context: MethodContext, method: str, config, train) -> TrainedConcepts:
+def train_per_identity(context: MethodContext, method: str, config: NegativeSettings, train) -> TrainedConcepts:
     """One concept per identity, trained by `train(name, positives, negatives, run_folder)`
     (a result with `.concept` and `.seconds["total"]`), cached in `cache_dir/METHOD/NAME.concept`.
 
@@ -136,86 +122,21 @@ def train_per_identity(context: MethodContext, method: str, config, train) -> Tr
         result = train(name, positives[name], negatives[name], folder / name)
         return {name: result.concept}, {name: result.seconds["total"]}
 
-    return train_in_groups(context, method, config, train_one)
+    return train_references(context, method, config, train_one)
 
 
-def train_in_groups(context: MethodContext, method: str, config, train_group, *, group_size: int = 1,
-                    digest=None) -> TrainedConcepts:
-    """Concepts trained `group_size` identities at a time (in the references' order) by
-    `train_group(names, positives, negatives, folder)` → ({name: concept}, {name: seconds}),
-    `positives` and `negatives` mapping each name to its photos; cached in
-    `cache_dir/METHOD/NAME.concept` (the run folders beside them).
-
-    Positives and negatives as in `train_per_identity` (a joint trainer also sees the photos of
-    its group's other members). A group is reused from the cache when every member is there,
-    made for this model, these positives, these settings (`digest(config)`, default
-    `config_digest`) and this negative pool and, for a concept
-    that records it (`trained_with`), with the same group; else the whole group is trained
-    again. A member whose photos cannot be read, or a group whose training fails, is reported
-    in `unavailable`.
+def train_references(context: MethodContext, method: str, config: NegativeSettings, train_group: TrainGroup, *,
+                     group_size: int = 1, digest=None) -> TrainedConcepts:
+    """The context's references trained `group_size` at a time by `train_group` and cached in
+    `cache_dir/METHOD/` (`train.per_concept.train_in_groups`): `config` is the method's
+    settings (what gathers the negatives; `digest(config)`, default `config_digest`, is what
+    a cached concept must have been made with), the negatives come from `context.negatives`.
     """
-    from tqdm import tqdm
-
-    from ..concept import Concept
-    from ..train.common import config_digest, photos_digest
-    from ..train.yollava import gather_negatives, reference_photos
-
-    runtime = context.runtime
-    folder = context.cache_dir / method
-    made = TrainedConcepts({}, {}, [], folder)
     pool = context.negatives
     if pool is None:
         raise PlvmError(f"{method} needs a negative pool (methods.base.negative_pool)")
-    settings, pool_digest = (digest or config_digest)(config), pool.digest()
-    references = list(context.references)
-    groups = [references[start:start + group_size] for start in range(0, len(references), group_size)]
-    bar = tqdm(total=len(references), desc=f"{method}: train concepts", unit="concept",
-               disable=not context.progress)
-    for group in groups:
-        positives: dict[str, list] = {}
-        for reference in group:
-            try:
-                positives[reference.name] = reference_photos(reference.path)
-            except PlvmError as error:
-                made.unavailable[reference.name] = f"concept could not be made: {error}"
-        names = list(positives)
-        cached: dict[str, Concept] = {}
-        for name in names:
-            path = folder / f"{name}.concept"
-            try:
-                concept = Concept.load(path) if path.is_file() else None
-            except PlvmError:
-                concept = None  # a damaged cache entry is only trained again
-            extra = concept.meta.extra if concept is not None else {}
-            if concept is not None and concept.meta.base_model == runtime.backbone.fingerprint \
-                    and extra.get("positives_sha256") == photos_digest(positives[name]) \
-                    and extra.get("config_sha256") == settings \
-                    and extra.get("negatives_sha256") == pool_digest \
-                    and extra.get("trained_with", ",".join(names)) == ",".join(names):
-                cached[name] = concept.renamed(name)
-        if names and len(cached) == len(names):
-            for name in names:
-                made.concepts[name] = cached[name]
-                made.seconds.append(float(cached[name].meta.extra.get("seconds", "nan")))
-            bar.update(len(group))
-            continue
-        try:
-            # reads hard_negatives, random_negatives, exclude_threshold and seed, which every
-            # per-concept trainer's settings have under these names
-            negatives = {name: gather_negatives(runtime, positives[name], config, index=pool.index,
-                                                negatives_dir=pool.folder).photos for name in names}
-            run = folder if len(names) == 1 and group_size == 1 else folder / f"group-{names[0]}-{len(names)}"
-            concepts, seconds = train_group(names, positives, negatives, run) if names else ({}, {})
-        except PlvmError as error:
-            for name in names:
-                made.unavailable[name] = f"concept could not be made: {error}"
-            bar.update(len(group))
-            continue
-        for name in names:
-            concepts[name].meta.extra["negatives_sha256"] = pool_digest  # reused only with this pool
-            concepts[name].save(folder / f"{name}.concept")
-            made.concepts[name] = concepts[name]
-            made.seconds.append(seconds[name])
-        bar.update(len(group))
-    bar.close()
-    return made
+    settings_digest, pool_digest = (digest or config_digest)(config), pool.digest()
+    return train_in_groups(context.runtime, [(reference.name, reference.path) for reference in context.references],
+                           context.cache_dir / method, config, train_group, settings_digest=settings_digest,
+                           negatives_index=pool.index, negatives_folder=pool.folder, negatives_digest=pool_digest,
+                           group_size=group_size, label=f"{method}: train concepts", progress=context.progress)

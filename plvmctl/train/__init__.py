@@ -4,7 +4,8 @@
 
 `common` holds the shared loop pieces (seeding, RNG state, checkpoints, JSONL log, loss
 curve, lr schedule, Ctrl-C), `data` the manifest, the PLVM sampler and `data attributes`.
-Per-concept trainers (Yo'LLaVA ...) live beside `aligner` in their own modules.
+`per_concept` and `soft_prompt` hold what the per-concept methods' trainers compose
+(plvmctl/methods/NAME/trainer.py: Yo'LLaVA, MyVLM, MC-LLaVA).
 """
 
 from .aligner import TrainConfig, TrainResult, train_aligner, weighted_answer_loss

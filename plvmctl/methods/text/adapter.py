@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..answers import DESCRIPTION_MAX_NEW_TOKENS, DESCRIPTION_PROMPT, clean_description
-from ..fileio import write_json_atomic
-from .base import MethodContext, PreparedMethod
+from ...answers import DESCRIPTION_MAX_NEW_TOKENS, DESCRIPTION_PROMPT, clean_description
+from ...fileio import write_json_atomic
+from ..base import MethodContext, PreparedMethod
 
 DESCRIPTIONS_CACHE = "llava-text-descriptions.json"
 

@@ -20,10 +20,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..answers import RECOGNITION_QUESTION
-from ..errors import PlvmError
-from .base import MethodContext, PreparedMethod
-from .plvm import encode_references
+from ...answers import RECOGNITION_QUESTION
+from ...errors import PlvmError
+from ..base import MethodContext, PreparedMethod
+from ..plvm.adapter import encode_references
 
 NOT_FOUND_ANSWER = "No."
 
@@ -55,8 +55,8 @@ class AutoEngine:
 
     def found(self, image) -> list | None:
         """The concepts found in `image` (cached per path); None when it cannot be read."""
-        from ..images import load_image
-        from ..recognise import look
+        from ...images import load_image
+        from ...recognise import look
 
         key = str(image)
         if key not in self._found:
@@ -69,8 +69,8 @@ class AutoEngine:
 
     def prefetch(self, images: Sequence) -> None:
         """Look at many photos in batches (all crops of a batch through the encoder together)."""
-        from ..images import load_image
-        from ..recognise import look
+        from ...images import load_image
+        from ...recognise import look
 
         todo = [str(i) for i in dict.fromkeys(str(i) for i in images if i is not None) if i not in self._found]
         readable = []
@@ -133,8 +133,8 @@ class AutoEngine:
 def prepare_plvm_auto(context: MethodContext) -> PreparedMethod:
     """PLVM concepts of every reference (and of the negative pool's people), their keys
     indexed; questions go through AutoEngine."""
-    from ..concept_index import KeyIndex
-    from ..recognise import retrieval_config
+    from ...concept_index import KeyIndex
+    from ...recognise import retrieval_config
 
     concepts, unavailable, seconds = encode_references(context)
     tokens = [float(concept.num_context) for concept in concepts.values()]

@@ -69,18 +69,19 @@ from PIL import Image
 from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..concept import Concept, ConceptMeta, validate_name
-from ..concept_head import CROPS, FEATURES, KINDS, ConceptHead, CropFeatures, crop_features
-from ..concept_index import photos_key, with_key
-from ..data.templates import ATTRIBUTE_QUESTIONS, NEGATIVE_ANSWERS, POSITIVE_ANSWERS, RECOGNITION_QUESTIONS, fill
-from ..errors import PlvmError
-from ..fileio import sha256_file, write_json_atomic
-from ..images import load_image
-from ..prompt import build_prompt, encode_segments, insert_after_image, split_names
-from ..table import ConceptTable
-from .common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
-from .data import neutral_question, question_plan
-from .yollava import initial_rows, name_answer
+from ...concept import Concept, ConceptMeta, validate_name
+from ...concept_head import CROPS, FEATURES, KINDS, ConceptHead, CropFeatures, crop_features
+from ...concept_index import photos_key, with_key
+from ...data.templates import ATTRIBUTE_QUESTIONS, NEGATIVE_ANSWERS, POSITIVE_ANSWERS, RECOGNITION_QUESTIONS, fill
+from ...errors import PlvmError
+from ...fileio import sha256_file, write_json_atomic
+from ...images import load_image
+from ...prompt import build_prompt, encode_segments, insert_after_image, split_names
+from ...table import ConceptTable
+from ...train.common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
+from ...train.data import neutral_question, question_plan
+from ...train.per_concept import name_answer
+from ...train.soft_prompt import initial_rows
 
 METHOD = "myvlm"
 LOG_FILE = "log.jsonl"
@@ -350,7 +351,7 @@ def qa_plan(photos: Sequence[Path], per_photo: int, seed: int) -> list[tuple[Pat
 def build_rows(runtime, name: str, positives: Sequence[Path], negatives: Sequence[Path],
                config: MyvlmConfig, *, progress: bool = False) -> list[Row]:
     """Recognition rows (positives injected, negatives not) and base-model QA rows."""
-    from ..engine import AskRequest, Engine
+    from ...engine import AskRequest, Engine
 
     rng = random.Random(f"myvlm-rows-{config.seed}")
     rows: list[Row] = []

@@ -7,8 +7,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..errors import PlvmError
-from .base import MethodContext, PreparedMethod
+from ...errors import PlvmError
+from ..base import MethodContext, PreparedMethod
 
 
 def prepare_plvm(context: MethodContext) -> PreparedMethod:

@@ -3,8 +3,8 @@
     plvmctl [--recipe R] train yollava PHOTOS_DIR --name NAME [--index INDEX] [--negatives DIR]
             [--download] [--out DIR] [--force] [--set yollava.KEY=VALUE ...]
 
-The command is the module attribute `yollava`; the engineer attaches it to the `train` group
-(`train.add_command(yollava)`).
+The command is the module attribute `yollava`; the methods registry (plvmctl.methods) names it
+and the CLI puts it under `plvmctl train`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from pathlib import Path
 
 import click
 
-from ..errors import PlvmError
-from ..locks import LOCK_FILE, hold
-from .app import App
+from ...errors import PlvmError
+from ...locks import LOCK_FILE, hold
+from ...train.per_concept import DOWNLOADS_DIR, gather_negatives, list_photos
+from .trainer import YollavaConfig, train_yollava
 
-pass_app = click.make_pass_decorator(App)
 
-
-def yollava_config(app: App, overrides: tuple[str, ...] = ()):
+def yollava_config(app, overrides: tuple[str, ...] = ()):
     """The recipe's `yollava:` section with this command's `--set yollava.KEY=VALUE` applied."""
-    from ..train.yollava import YollavaConfig
-
     return app.trainer_config("yollava", YollavaConfig, overrides)
 
 
@@ -44,8 +41,8 @@ def yollava_config(app: App, overrides: tuple[str, ...] = ()):
 @click.option("--force", is_flag=True, help="Replace an existing concept of that name.")
 @click.option("--set", "overrides", multiple=True, metavar="yollava.KEY=VALUE",
               help="Override a yollava setting, e.g. --set yollava.epochs=5.")
-@pass_app
-def yollava(app: App, photos_dir: str, name: str, index: str | None, negatives_dir: str | None,
+@click.pass_obj
+def yollava(app, photos_dir: str, name: str, index: str | None, negatives_dir: str | None,
             download: bool, out: str | None, force: bool, overrides: tuple[str, ...]) -> None:
     """Train a Yo'LLaVA concept from the 4-10 photos in PHOTOS_DIR; prints the .concept path.
 
@@ -58,8 +55,6 @@ def yollava(app: App, photos_dir: str, name: str, index: str | None, negatives_d
       plvmctl train yollava photos/avril --name avril --negatives negatives/ \\
           --set yollava.epochs=2
     """
-    from ..train.yollava import DOWNLOADS_DIR, gather_negatives, list_photos, train_yollava
-
     config = yollava_config(app, overrides)
     store = app.store
     store.check_writable(name, force)  # validates the name too; fails before any training

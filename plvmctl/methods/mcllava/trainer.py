@@ -26,12 +26,13 @@ and only those tensors learn; the model is frozen. MC-LLaVA differs in three way
    else the similarity map (`mask: similarity`): a patch is kept when it is unlike every patch
    of the negatives (the other concepts' photos and up to 32 negatives), the `mask_keep` share
    of each photo's patches least like them; `mask: none` keeps every patch.
-3. **A personalized visual prompt at ask time** (plvmctl/methods/mcllava.py). The unscaled
+3. **A personalized visual prompt at ask time** (plvmctl/methods/mcllava/hook.py). The unscaled
    centroids are stored in the concept (`mcllava.prototypes` [k, H]) with a cosine threshold
    (`mcllava.threshold`): the middle between the median best-patch score of the concept's
    photos and of its negatives, unless `location_threshold` fixes it.
 
-Training is Yo'LLaVA's loop (`YollavaTrainer`: cached vision features, answer cross-entropy,
+Training is Yo'LLaVA's loop (`train.soft_prompt.SoftPromptTrainer` stepped by
+`train.per_concept.train_epochs`: cached vision features, answer cross-entropy,
 AdamW 1e-3, `epochs` 15, best epoch by the mean over concepts of the yes/no accuracy on the
 training photos), with the N concepts' tensors stacked: word [N, H], head [N, H],
 context [N, k, H].
@@ -51,16 +52,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..concept import Concept, ConceptMeta, validate_name
-from ..concept_index import photos_key, with_key
-from ..data.templates import BOTH_NO, BOTH_QUESTIONS, BOTH_YES, WHICH_ANSWERS, WHICH_QUESTIONS
-from ..errors import PlvmError
-from ..fileio import sha256_file, write_json_atomic
-from ..images import load_image
-from .common import config_digest, draw_loss_curve, photos_digest
-from .data import Sample
-from .yollava import (YollavaConfig, YollavaTrainer, _spread, build_conversations, initial_rows, noisy_rows,
-                      train_epochs)
+from ...concept import Concept, ConceptMeta, validate_name
+from ...concept_index import photos_key, with_key
+from ...data.templates import BOTH_NO, BOTH_QUESTIONS, BOTH_YES, WHICH_ANSWERS, WHICH_QUESTIONS
+from ...errors import PlvmError
+from ...fileio import sha256_file, write_json_atomic
+from ...images import load_image
+from ...train.common import config_digest, draw_loss_curve, photos_digest
+from ...train.data import Sample
+from ...train.per_concept import build_conversations, spread, train_epochs
+from ...train.soft_prompt import (SoftPromptConfig, SoftPromptTrainer, cache_features, initial_rows,
+                                  noisy_rows)
 
 METHOD = "mcllava"
 PROTOTYPES = "mcllava.prototypes"  # part [k, H]: the k-means centroids of the concept's visual tokens
@@ -76,9 +78,9 @@ GRIDS = ("3x3", "columns")
 
 
 @dataclass
-class McllavaConfig(YollavaConfig):
-    """The recipe's `mcllava:` section (`--set mcllava.KEY=VALUE`); Yo'LLaVA's settings plus
-    MC-LLaVA's. Defaults are the paper's where it gives one (k 16, AdamW 1e-3, 15 epochs)."""
+class McllavaConfig(SoftPromptConfig):
+    """The recipe's `mcllava:` section (`--set mcllava.KEY=VALUE`); the soft-prompt settings
+    (Yo'LLaVA's) plus MC-LLaVA's. Defaults are the paper's where it gives one (k 16, AdamW 1e-3, 15 epochs)."""
 
     SECTION = "mcllava"
 
@@ -91,7 +93,7 @@ class McllavaConfig(YollavaConfig):
     kmeans_iterations: int = 25
     mask: str = "similarity"  # similarity | none (PHOTOS/masks/<stem>.png always wins)
     mask_keep: float = 0.5  # share of a photo's patches the similarity mask keeps
-    location: str = "words"  # at ask time: words | mark | off (plvmctl/methods/mcllava.py)
+    location: str = "words"  # at ask time: words | mark | off (plvmctl/methods/mcllava/hook.py)
     location_grid: str = "3x3"  # words: 3x3 ("at the top left") | columns ("on the left")
     location_threshold: float | None = None  # cosine; None: the one calibrated at training
     group_size: int = 4  # `eval --method mcllava`: identities trained together
@@ -209,7 +211,7 @@ def rescaled(rows: torch.Tensor, norm: float) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-12) * norm
 
 
-def _square_side(count: int) -> int | None:
+def square_side(count: int) -> int | None:
     side = int(round(count ** 0.5))
     return side if side * side == count else None
 
@@ -219,7 +221,7 @@ def mask_file_patches(photo: Path, count: int, preprocess: str) -> torch.Tensor 
     brought to the square the model sees (`pad`: centred on black, `crop`: centre-cropped);
     None when there is no mask file or the patches are not a square grid."""
     path = photo.parent / MASKS_DIR / f"{photo.stem}.png"
-    side = _square_side(count)
+    side = square_side(count)
     if side is None or not path.is_file():
         return None
     mask = load_image(path).convert("L")
@@ -312,7 +314,7 @@ def joint_samples(runtime, photos: Mapping[str, Sequence[Path]], negatives: Mapp
                 else:
                     question, answer, kind = rng.choice(BOTH_QUESTIONS), rng.choice(BOTH_NO), "negative"
                 if config.reasoning_base and kind != "attribute":
-                    continue  # a reasoning base gets no bare yes/no verdicts (YollavaConfig.reasoning_base)
+                    continue  # a reasoning base gets no bare yes/no verdicts (SoftPromptConfig.reasoning_base)
                 filled = {"a": pair[0], "b": pair[1], "shown": name}
                 samples.append(Sample(name, kind, question.format(**filled), answer.format(**filled),
                                       Path(photo), also=(other,)))
@@ -324,21 +326,30 @@ def joint_samples(runtime, photos: Mapping[str, Sequence[Path]], negatives: Mapp
 # --------------------------------------------------------------------------------------------
 
 
-class McllavaTrainer(YollavaTrainer):
-    """The stacked tensors of N concepts (word [N, H], head [N, H], context [N, k, H]) and a
-    step over a batch that may mix them; the model is frozen and never changes.
+class McllavaTrainer:
+    """The soft prompts of N concepts trained together (`prompts`, a `SoftPromptTrainer`:
+    word [N, H], head [N, H], context [N, k, H]) and their k-means start.
 
     `photos` maps each name to its photos (the k-means start reads their visual tokens);
-    `mask_negatives` are photos whose patches the similarity mask compares against.
+    `mask_negatives` are photos whose patches the similarity mask compares against. The vision
+    features read for the start are the ones training uses (`features`).
     """
 
     def __init__(self, runtime, photos: Mapping[str, Sequence[Path]], config: McllavaConfig,
                  mask_negatives: Sequence[Path] = ()) -> None:
         self.names = list(photos)
+        config.validate()
+        self.runtime = runtime
+        self.backbone = runtime.backbone
+        self.backbone.freeze()
+        self.config = config
         self.photos = {name: [Path(p) for p in paths] for name, paths in photos.items()}
         self.mask_negatives = [Path(p) for p in mask_negatives]
+        self.features: dict[tuple[str, bool], torch.Tensor] = {}
         self.prototypes: dict[str, torch.Tensor] = {}
-        super().__init__(runtime, self.names[0], config)
+        start = self.initial_tensors()
+        self.prompts = SoftPromptTrainer(runtime, self.names, config, start, method=METHOD, features=self.features,
+                                         parts={name: {PROTOTYPES: self.prototypes[name]} for name in self.names})
 
     # -- the start --------------------------------------------------------------------------
     def visual_tokens(self, name: str) -> torch.Tensor:
@@ -347,8 +358,8 @@ class McllavaTrainer(YollavaTrainer):
         own = {sha256_file(p) for p in self.photos[name]}
         against = [p for other in self.names if other != name for p in self.photos[other]
                    if sha256_file(p) not in own]
-        against += _spread(self.mask_negatives, MASK_NEGATIVES)
-        self.cache_features(self.photos[name] + against)
+        against += spread(self.mask_negatives, MASK_NEGATIVES)
+        cache_features(self.backbone, self.features, self.photos[name] + against)
         negative_rows = (torch.cat([self.features[(str(p), False)].float().cpu() for p in against])
                          if against and config.mask == "similarity" else None)
         preprocess = self.runtime.backbone.image_preprocess
@@ -388,24 +399,15 @@ class McllavaTrainer(YollavaTrainer):
         return torch.stack(words), torch.stack(heads), torch.stack(contexts)
 
     # -- the concepts -----------------------------------------------------------------------
-    def current(self, name: str) -> Concept:
-        number = self.names.index(name)
-        return Concept(name, self.word[number], self.head[number], self.context[number])
-
     def concept(self, meta: ConceptMeta | None = None, name: str | None = None) -> Concept:
         """Concept `name` now (detached float32 copies on the CPU) with its prototypes."""
-        name = name or self.name
-        live = self.current(name)
-        parts = {PROTOTYPES: self.prototypes[name].float().cpu().clone()}
-        return Concept(name, live.word.detach().float().cpu().clone(), live.head.detach().float().cpu().clone(),
-                       live.context.detach().float().cpu().clone(), meta or ConceptMeta(method=METHOD),
-                       parts=parts)
+        return self.prompts.concept(meta, name)
 
     def threshold(self, name: str, negatives: Sequence[Path]) -> float:
         """The location threshold of `name` (calibrated_threshold on its photos and `negatives`)."""
         if self.config.location_threshold is not None:
             return float(self.config.location_threshold)
-        self.cache_features(list(self.photos[name]) + list(negatives))
+        cache_features(self.backbone, self.features, list(self.photos[name]) + list(negatives))
         features = lambda photos: [self.features[(str(p), False)] for p in photos]  # noqa: E731
         return calibrated_threshold(self.prototypes[name], features(self.photos[name]), features(negatives))
 
@@ -482,24 +484,25 @@ def train_mcllava(runtime, photos: Mapping[str, Sequence[Path]], negatives: Mapp
     outside = list(dict.fromkeys(p for paths in negatives.values() for p in paths))
     trainer = McllavaTrainer(runtime, photos, config, mask_negatives=outside)
     if config.cache_features:
-        trainer.cache_features(everything + outside, progress=progress)
+        trainer.prompts.cache_features(everything + outside, progress=progress)
     seconds_features = time.perf_counter() - feature_start
 
     def not_showing(name: str) -> list[Path]:
         return [p for p in everything if name not in shown[sha256_file(p)]] + negatives[name]
 
-    selection = {name: _spread(not_showing(name), config.selection_negatives or len(photos[name]))
+    selection = {name: spread(not_showing(name), config.selection_negatives or len(photos[name]))
                  for name in names}
 
     def score() -> tuple[dict[str, dict[str, float]], float]:
-        accuracy = {name: trainer.recognition_accuracy(photos[name], selection[name], name=name,
+        accuracy = {name: trainer.prompts.recognition_accuracy(photos[name], selection[name], name=name,
                                                        cached=config.cache_features) for name in names}
         return accuracy, _mean_accuracy(accuracy)
 
     train_start = time.perf_counter()
     losses, epochs, best_epoch, best_accuracy = train_epochs(
-        trainer, samples, config, out / LOG_FILE, order_seed=f"mcllava-order-{config.seed}",
-        label=f"mcllava {len(names)} concepts", score=score, progress=progress, on_epoch=on_epoch)
+        trainer.prompts, samples, config, out / LOG_FILE, order_seed=f"mcllava-order-{config.seed}",
+        label=f"mcllava {len(names)} concepts", score=score, progress=progress,
+        on_epoch=None if on_epoch is None else lambda epoch, steps, _: on_epoch(epoch, steps, trainer))
     seconds_training = time.perf_counter() - train_start
     thresholds = {name: trainer.threshold(name, not_showing(name)) for name in names}
     seconds = {"rows": seconds_rows, "features": seconds_features, "training": seconds_training,

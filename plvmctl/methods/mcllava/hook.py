@@ -1,5 +1,5 @@
-"""`mcllava`: MC-LLaVA's concepts (trained together, plvmctl.train.mcllava) and its personalized
-visual prompt at ask time.
+"""MC-LLaVA at ask time: its personalized visual prompt (`LocatedHook`, run by the engine
+`methods.make_engine` builds).
 
 The personalized visual prompt
 ------------------------------
@@ -39,11 +39,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image, ImageDraw
 
-from ..engine import Engine, Prepared
-from ..errors import PlvmError
-from .base import MethodContext, PreparedMethod, train_in_groups
+from ...engine import Engine, Prepared
+from ...errors import PlvmError
+from .trainer import PROTOTYPES, THRESHOLD, McllavaConfig, best_patch_scores, square_side
 
-MCLLAVA_CACHE = "mcllava"
 FEATURE_CHUNK = 32
 
 
@@ -102,18 +101,14 @@ def draw_mark(image: Image.Image, location: Location, number: int, preprocess: s
 
 
 def has_prototypes(concept: Any) -> bool:
-    from ..train.mcllava import PROTOTYPES
-
     return PROTOTYPES in getattr(concept, "parts", {})
 
 
 def locate(concept: Any, features: torch.Tensor, threshold: float | None = None) -> Location | None:
     """The concept's best patch in a photo's features [n, H] (None without prototypes or when
     the patches are not a square grid). `threshold` overrides the concept's own."""
-    from ..train.mcllava import PROTOTYPES, THRESHOLD, _square_side, best_patch_scores
-
     prototypes = concept.parts.get(PROTOTYPES)
-    side = _square_side(features.shape[0])
+    side = square_side(features.shape[0])
     if prototypes is None or side is None:
         return None
     scores = best_patch_scores(prototypes, features)
@@ -126,8 +121,6 @@ def locate(concept: Any, features: torch.Tensor, threshold: float | None = None)
 
 def location_settings(recipe: Any):
     """The recipe's `mcllava:` section (location, location_grid, location_threshold ...)."""
-    from ..train.mcllava import McllavaConfig
-
     config = recipe.section("mcllava", McllavaConfig)
     config.validate()
     return config
@@ -195,39 +188,3 @@ class LocatedHook:
             item.notes[self.key] = dict(located)
             item.images[0] = image
         return prepared
-
-
-def prepare_mcllava(context: MethodContext) -> PreparedMethod:
-    """MC-LLaVA: the identities' concepts TRAINED together, `mcllava.group_size` (4) at a time
-    in the test set's order, cached on disk (cache_dir/mcllava/NAME.concept).
-
-    Positives are the reference photo and any other `ref_img*` beside it; negatives are the
-    other members of the group (joint training) plus `context.negatives`
-    (`base.negative_pool`; never a test identity outside the group). A
-    group is reused while the model, the photos, the settings and the group are unchanged.
-    Seconds per concept is a group's wall time divided by its size. Questions with a photo get
-    the personalized visual prompt (`mcllava.location`; details say which).
-    """
-    from ..train.mcllava import train_mcllava, training_digest
-
-    runtime = context.runtime
-    config = location_settings(runtime.recipe)
-
-    def train_group(names, positives, negatives, folder):
-        result = train_mcllava(runtime, {name: positives[name] for name in names}, negatives, config, folder,
-                               progress=context.progress)
-        return result.concepts, {name: result.seconds_per_concept for name in names}
-
-    made = train_in_groups(context, MCLLAVA_CACHE, config, train_group, group_size=config.group_size,
-                           digest=training_digest)
-    return PreparedMethod(
-        name="mcllava",
-        engine=context.engine_api.Engine(runtime, made.concepts),
-        seconds_per_concept=made.seconds_per_concept,
-        tokens_per_concept=float(config.num_context) if made.concepts else None,
-        unavailable=made.unavailable,
-        details={"concepts_folder": str(made.folder), "negatives": context.negatives.origin,
-                 "epochs": config.epochs, "num_context": config.num_context,
-                 "group_size": config.group_size, "kmeans": config.kmeans, "location": config.location,
-                 "location_grid": config.location_grid},
-    )

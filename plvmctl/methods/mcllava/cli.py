@@ -12,11 +12,10 @@ from pathlib import Path
 
 import click
 
-from ..errors import PlvmError
-from ..locks import LOCK_FILE, hold
-from .app import App
-
-pass_app = click.make_pass_decorator(App)
+from ...errors import PlvmError
+from ...locks import LOCK_FILE, hold
+from ...train.per_concept import DOWNLOADS_DIR, gather_negatives, list_photos
+from .trainer import McllavaConfig, check_concepts, parse_concept_options, train_mcllava
 
 
 @click.command("mcllava")
@@ -39,8 +38,8 @@ pass_app = click.make_pass_decorator(App)
 @click.option("--force", is_flag=True, help="Replace existing concepts of those names.")
 @click.option("--set", "overrides", multiple=True, metavar="mcllava.KEY=VALUE",
               help="Override an mcllava setting, e.g. --set mcllava.location=mark.")
-@pass_app
-def mcllava(app: App, concept_options: tuple[str, ...], negatives_dir: str | None, index: str | None,
+@click.pass_obj
+def mcllava(app, concept_options: tuple[str, ...], negatives_dir: str | None, index: str | None,
             kmeans: bool | None, epochs: int | None, out: str | None, force: bool,
             overrides: tuple[str, ...]) -> None:
     """Train MC-LLaVA concepts TOGETHER; prints one .concept path per concept.
@@ -64,9 +63,6 @@ def mcllava(app: App, concept_options: tuple[str, ...], negatives_dir: str | Non
           --set mcllava.epochs=2
       plvmctl --recipe tiny ask photo.jpg "Is <avril> next to <bob>?"
     """
-    from ..train.mcllava import McllavaConfig, check_concepts, parse_concept_options, train_mcllava
-    from ..train.yollava import DOWNLOADS_DIR, gather_negatives, list_photos
-
     config = app.trainer_config("mcllava", McllavaConfig, overrides, kmeans=kmeans, epochs=epochs)
     pairs = parse_concept_options(concept_options)
     store = app.store

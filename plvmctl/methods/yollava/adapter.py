@@ -1,23 +1,22 @@
-"""`yollava`: one concept trained per identity (plvmctl.train.yollava), cached on disk."""
+"""`yollava`: one concept trained per identity (methods/yollava/trainer.py), cached on disk."""
 
 from __future__ import annotations
 
-from .base import MethodContext, PreparedMethod, train_per_identity
+from ..base import MethodContext, PreparedMethod, train_per_identity
+from .trainer import YollavaConfig, train_yollava
 
 YOLLAVA_CACHE = "yollava"
 
 
 def yollava_settings(recipe):
     """The recipe's `yollava:` section, checked."""
-    from ..train.yollava import YollavaConfig
-
     config = recipe.section("yollava", YollavaConfig)
     config.validate()
     return config
 
 
 def prepare_yollava(context: MethodContext) -> PreparedMethod:
-    """Yo'LLaVA: one concept TRAINED per identity (plvmctl.train.yollava), cached on disk.
+    """Yo'LLaVA: one concept TRAINED per identity (`train_yollava`), cached on disk.
 
     Positives are the reference photo and any other `ref_img*` beside it. Negatives come
     from `context.negatives` (`base.negative_pool`: --negatives, the recipe's `yollava.index`
@@ -26,8 +25,6 @@ def prepare_yollava(context: MethodContext) -> PreparedMethod:
     per concept is the wall time of making it (conversations, vision features, training),
     the time stored in the concept when it comes from the cache.
     """
-    from ..train.yollava import train_yollava
-
     runtime = context.runtime
     config = yollava_settings(runtime.recipe)
     made = train_per_identity(

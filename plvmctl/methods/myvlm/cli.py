@@ -13,17 +13,14 @@ from pathlib import Path
 
 import click
 
-from ..errors import PlvmError
-from ..locks import LOCK_FILE, hold
-from .app import App
+from ...errors import PlvmError
+from ...locks import LOCK_FILE, hold
+from ...train.per_concept import DOWNLOADS_DIR, gather_negatives, list_photos
+from .trainer import MyvlmConfig, train_myvlm
 
-pass_app = click.make_pass_decorator(App)
 
-
-def myvlm_config(app: App, overrides: tuple[str, ...] = (), **options):
+def myvlm_config(app, overrides: tuple[str, ...] = (), **options):
     """The recipe's `myvlm:` section with this command's `--set myvlm.KEY=VALUE` and options applied."""
-    from ..train.myvlm import MyvlmConfig
-
     return app.trainer_config("myvlm", MyvlmConfig, overrides, **options)
 
 
@@ -49,8 +46,8 @@ def myvlm_config(app: App, overrides: tuple[str, ...] = (), **options):
 @click.option("--force", is_flag=True, help="Replace an existing concept of that name.")
 @click.option("--set", "overrides", multiple=True, metavar="myvlm.KEY=VALUE",
               help="Override a myvlm setting, e.g. --set myvlm.attention_weight=10.")
-@pass_app
-def myvlm(app: App, photos_dir: str, name: str, negatives_dir: str | None, index: str | None,
+@click.pass_obj
+def myvlm(app, photos_dir: str, name: str, negatives_dir: str | None, index: str | None,
           head: str | None, features: str | None, crops: str | None, out: str | None, force: bool,
           overrides: tuple[str, ...]) -> None:
     """Train a MyVLM concept from the photos in PHOTOS_DIR; prints the .concept path.
@@ -72,9 +69,6 @@ def myvlm(app: App, photos_dir: str, name: str, negatives_dir: str | None, index
       plvmctl --recipe tiny train myvlm photos/avril --name avril --negatives others/
       plvmctl --recipe tiny ask photo.jpg "What is <avril> doing?"
     """
-    from ..train.myvlm import train_myvlm
-    from ..train.yollava import DOWNLOADS_DIR, gather_negatives, list_photos
-
     config = myvlm_config(app, overrides, head=head, features=features, crops=crops)
     store = app.store
     store.check_writable(name, force)  # validates the name too; fails before any training
