@@ -78,7 +78,7 @@ def report_bytes(testset, methods: int, limit: int | None) -> int:
 @click.option("--negatives", type=click.Path(file_okay=False), default=None,
               help="Photos of people who are not in the test set: the negatives of the methods that "
                    "train (yollava, myvlm, mcllava) and plvm-auto's other people [default: the "
-                   "test set's negatives/ folder, else the recipe's METHOD.index / negatives_dir].")
+                   "recipe's METHOD.index / negatives_dir, else the test set's negatives/ folder].")
 @click.pass_obj
 def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, mcq, batch_size,
                  retrieval, retrieval_only, captions, pairs, negatives):

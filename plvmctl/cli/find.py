@@ -86,7 +86,7 @@ def find(app: App, paths, as_json, threshold, top_k, batch_size):
 
     Each photo is searched as a whole and in windows against the store's retrieval index
     (rebuilt first when stale); a concept is found when its best crop's cosine reaches the
-    threshold, or, with the recipe's `retrieval.verify: N` (the pocket recipe: 8), when the
+    threshold, or, with the recipe's `retrieval.verify: N` (the pocket recipe: 16), when the
     model recognises it among the photo's N best candidates. Per photo: the concepts found, best first, with score and box (left, top,
     right, bottom in pixels). Unreadable files are reported and skipped; the exit status is 1
     if any were.
