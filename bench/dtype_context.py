@@ -11,8 +11,7 @@ largest absolute difference of any context-token entry, and the relative error
     python bench/dtype_context.py --recipe llava15-7b --device cuda   # the released Aligner
     python bench/dtype_context.py --recipe pocket --device cpu         # runs anywhere (seconds)
 
-The figures README once quoted for the released Aligner (5.3e-3 in fp16, 4.6e-2 in bf16) came
-from before this script and are not reproduced here: the released weights and a GPU are needed.
+Measuring the released Aligner needs its weights and a GPU; no figure for it is committed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Benchmark: "who is in this photo" on the pocket model, settings chosen on one toy test set
 and reported on another.
 
-The figures of README's "who is in this photo" section. Two toy test sets of 40 held-out
+The figures docs/who-is-here.md points at (docs/bench/who.json). Two toy test sets of 40 held-out
 identities (6 query photos each, 240 photos): `--choose-seed` (1) picks the settings,
 `--report-seed` (0, the set `make eval` and `make results` use) is measured with them. The
 steps are `plvmctl` commands, run as a user would run them (each is printed on stderr):

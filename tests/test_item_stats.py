@@ -15,7 +15,7 @@ from test_evaluate import make_testset
 
 
 def test_exact_mcnemar_is_the_two_sided_binomial_tail_of_the_disagreements():
-    # README's pocket-model figure: PLVM alone right 51 times, the text prompt alone 16 times
+    # 51 against 16 discordant items: a split as lopsided as PLVM against the text prompt's
     assert exact_mcnemar(51, 16) == pytest.approx(2.1689e-05, rel=1e-3)
     assert exact_mcnemar(16, 51) == exact_mcnemar(51, 16)
     assert exact_mcnemar(3, 0) == pytest.approx(2 / 8)  # 2 * P(X <= 0), n = 3

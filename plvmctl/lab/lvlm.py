@@ -29,7 +29,7 @@ unknown word to the tokenizer):
   then match photo against photo instead of binding words to what it sees, and PLVM's
   Aligner would write its k soft tokens where the portrait's tokens were. An experiment
   (off by default; 1,200 steps with every person shown this way left recognition at chance,
-  see the README); `measure` reports these rows' accuracies under kinds with a "-ref" suffix.
+  docs/research-log.md); `measure` reports these rows' accuracies under kinds with a "-ref" suffix.
 * ``caption`` (off by default, `caption_rows`): "Describe the photo." answered with every
   trait drawn, place by place (`scene_caption`); dense grounding, optionally alone for the
   first `caption_steps` steps.
@@ -147,7 +147,7 @@ def describe(identity: toy.Identity, style: str = "sentence") -> str:
     (the word before "hair", two before it, a noun that is there or not ...); "key value" pairs
     need one, the induction pattern (find the question's word earlier, read the word after
     it), which the copy warm-up (`copy_steps`) teaches first. `bench/reading.py` measures
-    both; docs and the README give the numbers.
+    both (docs/research-log.md).
     """
     if style == "keyvalue":
         return " ".join(f"{key} {getattr(identity, trait)}" for trait, key in DESCRIPTION_KEYS.items())
@@ -452,7 +452,7 @@ def scene_caption(info: toy.SceneInfo) -> str:
     Caption rows (`caption_rows`) are the dense grounding of LLaVA's first stage: every word
     after a place must be read from that place of the photo, 16 to 36 answer words a photo
     where a question row has one. Measured with `bench/pretrain.py --caption-rows 2
-    --caption-steps 300` and `bench/looking.py` (README): they help the LM pick out the
+    --caption-steps 300` and `bench/looking.py` (docs/research-log.md): they help the LM pick out the
     person a question names among others.
     """
     words = []

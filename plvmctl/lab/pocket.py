@@ -79,7 +79,7 @@ class PocketProfile:
 # (left, middle, right), so "the person on the left" is a fixed set of three tokens.
 POCKET_SIZES = LvlmSizes(patch_size=32)
 
-# How the base LVLM learns, stage by stage, each with a direct signal (README "The toy world"):
+# How the base LVLM learns, stage by stage, each with a direct signal (docs/toy-world.md):
 # copying (induction heads), seeing (the vision tower on what is drawn where, each patch told
 # its column), then the full mix in which recognition answers spell out the comparison, every
 # photo also gets a place-by-place caption, people are described "key value", and half the
