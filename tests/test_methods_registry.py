@@ -1,9 +1,9 @@
 """The methods registry: every record is whole, and the CLI, the evaluation and the recipe see it.
 
 Adding a method is one folder (plvmctl/methods/NAME/ with adapter.py, and as it has them
-trainer.py, cli.py, hook.py) plus one `Method` record in plvmctl/methods/__init__.py: these
-tests then check the record's adapter, its `plvmctl train` command (or that it has none by
-design), its place in `eval --method`, its recipe section and its documentation page.
+trainer.py, cli.py, hook.py; its __init__.py holds its `Method` records) plus its name in
+`FOLDERS` in plvmctl/methods/__init__.py: these tests then check the record's adapter, its
+`plvmctl train` command (or that it has none by design), its place in `eval --method`, its recipe section and its documentation page.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from plvmctl.cli import main
 from plvmctl.errors import PlvmError
 from plvmctl.fingerprint import METHOD_SECTIONS
-from plvmctl.methods import (ASK_HOOKS, KNOWN_METHODS, METHODS, RECIPE_SECTIONS, REGISTRY, TRAINED_ON_NEGATIVES,
-                             check_recipe_sections, get_method)
+from plvmctl.methods import (ASK_HOOKS, FOLDERS, KNOWN_METHODS, METHODS, RECIPE_SECTIONS, REGISTRY,
+                             TRAINED_ON_NEGATIVES, check_recipe_sections, get_method)
 from plvmctl.recipe import CORE_SECTIONS, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +44,14 @@ def test_every_method_has_an_eval_adapter_in_its_own_folder(method):
     assert (ROOT / "plvmctl" / "methods" / folder[2]).is_dir()
 
 
-def test_every_method_folder_has_a_record():
+def test_every_method_folder_is_registered_and_holds_its_own_records():
     folders = {path.name for path in (ROOT / "plvmctl" / "methods").iterdir()
                if path.is_dir() and (path / "__init__.py").is_file()}
-    assert folders == {method.prepare.__module__.split(".")[2] for method in REGISTRY}
+    assert folders == {folder.__name__.split(".")[-1] for folder in FOLDERS}
+    for folder in FOLDERS:
+        assert folder.RECORDS, folder.__name__
+        for record in folder.RECORDS:
+            assert record.prepare.__module__ == f"{folder.__name__}.adapter"
 
 
 @pytest.mark.parametrize("method", REGISTRY, ids=IDS)

@@ -16,77 +16,30 @@ backbones. A record says everything the rest of plvmctl needs to know about a me
 - `page`: its documentation page.
 
 Each method's folder holds adapter.py (the eval adapter), and as it has them trainer.py, cli.py
-and hook.py; what the adapters share is in base.py, what the trainers share in
-plvmctl/train/per_concept.py and plvmctl/train/soft_prompt.py. Adding a method is one folder
-plus one record here; tests/test_methods_registry.py checks every record.
+and hook.py; its __init__.py holds its `RECORDS`. What the adapters share is in base.py (with
+`Method` itself), what the trainers share in plvmctl/train/per_concept.py and
+plvmctl/train/soft_prompt.py. Adding a method is one folder plus its name in `FOLDERS` below;
+tests/test_methods_registry.py checks every record.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
-
-import click
+from typing import Mapping
 
 from ..concept import Concept
 from ..engine import Engine
 from ..errors import PlvmError
 from ..recipe import CORE_SECTIONS
 from ..store import ConceptStore
-from .base import MethodContext, MethodFactory, NegativePool, PreparedMethod, Reference, negative_pool
-from .mcllava.adapter import MCLLAVA_CACHE, prepare_mcllava
-from .mcllava.cli import mcllava as train_mcllava_command
-from .mcllava.hook import LocatedHook, location_settings
-from .mcllava.trainer import McllavaConfig
-from .myvlm.adapter import MYVLM_CACHE, myvlm_settings, prepare_myvlm
-from .myvlm.cli import myvlm as train_myvlm_command
-from .myvlm.hook import SeenHook
-from .myvlm.trainer import MyvlmConfig
-from .plvm.adapter import prepare_plvm
-from .plvm_auto.adapter import prepare_plvm_auto
-from .text.adapter import DESCRIPTIONS_CACHE, count_tokens, prepare_llava_none, prepare_llava_text
-from .yollava.adapter import YOLLAVA_CACHE, prepare_yollava, yollava_settings
-from .yollava.cli import yollava as train_yollava_command
-from .yollava.trainer import YollavaConfig
+from . import mcllava, myvlm, plvm, plvm_auto, text, yollava
+from .base import (Method, MethodContext, MethodFactory, NegativePool, PreparedMethod, Reference, Section,
+                   negative_pool)
+from .text.adapter import count_tokens
 
-
-@dataclass(frozen=True)
-class Section:
-    """A method's recipe section: its name and the settings dataclass it is read into."""
-
-    name: str
-    settings: type
-
-
-@dataclass(frozen=True)
-class Method:
-    """One method, as the command line, the evaluation, the engine and the recipe see it."""
-
-    name: str  # `--method NAME`, `plvmctl train NAME`
-    prepare: MethodFactory | None  # the eval adapter; None: not available in this build
-    page: str  # its documentation page, relative to the project root
-    train_command: click.Command | None = None  # None by design: nothing to train per concept
-    section: Section | None = None
-    cache: str | None = None  # file or folder name in an evaluation's cache/
-    hook: type | None = None  # ask-time hook class (`Engine(hooks=...)`)
-    negatives: Callable[[Any], Any] | None = None  # recipe -> settings naming index / negatives_dir
-
-
-# In the order `eval --method` lists them; the hooks run in this order too (MyVLM's concept
-# heads first, then MC-LLaVA's visual prompt).
-REGISTRY = (
-    Method("plvm", prepare_plvm, "docs/how-it-works.md"),
-    Method("plvm-auto", prepare_plvm_auto, "docs/who-is-here.md"),
-    Method("yollava", prepare_yollava, "docs/methods/yollava.md", train_command=train_yollava_command,
-           section=Section("yollava", YollavaConfig), cache=YOLLAVA_CACHE, negatives=yollava_settings),
-    Method("myvlm", prepare_myvlm, "docs/methods/myvlm.md", train_command=train_myvlm_command,
-           section=Section("myvlm", MyvlmConfig), cache=MYVLM_CACHE, hook=SeenHook, negatives=myvlm_settings),
-    Method("mcllava", prepare_mcllava, "docs/methods/mcllava.md", train_command=train_mcllava_command,
-           section=Section("mcllava", McllavaConfig), cache=MCLLAVA_CACHE, hook=LocatedHook,
-           negatives=location_settings),
-    Method("llava-text", prepare_llava_text, "docs/methods/text-prompt.md", cache=DESCRIPTIONS_CACHE),
-    Method("llava-none", prepare_llava_none, "docs/methods/text-prompt.md"),
-)
+# The method folders, in the order `eval --method` lists their records; the ask-time hooks run
+# in this order too (MyVLM's concept heads first, then MC-LLaVA's visual prompt).
+FOLDERS = (plvm, plvm_auto, yollava, myvlm, mcllava, text)
+REGISTRY: tuple[Method, ...] = tuple(record for folder in FOLDERS for record in folder.RECORDS)
 
 # Every name `--method` may ever take; a name here but not in METHODS is "not available".
 KNOWN_METHODS = tuple(method.name for method in REGISTRY)
@@ -135,10 +88,8 @@ def check_recipe_sections(recipe) -> None:
 
 
 __all__ = [
-    "ASK_HOOKS", "DESCRIPTIONS_CACHE", "KNOWN_METHODS", "METHOD_CACHES", "MCLLAVA_CACHE", "METHODS",
-    "MYVLM_CACHE", "Method", "MethodContext", "MethodFactory", "NegativePool", "PreparedMethod",
-    "RECIPE_SECTIONS", "REGISTRY", "Reference", "Section", "TRAINED_ON_NEGATIVES", "YOLLAVA_CACHE",
-    "check_recipe_sections", "count_tokens", "get_method", "make_engine", "negative_pool",
-    "prepare_llava_none", "prepare_llava_text", "prepare_mcllava", "prepare_myvlm", "prepare_plvm",
-    "prepare_plvm_auto", "prepare_yollava",
+    "ASK_HOOKS", "FOLDERS", "KNOWN_METHODS", "METHOD_CACHES", "METHODS", "Method", "MethodContext",
+    "MethodFactory", "NegativePool", "PreparedMethod", "RECIPE_SECTIONS", "REGISTRY", "Reference", "Section",
+    "TRAINED_ON_NEGATIVES", "check_recipe_sections", "count_tokens", "get_method", "make_engine",
+    "negative_pool",
 ]

@@ -1,17 +1,43 @@
-"""What every eval adapter shares: the references it is given, its context, what it returns,
-and the training of a trained method's concepts for the test identities."""
+"""What every method shares: its record in the registry (`Method`), the references an eval adapter
+is given, its context, what it returns, and the training of a trained method's concepts for the
+test identities."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..concept import concept_name
 from ..errors import PlvmError
 from ..fingerprint import weights_digest
 from ..train.common import config_digest
 from ..train.per_concept import NegativeSettings, TrainedConcepts, TrainGroup, list_photos, train_in_groups
+
+if TYPE_CHECKING:
+    import click
+
+
+@dataclass(frozen=True)
+class Section:
+    """A method's recipe section: its name and the settings dataclass it is read into."""
+
+    name: str
+    settings: type
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method, as the command line, the evaluation, the engine and the recipe see it."""
+
+    name: str  # `--method NAME`, `plvmctl train NAME`
+    prepare: MethodFactory | None  # the eval adapter; None: not available in this build
+    page: str  # its documentation page, relative to the project root
+    train_command: click.Command | None = None  # None by design: nothing to train per concept
+    section: Section | None = None
+    cache: str | None = None  # file or folder name in an evaluation's cache/
+    hook: type | None = None  # ask-time hook class (`Engine(hooks=...)`)
+    negatives: Callable[[Any], Any] | None = None  # recipe -> settings naming index / negatives_dir
 
 
 @dataclass(frozen=True)
