@@ -6,7 +6,7 @@ plvmctl does (concept_index.KeyIndex: Flat while n·d <= 2^22, IVF-Flat above) a
 
 - build_seconds: building the index from the keys in memory;
 - ms_per_photo: searching one photo's crops (the whole view and its windows: 35 crops for a
-  square photo, concept_head.crop_boxes) for `candidates` keys each, then the best crop per
+  square photo, photo_crops.crop_boxes) for `candidates` keys each, then the best crop per
   concept (recognise.match), median over photos;
 - recall_at_1: the share of photos whose planted concept (a noisy copy of one key is one of its
   crops) comes out first, i.e. what IVF's approximation costs against exact search;
@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 import torch
 
-from plvmctl.concept_head import CropFeatures, crop_boxes
+from plvmctl.photo_crops import CropFeatures, crop_boxes
 from plvmctl.concept_index import KeyIndex
 from plvmctl.recognise import RetrievalConfig, match
 

@@ -10,8 +10,8 @@ and, for methods that recognise the concept in the photo first:
 
     visual   [m, H]  tokens placed right after a photo's image tokens when the concept is
                      recognised in that photo (by its method's ask-time hook); m = 0 otherwise
-    parts    {key: tensor}  what its method needs at ask time (e.g. a concept head's weights,
-                     plvmctl/concept_head.py)
+    parts    {key: tensor}  what its method needs at ask time (e.g. MyVLM's concept head,
+                     plvmctl/methods/myvlm/concept_head.py)
 
 and, for finding the concept in photos nobody named it in (concept_index.py, recognise.py):
 

@@ -1,6 +1,6 @@
 """Who is in this photo: the concepts of a store found in a photo by retrieval.
 
-A photo is looked at as the concept head looks at it (concept_head.crop_boxes): the whole view
+A photo is looked at as the concept head looks at it (photo_crops.crop_boxes): the whole view
 and square windows of a half and a third of its shorter side, half overlapping, so a person
 who fills only part of a scene gets a crop of their own. Each crop's reference-encoder CLS
 vector (L2-normalised, the same features as the concepts' retrieval keys) searches the store's
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .answers import RECOGNITION_QUESTION, parse_yes_no
-from .concept_head import CROPS, Box, crop_features
+from .photo_crops import CROPS, Box, crop_features
 from .concept_index import KeyIndex
 from .errors import PlvmError
 
@@ -38,7 +38,7 @@ class RetrievalConfig:
     threshold: float = DEFAULT_THRESHOLD  # cosine a concept's best crop must reach
     top_k: int = 5  # at most this many found concepts per photo go into a prompt
     candidates: int = 8  # nearest keys fetched per crop
-    crops: str = "windows"  # whole | windows (concept_head.crop_boxes)
+    crops: str = "windows"  # whole | windows (photo_crops.crop_boxes)
     batch_size: int = 16  # photos encoded together
     # 0: found = score >= threshold. N > 0: retrieve, then verify: the model is asked "Is <c> in
     # this photo?" about the photo's N best candidates (whatever their score) and found are
@@ -89,7 +89,7 @@ class Looked:
 
 
 def match(index: KeyIndex, crops: Sequence, config: RetrievalConfig) -> list[Looked]:
-    """Search every crop of every photo (concept_head.CropFeatures) in one call; per photo and
+    """Search every crop of every photo (photo_crops.CropFeatures) in one call; per photo and
     concept the best crop counts."""
     if not crops:
         return []

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from helpers import copied_concept, save_portraits
 from plvmctl.concept import Concept
-from plvmctl.concept_head import ConceptHead, crop_boxes, crop_features, photo_features
+from plvmctl.methods.myvlm.concept_head import ConceptHead
+from plvmctl.photo_crops import crop_boxes, crop_features, photo_features
 from plvmctl.engine import AskRequest
 from plvmctl.errors import PlvmError
 from plvmctl.images import load_image

@@ -3,9 +3,10 @@ visual tokens join the prompt (`SeenHook`, run by the engine `methods.make_engin
 
 from __future__ import annotations
 
-from ...concept_head import ConceptHead, crop_features
 from ...engine import Engine, Prepared, photo_key
 from ...errors import PlvmError
+from ...photo_crops import crop_features
+from .concept_head import ConceptHead
 
 
 class SeenHook:

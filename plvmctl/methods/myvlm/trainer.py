@@ -2,7 +2,7 @@
 
 What MyVLM (Alaluf et al., ECCV 2024) does, in plvmctl's concept form
 ---------------------------------------------------------------------
-1. A concept head decides whether the concept is in a photo (plvmctl/concept_head.py): a
+1. A concept head decides whether the concept is in a photo (concept_head.py): a
    linear classifier on frozen image features, trained on the concept's photos against
    negatives (AdamW, lr 1e-3, 500 steps), or, as MyVLM does for people with a face-recognition
    network, the nearest of the positives' own features with a cosine threshold.
@@ -70,18 +70,19 @@ from tqdm import tqdm
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ...concept import Concept, ConceptMeta, validate_name
-from ...concept_head import CROPS, FEATURES, KINDS, ConceptHead, CropFeatures, crop_features
 from ...concept_index import photos_key, with_key
 from ...data.templates import ATTRIBUTE_QUESTIONS, NEGATIVE_ANSWERS, POSITIVE_ANSWERS, RECOGNITION_QUESTIONS, fill
 from ...errors import PlvmError
 from ...fileio import sha256_file, write_json_atomic
 from ...images import load_image
+from ...photo_crops import CROPS, FEATURES, CropFeatures, crop_features
 from ...prompt import build_prompt, encode_segments, insert_after_image, split_names
 from ...table import ConceptTable
 from ...train.common import JsonlLogger, config_digest, draw_loss_curve, photos_digest
 from ...train.data import neutral_question, question_plan
 from ...train.per_concept import name_answer
 from ...train.soft_prompt import initial_rows
+from .concept_head import KINDS, ConceptHead
 
 METHOD = "myvlm"
 LOG_FILE = "log.jsonl"
