@@ -39,7 +39,8 @@ eval: install $(if $(filter runs/toy-testset,$(TESTSET)),$(TESTSET)/validation_r
 	$(EVAL_ENV) plvmctl --recipe $(RECIPE) eval --testset $(TESTSET) --method $(METHODS) --out $(EVAL_OUT) $(EVAL_ARGS)
 
 # docs/results.md: main table (PLVM, no prompt, text prompt, Yo'LLaVA) on 40 held-out toy
-# identities plus the w and k ablations, every number measured by the run (~20 min, 2 cores).
+# identities plus the w and k ablations, every number measured by the run (how long it took:
+# the page's "How it was made").
 # Reruns reuse runs/results (finished steps are skipped); RESULTS_ARGS adds options.
 results: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m plvmctl.lab.results $(RESULTS_ARGS)
@@ -48,15 +49,15 @@ bench: install
 	$(PYTHON) bench/ask.py --recipe tiny
 	$(PYTHON) bench/ask.py --recipe pocket
 
-# Retrain the whole pocket model (about an hour on 2 CPU cores; card.json says how long it
-# took). Resumable: an interrupted build continues from runs/pocket-build (finished stages are
+# Retrain the whole pocket model (card.json's total_seconds says how long the committed one
+# took on 2 CPU cores). Resumable: an interrupted build continues from runs/pocket-build (finished stages are
 # reused, the base LVLM and the Aligner from their last checkpoint); delete that folder to
 # start over.
 POCKET_WORK ?= runs/pocket-build
 pocket: install
 	$(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket --work $(POCKET_WORK) --resume
 
-# Only the Aligner again (its toy data and training, ~10 min), on the committed base LVLM and
+# Only the Aligner again (its toy data and training; card.json's timings_seconds.aligner), on the committed base LVLM and
 # encoder: for when only the profile's Aligner settings change.
 pocket-aligner: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket --aligner-only --work runs/pocket-aligner --resume
