@@ -50,15 +50,15 @@ bench: install
 	$(PYTHON) bench/ask.py --recipe pocket
 
 # Retrain the whole pocket model (card.json's total_seconds says how long the committed one
-# took on 2 CPU cores). Resumable: an interrupted build continues from runs/pocket-build (finished stages are
-# reused, the base LVLM and the Aligner from their last checkpoint); delete that folder to
-# start over.
+# took on 2 CPU cores). Resumable: an interrupted build continues from runs/pocket-build
+# (finished stages are reused, the base LVLM and the Aligner from their last checkpoint);
+# delete that folder to start over.
 POCKET_WORK ?= runs/pocket-build
 pocket: install
 	$(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket --work $(POCKET_WORK) --resume
 
-# Only the Aligner again (its toy data and training; card.json's timings_seconds.aligner), on the committed base LVLM and
-# encoder: for when only the profile's Aligner settings change.
+# Only the Aligner again (its toy data and training; card.json's timings_seconds.aligner), on
+# the committed base LVLM and encoder: for when only the profile's Aligner settings change.
 pocket-aligner: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m plvmctl.lab.pocket --out plvmctl/assets/pocket --aligner-only --work runs/pocket-aligner --resume
 
