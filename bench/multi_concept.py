@@ -19,19 +19,30 @@ generating answers and reading them with the evaluation's parsers (`answers.pars
   does, which puts the asked sentence first);
 * ``which``: "Which of <a> and <b> is in this photo?" with one of the two there (the first
   name the answer says must be that one), and how many answers name neither;
-* answer lengths in tokens (a name is one token) and how many pass the pocket recipe's 64.
+* answer lengths in tokens (a name is one token) and how many pass the pocket recipe's 64;
+* ``reading``: open text questions about a held-out person, no photo, first answer token among
+  the possible answers, with their sentence alone, first of two or second of two.
 
 Absent people are one visible trait away from someone in the photo half of the time (the
 pretraining's hard negatives), which is harder than `eval --pairs`' random test identities.
 Prints one JSON object (and writes it to --out when given).
 
     python bench/multi_concept.py --steps 50 --every 50 --scenes 10                 # machinery
-    python bench/multi_concept.py --steps 600 --every 300 --which-answer full \\
-        --out docs/bench/multi_concept_full.json                                     # ~17 min
-    python bench/multi_concept.py --steps 600 --every 300 --which-answer short \\
-        --out docs/bench/multi_concept_short.json
-    python bench/multi_concept.py --steps 600 --every 300 --crowd-share 0 \\
-        --out docs/bench/multi_concept_nocrowd.json
+
+The committed results (docs/bench/multi_concept_*.json; each was run with --out /tmp/mc/NAME.json
+and copied; CPU, one torch thread, 2 cores shared with two other long runs, 2026-12-07; the
+first two ran before the ``reading`` measure existed and have none):
+
+    # crowd recognition rows + which-of-two, full comparisons                      ~22 min
+    python bench/multi_concept.py --steps 600 --every 300 --scenes 40 --which-answer full \
+        --out docs/bench/multi_concept_full.json
+    # + recognition answers restate the asked person's traits first; short which   ~19 min
+    python bench/multi_concept.py --steps 600 --every 300 --scenes 40 --which-answer short --recall \
+        --skip-base --out docs/bench/multi_concept_recall_short.json
+    # + 200 text-only steps first, half the text rows with other people described  ~18 min
+    python bench/multi_concept.py --steps 600 --every 300 --scenes 40 --which-answer full --recall \
+        --crowd-text-share 0.5 --reading-steps 200 --out docs/bench/multi_concept_reading_recall_full.json
+
 """
 
 from __future__ import annotations
@@ -101,6 +112,38 @@ def evaluation_set(scenes: int, size: int, config: lvlm.LvlmTrainConfig, seed: i
         question = templates.WHICH_QUESTIONS[0].format(a=a, b=b)  # the evaluation's question
         items.append(Item("which", dataclasses.replace(which, question=question), present.name))
     return items, images
+
+
+def reading_set(rows: int, config: lvlm.LvlmTrainConfig, seed: int) -> dict[str, list[lvlm.Row]]:
+    """Open text questions about a held-out person (no photo): their sentence alone, first of
+    two, or second of two."""
+    rng = random.Random(f"plvmctl-multi-concept-reading-{seed}")
+    pool = toy.heldout_identities()
+    plain = dataclasses.replace(config, mcq_share=0.0, crowd_text_share=0.0)
+    sets: dict[str, list[lvlm.Row]] = {"alone": [], "first": [], "second": []}
+    for _ in range(rows):
+        who, other = rng.sample(pool, 2)
+        row = dataclasses.replace(lvlm.text_row(who, rng, plain), name_token=True)
+        mine = {who.name: lvlm.describe(who, config.description)}
+        theirs = {other.name: lvlm.describe(other, config.description)}
+        sets["alone"].append(dataclasses.replace(row, descriptions=mine))
+        sets["first"].append(dataclasses.replace(row, descriptions={**mine, **theirs}))
+        sets["second"].append(dataclasses.replace(row, descriptions={**theirs, **mine}))
+    return sets
+
+
+@torch.no_grad()
+def reading(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int) -> dict[str, float]:
+    """First-answer-token accuracy among the possible answers, per `reading_set` setting."""
+    model.eval()
+    report = {}
+    for setting, rows in sets.items():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            hits = [hit[0] for hit in lvlm.first_answer_hits(model, tokenizer, rows, None) if hit is not None]
+        report[setting] = round(sum(hits) / len(hits), 4)
+    model.train()
+    return report
 
 
 def answer_tokens(tokenizer, answer: str) -> int:
@@ -173,6 +216,12 @@ def main() -> None:
     parser.add_argument("--crowd-share", type=float, default=0.5)
     parser.add_argument("--which-share", type=float, default=0.25)
     parser.add_argument("--which-answer", choices=lvlm.WHICH_ANSWER_STYLES, default="full")
+    parser.add_argument("--crowd-text-share", type=float, default=0.0,
+                        help="share of text rows with other people described too")
+    parser.add_argument("--reading-steps", type=int, default=0,
+                        help="first steps on text rows alone (lvlm's reading_steps)")
+    parser.add_argument("--recall", action="store_true",
+                        help="recognition answers restate the asked person's traits first (lvlm.recall)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
@@ -189,13 +238,16 @@ def main() -> None:
     config = dataclasses.replace(
         CURRICULUM, steps=args.steps, warmup_steps=args.warmup, lr=args.lr, seed=args.seed, log_every=50,
         copy_steps=0, vision_steps=0, vision_aux_weight=0.0, position_aux_weight=0.0,
-        crowd_share=args.crowd_share, which_share=args.which_share, which_answer=args.which_answer)
+        crowd_share=args.crowd_share, which_share=args.which_share, which_answer=args.which_answer,
+        recall=args.recall, crowd_text_share=args.crowd_text_share, reading_steps=args.reading_steps)
     items, images = evaluation_set(args.scenes, size, config, args.seed)
+    texts = reading_set(200, config, args.seed)
     pixels = lvlm.pixel_values(processor, images)
     started = time.perf_counter()
     curve = []
     if not args.skip_base:
         curve.append({"step": 0, **measure(model, tokenizer, pixels, items, args.max_new_tokens, args.seed),
+                      "reading": reading(model, tokenizer, texts, args.seed),
                       "measure_seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps({key: curve[0][key] for key in curve[0] if key != "examples"}), file=sys.stderr,
               flush=True)
@@ -206,6 +258,7 @@ def main() -> None:
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
             began = time.perf_counter()
             point = {"step": step + 1, **measure(model, tokenizer, pixels, items, args.max_new_tokens, args.seed),
+                     "reading": reading(model, tokenizer, texts, args.seed),
                      "measure_seconds": round(time.perf_counter() - began, 1),
                      "seconds_per_step": round(clock["train"] / (step + 1), 3)}
             curve.append(point)
@@ -216,7 +269,8 @@ def main() -> None:
                              echo=lambda message: print(message, file=sys.stderr, flush=True))
     changed = {"steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "seed": args.seed,
                "crowd_share": args.crowd_share, "which_share": args.which_share,
-               "which_answer": args.which_answer, "vision_aux_weight": 0.0}
+               "which_answer": args.which_answer, "recall": args.recall, "crowd_text_share": args.crowd_text_share,
+               "reading_steps": args.reading_steps, "vision_aux_weight": 0.0}
     report = {"bench": "multi_concept", "command": " ".join(["python", "bench/multi_concept.py", *sys.argv[1:]]),
               "base": "plvmctl/assets/pocket/backbone", "config": "pocket.CURRICULUM with " + json.dumps(changed),
               "eval_scenes": args.scenes, "threads": args.threads,

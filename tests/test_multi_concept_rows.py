@@ -150,3 +150,17 @@ def test_the_default_mix_has_no_multi_concept_rows():
     rows, _, _ = lvlm.sample_step(random.Random(1), toy.training_identities(), mixed, scene_size=32)
     assert any(row.kind == "which" for row in rows)
     assert all(len(row.descriptions) > 1 for row in rows if row.kind == "recognition")
+
+
+def test_recall_restates_the_asked_persons_compared_traits_before_the_comparison():
+    info = _scene()
+    who = info.people[0].identity
+    config = dataclasses.replace(COMPARE, recall=True)
+    assert lvlm.recall(who, config) == f"<{who.name}> skin tan hair red style curly"
+    rows, _, _ = lvlm.sample_step(random.Random(2), toy.training_identities(),
+                                  dataclasses.replace(config, recognition_share=1.0, crowd_share=0.5), scene_size=32)
+    for row in rows:
+        if row.kind == "recognition":
+            asked = row.question[row.question.index("<") + 1:row.question.index(">")]
+            assert row.answer.startswith(f"<{asked}> skin ")
+            assert parse_yes_no(row.answer) in ("yes", "no")
