@@ -263,11 +263,17 @@ class LvlmTrainConfig:
     single_person_steps: int = 0  # first steps with one person a photo (the curriculum's first stage)
     vision_steps: int = 0  # before any LM step: the vision tower on the probe's labels alone (`vision_warmup_step`)
     portrait_rows_per_step: int = 0  # a portrait and a question about "the person" in it (`portrait_row`)
+    crowd_share: float = 0.0  # share of recognition rows with 1-3 other people's descriptions too (`crowd_row`)
+    which_share: float = 0.0  # per-scene share of "Which of <a> and <b> is in this photo?" rows (`which_row`)
+    which_answer: str = "full"  # what a which row spells out first: "full" | "short" (`which_row`)
+    recall: bool = False  # "compare" recognition answers first restate the asked person's traits (`recall`)
+    crowd_text_share: float = 0.0  # share of text rows with 1-3 other people's descriptions too (`text_row`)
 
 
 @dataclass
 class Row:
-    """One training or evaluation example."""
+    """One training or evaluation example. `descriptions` holds every person the preamble
+    describes, in the order their sentences stand there."""
 
     kind: str
     question: str
@@ -400,6 +406,8 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
     """`count` rows about one photo, kinds drawn by the configured shares."""
     shares = [("scene", config.scene_share), ("recognition", config.recognition_share),
               ("about", config.about_share)]
+    if config.which_share > 0:
+        shares.append(("which", config.which_share))
     total = sum(share for _, share in shares)
     generic = toy.scene_qa(info, rng)
     rows: list[Row] = []
@@ -408,6 +416,8 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
         if kind == "scene":
             question, answer = generic[rng.randrange(len(generic))]
             rows.append(Row("scene", question, answer, image, options=_open_options(answer)))
+        elif kind == "which":
+            rows.append(which_row(info, image, rng, pool, config))
         elif kind == "recognition":
             positive = rng.random() < 0.5
             compare = config.recognition_answer == "compare"
@@ -420,9 +430,14 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             answer = _named(rng.choice(answers), name)
             if compare:
                 answer = comparison(who, info, config.compare_traits)[0] + ". " + answer
+                if config.recall:
+                    answer = recall(who, config) + ". " + answer
             descriptions, reference = _introduce(who, rng, config, portrait)
-            rows.append(Row("recognition", question, answer, image, descriptions, ("Yes", "No"), reference,
-                            _name_token(rng, config)))
+            row = Row("recognition", question, answer, image, descriptions, ("Yes", "No"), reference,
+                      _name_token(rng, config))
+            if compare and reference is None and config.crowd_share > 0 and rng.random() < config.crowd_share:
+                row = crowd_row(row, who, info, rng, pool, config)
+            rows.append(row)
         else:
             person = rng.choice(info.people)
             name = person.identity.name
@@ -443,6 +458,114 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             rows.append(Row("about", question, answer, image, descriptions, firsts, reference,
                             _name_token(rng, config), mcq=mcq))
     return rows
+
+
+WHICH_ANSWER_STYLES = ("full", "short")
+NEITHER_ANSWER = "neither is in this photo."
+
+
+def crowd_row(row: Row, asked: toy.Identity, info: toy.SceneInfo, rng: random.Random,
+              pool: Sequence[toy.Identity], config: LvlmTrainConfig) -> Row:
+    """`row` (a "compare" recognition question about `asked`) with 1 to 3 more people described
+    in the preamble, every sentence in a random place among them.
+
+    The others are people in the photo who are not asked about (as often as there are some)
+    and people absent from it. The answer stays the asked person's comparison and verdict: only
+    the asked description is checked against each person in the photo, so the LM must copy the
+    stated values from the sentence of the name the question asks about, not from whichever
+    sentence is nearest. Every name is a name token of its own (`encode_rows`), as PLVM's
+    concept table gives each concept its own word.
+    """
+    others: list[toy.Identity] = []
+    for _ in range(rng.randint(1, 3)):
+        taken = {asked, *others}
+        present = [person.identity for person in info.people if person.identity not in taken]
+        if present and rng.random() < 0.5:
+            others.append(rng.choice(present))
+            continue
+        candidate = _absent_identity(info, rng, pool, config.hard_negative_share, config.compare_traits)
+        if candidate not in taken:
+            others.append(candidate)
+    people = [asked, *others]
+    rng.shuffle(people)
+    descriptions = {person.name: describe(person, config.description) for person in people}
+    return dataclasses.replace(row, descriptions=descriptions, name_token=True)
+
+
+def recall(identity: toy.Identity, config: LvlmTrainConfig) -> str:
+    """"<name> skin tan hair red style long": the asked person's name, then the compared traits
+    as their description states them (in its order), what a recognition answer with `recall`
+    says before its comparison.
+
+    With several people described, the comparison's stated values must come from the asked
+    person's sentence. Saying the name first turns finding that sentence into the induction
+    pattern the copy warm-up teaches (the word after the earlier occurrence of the word just
+    said); the comparison then copies its stated values from these few words right before it.
+    """
+    keys = [DESCRIPTION_KEYS[trait] for trait in DESCRIPTION_KEYS if trait in config.compare_traits]
+    words = identity.trait_words()
+    return f"<{identity.name}> " + " ".join(f"{key} {words[key]}" for key in keys)
+
+
+def _match_places(identity: toy.Identity, info: toy.SceneInfo, traits: Sequence[str]) -> str:
+    """"left mismatch right match": each person's place and whether `identity` matches them in
+    every one of `traits` (the last word of each person's `comparison`, without the rest)."""
+    words = []
+    for place, seen in info.people_traits():
+        stated = identity.trait_words()
+        same = all(stated[DESCRIPTION_KEYS[trait]] == seen[DESCRIPTION_KEYS[trait]] for trait in traits)
+        words += [place, recognition_templates.MATCH if same else recognition_templates.MISMATCH]
+    return " ".join(words)
+
+
+def which_answer(first: toy.Identity, second: toy.Identity, info: toy.SceneInfo,
+                 config: LvlmTrainConfig) -> str:
+    """The answer to "Which of <first> and <second> is in this photo?": a reasoning per person
+    asked about, in the question's order, then who is there ("<b> is in this photo.", both
+    such sentences in the question's order, or "neither is in this photo.").
+
+    The reasoning never names anyone, so the first name the answer says is the verdict's (the
+    evaluation reads the first one named, `answers.parse_which`). `which_answer="full"`: each
+    person's `comparison` with everyone in the photo (14 words a person in the photo and a
+    person asked about); "short": only each place and match / mismatch (2 words).
+    """
+    if config.which_answer not in WHICH_ANSWER_STYLES:
+        raise ValueError(f"which_answer must be one of {', '.join(WHICH_ANSWER_STYLES)}, "
+                         f"got {config.which_answer!r}")
+    parts, shown = [], []
+    for person in (first, second):
+        words, found = comparison(person, info, config.compare_traits)
+        parts.append(words if config.which_answer == "full" else _match_places(person, info, config.compare_traits))
+        if found:
+            shown.append(person)
+    verdict = " ".join(recognition_templates.WHICH_ANSWERS[0].format(shown=person.name) for person in shown)
+    return ". ".join(parts) + ". " + (verdict or NEITHER_ANSWER)
+
+
+def which_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
+              config: LvlmTrainConfig, present: int | None = None) -> Row:
+    """A "Which of <a> and <b> is in this photo?" row, both people described in the question's
+    order (as `build_prompt` puts them), the answer `which_answer`.
+
+    `present` people of the two are in the photo: 1 (the evaluation's case, drawn 60 % of the
+    time), 2 (20 %, when the photo holds two people) or 0 (otherwise); the others are absent,
+    half of them one visible trait away from someone there. The names are in a random order.
+    """
+    people = [person.identity for person in info.people]
+    if present is None:
+        draw = rng.random()
+        present = 1 if draw < 0.6 else 2 if draw < 0.8 and len(people) >= 2 else 0
+    asked = rng.sample(people, present)
+    while len(asked) < 2:
+        candidate = _absent_identity(info, rng, pool, config.hard_negative_share, config.compare_traits)
+        if candidate not in asked:
+            asked.append(candidate)
+    rng.shuffle(asked)
+    first, second = asked
+    question = rng.choice(recognition_templates.WHICH_QUESTIONS).format(a=first.name, b=second.name)
+    descriptions = {person.name: describe(person, config.description) for person in asked}
+    return Row("which", question, which_answer(first, second, info, config), image, descriptions,
+               name_token=True)
 
 
 def scene_caption(info: toy.SceneInfo) -> str:
@@ -469,7 +592,32 @@ def scene_caption(info: toy.SceneInfo) -> str:
 
 def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig,
              portrait: PortraitMaker | None = None) -> Row:
-    """An attribute question about a described (or portrayed) person, no photo to look at."""
+    """An attribute question about a described (or portrayed) person, no photo to look at;
+    a share `crowd_text_share` of them describes 1 to 3 other people too (`_among_others`)."""
+    row = _text_row(identity, rng, config, portrait)
+    if config.crowd_text_share > 0 and row.reference is None and rng.random() < config.crowd_text_share:
+        row = _among_others(row, identity, rng, config)
+    return row
+
+
+def _among_others(row: Row, identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig) -> Row:
+    """`row` with 1 to 3 other people of `identity`'s part described too, the sentences in a
+    random order, every name a name token of its own: the answer must be read from the
+    sentence of the name asked about, not from the nearest one (the committed base reads a
+    hair colour right 0.90 of the time alone, 0.47 with another sentence after the asked one)."""
+    pool = toy.heldout_identities() if toy.is_heldout(identity) else toy.training_identities()
+    people = [identity]
+    while len(people) < 1 + rng.randint(1, 3):
+        other = pool[rng.randrange(len(pool))]
+        if other not in people:
+            people.append(other)
+    rng.shuffle(people)
+    descriptions = {person.name: describe(person, config.description) for person in people}
+    return dataclasses.replace(row, descriptions=descriptions, name_token=True)
+
+
+def _text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig,
+              portrait: PortraitMaker | None = None) -> Row:
     name = identity.name
     descriptions, reference = _introduce(identity, rng, config, portrait)
     if rng.random() < config.mcq_share:
@@ -550,7 +698,8 @@ class Batch:
     labels: torch.Tensor  # [B, T] answer tokens, -100 elsewhere
     image_index: list[int]  # the photos of the rows, in order of appearance (reference first)
     prompt_lengths: list[int]
-    name_id: int | None = None  # the id every row's own name token has (the vocabulary size)
+    name_id: int | None = None  # the id of a row's (first) own name token (the vocabulary size)
+    names_per_row: list[int] = field(default_factory=list)  # name tokens of each row (its i-th: name_id + i)
 
 
 def _name_slots(segments: list, names: Sequence[str]) -> list:
@@ -561,6 +710,17 @@ def _name_slots(segments: list, names: Sequence[str]) -> list:
     return out
 
 
+def row_prompt(row: Row) -> list:
+    """The row's prompt segments as `build_prompt` writes them, with every described person's
+    sentence in the preamble in the order of `row.descriptions` (a question about one person
+    of several need not have its person's sentence first)."""
+    if len(row.descriptions) <= 1:
+        return build_prompt(row.question, template=POCKET, has_image=row.image is not None,
+                            descriptions=row.descriptions, literal_names=True)
+    preamble = [f" <{name}> is {text.strip().rstrip('.')}." for name, text in row.descriptions.items()]
+    return POCKET.render([row.question], preamble, row.image is not None)
+
+
 def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int, name_id: int | None = None,
                 with_answers: bool = True) -> Batch:
     """Prompt (exactly as at inference) + " answer" + EOS; labels on the answer only.
@@ -568,25 +728,28 @@ def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int, name_id: 
     A row with `name_token` has its person's `<name>` (in the description sentence, the
     question and the answer) as `name_id`, the one id above the vocabulary that `NameTokens`
     gives a fresh embedding per row; other rows keep the name as literal text, as the
-    text-prompt and no-prompt baselines show it. `with_answers=False` encodes prompts only.
+    text-prompt and no-prompt baselines show it. A row describing several people gives the
+    i-th of them `name_id + i`, a name token of its own, as the concept table numbers concepts.
+    `with_answers=False` encodes prompts only.
     """
     def no_slot(slot):
         raise PlvmError(f"unexpected concept slot {slot} in a base-model prompt")
 
-    def name_slot(slot):
-        if name_id is None:
-            raise PlvmError("a row with a name token needs name_id (the vocabulary size)")
-        return name_id
-
-    sequences, labels, lengths, image_index = [], [], [], []
+    sequences, labels, lengths, image_index, counts = [], [], [], [], []
     for row in rows:
-        segments = build_prompt(row.question, template=POCKET, has_image=row.image is not None,
-                                descriptions=row.descriptions, literal_names=True)
+        segments = row_prompt(row)
         answer_segments = [" " + row.answer.strip()] if with_answers else []
         slot = no_slot
+        names = list(row.descriptions)
+        counts.append(len(names) if row.name_token else 0)
         if row.name_token:
-            names = list(row.descriptions)
-            segments, answer_segments, slot = _name_slots(segments, names), _name_slots(answer_segments, names), name_slot
+            if name_id is None:
+                raise PlvmError("a row with a name token needs name_id (the vocabulary size)")
+
+            def slot(found, names=names):
+                return name_id + names.index(found.name)
+
+            segments, answer_segments = _name_slots(segments, names), _name_slots(answer_segments, names)
         prompt = encode_segments(segments, tokenizer, slot_id=slot, image_token_id=IMAGE_ID,
                                  num_image_tokens=num_image_tokens)
         answer = encode_segments(answer_segments, tokenizer, slot_id=slot, image_token_id=IMAGE_ID,
@@ -607,7 +770,7 @@ def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int, name_id: 
         ids[i, :len(sequence)] = torch.tensor(sequence)
         mask[i, :len(sequence)] = 1
         target[i, :len(label)] = torch.tensor(label)
-    return Batch(ids, mask, target, image_index, lengths, name_id)
+    return Batch(ids, mask, target, image_index, lengths, name_id, counts)
 
 
 def pixel_values(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -625,8 +788,9 @@ def image_tokens(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> 
     return torch.stack(list(features))
 
 
-def name_vectors(model, rows: int) -> torch.Tensor:
-    """[rows, H] fresh name embeddings, one per batch row, at the scale of the word embeddings.
+def name_vectors(model, rows: int, count: int = 1) -> torch.Tensor:
+    """[rows, H] fresh name embeddings, one per batch row, at the scale of the word embeddings
+    ([rows, count, H] with `count` above 1: a row's several names, `encode_rows`).
 
     What a name is to the pocket LM: a vector it has never seen, used as the input embedding
     of `<name>` AND as that name's output-head row, exactly as the concept table puts a
@@ -634,6 +798,8 @@ def name_vectors(model, rows: int) -> torch.Tensor:
     LM learns to say whatever name the prompt introduced ("yes, <gozisu> is in this photo").
     """
     scale = model.get_input_embeddings().weight.detach().float().std()
+    if count > 1:
+        return torch.randn(rows, count, model.config.text_config.hidden_size) * scale
     return torch.randn(rows, model.config.text_config.hidden_size) * scale
 
 
@@ -644,7 +810,10 @@ def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: t
     row's own name) and, with `return_features`, the projected image features [N, P, H] or
     None. The vision tower runs once per photo (or not at all when `features` are given); rows
     showing the same photo share its features (scattered into their `<image>` slots in row
-    order). `names` ([B, H]) fixes the name embeddings (fresh ones otherwise)."""
+    order). `names` ([B, H]) fixes the name embeddings (fresh ones otherwise). A batch whose
+    rows hold several names each has `names` [B, N, H] and N name columns; a row's columns
+    past its own names are never predicted (the lowest logit), as the concept table allows
+    each row only its own concepts."""
     vocab = model.config.text_config.vocab_size
     virtual = batch.input_ids >= vocab  # [B, T] name tokens
     embeds = model.get_input_embeddings()(batch.input_ids.clamp(max=vocab - 1))  # [B, T, H]
@@ -656,13 +825,24 @@ def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: t
         embeds = embeds.masked_scatter(mask, per_row.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
     with_names = bool(virtual.any()) or names is not None
     if with_names:
-        names = name_vectors(model, len(embeds)) if names is None else names
-        embeds = torch.where(virtual.unsqueeze(-1), names.unsqueeze(1).to(embeds.dtype), embeds)
+        names = name_vectors(model, len(embeds), max(batch.names_per_row, default=1)) if names is None else names
+        if names.dim() == 2:
+            embeds = torch.where(virtual.unsqueeze(-1), names.unsqueeze(1).to(embeds.dtype), embeds)
+        else:
+            which = (batch.input_ids - vocab).clamp(min=0, max=names.shape[1] - 1)  # [B, T]
+            chosen = torch.gather(names, 1, which.unsqueeze(-1).expand(-1, -1, names.shape[-1]))  # [B, T, H]
+            embeds = torch.where(virtual.unsqueeze(-1), chosen.to(embeds.dtype), embeds)
     hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                          use_cache=False).last_hidden_state  # [B, T, H]
     logits = model.lm_head(hidden)
-    if with_names:
+    if with_names and names.dim() == 2:
         name_logits = (hidden * names.unsqueeze(1).to(hidden.dtype)).sum(-1, keepdim=True)  # [B, T, 1]
+        logits = torch.cat([logits, name_logits.to(logits.dtype)], dim=-1)
+    elif with_names:
+        name_logits = torch.einsum("bth,bnh->btn", hidden, names.to(hidden.dtype))  # [B, T, N]
+        owned = torch.tensor([max(1, count) for count in batch.names_per_row] or [1] * len(embeds))
+        beyond = torch.arange(names.shape[1]).unsqueeze(0) >= owned.unsqueeze(1)  # [B, N]
+        name_logits = name_logits.masked_fill(beyond.unsqueeze(1), torch.finfo(name_logits.dtype).min)
         logits = torch.cat([logits, name_logits.to(logits.dtype)], dim=-1)
     return (logits, features) if return_features else logits
 
@@ -693,7 +873,7 @@ def generate_answers(model, tokenizer, rows: Sequence[Row], pixels: torch.Tensor
         local, order = _with_own_photos(chunk)
         batch = encode_rows(local, tokenizer, num_image_tokens(model), name_id=vocab, with_answers=False)
         features = image_tokens(model, pixels[order]) if order else None
-        names = name_vectors(model, len(chunk))
+        names = name_vectors(model, len(chunk), max(batch.names_per_row, default=1))
         lengths = torch.tensor(batch.prompt_lengths)
         width = int(lengths.max()) + max_new_tokens
         ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
@@ -728,7 +908,8 @@ def generate_answers(model, tokenizer, rows: Sequence[Row], pixels: torch.Tensor
                         words.append(tokenizer.decode(run, skip_special_tokens=True))
                         run = []
                     if token is not None:
-                        words.append(f"<{next(iter(row.descriptions), 'name')}>")
+                        said = list(row.descriptions)[token - vocab:token - vocab + 1] or ["name"]
+                        words.append(f"<{said[0]}>")
                 else:
                     run.append(token)
             answers.append(" ".join(word for word in words if word))

@@ -1,0 +1,166 @@
+"""Rows that describe several people in one prompt (plvmctl.lab.lvlm: `crowd_row`,
+`which_row`): right answers for a constructed photo, bounded lengths, one name token per
+person, and nothing of it in the default pretraining mix."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from plvmctl.answers import parse_which, parse_yes_no
+from plvmctl.lab import lvlm, toy
+from plvmctl.prompt import POCKET, build_prompt
+
+SIZES = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                       vision_layers=1)
+TOKENS_PER_IMAGE = (SIZES.image_size // SIZES.patch_size) ** 2
+COMPARE = lvlm.LvlmTrainConfig(description="keyvalue", recognition_answer="compare", name_share=0.0)
+
+
+@pytest.fixture(scope="module")
+def small():
+    model, tokenizer, processor = lvlm.build_pocket_llava(lvlm.collect_vocabulary(samples=40), SIZES, 0)
+    return model.eval(), tokenizer, processor
+
+
+def _identity(**traits) -> toy.Identity:
+    base = toy.training_identities()[0]
+    return dataclasses.replace(base, **traits)
+
+
+def _scene() -> toy.SceneInfo:
+    """Two people: red curly hair, tan skin on the left; black short hair, pale skin on the right."""
+    _, info = toy.random_scene(toy.training_identities()[0], random.Random(0), toy.training_identities(),
+                               n_people=2, size=32)
+    left = _identity(hair_colour="red", hair_style="curly", skin="tan")
+    right = _identity(hair_colour="black", hair_style="short", skin="pale")
+    people = [dataclasses.replace(info.people[0], identity=left, position="left"),
+              dataclasses.replace(info.people[1], identity=right, position="right")]
+    return dataclasses.replace(info, people=people)
+
+
+def test_which_answers_name_who_is_there_after_a_reasoning_that_names_nobody():
+    info = _scene()
+    left, right = info.people[0].identity, info.people[1].identity
+    absent = _identity(hair_colour="red", hair_style="curly", skin="pale")  # one trait from the left person
+    for style in lvlm.WHICH_ANSWER_STYLES:
+        config = dataclasses.replace(COMPARE, which_answer=style)
+        one = lvlm.which_answer(absent, left, info, config)
+        reasoning, _, verdict = one.rpartition(". ")
+        assert "<" not in reasoning
+        assert verdict == f"<{left.name}> is in this photo."
+        assert parse_which(one, [absent.name, left.name]) == left.name
+        both = lvlm.which_answer(right, left, info, config)
+        assert both.endswith(f"<{right.name}> is in this photo. <{left.name}> is in this photo.")
+        neither = lvlm.which_answer(absent, _identity(hair_colour="blonde"), info, config)
+        assert neither.endswith(lvlm.NEITHER_ANSWER)
+        assert parse_which(neither, [absent.name]) is None
+    full = lvlm.which_answer(absent, left, info, dataclasses.replace(COMPARE, which_answer="full"))
+    assert full.startswith(lvlm.comparison(absent, info)[0] + ". " + lvlm.comparison(left, info)[0] + ". ")
+    short = lvlm.which_answer(absent, left, info, dataclasses.replace(COMPARE, which_answer="short"))
+    assert short == f"left mismatch right mismatch. left match right mismatch. <{left.name}> is in this photo."
+
+
+def test_which_rows_are_bounded_and_describe_both_people_in_the_question_order(small):
+    _, tokenizer, _ = small
+    rng = random.Random(3)
+    pool = toy.training_identities()
+    longest = {style: 0 for style in lvlm.WHICH_ANSWER_STYLES}
+    by_name = {identity.name: identity for identity in toy.all_identities()}
+    for _ in range(30):
+        _, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, n_people=3, size=32)
+        for style in lvlm.WHICH_ANSWER_STYLES:
+            row = lvlm.which_row(info, 0, rng, pool, dataclasses.replace(COMPARE, which_answer=style))
+            first, second = list(row.descriptions)
+            assert row.question.index(f"<{first}>") < row.question.index(f"<{second}>")
+            assert row.name_token
+            shown = [name for name in row.descriptions if lvlm.comparison(by_name[name], info)[1]]
+            assert parse_which(row.answer, list(row.descriptions)) == (shown[0] if shown else None)
+            batch = lvlm.encode_rows([row], tokenizer, TOKENS_PER_IMAGE, name_id=len(tokenizer))
+            answer = int((batch.labels[0] != lvlm.IGNORE).sum()) - 1  # EOS not counted
+            longest[style] = max(longest[style], answer)
+    # 3 people x 2 asked: 14 words each ("full") or 2 ("short"), two full stops, two verdicts
+    assert longest["full"] <= 2 * 3 * 14 + 2 + 2 * 6
+    assert longest["short"] <= 2 * 3 * 2 + 2 + 2 * 6 <= 26
+
+
+def test_crowd_rows_keep_the_asked_answer_and_give_each_person_a_name_token(small):
+    _, tokenizer, _ = small
+    info = _scene()
+    pool = toy.training_identities()
+    config = dataclasses.replace(COMPARE, crowd_share=1.0)
+    asked = info.people[1].identity
+    rng = random.Random(5)
+    for positive in (True, False):
+        who = asked if positive else _identity(hair_colour="black", hair_style="short", skin="tan")
+        base = lvlm.Row("recognition", f"Is <{who.name}> in this photo?",
+                        lvlm.comparison(who, info)[0] + (f". Yes, <{who.name}> is here." if positive else ". No."), 0,
+                        {who.name: lvlm.describe(who, "keyvalue")}, ("Yes", "No"))
+        for _ in range(10):
+            row = lvlm.crowd_row(base, who, info, rng, pool, config)
+            assert row.answer == base.answer and parse_yes_no(row.answer) == ("yes" if positive else "no")
+            assert 2 <= len(row.descriptions) <= 4 and who.name in row.descriptions
+            assert row.descriptions[who.name] == base.descriptions[who.name]
+            assert row.name_token
+            name_id = len(tokenizer)
+            batch = lvlm.encode_rows([row], tokenizer, TOKENS_PER_IMAGE, name_id=name_id)
+            own = name_id + list(row.descriptions).index(who.name)
+            prompt = batch.input_ids[0, :batch.prompt_lengths[0]].tolist()
+            for i in range(len(row.descriptions)):  # each name in its sentence, the asked one in the question too
+                assert prompt.count(name_id + i) == (2 if name_id + i == own else 1)
+            if positive:
+                assert own in batch.labels[0].tolist()
+
+
+def test_the_preamble_follows_the_rows_order_and_matches_build_prompt():
+    row = lvlm.Row("which", "Which of <Aa> and <Bb> is in this photo?", "x", 0,
+                   {"Aa": "hair red", "Bb": "hair black"})
+    natural = build_prompt(row.question, template=POCKET, has_image=True, descriptions=row.descriptions,
+                           literal_names=True)
+    assert lvlm.row_prompt(row) == natural
+    swapped = dataclasses.replace(row, descriptions={"Bb": "hair black", "Aa": "hair red"})
+    text = lvlm.row_prompt(swapped)[0]
+    assert text.index("<Bb> is hair black.") < text.index("<Aa> is hair red.")
+
+
+def test_several_names_get_their_own_columns_and_rows_only_their_own(small):
+    model, tokenizer, _ = small
+    vocab = model.config.text_config.vocab_size
+    two = lvlm.Row("which", "Which of <Aa> and <Bb> is in this photo?", "<Bb> is in this photo.", None,
+                   {"Aa": "hair red", "Bb": "hair black"}, name_token=True)
+    one = lvlm.Row("text", "What colour is <Cc>'s hair?", "red", None, {"Cc": "hair red"}, name_token=True)
+    batch = lvlm.encode_rows([two, one], tokenizer, TOKENS_PER_IMAGE, name_id=vocab)
+    assert batch.names_per_row == [2, 1]
+    assert vocab + 1 in batch.labels[0].tolist()  # the answer says the second name
+    with torch.no_grad():
+        logits = lvlm.forward_logits(model, batch, None)
+    assert logits.shape[-1] == vocab + 2
+    assert float(logits[1, :, vocab + 1].max()) == torch.finfo(logits.dtype).min  # one name only
+    assert torch.isfinite(lvlm.answer_loss(logits, batch.labels))
+
+
+def test_the_default_mix_has_no_multi_concept_rows():
+    config = dataclasses.replace(COMPARE, name_share=0.5)
+    rows, _, _ = lvlm.sample_step(random.Random(1), toy.training_identities(), config, scene_size=32)
+    assert all(row.kind != "which" and len(row.descriptions) <= 1 for row in rows)
+    mixed = dataclasses.replace(config, crowd_share=1.0, which_share=0.5)
+    rows, _, _ = lvlm.sample_step(random.Random(1), toy.training_identities(), mixed, scene_size=32)
+    assert any(row.kind == "which" for row in rows)
+    assert all(len(row.descriptions) > 1 for row in rows if row.kind == "recognition")
+
+
+def test_recall_restates_the_asked_persons_compared_traits_before_the_comparison():
+    info = _scene()
+    who = info.people[0].identity
+    config = dataclasses.replace(COMPARE, recall=True)
+    assert lvlm.recall(who, config) == f"<{who.name}> skin tan hair red style curly"
+    rows, _, _ = lvlm.sample_step(random.Random(2), toy.training_identities(),
+                                  dataclasses.replace(config, recognition_share=1.0, crowd_share=0.5), scene_size=32)
+    for row in rows:
+        if row.kind == "recognition":
+            asked = row.question[row.question.index("<") + 1:row.question.index(">")]
+            assert row.answer.startswith(f"<{asked}> skin ")
+            assert parse_yes_no(row.answer) in ("yes", "no")
