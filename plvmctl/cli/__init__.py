@@ -2,8 +2,8 @@
 
 Each command or group lives in a module of this package and is registered on `main` below,
 all the same way (a method's `train` command lives in its folder, plvmctl/methods/NAME/cli.py,
-and comes from the methods registry); commands parse arguments, call the library and print. `PlvmError` becomes a one-line
-`error: ...` and exit status 1.
+and comes from the methods registry); commands parse arguments, call the library and print.
+`PlvmError` becomes a one-line `error: ...` and exit status 1.
 """
 
 from __future__ import annotations
