@@ -88,6 +88,28 @@ def verdict_start(answer: str) -> int | None:
     return None
 
 
+REASONING_STYLES = ("none", "comparison")  # recipe model.reasoning
+_COMPARISON_END = re.compile(r"\b(?:match|mismatch)\s*[.!]\s*", re.IGNORECASE)
+
+
+def conclusion(answer: str, reasoning: str = "comparison") -> str:
+    """What an answer concludes, without the reasoning a model writes before it.
+
+    `reasoning="comparison"` is the pocket model's way: it compares every person in the photo
+    with the concept, trait by trait, each comparison ending "match" or "mismatch", then
+    concludes ("left red hair red same ... match right ... mismatch. yes, i see <a> here.").
+    The conclusion is the text after the last comparison's full stop. An answer with no
+    comparison, or nothing after it (cut off by the length limit), is returned whole, as is
+    any answer when `reasoning` is "none"."""
+    if reasoning not in REASONING_STYLES:
+        raise ValueError(f"reasoning must be one of {', '.join(REASONING_STYLES)}, got {reasoning!r}")
+    if reasoning == "none":
+        return answer
+    ends = list(_COMPARISON_END.finditer(answer))
+    rest = answer[ends[-1].end():].strip() if ends else ""
+    return rest or answer
+
+
 def parse_yes_no(answer: str | None) -> str | None:
     """Map a free-text recognition answer to "yes", "no", or None when it says neither.
 

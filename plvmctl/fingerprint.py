@@ -5,8 +5,8 @@ what it was (`answer_fingerprint`):
 
 - the recipe as resolved after every `--set`: every section, with the sections that belong to
   one other method left out (`METHOD_SECTIONS`: changing `yollava:` does not touch plvm's
-  answers) and the batch sizes left out (how many questions go through the model at once does
-  not change an answer);
+  answers) and the settings that decide no answer left out (`NOT_DECIDING`: the batch sizes,
+  and how much of an answer `ask` prints);
 - the sha256 of the model's, the reference encoder's and the Aligner's files (`weights_digest`;
   cached by path, size and modification time, so a 14 GB model is read once, not every run);
 - where a trained method's negative photos came from (`pool` in the method's part);
@@ -35,7 +35,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SOURCE_SUFFIXES = (".py", ".json", ".yaml", ".txt")
 # Recipe sections read by one method alone: a change there starts that method afresh, no other.
 METHOD_SECTIONS = {"yollava": "yollava", "myvlm": "myvlm", "mcllava": "mcllava", "plvm-auto": "retrieval"}
-BATCH_KEYS = {"generation": "batch_size", "retrieval": "batch_size"}  # how many at once, not what
+# Settings that do not decide an answer: how many questions go through the model at once, and
+# how much of an answer `ask` prints.
+NOT_DECIDING = {"generation": ("batch_size",), "retrieval": ("batch_size",), "model": ("reasoning",)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,9 +121,10 @@ def resolved_recipe(recipe, method: str) -> dict[str, Any]:
     data: dict[str, Any] = {name: dataclasses.asdict(getattr(recipe, name))
                             for name in ("model", "encoder", "aligner", "generation")}
     data.update({name: dict(section) for name, section in recipe.sections.items() if name not in others})
-    for section, key in BATCH_KEYS.items():
+    for section, keys in NOT_DECIDING.items():
         if isinstance(data.get(section), dict):
-            data[section].pop(key, None)
+            for key in keys:
+                data[section].pop(key, None)
     return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 

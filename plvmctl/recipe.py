@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .answers import REASONING_STYLES
 from .errors import PlvmError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -47,6 +48,10 @@ class ModelSection:
     # tokenized on its own; the released Aligner was trained on those ids)
     prompt_pieces: str = "natural"
     seed: int = 0  # for the random tiny parts only (refused when the recipe has none)
+    # How the model answers: none (it says its answer) | comparison (it compares everyone in
+    # the photo with the concept first, as the pocket model; `ask` and `chat` then print the
+    # conclusion, and the whole answer with -v or --json)
+    reasoning: str = "none"
 
 
 @dataclass
@@ -260,6 +265,7 @@ def _validate(recipe: Recipe) -> None:
     if recipe.model.image_preprocess is not None:
         choice("model.image_preprocess", recipe.model.image_preprocess, ("pad", "crop"))
     choice("model.prompt_pieces", recipe.model.prompt_pieces, ("natural", "per_piece"))
+    choice("model.reasoning", recipe.model.reasoning, REASONING_STYLES)
     choice("aligner.layout", recipe.aligner.layout, ("paper", "released"))
     if recipe.aligner.num_context < 1:
         raise PlvmError("aligner.num_context: must be at least 1")

@@ -13,6 +13,7 @@ from PIL import Image
 from plvmctl import evaluate
 from plvmctl.answers import (
     clean_description,
+    conclusion,
     mcq_prompt,
     parse_mcq_answer,
     parse_mcq_prompt,
@@ -623,3 +624,17 @@ def test_verdict_start_splits_the_reasoning_from_the_verdict():
     assert answer[verdict_start(answer):].startswith("No, <a>")
     assert verdict_start("Yes, that is <a>.") == 0
     assert verdict_start("I cannot tell.") is None
+
+
+def test_conclusion_leaves_out_the_comparisons_a_model_writes_first():
+    compared = ("left red hair red same tan skin pale different mismatch middle red hair red same "
+                "pale skin pale same match. yes, <a> is in this photo.")
+    assert conclusion(compared) == "yes, <a> is in this photo."
+    assert conclusion("left red hair red same match. right") == "right"  # "Where is <a>?"
+    assert conclusion(compared, "none") == compared
+    cut = "left red hair red same tan skin pale different mismatch middle red hair"  # length limit
+    assert conclusion(cut) == cut and conclusion(cut + " red same match.") == cut + " red same match."
+    assert conclusion("No, <a> is not in this photo.") == "No, <a> is not in this photo."
+    assert conclusion("a perfect match for <a>, who is on the left.") == "a perfect match for <a>, who is on the left."
+    with pytest.raises(ValueError, match="reasoning must be one of"):
+        conclusion(compared, "chain")

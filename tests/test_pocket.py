@@ -208,3 +208,30 @@ def test_retrieval_keys_find_and_ask_auto_on_the_pocket_model(tmp_path):
     verified = run("find", album / "scene.png", "--json", verify=8)
     assert verified.exit_code == 0, verified.output
     assert [f["name"] for f in json.loads(verified.stdout)["found"]] == ["ana"]
+
+
+def test_ask_prints_the_conclusion_and_the_whole_answer_on_request(tmp_path):
+    """The pocket recipe's model compares before it answers (`model.reasoning: comparison`):
+    `ask` prints what it concludes, `-v` and `--json` the whole answer with its comparison."""
+    from click.testing import CliRunner
+
+    from plvmctl.cli import main
+
+    person = toy.heldout_identities()[0]
+    toy.render_portrait(person, random.Random(7), size=64).save(tmp_path / "ref.png")
+    scene, _ = toy.random_scene(person, random.Random(5), toy.heldout_identities(), n_people=2)
+    scene.save(tmp_path / "scene.png")
+
+    def run(*args):
+        result = CliRunner().invoke(main, ["--recipe", "pocket", "--device", "cpu", "--store",
+                                           str(tmp_path / "store"), *map(str, args)])
+        assert result.exit_code == 0, result.output
+        return result.stdout.strip()
+
+    run("encode", tmp_path / "ref.png", "--name", "ana")
+    question = (tmp_path / "scene.png", "Is <ana> in this photo?")
+    row = json.loads(run("ask", *question, "--json"))
+    assert " match" in row["answer"] and row["answer"].endswith(row["conclusion"])
+    assert "match" not in row["conclusion"] and parse_yes_no(row["conclusion"]) == "yes"
+    assert run("ask", *question) == row["conclusion"]
+    assert run("-v", "ask", *question) == row["answer"]

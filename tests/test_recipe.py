@@ -41,6 +41,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override, message", [
     ("model.dtype=float8", "model.dtype: 'float8' is not one of"),
     ("model.prompt_pieces=words", "model.prompt_pieces: 'words' is not one of"),
+    ("model.reasoning=chain", "model.reasoning: 'chain' is not one of none, comparison"),
     ("generation.batch_size=0", "at least 1"),
     ("model.colour=red", "unknown key 'colour'"),
     ("generation.do_sample=maybe", "expected true or false"),

@@ -57,7 +57,8 @@ def testset(tmp_path):
 
 def test_nothing_changed_asks_nothing(testset, tmp_path):
     first, _ = _evaluate(testset, tmp_path / "out")
-    again, lines = _evaluate(testset, tmp_path / "out", ["generation.batch_size=1"])  # batch size is not an answer's
+    # neither the batch size nor how much of an answer `ask` prints decides an answer
+    again, lines = _evaluate(testset, tmp_path / "out", ["generation.batch_size=1", "model.reasoning=comparison"])
     assert lines == []
     assert [again["methods"][m]["asked_this_run"] for m in ("plvm", "llava-none")] == [0, 0]
     assert first["methods"]["plvm"]["asked_this_run"] == len(_answers(tmp_path / "out", "plvm")) > 0

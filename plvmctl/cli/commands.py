@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from ..answers import conclusion
 from ..errors import PlvmError
 from ..recipe import refuse_unused_settings
 from .app import App
@@ -103,7 +104,9 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     question, or, with --together, one question about all of them in one prompt; with --batch
     each line has its own image (or list of images, asked together) and question. Decoding is
     greedy unless --sample. Items that fail are reported and the others still answered; the
-    exit status is 1 if any failed.
+    exit status is 1 if any failed. A model that compares before it answers (the pocket
+    recipe's `model.reasoning: comparison`) is shown by its conclusion; -v prints the whole
+    answer, and --json gives both ("answer" and "conclusion").
 
     \b
     Examples:
@@ -145,6 +148,7 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     if batch_size is not None and batch_size < 1:
         raise PlvmError("--batch-size must be at least 1")
 
+    reasoning = app.recipe.model.reasoning
     generation = app.recipe.generation
     if sample:
         generation.do_sample = True
@@ -171,6 +175,8 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
         else:
             result = results[todo.index(i)]
             row.update(answer=result.answer, error=result.error)
+            if reasoning != "none" and result.answer is not None:
+                row["conclusion"] = conclusion(result.answer, reasoning)
             if result.notes.get("located"):  # where the prompt said a concept is (MC-LLaVA)
                 row["located"] = dict(result.notes["located"])
         if auto:
@@ -190,15 +196,21 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
             elif row["error"]:
                 click.echo(f"{_shown(row['image'])}: error: {row['error']}")
             elif len(rows) > 1:
-                click.echo(f"{row['image']}: {row['answer']}")
+                click.echo(f"{row['image']}: {_shown_answer(app, row)}")
             else:
-                click.echo(row["answer"])
+                click.echo(_shown_answer(app, row))
     for row in rows:
         if row["error"]:
             click.echo(f"failed: {_shown(row['image']) if row['image'] else row['question']}: {row['error']}",
                        err=True)
     if failed:
         sys.exit(1)
+
+
+def _shown_answer(app: App, row: dict) -> str:
+    """The answer as `ask` prints it: the conclusion of a model that reasons first (the
+    whole answer with -v)."""
+    return row["answer"] if app.verbose or "conclusion" not in row else row["conclusion"]
 
 
 def _shown(image) -> str:
@@ -395,7 +407,12 @@ def chat(app: App, image: str | None, auto: bool):
                         click.echo("found: " + (" ".join(f"<{n}>" for n in found[current]) or "none"))
                     request.concepts = found[current]
                 result = engine.ask([request])[0]
-                click.echo(f"bot> {result.answer}" if result.ok else f"error: {result.error}")
+                if not result.ok:
+                    click.echo(f"error: {result.error}")
+                elif app.verbose:
+                    click.echo(f"bot> {result.answer}")
+                else:
+                    click.echo(f"bot> {conclusion(result.answer, app.recipe.model.reasoning)}")
         except PlvmError as error:
             click.echo(f"error: {error}")
 

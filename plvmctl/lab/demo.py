@@ -134,7 +134,8 @@ def main(out_dir: str, seed: int, recipe: str) -> None:
     click.echo(f"\ndone in {time.perf_counter() - started:.1f} s")
     if recipe == "pocket":
         click.echo("the pocket model compares each person in the photo with what the concept says before "
-                   "it answers; measured numbers on 40 held-out people: docs/results.md")
+                   "it answers (`plvmctl -v ask ...` prints that comparison too); measured numbers on "
+                   "40 held-out people: docs/results.md")
 
 
 if __name__ == "__main__":
