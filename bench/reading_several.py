@@ -1,0 +1,260 @@
+"""Can a pocket-size LM read the asked person's sentence among 2-4 described people? (text only)
+
+Issue 23: asked about one of several described people, the committed pocket base reads the
+nearest sentence (bench/multi_concept.py's ``reading``: 0.91 alone, 0.49 when another
+sentence follows the asked one). This bench trains a pocket-size LM (`lvlm.LvlmSizes`, or the
+committed base's LM with --base committed) on text rows alone and measures, every --every
+steps, open attribute questions about held-out people ("What is <n>'s skin tone?") with the
+asked person's sentence ``alone``, ``first`` of 2-4, ``last`` of 2-4 or in the ``middle`` of
+3-4 (each person "key value" described, every name a name token of its own, fresh random
+vectors, the evaluation's fixed by a seed). Two figures per setting: ``value``, the asked
+trait's value among its possible values at the value's place (the answer's earlier tokens
+given), and ``exact``, every answer token the most likely one (what greedy decoding says).
+
+The levers, one at a time (all off by default):
+
+* --name-copy-share S: a share S of the copy warm-up's rows are `plvmctl.lab.name_copy` rows
+  (look a fresh name vector up among 2-4, read the value of a key in its own block);
+* --several-share S --several-from N: from reading step N on, a share S of the rows describes
+  1-3 other people too, the asked one at a random place (N=0: from the start);
+* --answer name | namekey: the answer first says the asked name ("<n> black") or the name and
+  the trait's key ("<n> hair black"), a scratchpad that puts the lookup's cue right before
+  the value.
+
+    python bench/reading_several.py --copy-warmup 20 --steps 20 --every 10 --eval-rows 40   # machinery
+
+Prints one JSON object per evaluation and a summary (written to --out when given).
+
+The committed results (docs/bench/reading_several_*.json; each run with --out /tmp/rs/NAME.json
+and copied; CPU, one torch thread, 2 cores shared with another long run, 2026-12-07; 200
+held-out questions a setting; ``value`` figures, alone / first / middle / last):
+
+    # baseline: 300 copy steps, reading alone, several people (share 0.5) only from step 400
+    python bench/reading_several.py --copy-warmup 300 --steps 600 --several-share 0.5 --several-from 400 \
+        --out docs/bench/reading_several_baseline.json
+      step 400: 1.00 / 0.33 / 0.31 / 0.78      step 600: 1.00 / 0.47 / 0.45 / 0.56   (0.23-0.34 s/step)
+    # (b) several people from the start
+    python bench/reading_several.py --copy-warmup 300 --steps 600 --several-share 0.5 \
+        --out docs/bench/reading_several_from_start.json
+      step 300: 0.97 / 0.47 / 0.42 / 0.55      step 600: 1.00 / 0.49 / 0.40 / 0.57   (0.60 s/step)
+    # (a) a copy warm-up half of name_copy rows; stopped in its reading steps: the warm-up loss
+    #     went 5.37 -> 5.12 in 900 steps (300 steps: 5.25), so the lookup was never learned
+    #     (docs/bench/reading_several_namecopy_stopped.json holds the printed lines)
+    python bench/reading_several.py --copy-warmup 900 --name-copy-share 0.5 --steps 400 --several-share 0.5
+      step 0 after the warm-up: 0.32 / 0.24 / 0.29 / 0.29
+    # the committed base's LM, several people from the start, lr 1e-3
+    python bench/reading_several.py --base committed --lr 1e-3 --steps 300 --several-share 0.5 \
+        --out docs/bench/reading_several_committed.json
+      step 0: 0.94 / 0.40 / 0.34 / 0.70        step 300: 0.95 / 0.52 / 0.43 / 0.60   (0.57 s/step)
+    # (c) the same, answers "<n> key value" (exact: the whole answer right, name included)
+    python bench/reading_several.py --base committed --lr 1e-3 --steps 300 --several-share 0.5 --answer namekey \
+        --out docs/bench/reading_several_committed_namekey.json
+      step 300: 0.97 / 0.57 / 0.51 / 0.60, exact 0.97 / 0.25 / 0.17 / 0.23     (0.63 s/step)
+    # (a) on the committed base: 300 steps of name_copy rows alone first
+    python bench/reading_several.py --base committed --lr 1e-3 --copy-warmup 300 --name-copy-share 1.0 \
+        --steps 300 --several-share 0.5 --out docs/bench/reading_several_committed_namecopy.json
+      warm-up loss 5.36 -> 5.22 (chance ln 204 = 5.32); step 0 after it: 0.55 / 0.40 / 0.35 / 0.40
+      step 300: 0.95 / 0.55 / 0.47 / 0.64   (0.67 s/step; the warm-up 0.38 s/step)
+
+No variant reads the asked person's sentence among others: with several people, every one
+settles near "read one of the sentences" (about 0.5 with 2-4 people, whose values often
+agree), alone stays at 0.93-1.0. See docs/research-log.md, "Two concepts in one prompt".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from plvmctl.lab import lvlm, name_copy, toy
+from plvmctl.lab.pocket import ASSETS
+
+SETTINGS = ("alone", "first", "middle", "last")
+
+
+def reading_row(asked: toy.Identity, others: list[toy.Identity], place: int, trait: str, template: str,
+                answer_style: str) -> lvlm.Row:
+    """An open question about `asked`, described at `place` among `others` (all name tokens)."""
+    people = others[:place] + [asked] + others[place:]
+    descriptions = {person.name: lvlm.describe(person, "keyvalue") for person in people}
+    value = getattr(asked, trait)
+    name = f"<{asked.name}>"
+    answer = {"plain": value, "name": f"{name} {value}",
+              "namekey": f"{name} {toy.TRAIT_KEYS[trait]} {value}"}[answer_style]
+    return lvlm.Row("text", template.replace("<sks>", name), answer, None, descriptions,
+                    tuple(toy.TRAITS[trait]), name_token=True)
+
+
+def random_question(rng: random.Random) -> tuple[str, str]:
+    trait = rng.choice(list(toy._ATTRIBUTE_TEMPLATES))
+    return trait, rng.choice(toy._ATTRIBUTE_TEMPLATES[trait])
+
+
+def others_of(asked: toy.Identity, pool: list[toy.Identity], count: int, rng: random.Random) -> list[toy.Identity]:
+    others: list[toy.Identity] = []
+    while len(others) < count:
+        other = pool[rng.randrange(len(pool))]
+        if other != asked and other not in others:
+            others.append(other)
+    return others
+
+
+def training_row(pool: list[toy.Identity], rng: random.Random, several: float, answer_style: str) -> lvlm.Row:
+    asked = pool[rng.randrange(len(pool))]
+    trait, template = random_question(rng)
+    count = rng.randint(1, 3) if rng.random() < several else 0
+    return reading_row(asked, others_of(asked, pool, count, rng), rng.randint(0, count), trait, template,
+                       answer_style)
+
+
+def evaluation_sets(rows: int, answer_style: str, seed: int) -> dict[str, list[lvlm.Row]]:
+    """The same question about the same held-out person in every setting."""
+    rng = random.Random(f"plvmctl-reading-several-{seed}")
+    pool = toy.heldout_identities()
+    sets: dict[str, list[lvlm.Row]] = {setting: [] for setting in SETTINGS}
+    for _ in range(rows):
+        asked = pool[rng.randrange(len(pool))]
+        trait, template = random_question(rng)
+        others = others_of(asked, pool, 3, rng)
+        k, middle_k = rng.randint(2, 4), rng.randint(3, 4)
+        sets["alone"].append(reading_row(asked, [], 0, trait, template, answer_style))
+        sets["first"].append(reading_row(asked, others[:k - 1], 0, trait, template, answer_style))
+        sets["last"].append(reading_row(asked, others[:k - 1], k - 1, trait, template, answer_style))
+        sets["middle"].append(reading_row(asked, others[:middle_k - 1], rng.randint(1, middle_k - 2), trait,
+                                          template, answer_style))
+    return sets
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int = 100) -> dict[str, float]:
+    """``value``: the value among the trait's values at its place (earlier answer tokens given);
+    ``exact``: every answer token (EOS aside) is the argmax, over words and the row's names."""
+    model.eval()
+    name_id = model.config.text_config.vocab_size
+    value_hits = exact_hits = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(rows), batch_rows):
+            chunk = rows[start:start + batch_rows]
+            batch = lvlm.encode_rows(chunk, tokenizer, lvlm.num_image_tokens(model), name_id=name_id)
+            logits = lvlm.forward_logits(model, batch, None)
+            for i, row in enumerate(chunk):
+                places = (batch.labels[i] != lvlm.IGNORE).nonzero().flatten().tolist()[:-1]  # EOS aside
+                predicted = logits[i, [p - 1 for p in places]].argmax(-1)
+                exact_hits += bool((predicted == batch.labels[i, places]).all())
+                place = places[-1]
+                scores = logits[i, place - 1]
+                options = [tokenizer(" " + option, add_special_tokens=False)["input_ids"][0] for option in row.options]
+                value_hits += max(options, key=lambda token: float(scores[token])) == int(batch.labels[i, place])
+    model.train()
+    return {"value": round(value_hits / len(rows), 3), "exact": round(exact_hits / len(rows), 3)}
+
+
+def evaluate(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int) -> dict[str, dict[str, float]]:
+    return {setting: accuracy(model, tokenizer, rows, seed) for setting, rows in sets.items()}
+
+
+def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: int = 64) -> float:
+    """One step of the copy warm-up: `lvlm.copy_warmup_loss` rows and a share `name_share` of
+    `name_copy` rows, the two losses weighted by their row counts."""
+    named = round(rows * name_share)
+    loss = torch.zeros(())
+    if rows - named:
+        loss = loss + lvlm.copy_warmup_loss(model, rng, rows=rows - named) * (rows - named) / rows
+    if named:
+        loss = loss + name_copy.name_copy_loss(model, rng, rows=named) * named / rows
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", choices=("fresh", "committed"), default="fresh",
+                        help="a fresh pocket-size LM, or the committed base (plvmctl/assets/pocket/backbone)")
+    parser.add_argument("--copy-warmup", type=int, default=0, help="copy warm-up steps before reading")
+    parser.add_argument("--name-copy-share", type=float, default=0.0,
+                        help="share of the warm-up's rows that are name_copy rows")
+    parser.add_argument("--steps", type=int, default=1000, help="reading steps")
+    parser.add_argument("--several-share", type=float, default=0.0,
+                        help="share of reading rows with 1-3 other people described too")
+    parser.add_argument("--several-from", type=int, default=0, help="reading step from which --several-share holds")
+    parser.add_argument("--answer", choices=("plain", "name", "namekey"), default="plain")
+    parser.add_argument("--rows", type=int, default=64, help="rows per step")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.base == "committed":
+        backbone = ASSETS / "backbone"
+        model, tokenizer = LlavaForConditionalGeneration.from_pretrained(backbone), AutoTokenizer.from_pretrained(backbone)
+    else:
+        vocabulary = lvlm.collect_vocabulary(description="keyvalue")
+        model, tokenizer, _ = lvlm.build_pocket_llava(vocabulary, lvlm.LvlmSizes(), args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    pool = toy.training_identities()
+    rng = random.Random(args.seed)
+    sets = evaluation_sets(args.eval_rows, args.answer, args.seed)
+    model.train()
+    report: dict = {"bench": "reading_several", "command": " ".join(["python", "bench/reading_several.py", *sys.argv[1:]]),
+                    "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}}
+    started = time.perf_counter()
+    if args.copy_warmup:
+        warm_rng = random.Random(args.seed + 7)
+        losses = []
+        for step in range(args.copy_warmup):
+            losses.append(warmup_step(model, optimizer, warm_rng, args.name_copy_share))
+            if (step + 1) % 100 == 0:
+                print(json.dumps({"warmup_step": step + 1, "loss": round(sum(losses[-20:]) / 20, 3)}), flush=True)
+        report["warmup"] = {"steps": args.copy_warmup, "loss_first10": round(sum(losses[:10]) / 10, 3),
+                            "loss_last10": round(sum(losses[-10:]) / 10, 3),
+                            "loss_every_100": [round(sum(losses[i - 20:i]) / 20, 3)
+                                               for i in range(100, args.copy_warmup + 1, 100)],
+                            "seconds_per_step": round((time.perf_counter() - started) / args.copy_warmup, 3)}
+        print(json.dumps(report["warmup"]), flush=True)
+    curve, train_seconds, losses = [], 0.0, []
+    for step in range(args.steps + 1):
+        if step % args.every == 0 or step == args.steps:
+            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed),
+                     "loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 3),
+                     "seconds_per_step": round(train_seconds / max(1, step), 3)}
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+        if step == args.steps:
+            break
+        began = time.perf_counter()
+        several = args.several_share if step >= args.several_from else 0.0
+        rows = [training_row(pool, rng, several, args.answer) for _ in range(args.rows)]
+        batch = lvlm.encode_rows(rows, tokenizer, lvlm.num_image_tokens(model), name_id=model.config.text_config.vocab_size)
+        loss = lvlm.answer_loss(lvlm.forward_logits(model, batch, None), batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        train_seconds += time.perf_counter() - began
+    worst = [min(point[setting]["value"] for setting in SETTINGS) for point in curve]
+    report.update({"curve": curve, "first_step_all_settings_value_0.9": next(
+        (point["step"] for point, low in zip(curve, worst) if low >= 0.9), None),
+        "seconds": round(time.perf_counter() - started, 1)})
+    print(json.dumps({key: report[key] for key in report if key != "curve"}), flush=True)
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

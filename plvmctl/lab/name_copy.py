@@ -1,0 +1,109 @@
+"""A copy warm-up over fresh name vectors: look a name up, read what its own block says.
+
+`lvlm.copy_warmup_loss` teaches the pocket LM induction over vocabulary words. A person in a
+prompt is different: their name is a fresh random vector (a name token, `lvlm.name_vectors`),
+and several people's descriptions use the same keys ("hair black" in every sentence), so the
+value to read is the one after the asked key *inside the asked name's block*, not the nearest
+one. These rows teach exactly that lookup on random words, before any description is seen:
+
+    <s> <n1> [w] k1 v11 k2 v12 k3 v13 <n2> [w] k1 v21 k3 v23 k2 v22 ... filler ... <n2> [x] k3 v23 <n1> [x] k1 v11
+
+Every row has 2 to 4 names (name tokens `name_id + i`, as `lvlm.encode_rows` numbers several
+people), one block per name holding the row's keys in its own random order, each with a value
+of its own; an optional connective word `w` after each name (a sentence's "is"); then
+queries, each a name and a key in either order with 0 to 2 filler words between (a question
+names its person before or after the trait: "what is <n>'s hair colour", "the hair colour of
+<n>"), answered by that block's value. A share `next_share` of the rows asks instead for the
+word that follows a name ("<n2> ->" the first word of <n2>'s block: the plain induction
+pattern on a name vector; these rows'
+blocks are distinct random words, no keys). Only the answers carry loss; special tokens are
+never drawn.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..tiny import BOS_ID, PAD_ID, SPECIAL_TOKENS
+from .lvlm import IGNORE, Batch, forward_logits
+
+
+@dataclass
+class NameCopyRow:
+    """One warm-up row: token ids (names as `name_id + i`), the answer id at each answered
+    position (IGNORE elsewhere), how many names it holds, and what each answer was asked by:
+    (name token, key), the key None when the word after the name was asked."""
+
+    ids: list[int]
+    labels: list[int]
+    names: int
+    queries: list[tuple[int, int | None]]
+
+
+def name_copy_row(rng: random.Random, vocab_size: int, name_id: int, next_share: float = 0.25,
+                  max_keys: int = 5) -> NameCopyRow:
+    """A random row (see the module docstring); `name_id` is the first name token's id."""
+    first = len(SPECIAL_TOKENS)
+    people = rng.randint(2, 4)
+    keys_count = rng.randint(2, max_keys)
+    words = rng.sample(range(first, vocab_size), keys_count + 3)
+    keys, connective, filler_words = words[:keys_count], words[keys_count], words[keys_count + 1:]
+    taken = set(words)
+    free = [word for word in range(first, vocab_size) if word not in taken]
+    asked_next = rng.random() < next_share
+    use_connective = not asked_next and rng.random() < 0.5
+    blocks: list[list[int]] = []  # per name: its block's words after the name (and connective)
+    ids = [BOS_ID]
+    for person in range(people):
+        if asked_next:  # distinct words: the one after the name tells the names apart
+            block = rng.sample(free, rng.randint(2, 2 * max_keys))
+        else:
+            order = rng.sample(keys, rng.randint(max(1, keys_count - 1), keys_count))
+            block = [token for key in order for token in (key, rng.choice(free))]
+        blocks.append(block)
+        ids += [name_id + person] + ([connective] if use_connective else []) + block
+    ids += [rng.choice(free) for _ in range(rng.randint(0, 4))]
+    labels = [IGNORE] * len(ids)
+    queries: list[tuple[int, int | None]] = []
+    for _ in range(rng.randint(1, 3)):
+        person = rng.randrange(people)
+        if asked_next:
+            cue, answer, key = [name_id + person], blocks[person][0], None
+        else:
+            pair = rng.randrange(len(blocks[person]) // 2)
+            key, answer = blocks[person][2 * pair], blocks[person][2 * pair + 1]
+            between = [rng.choice(filler_words) for _ in range(rng.randint(0, 2))]
+            cue = [name_id + person] + between + [key] if rng.random() < 0.5 else [key] + between + [name_id + person]
+        ids += cue + [answer]
+        labels += [IGNORE] * len(cue) + [answer]
+        queries.append((name_id + person, key))
+    return NameCopyRow(ids, labels, people, queries)
+
+
+def name_copy_batch(rows: list[NameCopyRow], name_id: int) -> Batch:
+    """The rows right-padded into an `lvlm.Batch` (no photos) that `lvlm.forward_logits` reads;
+    `labels[t]` is the answer predicted from position t - 1, as in `encode_rows`."""
+    width = max(len(row.ids) for row in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row.ids)] = torch.tensor(row.ids)
+        mask[i, :len(row.ids)] = 1
+        labels[i, :len(row.labels)] = torch.tensor(row.labels)
+    return Batch(ids, mask, labels, [], [len(row.ids) for row in rows], name_id, [row.names for row in rows])
+
+
+def name_copy_loss(model, rng: random.Random, rows: int = 64, next_share: float = 0.25) -> torch.Tensor:
+    """Cross-entropy of the answers of `rows` fresh rows, every name a fresh random vector
+    (input embedding and output-head row, `lvlm.forward_logits`)."""
+    vocab_size = model.config.text_config.vocab_size
+    batch = name_copy_batch([name_copy_row(rng, vocab_size, vocab_size, next_share) for _ in range(rows)],
+                            vocab_size)
+    logits = forward_logits(model, batch, None)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE)

@@ -1,0 +1,75 @@
+"""The copy warm-up over fresh name vectors (plvmctl.lab.name_copy): every answer is what the
+asked name's own block says, names are numbered as encode_rows numbers several people, and
+the loss runs through lvlm.forward_logits."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from plvmctl.lab import lvlm, name_copy
+from plvmctl.tiny import BOS_ID, SPECIAL_TOKENS
+
+VOCAB = 60
+
+
+def _blocks(row: name_copy.NameCopyRow) -> dict[int, list[int]]:
+    """Each name's block: the words after it up to the next name (the last block runs on into
+    the filler and a first query that begins with a key, after the block's own words)."""
+    blocks: dict[int, list[int]] = {}
+    current = None
+    for token in row.ids[1:]:
+        if token >= VOCAB:
+            if token in blocks:  # a name seen before: the queries have begun
+                break
+            current = blocks.setdefault(token, [])
+        elif current is not None:
+            current.append(token)
+    return blocks
+
+
+def test_rows_are_well_formed_and_every_answer_is_read_from_the_asked_block():
+    rng = random.Random(0)
+    kinds = set()
+    for _ in range(300):
+        row = name_copy.name_copy_row(rng, VOCAB, VOCAB)
+        assert row.ids[0] == BOS_ID and len(row.ids) == len(row.labels)
+        assert 2 <= row.names <= 4
+        assert sorted({t for t in row.ids if t >= VOCAB}) == list(range(VOCAB, VOCAB + row.names))
+        assert all(len(SPECIAL_TOKENS) <= t for t in row.ids[1:])
+        blocks = _blocks(row)
+        answered = [i for i, label in enumerate(row.labels) if label != lvlm.IGNORE]
+        assert 1 <= len(answered) == len(row.queries) <= 3
+        for i, (name, key) in zip(answered, row.queries):
+            assert row.ids[i] == row.labels[i]
+            block = blocks[name]
+            if key is None:  # "<n> ->" the first word of its block
+                kinds.add("next")
+                assert row.ids[i - 1] == name and row.labels[i] == block[0]
+            else:  # the name and a key, 0 to 2 words apart, either first; the key's value
+                kinds.add("key")
+                cue = row.ids[i - 4:i]
+                assert {name, key} <= set(cue) and row.ids[i - 1] in (name, key)
+                assert block[block.index(key) + 1] == row.labels[i]  # the value after the key
+    assert kinds == {"next", "key"}
+
+
+def test_the_loss_runs_with_several_fresh_names_per_row():
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, _, _ = lvlm.build_pocket_llava([f"w{i}" for i in range(VOCAB)], sizes, 0)
+    vocab_size = model.config.text_config.vocab_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(1)
+    for _ in range(2):
+        loss = name_copy.name_copy_loss(model, rng, rows=8)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    rows = [name_copy.name_copy_row(rng, vocab_size, vocab_size) for _ in range(4)]
+    batch = name_copy.name_copy_batch(rows, vocab_size)
+    assert batch.names_per_row == [row.names for row in rows] and batch.image_index == []
+    logits = lvlm.forward_logits(model, batch, None)
+    assert logits.shape == (4, max(len(row.ids) for row in rows), vocab_size + max(row.names for row in rows))
