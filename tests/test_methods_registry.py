@@ -77,17 +77,16 @@ def test_every_method_is_in_evals_method_option(method):
 @pytest.mark.parametrize("method", REGISTRY, ids=IDS)
 def test_every_method_section_is_a_known_recipe_section(method):
     if method.section is None:
-        assert method.negatives is None  # a method trained on negatives reads them from its section
+        assert not method.trains_on_negatives  # a method trained on negatives reads them from its section
         return
     assert method.section.name in RECIPE_SECTIONS and method.section.name not in CORE_SECTIONS
     settings = method.section.settings()
     assert dataclasses.is_dataclass(settings)
     settings.validate()
     assert METHOD_SECTIONS.get(method.name) == method.section.name  # answers depend on the section
-    if method.negatives is not None:
-        read = method.negatives(recipe_from_dict({method.section.name: {"negatives_dir": "negs"}}))
+    if method.trains_on_negatives:
+        read = TRAINED_ON_NEGATIVES[method.name](recipe_from_dict({method.section.name: {"negatives_dir": "negs"}}))
         assert isinstance(read, method.section.settings) and read.negatives_dir == "negs"
-        assert TRAINED_ON_NEGATIVES[method.name] is method.negatives
 
 
 @pytest.mark.parametrize("method", REGISTRY, ids=IDS)

@@ -11,8 +11,8 @@ backbones. A record says everything the rest of plvmctl needs to know about a me
 - `section`: its recipe section and the settings dataclass read from it, or None;
 - `cache`: what it keeps in an evaluation's cache folder, or None;
 - `hook`: the ask-time hook the engine runs for its concepts, or None;
-- `negatives`: for a method trained on photos of other people, how it reads its settings
-  from the recipe (`eval` gives it a `negative_pool` from them before anything runs);
+- `trains_on_negatives`: trained on photos of other people (`eval` gives it a
+  `negative_pool`, from the index or negatives_dir its section names, before anything runs);
 - `page`: its documentation page.
 
 Each method's folder holds adapter.py (the eval adapter), and as it has them trainer.py, cli.py
@@ -47,7 +47,7 @@ METHODS: dict[str, MethodFactory] = {method.name: method.prepare for method in R
                                      if method.prepare is not None}
 # The methods that train on photos of other people, with how each reads its settings (which
 # name its index / negatives_dir): `eval` gives them a `negative_pool` before anything runs.
-TRAINED_ON_NEGATIVES = {method.name: method.negatives for method in REGISTRY if method.negatives is not None}
+TRAINED_ON_NEGATIVES = {method.name: method.section.read for method in REGISTRY if method.trains_on_negatives}
 # What each method keeps in an evaluation's cache folder (set aside with its answers when what
 # decides them changed).
 METHOD_CACHES = {method.name: method.cache for method in REGISTRY if method.cache is not None}

@@ -25,6 +25,12 @@ class Section:
     name: str
     settings: type
 
+    def read(self, recipe):
+        """The recipe's section as `settings`, checked."""
+        config = recipe.section(self.name, self.settings)
+        config.validate()
+        return config
+
 
 @dataclass(frozen=True)
 class Method:
@@ -37,7 +43,9 @@ class Method:
     section: Section | None = None
     cache: str | None = None  # file or folder name in an evaluation's cache/
     hook: type | None = None  # ask-time hook class (`Engine(hooks=...)`)
-    negatives: Callable[[Any], Any] | None = None  # recipe -> settings naming index / negatives_dir
+    # trained on photos of other people: `eval` gives it a negative pool, from the index or
+    # negatives_dir its section names
+    trains_on_negatives: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,11 @@ and its ask-time visual prompt (hook.py).
 
 from __future__ import annotations
 
-from ..base import Method, Section
+from ..base import Method
 from .adapter import MCLLAVA_CACHE, prepare_mcllava
 from .cli import mcllava as train_command
-from .hook import LocatedHook, location_settings
-from .trainer import McllavaConfig
+from .hook import MCLLAVA_SECTION, LocatedHook
 
 RECORDS = (Method("mcllava", prepare_mcllava, "docs/methods/mcllava.md", train_command=train_command,
-                  section=Section("mcllava", McllavaConfig), cache=MCLLAVA_CACHE, hook=LocatedHook,
-                  negatives=location_settings),)
+                  section=MCLLAVA_SECTION, cache=MCLLAVA_CACHE, hook=LocatedHook,
+                  trains_on_negatives=True),)

@@ -5,7 +5,7 @@ visual prompt (hook.py)."""
 from __future__ import annotations
 
 from ..base import MethodContext, PreparedMethod, train_references
-from .hook import location_settings
+from .hook import MCLLAVA_SECTION
 from .trainer import train_mcllava, training_digest
 
 MCLLAVA_CACHE = "mcllava"
@@ -23,7 +23,7 @@ def prepare_mcllava(context: MethodContext) -> PreparedMethod:
     the personalized visual prompt (`mcllava.location`; details say which).
     """
     runtime = context.runtime
-    config = location_settings(runtime.recipe)
+    config = MCLLAVA_SECTION.read(runtime.recipe)
 
     def train_group(names, positives, negatives, folder):
         result = train_mcllava(runtime, {name: positives[name] for name in names}, negatives, config, folder,

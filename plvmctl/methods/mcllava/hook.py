@@ -41,7 +41,12 @@ from PIL import Image, ImageDraw
 
 from ...engine import Engine, Prepared
 from ...errors import PlvmError
+from ..base import Section
 from .trainer import PROTOTYPES, THRESHOLD, McllavaConfig, best_patch_scores, square_side
+
+# The recipe's `mcllava:` section: the training settings and the visual prompt's (location,
+# location_grid, location_threshold ...).
+MCLLAVA_SECTION = Section("mcllava", McllavaConfig)
 
 FEATURE_CHUNK = 32
 
@@ -119,19 +124,12 @@ def locate(concept: Any, features: torch.Tensor, threshold: float | None = None)
     return Location(concept.name, float(scores[patch]), float(threshold), patch, side)
 
 
-def location_settings(recipe: Any):
-    """The recipe's `mcllava:` section (location, location_grid, location_threshold ...)."""
-    config = recipe.section("mcllava", McllavaConfig)
-    config.validate()
-    return config
-
-
 def visual_prompts(runtime: Any, photos: Sequence[tuple[Image.Image, Mapping[str, Any]]]
                    ) -> list[tuple[dict[str, str], Image.Image]]:
     """For each (photo, {name: concept}), the location text of each concept found in it
     ({name: "on the left"} or {name: "located at 'Mark 1'"}) and the photo the model should see
     (marked with `location: mark`). Photo features are computed once per photo, in chunks."""
-    settings = location_settings(runtime.recipe)
+    settings = MCLLAVA_SECTION.read(runtime.recipe)
     if settings.location == "off":
         return [({}, image) for image, _ in photos]
     preprocess = runtime.backbone.image_preprocess

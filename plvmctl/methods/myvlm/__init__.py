@@ -6,12 +6,11 @@ its ask-time concept head (hook.py).
 
 from __future__ import annotations
 
-from ..base import Method, Section
-from .adapter import MYVLM_CACHE, myvlm_settings, prepare_myvlm
+from ..base import Method
+from .adapter import MYVLM_CACHE, MYVLM_SECTION, prepare_myvlm
 from .cli import myvlm as train_command
 from .hook import SeenHook
-from .trainer import MyvlmConfig
 
 RECORDS = (Method("myvlm", prepare_myvlm, "docs/methods/myvlm.md", train_command=train_command,
-                  section=Section("myvlm", MyvlmConfig), cache=MYVLM_CACHE, hook=SeenHook,
-                  negatives=myvlm_settings),)
+                  section=MYVLM_SECTION, cache=MYVLM_CACHE, hook=SeenHook,
+                  trains_on_negatives=True),)

@@ -3,20 +3,14 @@ its concept head acts at ask time (hook.py, `SeenHook`)."""
 
 from __future__ import annotations
 
-from ..base import MethodContext, PreparedMethod, train_per_identity
+from ..base import MethodContext, PreparedMethod, Section, train_per_identity
 from .trainer import MyvlmConfig, train_myvlm
 
 MYVLM_CACHE = "myvlm"
+MYVLM_SECTION = Section("myvlm", MyvlmConfig)
 TEXT_QA_NOTE = ("text QA is asked without a photo, so no MyVLM concept head can fire: the "
                 "concept is absent and the question carries only its name (as in MyVLM, "
                 "whose concepts exist only when their head fires on an image)")
-
-
-def myvlm_settings(recipe):
-    """The recipe's `myvlm:` section, checked."""
-    config = recipe.section("myvlm", MyvlmConfig)
-    config.validate()
-    return config
 
 
 def prepare_myvlm(context: MethodContext) -> PreparedMethod:
@@ -29,7 +23,7 @@ def prepare_myvlm(context: MethodContext) -> PreparedMethod:
     are answered with the concept's name alone, and the report says so (`details["note"]`).
     """
     runtime = context.runtime
-    config = myvlm_settings(runtime.recipe)
+    config = MYVLM_SECTION.read(runtime.recipe)
     made = train_per_identity(
         context, MYVLM_CACHE, config,
         lambda name, positives, negatives, out: train_myvlm(runtime, name, positives, negatives, config, out))

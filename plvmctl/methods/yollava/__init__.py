@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-from ..base import Method, Section
-from .adapter import YOLLAVA_CACHE, prepare_yollava, yollava_settings
+from ..base import Method
+from .adapter import YOLLAVA_CACHE, YOLLAVA_SECTION, prepare_yollava
 from .cli import yollava as train_command
-from .trainer import YollavaConfig
 
 RECORDS = (Method("yollava", prepare_yollava, "docs/methods/yollava.md", train_command=train_command,
-                  section=Section("yollava", YollavaConfig), cache=YOLLAVA_CACHE, negatives=yollava_settings),)
+                  section=YOLLAVA_SECTION, cache=YOLLAVA_CACHE, trains_on_negatives=True),)

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from ..base import MethodContext, PreparedMethod, train_per_identity
+from ..base import MethodContext, PreparedMethod, Section, train_per_identity
 from .trainer import YollavaConfig, train_yollava
 
 YOLLAVA_CACHE = "yollava"
-
-
-def yollava_settings(recipe):
-    """The recipe's `yollava:` section, checked."""
-    config = recipe.section("yollava", YollavaConfig)
-    config.validate()
-    return config
+YOLLAVA_SECTION = Section("yollava", YollavaConfig)
 
 
 def prepare_yollava(context: MethodContext) -> PreparedMethod:
@@ -26,7 +20,7 @@ def prepare_yollava(context: MethodContext) -> PreparedMethod:
     the time stored in the concept when it comes from the cache.
     """
     runtime = context.runtime
-    config = yollava_settings(runtime.recipe)
+    config = YOLLAVA_SECTION.read(runtime.recipe)
     made = train_per_identity(
         context, YOLLAVA_CACHE, config,
         lambda name, positives, negatives, out: train_yollava(runtime, name, positives, negatives, config,
