@@ -196,9 +196,9 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
             elif row["error"]:
                 click.echo(f"{_shown(row['image'])}: error: {row['error']}")
             elif len(rows) > 1:
-                click.echo(f"{row['image']}: {_shown_answer(app, row)}")
+                click.echo(f"{row['image']}: {_shown_answer(app, row['answer'])}")
             else:
-                click.echo(_shown_answer(app, row))
+                click.echo(_shown_answer(app, row["answer"]))
     for row in rows:
         if row["error"]:
             click.echo(f"failed: {_shown(row['image']) if row['image'] else row['question']}: {row['error']}",
@@ -207,10 +207,10 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
         sys.exit(1)
 
 
-def _shown_answer(app: App, row: dict) -> str:
-    """The answer as `ask` prints it: the conclusion of a model that reasons first (the
-    whole answer with -v)."""
-    return row["answer"] if app.verbose or "conclusion" not in row else row["conclusion"]
+def _shown_answer(app: App, answer: str) -> str:
+    """An answer as `ask` and `chat` print it: the conclusion of a model that reasons first
+    (the whole answer with -v)."""
+    return answer if app.verbose else conclusion(answer, app.recipe.model.reasoning)
 
 
 def _shown(image) -> str:
@@ -407,12 +407,7 @@ def chat(app: App, image: str | None, auto: bool):
                         click.echo("found: " + (" ".join(f"<{n}>" for n in found[current]) or "none"))
                     request.concepts = found[current]
                 result = engine.ask([request])[0]
-                if not result.ok:
-                    click.echo(f"error: {result.error}")
-                elif app.verbose:
-                    click.echo(f"bot> {result.answer}")
-                else:
-                    click.echo(f"bot> {conclusion(result.answer, app.recipe.model.reasoning)}")
+                click.echo(f"bot> {_shown_answer(app, result.answer)}" if result.ok else f"error: {result.error}")
         except PlvmError as error:
             click.echo(f"error: {error}")
 
