@@ -241,6 +241,54 @@ def parse_which(answer: str | None, names: Sequence[str]) -> str | None:
     return min(found)[1] if found else None
 
 
+def name_list(names: Sequence[str]) -> str:
+    """`<a>`, `<a> and <b>`, `<a>, <b> and <c>`: names as a question lists them."""
+    marked = [f"<{name}>" for name in names]
+    if len(marked) < 2:
+        return "".join(marked)
+    return ", ".join(marked[:-1]) + " and " + marked[-1]
+
+
+WHO_OF_QUESTION = "Who of {names} is in this photo?"  # the names as `name_list` writes them
+WHICH_OF_QUESTION = "Which of {names} is in this photo?"
+BOTH_HERE_QUESTION = "Are <{a}> and <{b}> both in this photo?"
+LEFT_OF_QUESTION = "Is <{a}> to the left of <{b}>?"
+_NOBODY = re.compile(r"\b(?:nobody|no one|none of them|none|neither)\b", re.IGNORECASE)
+
+
+def who_of_question(names: Sequence[str]) -> str:
+    """"Who of <a>, <b> and <c> is in this photo?" (one name: "Who of <a> ...")."""
+    return WHO_OF_QUESTION.format(names=name_list(names))
+
+
+def which_of_question(names: Sequence[str]) -> str:
+    """"Which of <a>, <b> and <c> is in this photo?"."""
+    return WHICH_OF_QUESTION.format(names=name_list(names))
+
+
+def parse_who(answer: str | None, names: Sequence[str]) -> tuple[str, ...] | None:
+    """The names of `names` an answer to "Who of ...?" says are in the photo, in `names`'
+    order: every one it names, except in a clause that denies ("<b> is not here", "but not
+    <b>"); () when
+    it names none and says nobody ("Nobody.", "None of them."); None when it says neither.
+    Read the conclusion (`conclusion`) of an answer that compares first: its scratchpad
+    names every candidate."""
+    if not answer:
+        return None
+    present: set[str] = set()
+    denied = False
+    for sentence in re.split(r"[.!?;\n]+|,?\s*\bbut\b", answer):
+        named = [name for name in names if names_concept(sentence, name)]
+        words = _plain_words(sentence)
+        negated = any(word in _NEGATION_WORDS or word.endswith("n't") for word in words)
+        if named and not negated:
+            present.update(named)
+        denied = denied or (not named and _NOBODY.search(sentence) is not None) or (named and negated)
+    if present:
+        return tuple(name for name in names if name in present)
+    return () if denied else None
+
+
 # --------------------------------------------------------------------------------------------
 # Persona descriptions (the text prompt of llava-text; Yo'LLaVA's conversations)
 
