@@ -96,7 +96,7 @@ def test_caption_recall_counts_concepts_named_in_each_description(testset, tmp_p
     assert names_concept("<avril> and Bob at a table", "avril") and names_concept("AVRIL smiles", "avril")
     assert not names_concept("avrils at a table", "avril") and not names_concept("my-avril", "avril")
     assert not names_concept(None, "avril")
-    items = [dataclasses.replace(item, key=f"caption:{key}", concepts=names)
+    items = [dataclasses.replace(item, key=f"caption:{key}", concepts=names, expected=",".join(names))
              for item, (key, names) in zip(caption_items(load_testset(testset)),
                                            [("a", ("avril", "bob")), ("b", ("bob",)), ("c", ("carol",)),
                                             ("d", ("dan",)), ("e", ("bob",)), ("f", ("erin",))])]
@@ -151,10 +151,12 @@ def test_eval_captions_on_the_tiny_recipe(runtime, testset, tmp_path):
         caption = results["methods"][name]["caption"]
         assert caption["photos"] == 6 and caption["pairs"] == pairs and caption["skipped_photos"] == 0
         assert 0 <= caption["named"] <= pairs and caption["recall"] == pytest.approx(caption["named"] / pairs)
+        assert caption["names_said"] >= caption["named"] and 0 <= caption["photos_naming_absent"] <= 1
     asked = spy.captions
     assert len(asked) == 12  # six photos, two methods
     plvm, auto = asked[:6], asked[6:]
-    assert {photo: set(concepts) for photo, concepts in plvm} == truth  # the concepts present
+    for photo, concepts in plvm:  # the concepts present and one test identity who is not
+        assert set(concepts) >= truth[photo] and len(set(concepts) - truth[photo]) == 1
     assert all(len(concepts) == 3 for _, concepts in auto)  # all found (threshold -1, top 3)
     items = [json.loads(line) for line in (tmp_path / "out" / "items" / "plvm.jsonl").read_text().splitlines()]
     assert sum(item["task"] == "caption" for item in items) == 6

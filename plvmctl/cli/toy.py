@@ -67,20 +67,26 @@ def generate(out: Path, seed: int, n_identities: int, photos: int, scene_size: i
               help="Query photos per identity (query_img1.png ...), one visual question each.")
 @click.option("--scene-size", default=96, show_default=True, type=int, help="Side of the query photos in pixels.")
 @click.option("--portrait-size", default=64, show_default=True, type=int, help="Side of the reference photos in pixels.")
+@click.option("--groups", default=None, type=click.IntRange(min=0),
+              help="Photos of two or three test identities together (groups/), where `eval --pairs` asks "
+                   "about several people at once  [default: as many as --identities]")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out, replacing an earlier toy test set there.")
-def testset(out: Path, n_identities: int, seed: int, queries: int, scene_size: int, portrait_size: int, force: bool) -> None:
+def testset(out: Path, n_identities: int, seed: int, queries: int, scene_size: int, portrait_size: int,
+            groups: int | None, force: bool) -> None:
     """Write a test set shaped exactly like plvm-val, from held-out identities only; print --out.
 
     \b
     validation_recognition/<Name>/ref_img.png, query_img1.png ...
     validation_recognition/query_ques.json       visual multiple choice
     validation_recognition/non_query_ques.json   text-only multiple choice
+    groups/group_img1.png ...                    two or three identities together
     README.md, toy_world.json                    provenance and the truth of every photo
     """
     from ..lab.toy import write_testset
 
     _prepare_out(out, force)
-    folder = write_testset(out, n_identities, seed, queries_per_identity=queries, scene_size=scene_size, portrait_size=portrait_size)
+    folder = write_testset(out, n_identities, seed, queries_per_identity=queries, scene_size=scene_size,
+                           portrait_size=portrait_size, groups=groups)
     click.echo(str(folder))
 
 

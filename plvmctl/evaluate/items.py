@@ -6,8 +6,8 @@ answered.
   expected yes when both come from the same identity folder; answered by generation.
 - text / visual: the published multiple-choice rows as prompts (`answers.mcq_prompt`),
   answered by the likelihood of each option's letter or by generation (`MCQ_MODES`).
-- caption and pair items (asked only on request): MyVLM's caption recall, and questions
-  that hold two concepts at once.
+- caption and pair items (asked only on request): MyVLM's caption recall with its name
+  precision, and questions that hold several concepts at once (`PAIR_KINDS`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..answers import CAPTION_QUESTION, RECOGNITION_QUESTION, mcq_prompt
+from ..answers import (BOTH_HERE_QUESTION, CAPTION_QUESTION, LEFT_OF_QUESTION, RECOGNITION_QUESTION, mcq_prompt,
+                       which_of_question, who_of_question)
 from ..data.templates import WHICH_QUESTIONS
 from ..errors import PlvmError
 from ..prompt import mentioned_names
-from .testset import PLACEHOLDER, McqRow, TestSet, photo_truth, relative_path
+from .testset import PLACEHOLDER, PLACES, McqRow, TestSet, group_photos, photo_truth, relative_path
 
 MCQ_MODES = ("likelihood", "generate")
 TASKS = ("recognition", "text", "visual")
@@ -50,6 +51,7 @@ class EvalItem:
     options: tuple[tuple[str, str], ...] = ()
     missing: str | None = None
     concepts: tuple[str, ...] = ()  # concepts for the prompt beyond those the question names
+    kind: str = ""  # which question of several concepts (PAIR_KINDS) a pair item is
 
 
 def recipe_mcq_mode(recipe) -> str:
@@ -148,55 +150,126 @@ def build_items(testset: TestSet, *, limit: int | None = None, neg_per_identity:
     }
 
 
-def caption_items(testset: TestSet) -> list[EvalItem]:
+CAPTION_ABSENT = 1  # test identities not in the photo added to each caption prompt
+
+
+def caption_items(testset: TestSet, seed: int = 0, absent: int = CAPTION_ABSENT) -> list[EvalItem]:
     """One "Describe this photo." per query photo, with the test identities in it (photo_truth)
-    as the prompt's concepts; `expected` lists them, comma-separated. A method that finds
-    concepts itself (plvm-auto) replaces them with the ones it found."""
+    and `absent` others (seeded) as the prompt's concepts, so a caption can name someone who is
+    not there (name precision); `expected` lists those present, comma-separated. A method that
+    finds concepts itself (plvm-auto) replaces them with the ones it found."""
+    names = [identity.name for identity in testset.identities]
     items = []
-    for photo, names in photo_truth(testset).items():
-        present = tuple(sorted(names))
-        items.append(EvalItem(key=f"caption:{relative_path(photo, testset.root)}", task=CAPTION_TASK,
-                              identity=present[0] if present else "", question=CAPTION_QUESTION,
-                              image=photo, expected=",".join(present), concepts=present))
+    for photo, present_names in photo_truth(testset).items():
+        present = tuple(sorted(present_names))
+        where = relative_path(photo, testset.root)
+        others = [name for name in names if name not in present_names]
+        extra = tuple(sorted(random.Random(f"{seed}/caption/{where}").sample(others, min(absent, len(others)))))
+        key = f"caption:{where}" if not extra else f"caption+{len(extra)}:{where}"
+        items.append(EvalItem(key=key, task=CAPTION_TASK, identity=present[0] if present else "",
+                              question=CAPTION_QUESTION, image=photo, expected=",".join(present),
+                              concepts=present + extra))
+    return items
+
+
+PAIR_KINDS = ("yes", "no", "which", "which3", "who4", "both-yes", "both-no", "left")
+NOBODY_SHARE = 0.25  # query photos whose "Who of ...?" lists four people none of whom is in it
+
+
+def _pair(kind: str, where: str, identity: str, question: str, image: Path, expected: str,
+          concepts: tuple[str, ...]) -> EvalItem:
+    return EvalItem(f"pair/{kind}/{where}", PAIR_TASK, identity, question, image, expected,
+                    concepts=concepts, kind=kind)
+
+
+def _query_photo_items(identity: str, query: Path, others: list[str], rng: random.Random,
+                       where: str) -> list[EvalItem]:
+    """The questions about one query photo of `identity`, `others` the test identities not in
+    it: "Is <A> ...?" with <B>'s sentence too (yes), "Is <B> ...?" with <A>'s (no), "Which of
+    <A> and <B> ...?" (A), "Which of <A>, <B> and <C> ...?" (A), "Who of <4 names> ...?" (A, or
+    nobody on a share NOBODY_SHARE of the photos: four others)."""
+    other = rng.choice(others)
+    first, second = (identity, other) if rng.random() < 0.5 else (other, identity)
+    pair_where = f"{identity}+{other}/{where}"
+    items = [
+        _pair("yes", pair_where, identity, RECOGNITION_QUESTION.format(name=identity), query, "yes", (other,)),
+        _pair("no", pair_where, other, RECOGNITION_QUESTION.format(name=other), query, "no", (identity,)),
+        _pair("which", pair_where, identity, WHICH_QUESTIONS[0].format(a=first, b=second), query, identity,
+              (other,)),
+    ]
+    rest = [name for name in others if name != other]
+    if len(rest) >= 1:
+        three = [identity, other, rng.choice(rest)]
+        rng.shuffle(three)
+        items.append(_pair("which3", f"{'+'.join(three)}/{where}", identity, which_of_question(three), query,
+                           identity, tuple(name for name in three if name != identity)))
+    if len(others) >= 4:
+        nobody = rng.random() < NOBODY_SHARE
+        four = rng.sample(others, 4) if nobody else [identity, *rng.sample(others, 3)]
+        rng.shuffle(four)
+        expected = () if nobody else (identity,)
+        items.append(_pair("who4", f"{'+'.join(four)}/{where}", four[0], who_of_question(four), query,
+                           ",".join(expected), tuple(four[1:])))
+    return items
+
+
+def _group_photo_items(people: tuple[tuple[str, str], ...], photo: Path, names: list[str],
+                       rng: random.Random, where: str) -> list[EvalItem]:
+    """The questions about one group photo (`people`: (name, place), left to right): "Are <a>
+    and <b> both ...?" of two present (yes) and of one present and one absent (no), "Is <a> to
+    the left of <b>?" of two present (in a seeded order) and "Who of ...?" listing everyone
+    present and absent test identities up to four."""
+    present = [name for name, _ in people]
+    absent = [name for name in names if name not in present]
+    a, b = rng.sample(present, 2)
+    items = [_pair("both-yes", f"{a}+{b}/{where}", a, BOTH_HERE_QUESTION.format(a=a, b=b), photo, "yes", (b,))]
+    if absent:
+        shown, missing = rng.choice(present), rng.choice(absent)
+        first, second = (shown, missing) if rng.random() < 0.5 else (missing, shown)
+        items.append(_pair("both-no", f"{first}+{second}/{where}", first, BOTH_HERE_QUESTION.format(a=first, b=second),
+                           photo, "no", (second,)))
+    places = dict(people)
+    left = "yes" if PLACES.index(places[a]) < PLACES.index(places[b]) else "no"
+    items.append(_pair("left", f"{a}+{b}/{where}", a, LEFT_OF_QUESTION.format(a=a, b=b), photo, left, (b,)))
+    listed = present + rng.sample(absent, max(0, min(4 - len(present), len(absent))))
+    rng.shuffle(listed)
+    expected = tuple(name for name in listed if name in present)
+    items.append(_pair("who4", f"{'+'.join(listed)}/{where}", listed[0], who_of_question(listed), photo,
+                       ",".join(expected), tuple(listed[1:])))
     return items
 
 
 def pair_items(testset: TestSet, *, limit: int | None = None, seed: int = 0) -> list[EvalItem]:
-    """Two concepts in one question, three items per query photo of identity A, with B another
-    test identity not in the photo (seeded): "Is <A> in this photo?" with B's sentence in the
-    prompt too (expected yes), "Is <B> in this photo?" with A's (no), and "Which of <A> and
-    <B> is in this photo?" (names in a seeded order; expected A). `limit` caps the photos
-    (three items each), taken one identity at a time."""
+    """Questions that hold several concepts at once (`PAIR_KINDS`), every name given to the
+    prompt: per query photo of identity A (`_query_photo_items`; the others drawn, seeded, from
+    the test identities not in it) and, on a toy set with group photos (`group_photos`), per
+    group photo (`_group_photo_items`). `limit` caps the query photos (taken one identity at a
+    time) and the group photos."""
     truth = photo_truth(testset)
     names = [identity.name for identity in testset.identities]
     groups: list[list[list[EvalItem]]] = []
     for identity in testset.identities:
-        triples = []
+        per_photo = []
         for query in identity.queries:
             others = [name for name in names if name not in truth[query]]
             if not others:
                 continue
             rng = random.Random(f"{seed}/pair/{identity.name}/{query.name}")
-            other = rng.choice(others)
-            first, second = (identity.name, other) if rng.random() < 0.5 else (other, identity.name)
-            where = f"{identity.name}+{other}/{relative_path(query, testset.root)}"
-            triples.append([
-                EvalItem(f"pair/yes/{where}", PAIR_TASK, identity.name,
-                         RECOGNITION_QUESTION.format(name=identity.name), query, "yes", concepts=(other,)),
-                EvalItem(f"pair/no/{where}", PAIR_TASK, other,
-                         RECOGNITION_QUESTION.format(name=other), query, "no", concepts=(identity.name,)),
-                EvalItem(f"pair/which/{where}", PAIR_TASK, identity.name,
-                         WHICH_QUESTIONS[0].format(a=first, b=second), query, identity.name,
-                         concepts=(other,)),
-            ])
-        groups.append(triples)
+            per_photo.append(_query_photo_items(identity.name, query, others, rng,
+                                                relative_path(query, testset.root)))
+        groups.append(per_photo)
     chosen: list[EvalItem] = []
-    depth = 0
-    while any(depth < len(group) for group in groups) and (limit is None or len(chosen) < 3 * limit):
+    photos = depth = 0
+    while any(depth < len(group) for group in groups) and (limit is None or photos < limit):
         for group in groups:
-            if depth < len(group) and (limit is None or len(chosen) < 3 * limit):
+            if depth < len(group) and (limit is None or photos < limit):
                 chosen += group[depth]
+                photos += 1
         depth += 1
+    together = list(group_photos(testset).items())[:limit]
+    for photo, people in together:
+        where = relative_path(photo, testset.root)
+        chosen += _group_photo_items(people, photo, names, random.Random(f"{seed}/group/{where}"), where)
     return chosen
 
 

@@ -108,31 +108,23 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         lines += _retrieval_lines(results["retrieval"])
     captioned = [name for name in _method_names(results) if results["methods"][name].get("caption")]
     if captioned:
-        lines += ["", "## Caption recall (MyVLM's metric)", "",
-                  f"\"{CAPTION_QUESTION}\" for every query photo, with the test identities in it "
-                  "given to the prompt (plvm-auto: those it found by retrieval); a concept counts "
-                  "as recalled when the description names it.", "",
-                  "| Method | Caption recall | photos naming all | named / pairs |", "|---|---:|---:|---:|"]
+        lines += ["", "## Caption recall (MyVLM's metric) and name precision", "",
+                  f"\"{CAPTION_QUESTION}\" for every query photo, with the test identities in it and one "
+                  "who is not given to the prompt (plvm-auto: those it found by retrieval). Recall: a "
+                  "concept in the photo counts when the description says it is there (\"I do not see "
+                  "<a>\" does not count; read from the conclusion of an answer that compares first). "
+                  "Name precision: of the test identities a description says are there, the share in "
+                  "the photo.", "",
+                  "| Method | Caption recall | photos naming all | named / pairs | Name precision "
+                  "| photos naming someone absent |", "|---|---:|---:|---:|---:|---:|"]
         for name in captioned:
             c = results["methods"][name]["caption"]
             lines.append(f"| {name} | {_percent(c['recall'])} | {_percent(c['photos_all_named'])} "
-                         f"| {c['named']} / {c['pairs']} |")
+                         f"| {c['named']} / {c['pairs']} | {_percent(c.get('name_precision'))} "
+                         f"| {_percent(c.get('photos_naming_absent'))} |")
     paired = [name for name in _method_names(results) if results["methods"][name].get("pairs")]
     if paired:
-        lines += ["", "## Two concepts in one question", "",
-                  "Per query photo of identity A and another test identity B not in it: \"Is <A> in "
-                  "this photo?\" (yes) and \"Is <B> in this photo?\" (no), each with both concepts' "
-                  "sentences in the prompt, and \"Which of <A> and <B> is in this photo?\" (A; "
-                  "the answer's first-named of the two counts). Apart from the table above, whose "
-                  "numbers it does not change.", "",
-                  "| Method | Rec. Pos | Rec. Neg | Rec. Mean | Which of two | which unparseable |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for name in paired:
-            pair = results["methods"][name]["pairs"]
-            rec = pair["recognition"]
-            lines.append(f"| {name} | {_percent(rec.get('positive'))} | {_percent(rec.get('negative'))} "
-                         f"| {_percent(rec.get('mean'))} | {_percent(pair['which']['accuracy'])} "
-                         f"| {pair['which']['unparseable']} / {pair['which']['items']} |")
+        lines += _pair_lines(results, paired)
     lines += ["", "## Skipped items (not scored)", ""]
     for name in _method_names(results):
         skipped = results["methods"][name]["skipped"]
@@ -267,3 +259,30 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> None:
     write_json_atomic(out_dir / "results.json", results)
     write_text_atomic(out_dir / "results.md", render_markdown(results))
     draw_chart(results, out_dir / "results.png")
+
+
+def _pair_lines(results: Mapping[str, Any], paired: list[str]) -> list[str]:
+    """The "Several concepts in one question" section: one row per method that was asked."""
+    lines = ["", "## Several concepts in one question", "",
+             "Per query photo of identity A, B (C, D) test identities not in it, every named concept's "
+             "sentence in the prompt: \"Is <A> in this photo?\" (yes) and \"Is <B> ...?\" (no) with both; "
+             "\"Which of <A> and <B> ...?\" and \"Which of <A>, <B> and <C> ...?\" (A: the first of "
+             "the names the answer's conclusion says); \"Who of <4 names> ...?\" (A, or nobody on a "
+             "quarter of the photos). Per group photo (a toy set's groups/: two or three test "
+             "identities together): \"Are <a> and <b> both in this photo?\" (yes; and no with one who "
+             "is absent), \"Is <a> to the left of <b>?\" and \"Who of ...?\" of everyone there and "
+             "others up to four. Who-of: micro precision / recall / F1 over the names. Apart from "
+             "the table above, whose numbers it does not change.", "",
+             "| Method | Rec. Pos | Rec. Neg | Which of 2 | Which of 3 | Both Pos | Both Neg | Left of "
+             "| Who-of P | Who-of R | Who-of F1 | Unparseable |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in paired:
+        pair = results["methods"][name]["pairs"]
+        rec, both, who = pair["recognition"], pair.get("both", {}), pair.get("who4", {})
+        unparsed = sum(pair.get(kind, {}).get("unparseable", 0) for kind in ("which", "which3", "left_of", "who4"))
+        unparsed += rec.get("unparseable", 0) + both.get("unparseable", 0)
+        cells = [rec.get("positive"), rec.get("negative"), pair["which"]["accuracy"],
+                 pair.get("which3", {}).get("accuracy"), both.get("positive"), both.get("negative"),
+                 pair.get("left_of", {}).get("accuracy"), who.get("precision"), who.get("recall"), who.get("f1")]
+        lines.append(f"| {name} | " + " | ".join(_percent(cell) for cell in cells) + f" | {unparsed} |")
+    return lines

@@ -117,8 +117,9 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     (anything with `Engine` and `AskRequest`) defaults to `plvmctl.engine`. `extra_methods`
     maps further method names to their factories (a laboratory's own baselines). `retrieval`
     adds "who is in this photo" by retrieval (`retrieval_task`); then `methods` may be empty.
-    `captions` adds MyVLM's caption recall per method (`caption_items`, `caption_metrics`).
-    `pairs` adds questions that hold two concepts at once (`pair_items`, `pair_metrics`),
+    `captions` adds MyVLM's caption recall and its name precision per method (`caption_items`,
+    `caption_metrics`). `pairs` adds questions that hold several concepts at once
+    (`pair_items`, `pair_metrics`),
     reported apart: the single-concept numbers do not change. `negatives` is a folder of
     photos of people outside the test set for the methods that train on negatives (default:
     the test set's negatives/ folder; see `methods.base.negative_pool`). `echo` gets the lines
@@ -155,7 +156,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     afresh = check_run_folder(out_dir, str(testset.root.resolve()), fingerprints, echo)
     items = build_items(testset, limit=limit, neg_per_identity=neg_per_identity, seed=seed)
     references = [Reference(identity.name, identity.reference) for identity in testset.identities]
-    captioned = caption_items(testset) if captions else []
+    captioned = caption_items(testset, seed=seed) if captions else []
     paired = pair_items(testset, limit=limit, seed=seed) if pairs else []
 
     method_results: dict[str, Any] = {}
@@ -188,9 +189,11 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
             log.close()
         result = score_method(items, log, mcq, prepared.unavailable)
         if captions:
-            result["caption"] = caption_metrics(captioned, log, prepared.unavailable)
+            result["caption"] = caption_metrics(captioned, log, prepared.unavailable,
+                                                [identity.name for identity in testset.identities],
+                                                recipe.model.reasoning)
         if pairs:
-            result["pairs"] = pair_metrics(paired, log, prepared.unavailable)
+            result["pairs"] = pair_metrics(paired, log, prepared.unavailable, recipe.model.reasoning)
         result.update({
             "seconds_per_concept": prepared.seconds_per_concept,
             "tokens_per_concept": prepared.tokens_per_concept,

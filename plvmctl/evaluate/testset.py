@@ -6,6 +6,7 @@ multiple-choice rows, and who stands in each query photo.
     DIR/validation_recognition/non_query_ques.json   text-only multiple-choice rows
     DIR/negatives/                                   photos of people who are no test identity
     DIR/toy_world.json                               a toy set's scenes: everyone in each photo
+    DIR/groups/                                      a toy set's photos of several test identities
 
 Rows that reference a missing file are kept, marked `missing`, so the report can count them.
 """
@@ -206,22 +207,55 @@ def load_testset(root: str | Path | None = None) -> TestSet:
 
 
 
+def _toy_scenes(testset: TestSet) -> dict[str, dict]:
+    """A toy set's scenes (toy_world.json: photo path relative to the root → scene), {} for a
+    set without the sidecar."""
+    sidecar = testset.root / TOY_SIDECAR
+    if not sidecar.is_file():
+        return {}
+    try:
+        scenes = json.loads(sidecar.read_text(encoding="utf-8")).get("scenes", {})
+    except (json.JSONDecodeError, AttributeError):
+        raise PlvmError(f"malformed {sidecar}: expected {{'scenes': {{photo: scene}}}}") from None
+    if not isinstance(scenes, dict):
+        raise PlvmError(f"malformed {sidecar}: expected {{'scenes': {{photo: scene}}}}")
+    return {relative: scene for relative, scene in scenes.items() if isinstance(scene, dict)}
+
+
+def _people(scene: dict) -> list[dict]:
+    people = scene.get("people", [])
+    return [person for person in people if isinstance(person, dict)] if isinstance(people, list) else []
+
+
 def photo_truth(testset: TestSet) -> dict[Path, set[str]]:
     """Every query photo → the test identities in it: its folder's, and (on a toy set, whose
     toy_world.json says who stands in each photo) any other test identity drawn in it."""
     truth = {query: {identity.name} for identity in testset.identities for query in identity.queries}
-    sidecar = testset.root / TOY_SIDECAR
-    if sidecar.is_file():
-        try:
-            scenes = json.loads(sidecar.read_text(encoding="utf-8")).get("scenes", {})
-        except (json.JSONDecodeError, AttributeError):
-            raise PlvmError(f"malformed {sidecar}: expected {{'scenes': {{photo: scene}}}}") from None
-        names = {identity.name for identity in testset.identities}
-        for relative, scene in scenes.items():
-            photo = testset.root / relative
-            if photo in truth and isinstance(scene, dict):
-                truth[photo] |= {p.get("name") for p in scene.get("people", []) if p.get("name") in names}
+    names = {identity.name for identity in testset.identities}
+    for relative, scene in _toy_scenes(testset).items():
+        photo = testset.root / relative
+        if photo in truth:
+            truth[photo] |= {p.get("name") for p in _people(scene) if p.get("name") in names}
     return truth
+
+
+GROUPS_FOLDER = "groups"  # a toy set's photos of several test identities together
+PLACES = ("left", "middle", "right")  # where a toy scene puts its people, left to right
+
+
+def group_photos(testset: TestSet) -> dict[Path, tuple[tuple[str, str], ...]]:
+    """A toy set's group photos (groups/, several test identities together) → the test
+    identities in each as (name, place), left to right; {} for a set without them."""
+    names = {identity.name for identity in testset.identities}
+    groups = {}
+    for relative, scene in sorted(_toy_scenes(testset).items(), key=lambda entry: _natural_key(entry[0])):
+        photo = testset.root / relative
+        if not relative.startswith(f"{GROUPS_FOLDER}/") or not photo.is_file():
+            continue
+        people = [(p["name"], p.get("position")) for p in _people(scene)
+                  if p.get("name") in names and p.get("position") in PLACES]
+        groups[photo] = tuple(sorted(people, key=lambda person: PLACES.index(person[1])))
+    return groups
 
 
 def relative_path(path: Path | None, root: Path) -> str | None:
