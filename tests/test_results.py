@@ -454,3 +454,25 @@ def test_render_only_writes_the_doc_again_from_a_finished_run_with_its_item_stat
         == negatives
     missing = CliRunner().invoke(main, ["--out-dir", str(tmp_path / "none"), "--doc", str(doc), "--render-only"])
     assert missing.exit_code != 0 and "needs a finished run's --out-dir" in missing.output
+
+
+def test_the_document_shows_the_questions_of_several_people_for_every_method():
+    base = summary()
+    pairs = {"recognition": {"positive": 0.25, "negative": 0.75, "unparseable": 0},
+             "which": {"accuracy": 0.5, "items": 4, "unparseable": 1},
+             "which3": {"accuracy": 0.25, "items": 4, "unparseable": 0},
+             "both": {"positive": 1.0, "negative": 0.0, "unparseable": 0},
+             "left_of": {"accuracy": 0.5, "items": 2, "unparseable": 0},
+             "who4": {"precision": 0.5, "recall": 0.25, "f1": 1 / 3, "unparseable": 2}}
+    caption = {"recall": 0.9, "photos_all_named": 0.8, "named": 9, "pairs": 10, "name_precision": 0.75,
+               "photos_naming_absent": 0.3}
+    several = {"methods": {"plvm": {"pairs": pairs, "caption": caption}, "llava-none": {"pairs": None, "caption": None}}}
+    markdown = render_results_markdown({**base, "several": several})
+    assert "## Several people at once" in markdown
+    table = section(markdown, "### Several concepts in one question")
+    assert table_row(table, "plvm") == ["plvm", "25.0", "75.0", "50.0", "25.0", "100.0", "0.0", "50.0",
+                                        "50.0", "25.0", "33.3", "3"]
+    captions = section(markdown, "### Caption recall (MyVLM's metric) and name precision")
+    assert table_row(captions, "plvm") == ["plvm", "90.0", "80.0", "9 / 10", "75.0", "30.0"]
+    assert "llava-none" not in table  # asked nothing of several concepts
+    assert "Several people at once" not in render_results_markdown({**base, "several": None})

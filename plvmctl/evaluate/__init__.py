@@ -58,7 +58,8 @@ from .items import (
     recognition_items,
 )
 from .metrics import caption_metrics, mcq_metrics, pair_metrics, recognition_metrics, score_method, set_metrics
-from .report import PAPER_FIGURES, draw_chart, method_row, render_markdown, table_rows, write_report
+from .report import (PAPER_FIGURES, caption_lines, draw_chart, method_row, pair_lines, render_markdown, table_rows,
+                     write_report)
 from .resume import RUN_FILE, check_run_folder
 from .run import load_engine_api, run_evaluation
 from .testset import (DEFAULT_TESTSET, SET_FOLDER, Identity, McqRow, TestSet, group_photos, load_testset,
@@ -68,9 +69,9 @@ from .who import retrieval_task
 __all__ = [
     "CAPTION_TASK", "DEFAULT_TESTSET", "MCQ_MODES", "PAIR_KINDS", "PAIR_TASK", "PAPER_FIGURES", "RECOGNITION_MODE",
     "RUN_FILE", "SET_FOLDER", "TASKS", "TASK_TITLES", "EvalItem", "Identity", "ItemLog", "McqRow",
-    "TestSet", "answer_mode", "build_items", "caption_items", "caption_metrics", "check_run_folder",
+    "TestSet", "answer_mode", "build_items", "caption_items", "caption_lines", "caption_metrics", "check_run_folder",
     "draw_chart", "group_photos", "item_concepts", "load_engine_api", "load_testset", "logged_items", "mcq_metrics",
-    "method_row", "pair_items", "pair_metrics", "photo_truth", "predict", "recipe_mcq_mode",
+    "method_row", "pair_items", "pair_lines", "pair_metrics", "photo_truth", "predict", "recipe_mcq_mode",
     "recognition_items", "recognition_metrics", "render_markdown", "retrieval_task", "run_evaluation",
     "score_method", "set_metrics", "table_rows", "write_report",
 ]

@@ -106,25 +106,8 @@ def render_markdown(results: Mapping[str, Any]) -> str:
                      "(Yo'LLaVA: ~40 min of training per concept).")
     if results.get("retrieval"):
         lines += _retrieval_lines(results["retrieval"])
-    captioned = [name for name in _method_names(results) if results["methods"][name].get("caption")]
-    if captioned:
-        lines += ["", "## Caption recall (MyVLM's metric) and name precision", "",
-                  f"\"{CAPTION_QUESTION}\" for every query photo, with the test identities in it and one "
-                  "who is not given to the prompt (plvm-auto: those it found by retrieval). Recall: a "
-                  "concept in the photo counts when the description says it is there (\"I do not see "
-                  "<a>\" does not count; read from the conclusion of an answer that compares first). "
-                  "Name precision: of the test identities a description says are there, the share in "
-                  "the photo.", "",
-                  "| Method | Caption recall | photos naming all | named / pairs | Name precision "
-                  "| photos naming someone absent |", "|---|---:|---:|---:|---:|---:|"]
-        for name in captioned:
-            c = results["methods"][name]["caption"]
-            lines.append(f"| {name} | {_percent(c['recall'])} | {_percent(c['photos_all_named'])} "
-                         f"| {c['named']} / {c['pairs']} | {_percent(c.get('name_precision'))} "
-                         f"| {_percent(c.get('photos_naming_absent'))} |")
-    paired = [name for name in _method_names(results) if results["methods"][name].get("pairs")]
-    if paired:
-        lines += _pair_lines(results, paired)
+    lines += caption_lines(results, _method_names(results))
+    lines += pair_lines(results, _method_names(results))
     lines += ["", "## Skipped items (not scored)", ""]
     for name in _method_names(results):
         skipped = results["methods"][name]["skipped"]
@@ -261,8 +244,35 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> None:
     draw_chart(results, out_dir / "results.png")
 
 
-def _pair_lines(results: Mapping[str, Any], paired: list[str]) -> list[str]:
-    """The "Several concepts in one question" section: one row per method that was asked."""
+def caption_lines(results: Mapping[str, Any], names: list[str]) -> list[str]:
+    """The caption section (recall and name precision) of the methods of `names` whose results
+    have captions (`eval --captions`); [] when none has."""
+    captioned = [name for name in names if results["methods"][name].get("caption")]
+    if not captioned:
+        return []
+    lines = ["", "## Caption recall (MyVLM's metric) and name precision", "",
+             f"\"{CAPTION_QUESTION}\" for every query photo, with the test identities in it and one "
+             "who is not given to the prompt (plvm-auto: those it found by retrieval). Recall: a "
+             "concept in the photo counts when the description says it is there (\"I do not see "
+             "<a>\" does not count; read from the conclusion of an answer that compares first). "
+             "Name precision: of the test identities a description says are there, the share in "
+             "the photo.", "",
+             "| Method | Caption recall | photos naming all | named / pairs | Name precision "
+             "| photos naming someone absent |", "|---|---:|---:|---:|---:|---:|"]
+    for name in captioned:
+        c = results["methods"][name]["caption"]
+        lines.append(f"| {name} | {_percent(c['recall'])} | {_percent(c['photos_all_named'])} "
+                     f"| {c['named']} / {c['pairs']} | {_percent(c.get('name_precision'))} "
+                     f"| {_percent(c.get('photos_naming_absent'))} |")
+    return lines
+
+
+def pair_lines(results: Mapping[str, Any], names: list[str]) -> list[str]:
+    """The "Several concepts in one question" section of the methods of `names` whose results
+    have pairs (`eval --pairs`), one row each; [] when none has."""
+    paired = [name for name in names if results["methods"][name].get("pairs")]
+    if not paired:
+        return []
     lines = ["", "## Several concepts in one question", "",
              "Per query photo of identity A, B (C, D) test identities not in it, every named concept's "
              "sentence in the prompt: \"Is <A> in this photo?\" (yes) and \"Is <B> ...?\" (no) with both; "

@@ -6,8 +6,10 @@ Steps (each one's outputs stay under --out-dir, so a repeated run skips what is 
 
     testset       the toy test set of held-out identities (`plvmctl toy testset`, seed 0),
                   written only when --testset has no validation_recognition/ yet
-    main          `plvmctl --recipe pocket eval` of plvm, llava-none, llava-text and yollava on
-                  it (as `make eval`: sampled negatives, MCQ as the recipe's eval.mcq says)
+    main          `plvmctl --recipe pocket eval --pairs --captions` of every method of the main
+                  table on it (as `make eval`: sampled negatives, MCQ as the recipe's eval.mcq
+                  says; plus the questions of several concepts at once, on the query photos and
+                  the toy set's group photos, and captions with recall and name precision)
     data          the toy training data `make pocket` trains its Aligner on (same profile)
     train-wW-kK   an Aligner trained exactly as the pocket one (profile "full", stage 5 of
                   plvmctl.lab.pocket) except for the Yes/No weight w or the context tokens k:
@@ -48,6 +50,7 @@ from typing import Any, Callable, Mapping, Sequence
 import click
 
 from ..errors import PlvmError
+from ..evaluate import caption_lines, pair_lines
 from ..evaluate import method_row as evaluated_row
 from ..answers import DESCRIPTION_MAX_NEW_TOKENS
 from ..fileio import write_json_atomic, write_text_atomic
@@ -344,8 +347,10 @@ def _evaluated(folder: Path, methods: Sequence[str]) -> bool:
 
 
 def evaluate_step(name: str, options: Options, overrides: list[str], methods: list[str],
-                  folder: Path, steps: StepRunner) -> dict[str, Any]:
-    """`plvmctl --recipe pocket [--set ...] eval` into `folder`; its results dict."""
+                  folder: Path, steps: StepRunner, several: bool = False) -> dict[str, Any]:
+    """`plvmctl --recipe pocket [--set ...] eval` into `folder`; its results dict. `several`
+    adds `--pairs --captions` (the questions of several concepts at once, caption recall and
+    name precision)."""
     from ..evaluate import load_testset, recipe_mcq_mode, run_evaluation
     from ..recipe import load_recipe
 
@@ -357,7 +362,7 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
                 "testset": str(testset.root.resolve()), "testset_counts": testset.counts(),
                 "testset_negatives": weights_digest(testset.negatives) if testset.negatives else None,
                 "neg_per_identity": options.neg_per_identity, "limit": options.limit,
-                "mcq": mcq, "seed": SEED,
+                "mcq": mcq, "seed": SEED, "several": several,
                 "methods": {name: answer_fingerprint(recipe, name, weights) for name in methods}}
 
     def work() -> None:
@@ -366,7 +371,7 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
         runtime = load_runtime(recipe, device=DEVICE)
         run_evaluation(runtime, testset, methods, folder, limit=options.limit,
                        neg_per_identity=options.neg_per_identity, seed=SEED, mcq=mcq,
-                       progress=True, extra_methods={TRUTH: prepare_truth})
+                       progress=True, extra_methods={TRUTH: prepare_truth}, pairs=several, captions=several)
 
     steps.run(name, settings, work, lambda: _evaluated(folder, methods))
     return json.loads((folder / "results.json").read_text(encoding="utf-8"))
@@ -548,6 +553,8 @@ def build_summary(options: Options, testset, main: Mapping[str, Any],
         "protocol": {"neg_per_identity": options.neg_per_identity, "limit": options.limit,
                      "mcq": main["protocol"]["mcq"], "seed": SEED, "recipe": RECIPE},
         "main": [method_row(main, name) for name in options.methods],
+        "several": {"methods": {name: {key: main["methods"][name].get(key) for key in ("pairs", "caption")}
+                                for name in options.methods}},
         "main_folder": str(options.out_dir / "main"),
         "ablations_folder": str(options.out_dir / "ablations"),
         "negatives": negative_origins(main),
@@ -684,6 +691,21 @@ def _statistics_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _several_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The main evaluation's questions of several concepts and its captions (issue 23's
+    targets: two-concept recognition, which of two, who of four F1 and left of, caption recall
+    and name precision), as `plvmctl eval --pairs --captions` reports them, a level down."""
+    several = summary.get("several")
+    names = list(several["methods"]) if several else []
+    lines = caption_lines(several, names) + pair_lines(several, names) if several else []
+    if not lines:
+        return []
+    return (["## Several people at once", "",
+             "The main evaluation asked these too (`eval --pairs --captions`: the same test set, "
+             "concepts and settings); the main table's numbers do not include them."]
+            + ["#" + line if line.startswith("## ") else line for line in lines] + [""])
+
+
 def render_results_markdown(summary: Mapping[str, Any]) -> str:
     """docs/results.md from a summary dict (`build_summary`): tables, command, machine, notes."""
     testset, protocol, machine = summary["testset"], summary["protocol"], summary["machine"]
@@ -770,6 +792,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
     lines.append("")
 
     lines += _statistics_lines(summary)
+    lines += _several_lines(summary)
 
     ablations = summary.get("ablations")
     lines += ["## Ablations", ""]
@@ -892,7 +915,7 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
 
     ensure_testset(options, steps)
     testset = load_testset(options.testset)
-    main = evaluate_step("main", options, [], options.methods, out / "main", steps)
+    main = evaluate_step("main", options, [], options.methods, out / "main", steps, several=True)
 
     ablations = None
     aligner_settings = None
