@@ -119,3 +119,17 @@ def test_a_misspelt_section_is_refused_naming_the_known_ones(tmp_path):
     known = line.split("(known: ")[1].rstrip(")").split(", ")
     assert known == sorted(RECIPE_SECTIONS)
     assert {"yollava", "myvlm", "mcllava", "train", "eval", "retrieval"} <= set(known)
+
+
+def test_an_evaluation_run_as_a_library_refuses_a_misspelt_section_too(tmp_path):
+    from test_evaluate import FakeApi, FakeRuntime, make_testset
+
+    from plvmctl.evaluate import run_evaluation
+    from plvmctl.recipe import recipe_from_dict
+
+    runtime = FakeRuntime()
+    runtime.recipe = recipe_from_dict({"yolava": {"epochs": 2}}, name="typo")
+    with pytest.raises(PlvmError, match="unknown section 'yolava'"):
+        run_evaluation(runtime, make_testset(tmp_path / "set"), ["plvm"], tmp_path / "out", progress=False,
+                       engine_api=FakeApi())
+    assert not (tmp_path / "out").exists()  # refused before anything was written

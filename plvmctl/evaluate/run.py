@@ -20,7 +20,8 @@ from ..answers import MCQ_INSTRUCTION, RECOGNITION_QUESTION
 from ..engine import AskRequest
 from ..errors import PlvmError
 from ..fingerprint import answer_fingerprint, model_weights
-from ..methods import TRAINED_ON_NEGATIVES, MethodContext, PreparedMethod, Reference, get_method, make_engine, negative_pool
+from ..methods import (TRAINED_ON_NEGATIVES, MethodContext, PreparedMethod, Reference, check_recipe_sections, get_method,
+                       make_engine, negative_pool)
 from .itemlog import ItemLog
 from .items import (
     MCQ_MODES,
@@ -140,6 +141,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     if not isinstance(testset, TestSet):
         testset = load_testset(testset)
     recipe = runtime.recipe
+    check_recipe_sections(recipe)  # a misspelt method section would leave that method on its defaults
     given = Path(negatives) if negatives is not None else None
     pools = {name: negative_pool(name, TRAINED_ON_NEGATIVES[name](recipe), given, testset.negatives)
              for name in factories if name in TRAINED_ON_NEGATIVES}  # refused before any work
