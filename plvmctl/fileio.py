@@ -86,19 +86,27 @@ def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+NEW_FILE_MODE = 0o644  # what an atomic writer gives a file that did not exist
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success flush it and rename it over `path`.
 
     On any exception the temporary file is removed and `path` is left exactly as it was; an
-    I/O failure becomes WriteError(path).
+    I/O failure becomes WriteError(path). The file gets the mode of the one it replaces, or
+    NEW_FILE_MODE (a temporary file starts private, 0600, which is no mode for a concept or a
+    report others read).
     """
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        try:
+            os.fchmod(fd, path.stat().st_mode & 0o7777 if path.is_file() else NEW_FILE_MODE)
+        finally:
+            os.close(fd)
     tmp_path = Path(tmp)
     try:
         with writing(path):
