@@ -27,7 +27,7 @@ from .trainer import McllavaConfig, check_concepts, parse_concept_options, train
               help="Folder of negative photos (other people or things); with --index, where index "
                    "hits are found by id (<id>.jpg|png).")
 @click.option("--index", "index", type=click.Path(), default=None,
-              help="Retrieval index (from `plvmctl index build`) for hard + random negatives of each concept.")
+              help="Image index (from `plvmctl index build`) for hard + random negatives of each concept.")
 @click.option("--kmeans/--no-kmeans", "kmeans", default=None,
               help="Start each concept's tokens at k-means centroids of its visual tokens [default: on], "
                    "or at the word `person` as Yo'LLaVA does.")

@@ -31,7 +31,7 @@ def myvlm_config(app, overrides: tuple[str, ...] = (), **options):
               help="Folder of negative photos (other people or things); with --index, where index "
                    "hits are found by id (<id>.jpg|png).")
 @click.option("--index", "index", type=click.Path(), default=None,
-              help="Retrieval index (from `plvmctl index build`) for hard + random negatives.")
+              help="Image index (from `plvmctl index build`) for hard + random negatives.")
 @click.option("--head", "head", type=click.Choice(["linear", "nearest"]), default=None,
               help="linear: a classifier trained on the photos vs the negatives [default]; "
                    "nearest: no head trained, the nearest photo's features + a cosine threshold.")

@@ -29,7 +29,7 @@ def yollava_config(app, overrides: tuple[str, ...] = ()):
 @click.argument("photos_dir", type=click.Path(file_okay=False))
 @click.option("--name", required=True, help="Concept name, used as <NAME> in questions.")
 @click.option("--index", "index", type=click.Path(), default=None,
-              help="Retrieval index (from `plvmctl index build`) for hard + random negatives.")
+              help="Image index (from `plvmctl index build`) for hard + random negatives.")
 @click.option("--negatives", "negatives_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of negative photos: index hits by id (<id>.jpg|png), or, without "
                    "--index, random negatives drawn from it.")
