@@ -25,17 +25,27 @@ negative / mean, text QA and visual QA (percentages); `verify_by`: per find run,
 recall / F1 (%), model calls and unreadable answers per photo, and seconds per photo (the
 command's seconds, start-up included, over its photos); and the seconds each command took.
 
-    OMP_NUM_THREADS=1 python bench/who.py --out runs/who        # about 6 min on one core
+    OMP_NUM_THREADS=1 python bench/who.py --out runs/who
 
-What it printed (2026-12-05, the committed pocket model, 1 core of a shared 2-core machine,
-4 min; the whole JSON is docs/bench/who.json):
+What it printed (2026-12-07, the committed pocket model, 1 core of a shared 2-core machine
+under a load of about 6: 23 min; the whole JSON is docs/bench/who.json):
 
     choice on seed 1: threshold 0.86 (retrieval alone F1 28.3); verify F1 59.0 / 63.5 / 66.4
     with 4 / 8 / 16 candidates -> 16
     seed 0            precision  recall  F1    top-1   plvm-auto recognition pos / neg / mean
-    verify 16         60.9       85.0    71.0  30.8    54.2 / 100.0 / 77.1
-    retrieval alone   25.5       32.5    28.6  30.8    11.7 / 100.0 / 55.8
+    verify 16         60.9       85.0    71.0  30.8    39.2 / 100.0 / 69.6
+    retrieval alone   25.5       32.5    28.6  30.8    10.0 / 100.0 / 55.0
     plvm (concept named): 93.3 / 98.3 / 95.8, text QA 45.4, visual QA 66.7
+    seed 0, find      precision  recall  F1    model calls  unreadable  s/photo  (per photo)
+    retrieval alone   25.5       32.5    28.6   0           0           0.17
+    each 4            72.0       54.6    62.1   4           0           0.34
+    together 4        23.3        5.8     9.3   1           0.25        0.24
+    each 8            68.3       71.7    69.9   8           0           0.40
+    together 8        12.0        1.2     2.3   1           0.89        0.27
+    each 16           60.9       85.0    71.0  16           0           0.71
+    together 16        7.2        4.6     5.6   1           0.41        0.27
+    The pocket model was never trained on "Who of" questions: together is the path a model
+    rebuilt with them takes, measured here against each.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .answers import RECOGNITION_QUESTION, conclusion, parse_who, parse_yes_no, who_of_question
+from .answers import RECOGNITION_QUESTION, conclusion, name_list, parse_who, parse_yes_no, who_of_question
 from .photo_crops import CROPS, Box, crop_features
 from .concept_index import KeyIndex
 from .errors import PlvmError
@@ -190,7 +190,7 @@ def _verify_together(engine, images: Sequence[Image.Image], looked: list[Looked]
     for (number, candidates), answer in zip(asked, answers):
         names = [f.name for f in candidates]
         if answer.error is not None:
-            raise PlvmError(f"verifying {', '.join(f'<{n}>' for n in names)}: {answer.error}")
+            raise PlvmError(f"verifying {name_list(names)}: {answer.error}")
         said = parse_who(conclusion(answer.answer or "", reasoning), names)
         found = [f for f in candidates if f.name in (said or ())]
         out[number] = Looked(looked[number].candidates, found[:config.top_k], 1, int(said is None))
