@@ -13,22 +13,39 @@ steps are `plvmctl` commands, run as a user would run them (each is printed on s
 2. report, on the seed-0 set: `eval --method plvm,plvm-auto --retrieval --neg-per-identity 5
    --limit 240` twice, with the chosen verify N and with verify 0 (retrieval alone at the
    chosen threshold).
+3. each or together, on the seed-0 set: its identities' PLVM concepts go into a store (as
+   `plvmctl encode` would put them, in one process rather than 40 start-ups), and `find --json`
+   over its query photos runs with `retrieval.verify_by=each` and `=together` for every N of
+   4, 8 and the chosen one, and with retrieval alone. Each (photo, identity) found is scored
+   against who stands in the photo; the model calls are those `find --json` reports per photo.
 
-Prints one JSON object: the choice (every F1 tried, the threshold, N) and, for each reported
+Prints one JSON object: the choice (every F1 tried, the threshold, N); for each reported
 setting, retrieval precision / recall / F1 / top-1 and each method's recognition positive /
-negative / mean, text QA and visual QA (percentages), plus the seconds each command took.
+negative / mean, text QA and visual QA (percentages); `verify_by`: per find run, precision /
+recall / F1 (%), model calls and unreadable answers per photo, and seconds per photo (the
+command's seconds, start-up included, over its photos); and the seconds each command took.
 
-    OMP_NUM_THREADS=1 python bench/who.py --out runs/who        # about 6 min on one core
+    OMP_NUM_THREADS=1 python bench/who.py --out runs/who
 
-What it printed (2026-12-05, the committed pocket model, 1 core of a shared 2-core machine,
-4 min; the whole JSON is docs/bench/who.json):
+What it printed (2026-12-07, the committed pocket model, 1 core of a shared 2-core machine
+under a load of about 6: 23 min; the whole JSON is docs/bench/who.json):
 
     choice on seed 1: threshold 0.86 (retrieval alone F1 28.3); verify F1 59.0 / 63.5 / 66.4
     with 4 / 8 / 16 candidates -> 16
     seed 0            precision  recall  F1    top-1   plvm-auto recognition pos / neg / mean
-    verify 16         60.9       85.0    71.0  30.8    54.2 / 100.0 / 77.1
-    retrieval alone   25.5       32.5    28.6  30.8    11.7 / 100.0 / 55.8
+    verify 16         60.9       85.0    71.0  30.8    39.2 / 100.0 / 69.6
+    retrieval alone   25.5       32.5    28.6  30.8    10.0 / 100.0 / 55.0
     plvm (concept named): 93.3 / 98.3 / 95.8, text QA 45.4, visual QA 66.7
+    seed 0, find      precision  recall  F1    model calls  unreadable  s/photo  (per photo)
+    retrieval alone   25.5       32.5    28.6   0           0           0.17
+    each 4            72.0       54.6    62.1   4           0           0.34
+    together 4        23.3        5.8     9.3   1           0.25        0.24
+    each 8            68.3       71.7    69.9   8           0           0.40
+    together 8        12.0        1.2     2.3   1           0.89        0.27
+    each 16           60.9       85.0    71.0  16           0           0.71
+    together 16        7.2        4.6     5.6   1           0.41        0.27
+    The pocket model was never trained on "Who of" questions: together is the path a model
+    rebuilt with them takes, measured here against each.
 """
 
 from __future__ import annotations
@@ -41,14 +58,21 @@ import sys
 import time
 from pathlib import Path
 
+from plvmctl.evaluate.testset import load_testset, photo_truth
+from plvmctl.recipe import load_recipe
+from plvmctl.recognise import presence_metrics
+from plvmctl.runtime import load_runtime
+from plvmctl.store import ConceptStore
 
-def plvmctl(*args: str) -> float:
-    """Run one plvmctl command (pocket recipe, CPU); return its seconds."""
+
+def plvmctl(*args: str, shown: str = "") -> tuple[float, str]:
+    """Run one plvmctl command (pocket recipe, CPU); return its seconds and what it printed.
+    `shown` is printed instead of its arguments (when they list many photos)."""
     command = [sys.executable, "-m", "plvmctl", "--recipe", "pocket", "--device", "cpu", *args]
-    print("$ plvmctl " + " ".join(command[3:]), file=sys.stderr, flush=True)
+    print("$ plvmctl " + (shown or " ".join(command[3:])), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return round(time.perf_counter() - start, 1)
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    return round(time.perf_counter() - start, 1), done.stdout
 
 
 def evaluate(out: Path, testset: Path, settings: dict[str, float], *extra: str) -> tuple[dict, float]:
@@ -56,7 +80,7 @@ def evaluate(out: Path, testset: Path, settings: dict[str, float], *extra: str) 
     returns (results.json, seconds)."""
     shutil.rmtree(out, ignore_errors=True)
     sets = [arg for key, value in settings.items() for arg in ("--set", f"retrieval.{key}={value}")]
-    seconds = plvmctl(*sets, "eval", "--testset", str(testset), "--out", str(out), *extra)
+    seconds, _ = plvmctl(*sets, "eval", "--testset", str(testset), "--out", str(out), *extra)
     return json.loads((out / "results.json").read_text(encoding="utf-8")), seconds
 
 
@@ -79,6 +103,38 @@ def method_figures(results: dict) -> dict:
                    "text_qa": percent(result["text_qa"]["accuracy"]),
                    "visual_qa": percent(result["visual_qa"]["accuracy"])}
             for name, result in results["methods"].items()}
+
+
+def concept_store(testset: Path, store: Path) -> None:
+    """The test set's identities as PLVM concepts of their reference photos in a fresh store
+    (what `plvmctl encode REF --name NAME` writes, one process for all of them)."""
+    shutil.rmtree(store, ignore_errors=True)
+    print(f"# {store}: the PLVM concepts of {testset}'s identities", file=sys.stderr, flush=True)
+    runtime = load_runtime(load_recipe("pocket"), device="cpu")
+    identities = load_testset(testset).identities
+    saved = ConceptStore(store)
+    for concept in runtime.encode_concepts([(identity.name, identity.reference) for identity in identities]):
+        saved.save(concept)
+
+
+def find_figures(store: Path, testset: Path, settings: dict[str, object]) -> dict:
+    """`plvmctl --store S --set retrieval.K=V ... find PHOTOS --json` over the test set's query
+    photos, scored against who stands in each (micro precision / recall / F1 over (photo,
+    identity) pairs, in %), with the model calls and unreadable answers per photo it reports."""
+    truth = photo_truth(load_testset(testset))
+    photos = sorted(truth)
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"retrieval.{key}={value}")]
+    args = ["--store", str(store), *sets, "find", "--json"]
+    seconds, printed = plvmctl(*args, *map(str, photos),
+                               shown=" ".join(args) + f" <the {len(photos)} query photos of {testset}>")
+    rows = {Path(row["photo"]): row for row in map(json.loads, printed.splitlines())}
+    if any(rows[photo]["error"] for photo in photos):
+        raise SystemExit(f"find could not read a photo: {next(r for r in rows.values() if r['error'])}")
+    metrics = presence_metrics([truth[p] for p in photos], [[f["name"] for f in rows[p]["found"]] for p in photos])
+    return {"settings": settings} | {key: percent(metrics[key]) for key in ("precision", "recall", "f1")} | {
+        "model_calls_per_photo": round(sum(rows[p]["model_calls"] for p in photos) / len(photos), 2),
+        "unreadable_per_photo": round(sum(rows[p]["unreadable"] for p in photos) / len(photos), 3),
+        "seconds_per_photo": round(seconds / len(photos), 3), "photos": len(photos)}
 
 
 def main() -> None:
@@ -123,12 +179,20 @@ def main() -> None:
         reported[label] = {"settings": settings, "retrieval": retrieval_figures(results),
                            "methods": method_figures(results)}
 
+    store = out / "store-seed0"
+    concept_store(sets["report"], store)
+    verify_by = {"retrieval_alone": find_figures(store, sets["report"], {"verify": 0, "threshold": threshold})}
+    for count in sorted({4, 8, verify}):
+        for way in ("each", "together"):
+            verify_by[f"{way}{count}"] = find_figures(store, sets["report"], {
+                "verify": count, "verify_by": way, "threshold": threshold})
+
     print(json.dumps({
         "benchmark": "who-is-in-this-photo", "recipe": "pocket", "identities": options.identities,
         "chosen_on_seed": options.choose_seed, "reported_on_seed": options.report_seed,
         "choice": {"threshold": threshold, "f1_by_verify": f1_by_verify, "tolerance": options.tolerance,
                    "verify": verify, "retrieval_alone_f1": percent(alone["retrieval"]["f1"])},
-        "reported": reported, "seconds": seconds,
+        "reported": reported, "verify_by": verify_by, "seconds": seconds,
     }, indent=1))
 
 

@@ -7,8 +7,10 @@ vector (L2-normalised, the same features as the concepts' retrieval keys) search
 key index (concept_index.py) for its `candidates` nearest keys; each concept's score is its
 best crop's cosine, and that crop is where it is (its box). A concept is present when its
 score reaches `threshold`; a photo's found concepts are those, best first, at most `top_k`.
-No detector is used. With `verify` = N, retrieval only proposes: the model is asked "Is <c> in
-this photo?" about the N best candidates, and found are those it recognises (`verify`).
+No detector is used. With `verify` = N, retrieval only proposes and the model decides about the
+photo's N best candidates (`verify`): with `verify_by: each`, one question per candidate ("Is
+<c> in this photo?", N model calls per photo); with `verify_by: together`, one question that
+holds them all ("Who of <c1>, ..., <cN> is in this photo?", one call per photo).
 
 Settings come from the recipe's `retrieval` section (RetrievalConfig); `calibrate_threshold`
 picks the threshold that maximises F1 on labelled (score, present) pairs, e.g. a toy test set
@@ -23,12 +25,13 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from .answers import RECOGNITION_QUESTION, parse_yes_no
+from .answers import RECOGNITION_QUESTION, conclusion, name_list, parse_who, parse_yes_no, who_of_question
 from .photo_crops import CROPS, Box, crop_features
 from .concept_index import KeyIndex
 from .errors import PlvmError
 
 DEFAULT_THRESHOLD = 0.8
+VERIFY_BY = ("each", "together")  # retrieval.verify_by
 
 
 @dataclass
@@ -44,12 +47,17 @@ class RetrievalConfig:
     # this photo?" about the photo's N best candidates (whatever their score) and found are
     # those it says yes to (the threshold is then unused)
     verify: int = 0
+    # how the N candidates are asked about: each (one "Is <c> in this photo?" per candidate) or
+    # together (one "Who of <c1>, ..., <cN> is in this photo?" per photo)
+    verify_by: str = "each"
 
     def validate(self) -> "RetrievalConfig":
         if self.crops not in CROPS:
             raise PlvmError(f"retrieval.crops must be one of {', '.join(CROPS)}, got {self.crops!r}")
         if self.verify < 0:
             raise PlvmError(f"retrieval.verify must be 0 (off) or a number of candidates, got {self.verify}")
+        if self.verify_by not in VERIFY_BY:
+            raise PlvmError(f"retrieval.verify_by must be one of {', '.join(VERIFY_BY)}, got {self.verify_by!r}")
         for key in ("top_k", "candidates", "batch_size"):
             if getattr(self, key) < 1:
                 raise PlvmError(f"retrieval.{key} must be at least 1, got {getattr(self, key)}")
@@ -82,10 +90,14 @@ class Found:
 
 @dataclass
 class Looked:
-    """One photo: every candidate concept with its best crop (best first), and those found."""
+    """One photo: every candidate concept with its best crop (best first), and those found;
+    with verification, the model calls it took and how many of their answers said nothing
+    readable (those found nothing)."""
 
     candidates: list[Found]
     found: list[Found]
+    model_calls: int = 0
+    unreadable: int = 0
 
 
 def match(index: KeyIndex, crops: Sequence, config: RetrievalConfig) -> list[Looked]:
@@ -122,15 +134,25 @@ def look(runtime, index: KeyIndex, images: Sequence[Image.Image], config: Retrie
     for start in range(0, len(images), config.batch_size):
         part = list(images[start:start + config.batch_size])
         looked = match(index, crop_features(runtime, part, "encoder", config.crops), config)
-        out += verify(engine, part, looked, config) if config.verify else looked
+        out += verify(engine, part, looked, config, runtime.recipe.model.reasoning) if config.verify else looked
     return out
 
 
-def verify(engine, images: Sequence[Image.Image], looked: list[Looked], config: RetrievalConfig) -> list[Looked]:
-    """Retrieve, then verify: each photo's `config.verify` best candidates are asked about
-    ("Is <name> in this photo?", the recognition question of the evaluation, answers read as
-    it reads them); found are those the model says yes to, best score first, at most top_k.
-    Retrieval only proposes; the model, which compares each person with the concept, decides."""
+def verify(engine, images: Sequence[Image.Image], looked: list[Looked], config: RetrievalConfig,
+           reasoning: str = "none") -> list[Looked]:
+    """Retrieve, then verify: each photo's `config.verify` best candidates are asked about, one
+    by one or all in one question (`config.verify_by`); found are those the model recognises,
+    best score first, at most top_k. Retrieval only proposes; the model, which compares each
+    person with the concepts, decides. `reasoning` is the recipe's `model.reasoning`: how to
+    find the conclusion of an answer that compares first."""
+    if config.verify_by == "together":
+        return _verify_together(engine, images, looked, config, reasoning)
+    return _verify_each(engine, images, looked, config)
+
+
+def _verify_each(engine, images: Sequence[Image.Image], looked: list[Looked], config: RetrievalConfig) -> list[Looked]:
+    """One question per candidate: "Is <name> in this photo?", the recognition question of the
+    evaluation, its answers read as the evaluation reads them (a "yes" is found)."""
     from .engine import AskRequest
 
     asked = [(number, found) for number, result in enumerate(looked)
@@ -138,13 +160,41 @@ def verify(engine, images: Sequence[Image.Image], looked: list[Looked], config: 
     answers = engine.ask([AskRequest(RECOGNITION_QUESTION.format(name=found.name), images[number])
                           for number, found in asked]) if asked else []
     yes: dict[int, list[Found]] = {}
+    calls = [0] * len(looked)
+    unreadable = [0] * len(looked)
     for (number, found), answer in zip(asked, answers):
         if answer.error is not None:
             raise PlvmError(f"verifying <{found.name}>: {answer.error}")
-        if parse_yes_no(answer.answer or "") == "yes":
+        verdict = parse_yes_no(answer.answer or "")
+        calls[number] += 1
+        unreadable[number] += verdict is None
+        if verdict == "yes":
             yes.setdefault(number, []).append(found)
-    return [Looked(result.candidates, yes.get(number, [])[:config.top_k])
+    return [Looked(result.candidates, yes.get(number, [])[:config.top_k], calls[number], unreadable[number])
             for number, result in enumerate(looked)]
+
+
+def _verify_together(engine, images: Sequence[Image.Image], looked: list[Looked], config: RetrievalConfig,
+                     reasoning: str) -> list[Looked]:
+    """One question per photo that holds all its candidates: "Who of <c1>, ..., <cN> is in this
+    photo?" (all N concepts in the prompt, every photo of the batch in one generation). Found
+    are the names the answer's conclusion says are present (answers.parse_who); an answer that
+    says neither names nor "nobody" finds nothing and is counted as unreadable."""
+    from .engine import AskRequest
+
+    asked = [(number, result.candidates[:config.verify]) for number, result in enumerate(looked)
+             if result.candidates]
+    answers = engine.ask([AskRequest(who_of_question([f.name for f in candidates]), images[number])
+                          for number, candidates in asked]) if asked else []
+    out = [Looked(result.candidates, []) for result in looked]
+    for (number, candidates), answer in zip(asked, answers):
+        names = [f.name for f in candidates]
+        if answer.error is not None:
+            raise PlvmError(f"verifying {name_list(names)}: {answer.error}")
+        said = parse_who(conclusion(answer.answer or "", reasoning), names)
+        found = [f for f in candidates if f.name in (said or ())]
+        out[number] = Looked(looked[number].candidates, found[:config.top_k], 1, int(said is None))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -206,3 +206,142 @@ def test_verify_needs_an_engine_and_a_sensible_count(runtime, world):
         look(runtime, index, [world["photos"]["strangers"]], RetrievalConfig(verify=2))
     with pytest.raises(PlvmError, match="retrieval.verify"):
         RetrievalConfig(verify=-1).validate()
+
+
+# --------------------------------------------------------------------------------------------
+# Verifying all candidates in one question (retrieval.verify_by: together)
+
+
+class _Says:
+    """An engine that answers every question with `answer` (and records what it was asked)."""
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def ask(self, requests):
+        self.asked += [r.question for r in requests]
+        return [type("Answer", (), {"error": None, "answer": self.answer})() for _ in requests]
+
+
+def _candidates():
+    box = (0, 0, 8, 8)
+    return [Found(name, score, box) for name, score in (("p1", 0.9), ("p2", 0.8), ("p3", 0.7), ("p4", 0.2))]
+
+
+def test_together_asks_one_question_per_photo_that_holds_its_best_candidates():
+    candidates = _candidates()
+    looked = [Looked(candidates, []), Looked(candidates[::-1], []), Looked([], [])]
+    photos = [Image.new("RGB", (8, 8)) for _ in looked]
+    engine = _Says("<p3> and <p2> are in this photo.")
+    verified = verify(engine, photos, looked, RetrievalConfig(verify=3, verify_by="together"))
+    # one question per photo with candidates, naming its 3 best; a photo with none is not asked
+    assert engine.asked == ["Who of <p1>, <p2> and <p3> is in this photo?",
+                            "Who of <p4>, <p3> and <p2> is in this photo?"]
+    assert [v.model_calls for v in verified] == [1, 1, 0]
+    assert [[f.name for f in v.found] for v in verified] == [["p2", "p3"], ["p3", "p2"], []]  # best score first
+    assert verified[0].found[0] == candidates[1] and verified[0].candidates == candidates
+    capped = verify(engine, photos[:1], looked[:1], RetrievalConfig(verify=3, verify_by="together", top_k=1))
+    assert [f.name for f in capped[0].found] == ["p2"]
+    # a name the answer gives that was not asked about is not found
+    beyond = verify(_Says("<p4> is here."), photos[:1], looked[:1], RetrievalConfig(verify=3, verify_by="together"))
+    assert beyond[0].found == [] and beyond[0].unreadable == 1
+
+
+def test_each_asks_one_question_per_candidate_and_counts_the_calls():
+    looked = [Looked(_candidates(), [])]
+    engine = _Says("no.")
+    verified = verify(engine, [Image.new("RGB", (8, 8))], looked, RetrievalConfig(verify=3))
+    assert len(engine.asked) == 3 and verified[0].model_calls == 3 and verified[0].unreadable == 0
+
+
+@pytest.mark.parametrize("answer, found, unreadable", [
+    ("Nobody.", [], 0),
+    ("None of them is in this photo.", [], 0),
+    ("<p1> is not here.", [], 0),
+    ("I am not sure.", [], 1),  # neither names nor nobody: nothing found, counted
+    ("", [], 1),
+    ("I see <p1>, but not <p2>.", ["p1"], 0),
+])
+def test_together_reads_who_the_answer_says_is_present(answer, found, unreadable):
+    looked = [Looked(_candidates(), [])]
+    verified = verify(_Says(answer), [Image.new("RGB", (8, 8))], looked, RetrievalConfig(verify=4, verify_by="together"))
+    assert [f.name for f in verified[0].found] == found and verified[0].unreadable == unreadable
+
+
+def test_together_reads_the_conclusion_of_a_model_that_compares_first():
+    looked = [Looked(_candidates(), [])]
+    answer = "left <p1> hair red same match. right <p2> hair black other mismatch. <p1> is in this photo."
+    config = RetrievalConfig(verify=4, verify_by="together")
+    compared = verify(_Says(answer), [Image.new("RGB", (8, 8))], looked, config, reasoning="comparison")
+    assert [f.name for f in compared[0].found] == ["p1"]
+    whole = verify(_Says(answer), [Image.new("RGB", (8, 8))], looked, config, reasoning="none")
+    assert [f.name for f in whole[0].found] == ["p1", "p2"]  # the scratchpad read as the answer
+
+
+def test_a_bad_verify_by_is_refused_in_one_line(world):
+    with pytest.raises(PlvmError, match="retrieval.verify_by must be one of each, together, got 'both'"):
+        RetrievalConfig(verify=2, verify_by="both").validate()
+    result = _cli(world, "--set", "retrieval.verify_by=both", "find", world["files"]["strangers"])
+    assert result.exit_code == 1 and "retrieval.verify_by must be one of each, together" in result.output
+    assert "Traceback" not in result.output
+
+
+def _count_model_calls(monkeypatch, answer=None):
+    """Spy on Engine.ask: the questions it is given; with `answer`, every "Who of" question is
+    answered with it instead of the model."""
+    import plvmctl.engine as engine_module
+
+    asked = []
+    original = engine_module.Engine.ask
+
+    def spy(self, requests, **kwargs):
+        asked.extend(r.question for r in requests)
+        results = original(self, requests, **kwargs)
+        if answer is not None:
+            for result in results:
+                if result.request.question.startswith("Who of"):
+                    result.answer = answer
+        return results
+
+    monkeypatch.setattr(engine_module.Engine, "ask", spy)
+    return asked
+
+
+def test_find_verifies_together_with_one_model_call_per_photo(world, monkeypatch):
+    photos = [world["files"][name] for name in ("p3_among_strangers", "p1_and_p4", "strangers")]
+    asked = _count_model_calls(monkeypatch)
+    each = _cli(world, "--set", "retrieval.verify=3", "find", *photos, "--json")
+    assert each.exit_code == 0, each.output
+    assert [json.loads(line)["model_calls"] for line in each.stdout.splitlines()] == [3, 3, 3]
+    assert len(asked) == 9 and all(q.startswith("Is <") for q in asked)
+    asked.clear()
+    together = _cli(world, "--set", "retrieval.verify=3", "--set", "retrieval.verify_by=together",
+                    "find", *photos, "--json")
+    assert together.exit_code == 0, together.output
+    rows = [json.loads(line) for line in together.stdout.splitlines()]
+    assert [row["model_calls"] for row in rows] == [1, 1, 1]
+    assert len(asked) == 3 and all(q.startswith("Who of <") and q.count("<") == 3 for q in asked)
+    # the tiny model's random answers: whatever it says, each row says whether it could be read
+    assert all(row["unreadable"] in (0, 1) and row["error"] is None for row in rows)
+
+
+def test_ask_auto_puts_the_concepts_the_together_answer_names_into_the_prompt(world, monkeypatch):
+    import plvmctl.engine as engine_module
+
+    prompts = []
+    original = engine_module.build_prompt
+
+    def spy(question, **kwargs):
+        prompts.append((question, tuple(kwargs.get("also", ()))))
+        return original(question, **kwargs)
+
+    monkeypatch.setattr(engine_module, "build_prompt", spy)
+    asked = _count_model_calls(monkeypatch, answer="<p4> and <p1> are in this photo.")
+    result = _cli(world, "--set", "retrieval.verify=6", "--set", "retrieval.verify_by=together",
+                  "ask", world["files"]["p1_and_p4"], "Who is in this photo?", "--auto", "--json")
+    assert result.exit_code == 0, result.output
+    row = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][0])
+    assert sorted(f["name"] for f in row["found"]) == ["p1", "p4"]
+    assert [q for q in asked if q.startswith("Who of")] == [asked[0]] and asked[1:] == ["Who is in this photo?"]
+    assert asked[0].count("<") == 6  # all six candidates in one question
+    assert prompts[-1][0] == "Who is in this photo?" and sorted(prompts[-1][1]) == ["p1", "p4"]

@@ -86,8 +86,8 @@ def _read_batch(path: str):
 @click.option("--together", is_flag=True,
               help="All IMAGEs in one prompt, one answer (models that take several photos: LLaVA-OneVision).")
 @click.option("--auto", is_flag=True, help="Find the store's concepts in each photo by retrieval "
-              "(verified by the model with the recipe's retrieval.verify) and put the found ones "
-              "(best first) into the prompt; named ones are always there.")
+              "(verified by the model with the recipe's retrieval.verify and verify_by) and put "
+              "the found ones (best first) into the prompt; named ones are always there.")
 @click.option("--threshold", type=float, default=None,
               help="With --auto: cosine a concept must reach [recipe retrieval.threshold].")
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=None,

@@ -87,9 +87,12 @@ def find(app: App, paths, as_json, threshold, top_k, batch_size):
     Each photo is searched as a whole and in windows against the store's retrieval index
     (rebuilt first when stale); a concept is found when its best crop's cosine reaches the
     threshold, or, with the recipe's `retrieval.verify: N` (the pocket recipe: 16), when the
-    model recognises it among the photo's N best candidates. Per photo: the concepts found, best first, with score and box (left, top,
-    right, bottom in pixels). Unreadable files are reported and skipped; the exit status is 1
-    if any were.
+    model recognises it among the photo's N best candidates: asked about each one
+    (`retrieval.verify_by: each`, N model calls a photo) or about all of them in one question
+    (`together`, one call). Per photo: the concepts found, best first, with score and box
+    (left, top, right, bottom in pixels); --json adds the model calls the photo took and how
+    many of their answers were unreadable. Unreadable files are reported and skipped; the exit
+    status is 1 if any were.
 
     \b
     Examples:
@@ -109,13 +112,15 @@ def find(app: App, paths, as_json, threshold, top_k, batch_size):
         if isinstance(result, str):
             failed += 1
             if as_json:
-                click.echo(json.dumps({"photo": photo, "found": None, "error": result}))
+                click.echo(json.dumps({"photo": photo, "found": None, "model_calls": 0, "unreadable": 0,
+                                       "error": result}))
             else:
                 click.echo(f"{photo}\terror: {result}")
             click.echo(f"failed: {photo}: {result}", err=True)
             continue
         if as_json:
             click.echo(json.dumps({"photo": photo, "found": [f.to_json() for f in result.found],
+                                   "model_calls": result.model_calls, "unreadable": result.unreadable,
                                    "error": None}))
         elif not result.found:
             click.echo(f"{photo}\t-")

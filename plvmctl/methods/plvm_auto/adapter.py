@@ -157,10 +157,11 @@ def prepare_plvm_auto(context: MethodContext) -> PreparedMethod:
         tokens_per_concept=sum(tokens) / len(tokens) if tokens else None,
         unavailable=unavailable,
         details={"threshold": config.threshold, "top_k": config.top_k, "crops": config.crops,
-                 "verify": config.verify, "distractors": len(distractors),
+                 "verify": config.verify, "verify_by": config.verify_by, "distractors": len(distractors),
                  "distractors_from": context.negatives.origin if distractors else None,
                  "note": ("the concepts in each photo are found by retrieval (whole view and "
-                          + (f"windows, the {config.verify} best candidates verified by the model"
+                          + (f"windows, the {config.verify} best candidates verified by the model, "
+                             + ("one question each" if config.verify_by == "each" else "in one question")
                              if config.verify else f"windows, cosine >= {config.threshold:g}")
                           + f", at most {config.top_k}); "
                           "a recognition question whose concept was not found is answered "
