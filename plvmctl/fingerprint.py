@@ -36,8 +36,10 @@ SOURCE_SUFFIXES = (".py", ".json", ".yaml", ".txt")
 # Recipe sections read by one method alone: a change there starts that method afresh, no other.
 METHOD_SECTIONS = {"yollava": "yollava", "myvlm": "myvlm", "mcllava": "mcllava", "plvm-auto": "retrieval"}
 # Settings that do not decide an answer: how many questions go through the model at once, and
-# how much of an answer `ask` prints.
+# how much of an answer `ask` prints (model.reasoning; but it decides whom plvm-auto finds
+# when it verifies candidates together, reading the conclusion of one "Who of ...?" answer).
 NOT_DECIDING = {"generation": ("batch_size",), "retrieval": ("batch_size",), "model": ("reasoning",)}
+DECIDING_FOR = {"plvm-auto": {"model": ("reasoning",)}}
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,10 +123,12 @@ def resolved_recipe(recipe, method: str) -> dict[str, Any]:
     data: dict[str, Any] = {name: dataclasses.asdict(getattr(recipe, name))
                             for name in ("model", "encoder", "aligner", "generation")}
     data.update({name: dict(section) for name, section in recipe.sections.items() if name not in others})
+    kept = DECIDING_FOR.get(method, {})
     for section, keys in NOT_DECIDING.items():
         if isinstance(data.get(section), dict):
             for key in keys:
-                data[section].pop(key, None)
+                if key not in kept.get(section, ()):
+                    data[section].pop(key, None)
     return json.loads(json.dumps(data, sort_keys=True, default=str))
 
 

@@ -157,3 +157,12 @@ def test_a_digest_cache_that_cannot_be_written_only_costs_time(tmp_path, monkeyp
     first = weights_digest(weights)
     weights.write_bytes(b"other weights")
     assert weights_digest(weights) != first
+
+
+def test_how_an_answer_is_read_decides_whom_plvm_auto_finds():
+    from plvmctl.fingerprint import answer_fingerprint
+
+    plain, comparing = load_recipe("tiny"), load_recipe("tiny", ["model.reasoning=comparison"])
+    weights = {"model": None, "encoder": None, "aligner": None}
+    assert answer_fingerprint(plain, "plvm", weights) == answer_fingerprint(comparing, "plvm", weights)
+    assert answer_fingerprint(plain, "plvm-auto", weights) != answer_fingerprint(comparing, "plvm-auto", weights)

@@ -152,7 +152,9 @@ def _retrieval_lines(found: Mapping[str, Any]) -> list[str]:
     lines = ["", "## Who is in this photo (retrieval)", "",
              f"Every query photo ({found['photos']}) searched for all {found['identities']} test "
              f"identities' retrieval keys ({found['crops']} crops, "
-             + (f"the {found['verify']} best candidates verified by asking the model"
+             + (f"the {found['verify']} best candidates verified by asking the model "
+                + ("one \"Who of ...?\" question about them all" if found.get("verify_by") == "together"
+                   else "about each")
                 if found.get("verify") else f"cosine >= {found['threshold']:g}")
              + f", at most {found['top_k']} per photo).", "",
              "| Precision | Recall | F1 | Top-1 | found / true / correct |", "|---:|---:|---:|---:|---:|",

@@ -55,7 +55,7 @@ def retrieval_task(runtime: Any, testset: TestSet, out_dir: Path, *, progress: b
                 "candidates": [f.to_json() for f in l.candidates[:5]]} for p, l in zip(photos, looked)]
     write_text_atomic(out_dir / "items" / "retrieval.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return {**metrics, "threshold": config.threshold, "top_k": config.top_k, "crops": config.crops,
-            "verify": config.verify,
+            "verify": config.verify, "verify_by": config.verify_by,
             "identities": len(concepts), "top1_accuracy": top1 / len(photos) if photos else None,
             "best_threshold": calibrate_threshold(scores, present) if any(present) else None,
             "items_file": "items/retrieval.jsonl"}
