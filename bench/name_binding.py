@@ -23,7 +23,16 @@ Prints one JSON line per evaluation and a summary (to --out when given).
     OMP_NUM_THREADS=1 python bench/name_binding.py --seed 1 --out docs/bench/name_binding.json
 
 (The learning rate, 1e-3, and the step count were chosen on seed 0; the committed figures are
-seed 1's.)
+seed 1's.) What it printed (2026-12-07, CPU, one thread, the machine shared with other jobs;
+held-out accuracy, chance 0.005; docs/bench/name_binding.json):
+
+    step      100    200    300    400    500    600    700    800
+    plain     0.060  0.108  0.118  0.143  0.178  0.243  0.305  0.317
+    tagged    0.017  0.054  0.065  0.103  0.563  0.951  0.976  0.987
+
+The tagged variant crosses 0.9 at step 600; the plain one climbs slowly (0.32 at 800). With
+one query per row instead of K, neither learns in 1,000 steps (seed 0, not committed): the
+dense re-listing is the other half of the lever.
 """
 
 from __future__ import annotations
