@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
+import time
 
 import httpx2
 import openai
@@ -245,3 +247,27 @@ def test_unknown_routes_are_openai_errors_too(server):
 def test_the_openai_client_raises_its_own_errors(client):
     with pytest.raises(openai.BadRequestError, match="unknown concept <ghost>"):
         client.chat.completions.create(model="pocket", messages=[{"role": "user", "content": "Is <ghost> here?"}])
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server, world):
+    """The model thread is busy; a streaming client reads the first event and hangs up: its
+    request is dropped, never run."""
+    _, service, _ = server
+    _, _, scenes = world
+    before = dict(service.batcher.counts)
+    release = threading.Event()
+    busy = service.batcher.call(release.wait)
+    body = {"messages": question("Is <p0> in this photo?", scenes[0]), "stream": True}
+    with httpx2.stream("POST", server[0] + "/v1/chat/completions", json=body, timeout=60) as response:
+        first = next(response.iter_lines())
+        assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+    deadline = time.monotonic() + 30
+    queued = list(service.batcher._queue.queue)  # the waiting job, to see the hang-up cancel it
+    while not queued[0].future.cancelled() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    release.set()
+    busy.result(30)
+    counts = service.batcher.counts
+    while counts["dropped"] == before["dropped"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert counts["dropped"] - before["dropped"] == 1 and counts["answered"] == before["answered"]

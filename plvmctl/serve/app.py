@@ -45,6 +45,7 @@ class Service:
     users: object  # users.LocalUser or users.KeyedUsers
     batcher: Batcher
     photo_folder: Path | None = None
+    in_flight: int = 0  # chat requests being answered now (changed on the event loop only)
 
     @property
     def model_id(self) -> str:
@@ -161,8 +162,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.model_id, "waiting": service.batcher.waiting,
-                **service.batcher.counts}
+        return {"status": "ok", "model": service.model_id, "in_flight": service.in_flight,
+                "waiting": service.batcher.waiting, **service.batcher.counts}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -183,7 +184,11 @@ def create_app(service: Service) -> FastAPI:
         ident = completion_id()
         if chat.stream:
             return StreamingResponse(_stream(service, chat, future, ident), media_type="text/event-stream")
-        result = await asyncio.wrap_future(future)
+        service.in_flight += 1
+        try:
+            result = await asyncio.wrap_future(future)
+        finally:
+            service.in_flight -= 1
         if not result.ok:
             raise internal(f"the model failed on this request: {result.error}")
         return completion(ident, service.model_id, result.answer, result.prompt_tokens, result.completion_tokens,
@@ -255,6 +260,7 @@ async def _stream(service: Service, chat: ChatRequest, future, ident: str):
     """Server-sent events as OpenAI streams them. The answer comes whole from the batch; its
     words follow one event each. A client that leaves before its answer cancels its job."""
     model = service.model_id
+    service.in_flight += 1
     try:
         yield _sse(chunk(ident, model, {"role": "assistant", "content": ""}))
         result = await asyncio.wrap_future(future)
@@ -268,4 +274,5 @@ async def _stream(service: Service, chat: ChatRequest, future, ident: str):
             yield _sse(chunk(ident, model, None, usage_=usage(result.prompt_tokens, result.completion_tokens)))
         yield _sse("[DONE]")
     finally:
+        service.in_flight -= 1
         future.cancel()  # no effect once the job ran
