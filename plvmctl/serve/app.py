@@ -28,6 +28,7 @@ from ..errors import PlvmError
 from ..prompt import mentioned_names
 from .batcher import AskJob, Batcher
 from .chat import ChatRequest, chunk, completion, completion_id, finish_reason, parse_chat, pieces, usage
+from .concepts import ConceptCache
 from .faults import ApiError, bad_request, conflict, internal, not_found, too_large, unauthorized
 from .photos import photo_from_url
 from .settings import ServeSettings
@@ -44,6 +45,7 @@ class Service:
     settings: ServeSettings
     users: object  # users.LocalUser or users.KeyedUsers
     batcher: Batcher
+    concepts: ConceptCache
     photo_folder: Path | None = None
     in_flight: int = 0  # chat requests being answered now (changed on the event loop only)
 
@@ -76,7 +78,7 @@ def _load_concepts(service: Service, caller: Caller, question: str) -> dict[str,
             raise bad_request(f"unknown concept <{name}> (your concepts: {_own_names(caller)})", "messages",
                               "unknown_concept")
         try:
-            concepts[name] = service.runtime.check_concept(caller.store.load(name))
+            concepts[name] = service.concepts.load(caller.store, name)
         except PlvmError as error:
             raise bad_request(f"concept <{name}> cannot be used: "
                               f"{str(error).replace(str(caller.store.root), 'your store')}", "messages",

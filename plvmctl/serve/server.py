@@ -13,6 +13,7 @@ import uvicorn
 from ..errors import PlvmError
 from .app import Service, create_app
 from .batcher import Batcher
+from .concepts import ConceptCache
 from .settings import serve_settings
 from .users import KeyedUsers, LocalUser
 
@@ -38,7 +39,7 @@ def build_service(runtime, store, users_file: str | None = None, stores: str | N
         if not photos.is_dir():
             raise PlvmError(f"photo folder not found: {photo_folder}")
     runtime.aligner  # load the reference encoder and the Aligner now, not on the first request
-    return Service(runtime, settings, users, Batcher(runtime, settings), photos)
+    return Service(runtime, settings, users, Batcher(runtime, settings), ConceptCache(runtime), photos)
 
 
 def check_host(host: str, keyed: bool) -> None:
