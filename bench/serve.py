@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import os
 import platform
@@ -43,9 +45,6 @@ HOST = "127.0.0.1"  # loopback only
 
 
 def _data_url(image) -> str:
-    import base64
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

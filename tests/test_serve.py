@@ -271,3 +271,25 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, world):
     while counts["dropped"] == before["dropped"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert counts["dropped"] - before["dropped"] == 1 and counts["answered"] == before["answered"]
+
+
+def test_local_paths_only_inside_the_photo_folder(pocket, server, world, tmp_path):
+    _, _, scenes = world
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scenes[0].save(folder / "party.png")
+    scenes[1].save(tmp_path / "private.png")
+    (folder / "link.png").symlink_to(tmp_path / "private.png")
+    text = "Is <p0> in this photo?"
+    with running(pocket, server[2], photo_folder=str(folder)) as (url, _):
+        def ask(path):
+            return httpx2.post(url + "/v1/chat/completions", timeout=60, json=_user(
+                {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": path}}))
+
+        for path in ("party.png", str(folder / "party.png"), (folder / "party.png").as_uri()):
+            response = ask(path)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"] == reference(pocket, server[2], text, scenes[0])
+        for path in ("../private.png", str(tmp_path / "private.png"), "link.png", "missing.png", "/etc/passwd"):
+            response = ask(path)
+            assert response.status_code == 400 and error_of(response)["code"] == "invalid_image", path
