@@ -159,7 +159,7 @@ def main() -> None:
         batched = serve_and_load(store.root, [f"serve.max_batch={args.max_batch}",
                                               f"serve.max_wait_ms={args.max_wait_ms}"], bodies, expected, args)
     report = {
-        "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/serve.py", *sys.argv[1:]]),
         "recipe": "pocket", "device": "cpu", "omp_num_threads": os.environ["OMP_NUM_THREADS"],
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "clients": args.clients, "requests_per_client": args.requests, "distinct_requests": args.distinct,
