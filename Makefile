@@ -16,7 +16,7 @@ EVAL_ENV ?= $(if $(filter pocket,$(RECIPE)),OMP_NUM_THREADS=1)
 # torch is pinned first: that exact version takes the local CPU wheel instead of a CUDA build.
 install:
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,serve]"
 
 # The default test run: fast unit and integration tests on tiny models (minutes, CPU only).
 test: install

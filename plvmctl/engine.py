@@ -30,6 +30,7 @@ from .concept import Concept
 from .errors import PlvmError
 from .images import load_image
 from .prompt import build_prompt, encode_segments, insert_after_image, mentioned_names, split_names
+from .recipe import GenerationSection
 from .store import ConceptStore
 from .table import ConceptTable
 from .tokens import decode_with_names
@@ -50,6 +51,8 @@ class AskResult:
     answer: str | None = None
     error: str | None = None
     notes: dict[str, dict] = field(default_factory=dict)  # hook key -> {concept: what the hook found}
+    prompt_tokens: int | None = None  # the prompt's length in ids (image slots included)
+    completion_tokens: int | None = None  # ids generated before the end of the answer
 
     @property
     def ok(self) -> bool:
@@ -109,16 +112,18 @@ class Engine:
     `concepts` is a mapping name → Concept or a ConceptStore (loaded on demand and checked
     against the backbone's fingerprint). `descriptions` gives plain-text personas
     (`<name> is {text}.`); `literal_names=True` leaves unknown `<name>`s as plain text.
-    `hooks` run, in order, on every prepared batch of requests (see AskHook).
+    `hooks` run, in order, on every prepared batch of requests (see AskHook). `generation`
+    is how it decodes (the recipe's generation section unless given: a server decodes each
+    request as its caller asks).
     """
 
     def __init__(self, runtime, concepts: Mapping[str, Concept] | ConceptStore | None = None,
                  descriptions: Mapping[str, str] | None = None, literal_names: bool = False,
-                 hooks: Sequence[AskHook] = ()):
+                 hooks: Sequence[AskHook] = (), generation: GenerationSection | None = None):
         self.runtime = runtime
         self.backbone = runtime.backbone
         self.template = runtime.template
-        self.generation = runtime.recipe.generation
+        self.generation = generation or runtime.recipe.generation
         self._store = concepts if isinstance(concepts, ConceptStore) else None
         self._concepts: dict[str, Concept] = {} if self._store else dict(concepts or {})
         for concept in self._concepts.values():
@@ -257,6 +262,7 @@ class Engine:
         """Answer every request; failures are reported per item, the rest still answered."""
         errors: dict[int, str] = {}
         answers: dict[int, str] = {}
+        lengths: dict[int, tuple[int, int]] = {}  # index -> (prompt ids, generated ids)
         prepared = self._prepare_all(requests, errors)
         batch_size = batch_size or self.generation.batch_size
         config = self.generation_config(max_new_tokens)
@@ -276,16 +282,24 @@ class Engine:
                 with table.active(model, rows=[item.names for item in batch]):
                     output = model.generate(**inputs, generation_config=config)
                 new_tokens = output[:, input_ids.shape[1]:].tolist()
-                for item, tokens in zip(batch, new_tokens):
+                for item, row, tokens in zip(batch, rows, new_tokens):
                     answers[item.index] = self.decode(tokens, table)
+                    lengths[item.index] = (len(row), self._generated(tokens))
             except (PlvmError, RuntimeError, ValueError) as error:
                 for item in batch:
                     errors[item.index] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
             bar.update(len(batch))
         bar.close()
         notes = {item.index: item.notes for item in prepared}
-        return [AskResult(request, answers.get(i), errors.get(i), dict(notes.get(i, {})))
+        return [AskResult(request, answers.get(i), errors.get(i), dict(notes.get(i, {})),
+                          *lengths.get(i, (None, None)))
                 for i, request in enumerate(requests)]
+
+    def _generated(self, tokens: list[int]) -> int:
+        """How many ids a row generated: up to its end-of-answer id (the padding that follows
+        a finished row in the batch is not its own)."""
+        stop = self.backbone.eos_token_id
+        return tokens.index(stop) if stop in tokens else len(tokens)
 
     # -- scoring ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -3,6 +3,7 @@ RGB image or a PlvmError)."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -55,6 +56,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
+class ImageTooLarge(PlvmError):
+    """A photo with more pixels than allowed (a server answers it with 413)."""
+
+
 def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image:
     """Open `path` as an upright RGB image whose longer side is at most `max_side`.
 
@@ -66,12 +71,26 @@ def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image
         raise PlvmError(f"image not found: {path}")
     if path.is_dir():
         raise PlvmError(f"expected an image file, got a folder: {path}")
+    return _decode(path, str(path), max_side, MAX_PIXELS)
+
+
+def image_from_bytes(data: bytes, label: str = "image", max_side: int = MAX_SIDE,
+                     max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A photo's file bytes (a server's upload) opened exactly as `load_image` opens a file;
+    ImageTooLarge above `max_pixels`, found from the header before any pixel is decoded."""
+    return _decode(io.BytesIO(data), label, max_side, max_pixels)
+
+
+def _decode(source, label: str, max_side: int, max_pixels: int) -> Image.Image:
+    """Decode `source` (a path or a binary file) into an upright RGB image, at most
+    `max_side` on its longer side; every failure is a PlvmError naming `label`."""
     previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, MAX_PIXELS)
     try:
-        with Image.open(path) as opened:
-            if opened.width * opened.height > MAX_PIXELS:
-                raise PlvmError(f"image too large ({opened.width}x{opened.height} pixels): {path}")
+        with Image.open(source) as opened:
+            if opened.width * opened.height > max_pixels:
+                raise ImageTooLarge(f"image too large ({opened.width}x{opened.height} pixels, at most "
+                                    f"{max_pixels:,}): {label}")
             if max(opened.size) > 2 * max_side and opened.format == "JPEG":
                 opened.draft("RGB", (max_side, max_side))  # decode JPEGs at reduced size
             opened.load()
@@ -80,9 +99,9 @@ def load_image(path: str | os.PathLike, max_side: int = MAX_SIDE) -> Image.Image
     except PlvmError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise PlvmError(f"not a readable image ({type(error).__name__}): {path}") from error
+        raise PlvmError(f"not a readable image ({type(error).__name__}): {label}") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise PlvmError(f"corrupt or truncated image ({error}): {path}") from error
+        raise PlvmError(f"corrupt or truncated image ({error}): {label}") from error
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
     if max(image.size) > max_side:

@@ -102,8 +102,9 @@ class Recipe:
 
 _TYPED_SECTIONS = {"model", "encoder", "aligner", "generation"}
 # The sections the core reads (`train`: the Aligner trainer, `eval`: the evaluation,
-# `retrieval`: who is in a photo); each method adds its own (plvmctl.methods.RECIPE_SECTIONS).
-CORE_SECTIONS = ("store", "model", "encoder", "aligner", "generation", "train", "eval", "retrieval")
+# `retrieval`: who is in a photo, `serve`: the HTTP server); each method adds its own
+# (plvmctl.methods.RECIPE_SECTIONS).
+CORE_SECTIONS = ("store", "model", "encoder", "aligner", "generation", "train", "eval", "retrieval", "serve")
 
 
 def _check_value(expected, value, where: str):

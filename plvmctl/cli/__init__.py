@@ -17,6 +17,7 @@ from .data import data
 from .evaluate import eval_command
 from .find import find
 from .index import index
+from .serve import serve
 from .toy import toy
 from .train import train
 
@@ -40,5 +41,6 @@ def main(**_):
 for method in REGISTRY:  # each method's own `plvmctl train NAME`, when it has one
     if method.train_command is not None:
         train.add_command(method.train_command)
-for command in (encode, ask, recipes, concepts, chat, aligner, train, data, index, toy, eval_command, find):
+for command in (encode, ask, recipes, concepts, chat, aligner, train, data, index, toy, eval_command, find,
+                serve):
     main.add_command(command)

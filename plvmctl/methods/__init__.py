@@ -59,11 +59,13 @@ RECIPE_SECTIONS = CORE_SECTIONS + tuple(method.section.name for method in REGIST
 
 def make_engine(runtime, concepts: Mapping[str, Concept] | ConceptStore | None = None,
                 descriptions: Mapping[str, str] | None = None, literal_names: bool = False, *,
-                locate: bool = True) -> Engine:
+                locate: bool = True, generation=None) -> Engine:
     """An Engine that runs every method's ask-time hook, so a concept behaves as its method
-    made it. `locate=False` leaves out MC-LLaVA's visual prompt (`plvmctl ask --no-location`)."""
+    made it. `locate=False` leaves out MC-LLaVA's visual prompt (`plvmctl ask --no-location`);
+    `generation` decodes otherwise than the recipe says (Engine)."""
     hooks = [hook() for method, hook in ASK_HOOKS if locate or method != "mcllava"]
-    return Engine(runtime, concepts, descriptions=descriptions, literal_names=literal_names, hooks=hooks)
+    return Engine(runtime, concepts, descriptions=descriptions, literal_names=literal_names, hooks=hooks,
+                  generation=generation)
 
 
 def get_method(name: str) -> MethodFactory:
