@@ -102,7 +102,9 @@ async def load(url: str, bodies: list[list[dict]], expected: list[str], clients:
                 lost += 1
                 continue
             latencies.append(time.perf_counter() - tick)
-            if answer.choices[0].message.content != expected[which]:
+            message = answer.choices[0].message  # the comparison first (reasoning_content), then content
+            thought = (message.model_extra or {}).get("reasoning_content")
+            if (f"{thought} {message.content}" if thought else message.content) != expected[which]:
                 mixed += 1
 
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="local", max_retries=0, timeout=600) as client:

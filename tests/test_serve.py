@@ -17,6 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
+from plvmctl.answers import conclusion
 from plvmctl.engine import AskRequest
 from plvmctl.methods import make_engine
 from plvmctl.recipe import load_recipe
@@ -53,11 +54,16 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
 
 
-def reference(pocket, store, text, image=None, max_new_tokens=None) -> str:
-    """The answer `plvmctl ask` gives (its engine, on its own)."""
+def whole_answer(pocket, store, text, image=None, max_new_tokens=None) -> str:
+    """The whole answer the engine gives (`plvmctl ask -v`), on its own."""
     result = make_engine(pocket, store).ask([AskRequest(text, image)], max_new_tokens=max_new_tokens)[0]
     assert result.ok, result.error
     return result.answer
+
+
+def reference(pocket, store, text, image=None, max_new_tokens=None) -> str:
+    """The answer `plvmctl ask` prints: the conclusion of the pocket model, which compares first."""
+    return conclusion(whole_answer(pocket, store, text, image, max_new_tokens), pocket.recipe.model.reasoning)
 
 
 def error_of(response) -> dict:
@@ -80,6 +86,9 @@ def test_a_chat_answer_is_the_one_ask_gives_with_usage(server, client, pocket, w
     text = "Is <p0> in this photo?"
     answer = client.chat.completions.create(model="pocket", messages=question(text, scenes[0]))
     assert answer.choices[0].message.content == reference(pocket, server[2], text, scenes[0])
+    thought = answer.choices[0].message.model_extra["reasoning_content"]  # the comparison before it
+    assert thought and thought + " " + answer.choices[0].message.content == whole_answer(pocket, server[2], text,
+                                                                                         scenes[0])
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage.prompt_tokens > 0 and answer.usage.completion_tokens > 0
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
@@ -114,6 +123,8 @@ def test_streaming_gives_the_same_answer_in_pieces(server, client, pocket, world
                                                  stream_options={"include_usage": True}))
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == reference(pocket, server[2], text, scenes[0])
+    thought = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    assert thought + " " + content == whole_answer(pocket, server[2], text, scenes[0])
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0

@@ -136,9 +136,15 @@ def test_a_name_both_users_have_means_each_users_own(server, pocket, world):
             model="pocket", messages=question(text, scene)) for user, text, scene in asks])
         for client in clients.values():
             await client.close()
-        return [answer.choices[0].message.content for answer in answers]
+        return [whole(answer.choices[0].message) for answer in answers]
 
     assert asyncio.run(all_at_once()) == expected
+
+
+def whole(message) -> str:
+    """The whole answer: the comparison the pocket model makes first, then its conclusion."""
+    thought = (message.model_extra or {}).get("reasoning_content")
+    return f"{thought} {message.content}" if thought else message.content
 
 
 def test_a_users_new_concept_lands_in_their_store_only(server, world):

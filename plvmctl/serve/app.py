@@ -27,7 +27,8 @@ from ..engine import AskRequest
 from ..errors import PlvmError
 from ..prompt import mentioned_names
 from .batcher import AskJob, Batcher
-from .chat import ChatRequest, chunk, completion, completion_id, finish_reason, parse_chat, pieces, usage
+from .chat import (ChatRequest, chunk, completion, completion_id, finish_reason, parse_chat, pieces, split_reasoning,
+                   usage)
 from .concepts import ConceptCache
 from .faults import ApiError, bad_request, conflict, internal, not_found, too_large, unauthorized
 from .photos import photo_from_url
@@ -194,7 +195,7 @@ def create_app(service: Service) -> FastAPI:
         if not result.ok:
             raise internal(f"the model failed on this request: {result.error}")
         return completion(ident, service.model_id, result.answer, result.prompt_tokens, result.completion_tokens,
-                          chat.decoding)
+                          chat.decoding, service.runtime.recipe.model.reasoning)
 
     @app.get("/v1/concepts")
     async def list_concepts(request: Request):
@@ -260,7 +261,9 @@ def _describe_all(caller: Caller) -> list[dict]:
 
 async def _stream(service: Service, chat: ChatRequest, future, ident: str):
     """Server-sent events as OpenAI streams them. The answer comes whole from the batch; its
-    words follow one event each. A client that leaves before its answer cancels its job."""
+    words follow one event each (a comparison the model makes first as `reasoning_content`
+    deltas, then the conclusion as `content`). A client that leaves before its answer cancels
+    its job."""
     model = service.model_id
     service.in_flight += 1
     try:
@@ -269,7 +272,10 @@ async def _stream(service: Service, chat: ChatRequest, future, ident: str):
         if not result.ok:
             yield _sse(internal(f"the model failed on this request: {result.error}").body())
             return
-        for piece in pieces(result.answer):
+        content, thought = split_reasoning(result.answer, service.runtime.recipe.model.reasoning)
+        for piece in pieces(thought) if thought else []:
+            yield _sse(chunk(ident, model, {"reasoning_content": piece}))
+        for piece in pieces(content):
             yield _sse(chunk(ident, model, {"content": piece}))
         yield _sse(chunk(ident, model, {}, finish_reason(result.completion_tokens, chat.decoding)))
         if chat.include_usage:

@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..answers import conclusion
 from .faults import bad_request
 from .settings import ServeSettings
 
@@ -152,11 +153,26 @@ def finish_reason(completion_tokens: int, decoding: Decoding) -> str:
     return "length" if completion_tokens >= decoding.max_tokens else "stop"
 
 
+def split_reasoning(answer: str, reasoning: str) -> tuple[str, str | None]:
+    """(content, reasoning_content) of an answer: for a model that compares before it answers
+    (recipe model.reasoning), the content is what it concludes (what `plvmctl ask` prints) and
+    the comparison before it goes into `reasoning_content`, the field OpenAI-compatible servers
+    (vLLM's reasoning parsers) use for it; otherwise the whole answer and None."""
+    content = conclusion(answer, reasoning)
+    if content == answer:
+        return answer, None
+    return content, answer[:answer.rindex(content)].strip() if content in answer else None
+
+
 def completion(ident: str, model: str, answer: str, prompt_tokens: int, completion_tokens: int,
-               decoding: Decoding) -> dict:
+               decoding: Decoding, reasoning: str = "none") -> dict:
     """A whole `chat.completion` object."""
+    content, thought = split_reasoning(answer, reasoning)
+    message = {"role": "assistant", "content": content}
+    if thought is not None:
+        message["reasoning_content"] = thought
     return {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+            "choices": [{"index": 0, "message": message,
                          "finish_reason": finish_reason(completion_tokens, decoding), "logprobs": None}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
