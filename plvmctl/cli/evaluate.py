@@ -68,13 +68,14 @@ def report_bytes(testset, methods: int, limit: int | None) -> int:
                    "for all test identities (precision, recall, F1, calibrated threshold).")
 @click.option("--retrieval-only", is_flag=True, help="Only that; no method is asked.")
 @click.option("--captions", is_flag=True,
-              help="Also score caption recall (MyVLM's metric): \"Describe this photo.\" per query "
-                   "photo with its concepts in the prompt (plvm-auto: the ones it finds); the share "
-                   "of (photo, concept) pairs whose description names the concept.")
+              help="Also score captions: \"Describe this photo.\" per query photo with its concepts "
+                   "and one absent test identity in the prompt (plvm-auto: the ones it finds); recall "
+                   "(MyVLM's metric: the share of (photo, concept) pairs whose description says the "
+                   "concept is there) and name precision.")
 @click.option("--pairs", is_flag=True,
-              help="Also ask questions that hold two concepts at once (\"Is <A> in this photo?\" with "
-                   "<B> in the prompt too, \"Which of <A> and <B> is in this photo?\"); reported "
-                   "in their own section.")
+              help="Also ask questions that hold several concepts at once (\"Is <A> in this photo?\" "
+                   "with <B> in the prompt too, which of two or three, who of four; on a toy set's "
+                   "group photos both here and left of); reported in their own section.")
 @click.option("--negatives", type=click.Path(file_okay=False), default=None,
               help="Photos of people who are not in the test set: the negatives of the methods that "
                    "train (yollava, myvlm, mcllava) and plvm-auto's other people [default: the "
