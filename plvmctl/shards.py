@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import PlvmError
 from .fileio import write_text_atomic
@@ -161,28 +161,44 @@ class ShardedRun:
 
     def finish(self, timeout: float | None = None) -> list[Any] | None:
         """Wait for every rank; rank 0 gets every item's row in input order, the others None."""
-        import torch.distributed as dist  # lazy: the commands that never split start faster
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        barrier()
         if not self.process.is_main:
             return None
-        if timeout is None:
-            timeout = float(os.environ.get(MERGE_TIMEOUT_ENV, DEFAULT_MERGE_TIMEOUT))
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def covered() -> bool:
             self.own = self._read(self.path)
-            rows = self._answered()
-            if len(rows) == len(self.keys):
-                return [rows[index] for index in range(len(self.keys))]
-            if time.monotonic() >= deadline:
-                missing = len(self.keys) - len(rows)
-                raise PlvmError(f"waited {timeout:.0f} s for the other ranks: {missing} of {len(self.keys)} "
-                                f"items still unanswered; their partial files are kept in {self.folder} "
-                                "and a rerun resumes from them")
-            time.sleep(POLL_SECONDS)
+            return len(self._answered()) == len(self.keys)
+
+        wait_for(covered, lambda: f"{len(self.keys) - len(self._answered())} of {len(self.keys)} items "
+                 f"still unanswered; their partial files are kept in {self.folder}", timeout)
+        rows = self._answered()
+        return [rows[index] for index in range(len(self.keys))]
 
     @staticmethod
     def clean_after(out: str | os.PathLike) -> None:
         """Remove the partial files of `out` once the merged output is written (rank 0)."""
         shutil.rmtree(parts_folder(out), ignore_errors=True)
+
+
+def barrier() -> None:
+    """Every rank waits for the others here when torch.distributed has a process group (as
+    under `accelerate launch` once an Accelerator exists); otherwise it returns at once and
+    rank 0 waits for the partial files (`wait_for`)."""
+    import torch.distributed as dist  # lazy: the commands that never split start faster
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wait_for(ready: Callable[[], bool], missing: Callable[[], str], timeout: float | None = None) -> None:
+    """Poll `ready()` until it holds (rank 0 waiting for the other ranks' files), at most
+    `timeout` seconds (PLVM_MERGE_TIMEOUT, default six hours); then a PlvmError that says what
+    is `missing()` and that a rerun resumes."""
+    if timeout is None:
+        timeout = float(os.environ.get(MERGE_TIMEOUT_ENV, DEFAULT_MERGE_TIMEOUT))
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() >= deadline:
+            raise PlvmError(f"waited {timeout:.0f} s for the other ranks: {missing()}; "
+                            "a rerun resumes from what they wrote")
+        time.sleep(POLL_SECONDS)

@@ -196,3 +196,57 @@ def test_ask_batch_resumes_a_dead_ranks_work_with_one_process(batch, tmp_path, m
     assert rerun.exit_code == 1
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert not set(asked) & set(by_rank_one) and len(asked) + len(by_rank_one) == 6
+
+
+# -- find --json across processes -----------------------------------------------------------
+def test_find_json_over_two_ranks_equals_one_process(tmp_path, photos, monkeypatch):
+    store = tmp_path / "store"
+    for name, photo in (("avril", "plain0.png"), ("bob", "photo.jpg")):
+        assert CliRunner().invoke(main, ["--recipe", "tiny", "--store", str(store), "encode",
+                                         str(photos[photo]), "--name", name]).exit_code == 0
+    album = [str(photos[name]) for name in ("plain1.png", "rgba.png", "text.png", "plain2.png", "gray.png")]
+
+    def find():
+        return CliRunner().invoke(main, ["--recipe", "tiny", "--store", str(store), "find", *album,
+                                         "--json", "--threshold", "0.5"])
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    single = find()
+    assert single.exit_code == 1  # text.png is no photo
+    assert any(json.loads(line)["found"] for line in single.stdout.splitlines())
+    as_rank(monkeypatch, 1, 2)
+    other = find()
+    assert other.exit_code == 0 and other.stdout == ""
+    assert list((store / ".shards").glob("find-*.jsonl.parts/rank-1.jsonl"))
+    as_rank(monkeypatch, 0, 2)
+    merged = find()
+    assert merged.exit_code == 1 and merged.stdout == single.stdout
+    assert not list((store / ".shards").glob("*.parts"))
+
+
+# -- index build across processes -----------------------------------------------------------
+def test_index_build_over_two_ranks_equals_one_process(tmp_path, monkeypatch):
+    from test_image_index import fake_app, make_photos
+
+    from plvmctl.cli.index import index as index_group
+
+    make_photos(tmp_path / "photos", count=9)
+
+    def build(out):
+        return CliRunner().invoke(index_group, ["build", str(tmp_path / "photos"), "--out", str(out),
+                                                "--shard-size", "2", "--no-progress"], obj=fake_app())
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert build(tmp_path / "one.index").exit_code == 0
+    as_rank(monkeypatch, 1, 2)
+    other = build(tmp_path / "two.index")
+    assert other.exit_code == 0 and other.stdout == "" and not (tmp_path / "two.index").exists()
+    work = tmp_path / "two.index.embeddings"
+    assert sorted(p.name for p in (work / "img_emb").iterdir()) == ["img_emb_1.npy", "img_emb_3.npy"]
+    as_rank(monkeypatch, 0, 2)
+    merged = build(tmp_path / "two.index")
+    assert merged.exit_code == 0, merged.output
+    assert "9 vectors" in merged.stdout and "reused 5 complete embeddings shard(s)" in merged.stderr  # all of them, its own too
+    assert (tmp_path / "two.index").read_bytes() == (tmp_path / "one.index").read_bytes()
