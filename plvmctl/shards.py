@@ -20,6 +20,8 @@ OUT.parts folder, none of this is used and nothing changes.
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import hashlib
 import json
 import os
@@ -202,3 +204,29 @@ def wait_for(ready: Callable[[], bool], missing: Callable[[], str], timeout: flo
             raise PlvmError(f"waited {timeout:.0f} s for the other ranks: {missing()}; "
                             "a rerun resumes from what they wrote")
         time.sleep(POLL_SECONDS)
+
+
+def ensure_process_group(process: Process | None = None) -> None:
+    """Join the processes' torch.distributed group (gloo: it only carries barriers here, on
+    any device) when several were launched and none is set up yet, so `barrier` holds every
+    rank. Its timeout is PLVM_MERGE_TIMEOUT. accelerate launch and torchrun set MASTER_ADDR and
+    MASTER_PORT; without them this is a PlvmError."""
+    import torch.distributed as dist  # lazy: the commands that never split start faster
+
+    process = process or current_process()
+    if not process.several or dist.is_initialized():
+        return
+    if not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        raise PlvmError(f"WORLD_SIZE={process.world_size} without MASTER_ADDR and MASTER_PORT: launch "
+                        "with `accelerate launch` or `torchrun`")
+    timeout = float(os.environ.get(MERGE_TIMEOUT_ENV, DEFAULT_MERGE_TIMEOUT))
+    dist.init_process_group("gloo", rank=process.rank, world_size=process.world_size,
+                            timeout=datetime.timedelta(seconds=timeout))
+    atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

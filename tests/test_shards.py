@@ -250,3 +250,47 @@ def test_index_build_over_two_ranks_equals_one_process(tmp_path, monkeypatch):
     assert merged.exit_code == 0, merged.output
     assert "9 vectors" in merged.stdout and "reused 5 complete embeddings shard(s)" in merged.stderr  # all of them, its own too
     assert (tmp_path / "two.index").read_bytes() == (tmp_path / "one.index").read_bytes()
+
+
+# -- eval across processes --------------------------------------------------------------------
+def test_eval_ranks_ask_disjoint_shares_and_rank_zero_scores_them_all(tmp_path, monkeypatch):
+    """Ranks played in turn (rank 1, then rank 0): rank 0 first folds rank 1's log in, as a
+    rerun after a rank died does; tests/test_scaling_out.py runs them at once."""
+    from test_evaluate import FakeApi, FakeRuntime, make_testset
+
+    from plvmctl.evaluate import run as run_module
+    from plvmctl.evaluate.split import EvalSplit
+
+    root = make_testset(tmp_path / "set")
+    methods = ["plvm", "llava-text"]
+    one_api = FakeApi()
+    single = run_module.run_evaluation(FakeRuntime(), root, methods, tmp_path / "one", progress=False,
+                                       engine_api=one_api)
+    class RankOneAfterRankZerosCheck(EvalSplit):
+        """Rank 1 as it runs behind the barrier: after rank 0 checked the run folder."""
+
+        def started(self, logs, check):
+            check()
+            return {}
+
+    asked = {}
+    for rank in (1, 0):
+        split = RankOneAfterRankZerosCheck if rank == 1 else EvalSplit
+        monkeypatch.setattr(run_module, "EvalSplit",
+                            lambda runtime, rank=rank, split=split: split(runtime, Process(rank, 2, rank)))
+        asked[rank] = FakeApi()
+        results = run_module.run_evaluation(FakeRuntime(), root, methods, tmp_path / "two", progress=False,
+                                            engine_api=asked[rank])
+        if rank == 1:
+            assert results == {}
+            assert not (tmp_path / "two" / "report.md").exists()
+            assert sorted(p.name for p in (tmp_path / "two" / "items").glob("*.parts")) == [
+                "llava-text.jsonl.parts", "plvm.jsonl.parts"]
+    assert asked[0].asked and asked[1].asked
+    assert sorted(asked[0].asked + asked[1].asked) == sorted(one_api.asked)  # each item by one rank
+    for name in methods:
+        lines = (tmp_path / "two" / "items" / f"{name}.jsonl").read_text().splitlines()
+        assert sorted(lines) == sorted((tmp_path / "one" / "items" / f"{name}.jsonl").read_text().splitlines())
+        for key in ("recognition", "text_qa", "visual_qa"):
+            assert results["methods"][name][key] == single["methods"][name][key]
+    assert not list((tmp_path / "two" / "items").glob("*.parts"))
