@@ -36,7 +36,7 @@ from .fileio import write_text_atomic
 
 MERGE_TIMEOUT_ENV = "PLVM_MERGE_TIMEOUT"  # seconds rank 0 waits for the other ranks' shards
 DEFAULT_MERGE_TIMEOUT = 6 * 3600.0
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.5  # how often rank 0 rereads the partial files while it waits
 
 
 @dataclass(frozen=True)
@@ -182,13 +182,20 @@ class ShardedRun:
         shutil.rmtree(parts_folder(out), ignore_errors=True)
 
 
+def in_process_group() -> bool:
+    """True when torch.distributed has a process group (so `barrier` holds every rank)."""
+    import torch.distributed as dist  # lazy: the commands that never split start faster
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
     """Every rank waits for the others here when torch.distributed has a process group (as
     under `accelerate launch` once an Accelerator exists); otherwise it returns at once and
     rank 0 waits for the partial files (`wait_for`)."""
     import torch.distributed as dist  # lazy: the commands that never split start faster
 
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.barrier()
 
 
