@@ -201,3 +201,26 @@ def test_train_aligner_two_processes_follow_one_and_resume_under_either_count(tm
     train(tmp_path / "one-then-two", 2, 1)
     train(tmp_path / "one-then-two", 4, 2, "--resume")
     assert losses(tmp_path / "one-then-two") == pytest.approx(expected, rel=1e-5)
+
+
+def test_eval_spreads_a_per_concept_methods_training_over_the_ranks(tmp_path):
+    from plvmctl.concept import Concept
+    from plvmctl.lab import toy
+
+    root = toy.write_testset(tmp_path / "set", 3, seed=0, queries_per_identity=2, progress=False)
+    settings = ["--recipe", "tiny", "--device", "cpu"] + [
+        arg for key, value in (("embedding_steps", 2), ("recognition_per_photo", 1), ("qa_per_photo", 1),
+                               ("qa_max_new_tokens", 3), ("negative_rows", 4), ("head_steps", 50))
+        for arg in ("--set", f"myvlm.{key}={value}")]
+    evaluate = ["eval", "--testset", root, "--method", "myvlm", "--limit", "4"]
+    one = in_process(*settings, *evaluate, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    two = torchrun("-m", "plvmctl", *settings, *evaluate, "--out", tmp_path / "two", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert (tmp_path / "two" / "items" / "myvlm.jsonl").read_bytes() == \
+        (tmp_path / "one" / "items" / "myvlm.jsonl").read_bytes()
+    made = {run: sorted((tmp_path / run / "cache" / "myvlm").glob("*.concept")) for run in ("one", "two")}
+    assert [p.name for p in made["two"]] == [p.name for p in made["one"]] and len(made["one"]) == 3
+    for mine, theirs in zip(made["one"], made["two"]):  # trained once, by one rank, the same
+        a, b = Concept.load(mine), Concept.load(theirs)
+        assert a.word.equal(b.word) and a.head.equal(b.head)
