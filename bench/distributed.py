@@ -4,9 +4,12 @@ one torch thread each), on toy photos of the pocket model's world.
 Prints one JSON object: photos/s of each (whole command, start-up included, and asking only:
 the same launch of a batch file with no question taken off), their ratios, whether the merged
 output is byte-identical to one process's, and os.getloadavg() before and after (the machine
-is shared: a high load depresses the ratio).
+is shared: a high load depresses the ratio). Under "eval", the same for `plvmctl eval --method
+plvm` on a toy test set: items/s of the whole command, and whether the merged item log and the
+scores are one process's.
 
-    python bench/distributed.py --recipe pocket --questions 960 --json-out docs/bench/distributed.json
+    python bench/distributed.py --recipe pocket --questions 960 --eval-identities 16 --eval-queries 8 \
+        --json-out docs/bench/distributed.json
 """
 
 from __future__ import annotations
@@ -69,6 +72,30 @@ def make_work(folder: Path, recipe: str, questions: int, concepts: int) -> tuple
     return store, batch
 
 
+def bench_eval(folder: Path, recipe: str, processes: int, identities: int, queries: int) -> dict:
+    """`plvmctl eval --method plvm` on a toy test set with one process and with `processes`:
+    items/s of the whole command, their ratio, and whether the merged item log and the scores
+    are one process's."""
+    testset = toy.write_testset(folder / "set", identities, seed=0, queries_per_identity=queries, progress=False)
+    evaluate = ["-m", "plvmctl", "--recipe", recipe, "eval", "--testset", str(testset), "--method", "plvm"]
+    one = timed([sys.executable, *evaluate, "--out", str(folder / "one")], folder)
+    several = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                     str(processes), *evaluate, "--out", str(folder / "two")], folder)
+    results = {run: json.loads((folder / run / "results.json").read_text()) for run in ("one", "two")}
+    scores = ("recognition", "text_qa", "visual_qa")
+    items = sum(1 for _ in (folder / "one" / "items" / "plvm.jsonl").open())
+    return {
+        "identities": identities, "queries_per_identity": queries, "items": items,
+        "one_process": {"seconds": round(one, 2), "items_per_second": round(items / one, 3)},
+        "several_processes": {"seconds": round(several, 2), "items_per_second": round(items / several, 3)},
+        "ratio": round(one / several, 3),
+        "merged_item_log_identical": (folder / "one" / "items" / "plvm.jsonl").read_bytes()
+        == (folder / "two" / "items" / "plvm.jsonl").read_bytes(),
+        "scores_identical": all(results["one"]["methods"]["plvm"][key] == results["two"]["methods"]["plvm"][key]
+                                for key in scores),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="pocket")
@@ -76,6 +103,9 @@ def main() -> None:
     parser.add_argument("--concepts", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--eval-identities", type=int, default=12,
+                        help="toy test set identities for the eval run (0: no eval run)")
+    parser.add_argument("--eval-queries", type=int, default=6, help="query photos per identity")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -95,6 +125,8 @@ def main() -> None:
         several = timed([*launch, *ask, "--batch", str(batch), "--out", str(folder / "two.jsonl")], folder)
         identical = (folder / "one.jsonl").read_bytes() == (folder / "two.jsonl").read_bytes()
         answered = sum(json.loads(line)["error"] is None for line in (folder / "one.jsonl").open())
+        evaluation = (bench_eval(folder / "eval", args.recipe, args.processes, args.eval_identities,
+                                 args.eval_queries) if args.eval_identities else None)
     load_after = os.getloadavg()
 
     def rate(seconds: float) -> float:
@@ -112,6 +144,7 @@ def main() -> None:
         "ratio": round(one / several, 3),
         "asking_ratio": round((one - startup) / (several - startup_several), 3),
         "merged_output_identical": identical,
+        "eval": evaluation,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in load_after],
         "cpu_count": os.cpu_count(), "platform": platform.platform(),
