@@ -164,6 +164,23 @@ def test_eval_two_processes_equal_one_and_resume_a_killed_rank(tmp_path):
     assert not list((tmp_path / "three" / "items").glob("*.parts"))
 
 
+def test_eval_under_accelerate_launch_splits_the_items_too(tmp_path):
+    pytest.importorskip("accelerate")
+    from test_evaluate import make_testset
+
+    root = make_testset(tmp_path / "set")
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                               "--dynamo_backend", "no", "--main_process_port", "0",
+                               TESTS / "two_rank_eval.py", root, tmp_path / "out", tmp_path / "asked"],
+                              cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr
+    asked = asked_lines(tmp_path / "asked")
+    assert set(asked) == {"asked-0", "asked-1"} and all(asked.values())
+    assert not set(asked["asked-0"]) & set(asked["asked-1"])
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
 # -- train aligner ---------------------------------------------------------------------------------
 def losses(out: Path) -> list[float]:
     return [row["loss"] for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in row]

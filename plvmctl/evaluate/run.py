@@ -157,6 +157,7 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
         "negatives": {"origin": pools[name].origin, "sha256": pools[name].digest()}} if name in pools else None)
         for name in factories}
     split = EvalSplit(runtime)  # several processes: each asks its share, rank 0 merges (split.py)
+    progress = progress and split.process.is_main  # one progress bar, rank 0's
     afresh = split.started([out_dir / "items" / f"{name}.jsonl" for name in factories],
                            lambda: check_run_folder(out_dir, str(testset.root.resolve()), fingerprints, echo))
     items = build_items(testset, limit=limit, neg_per_identity=neg_per_identity, seed=seed)
