@@ -294,3 +294,19 @@ def test_eval_ranks_ask_disjoint_shares_and_rank_zero_scores_them_all(tmp_path, 
         for key in ("recognition", "text_qa", "visual_qa"):
             assert results["methods"][name][key] == single["methods"][name][key]
     assert not list((tmp_path / "two" / "items").glob("*.parts"))
+
+
+def test_index_build_of_vectors_is_left_to_rank_zero(tmp_path, monkeypatch):
+    import numpy as np
+
+    from plvmctl.cli.index import index as index_group
+
+    np.save(tmp_path / "x.npy", np.eye(8, 4, dtype=np.float32) + 0.1)
+    build = ["build", str(tmp_path / "x.npy"), "--out", str(tmp_path / "x.index"), "--no-progress"]
+    as_rank(monkeypatch, 1, 2)
+    other = CliRunner().invoke(index_group, build)
+    assert other.exit_code == 0 and other.stdout == "" and not (tmp_path / "x.index").exists()
+    as_rank(monkeypatch, 0, 2)
+    built = CliRunner().invoke(index_group, build)
+    assert built.exit_code == 0, built.output
+    assert "8 vectors" in built.stdout and (tmp_path / "x.index").is_file()

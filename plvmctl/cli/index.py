@@ -84,6 +84,7 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
     """Build an index of SOURCE and print its path and a one-line summary."""
     from .. import image_index
     from ..locks import hold
+    from ..shards import current_process
 
     started = time.perf_counter()
     if gpu:
@@ -105,6 +106,8 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
         src = embedded.source
         model_name = model_name or backbone_name
     else:
+        if not current_process().is_main:
+            return  # vectors already embedded: nothing to split, rank 0 builds the index
         src = image_index.open_source(source)
     with hold(Path(f"{out_path}.lock"), f"the index {out_path}"):
         info = image_index.build_index(src, out_path, factory=factory, metric=metric,
