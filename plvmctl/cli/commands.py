@@ -13,6 +13,7 @@ import click
 from ..answers import conclusion
 from ..errors import PlvmError
 from ..recipe import refuse_unused_settings
+from ..shards import ShardedRun
 from .app import App
 
 pass_app = click.make_pass_decorator(App)
@@ -148,7 +149,6 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
     if batch_size is not None and batch_size < 1:
         raise PlvmError("--batch-size must be at least 1")
 
-    reasoning = app.recipe.model.reasoning
     generation = app.recipe.generation
     if sample:
         generation.do_sample = True
@@ -160,34 +160,28 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
         raise PlvmError("--threshold and --top-k go with --auto")
     if auto and any(isinstance(request.image, list) for request in requests):
         raise PlvmError("--auto finds concepts in one photo per question: leave out --together")
-    found = _auto_concepts(app, requests, problems, threshold, top_k) if auto else {}
+    if auto and all(request.image is None for i, request in enumerate(requests) if i not in problems):
+        raise PlvmError("--auto finds concepts in photos: give at least one photo")
     engine = make_engine(app.runtime, app.store, locate=location)
-    todo = [i for i in range(len(requests)) if i not in problems]
-    results = engine.ask([requests[i] for i in todo], batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, progress=len(todo) > 1 and sys.stderr.isatty())
-    rows = []
-    for i, request in enumerate(requests):
-        image = request.image
-        row = {"image": [str(one) for one in image] if isinstance(image, list) else
-               None if image is None else str(image), "question": request.question}
-        if i in problems:
-            row.update(answer=None, error=problems[i])
-        else:
-            result = results[todo.index(i)]
-            row.update(answer=result.answer, error=result.error)
-            if reasoning != "none" and result.answer is not None:
-                row["conclusion"] = conclusion(result.answer, reasoning)
-            if result.notes.get("located"):  # where the prompt said a concept is (MC-LLaVA)
-                row["located"] = dict(result.notes["located"])
-        if auto:
-            row["found"] = [f.to_json() for f in found[i]] if i in found else None
-        rows.append(row)
+    options = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, auto=auto,
+                   threshold=threshold, top_k=top_k)
+    if batch_file and ShardedRun.wanted(out_file):
+        rows = _ask_sharded(app, engine, requests, problems, out_file, options,
+                            dict(recipe=app.recipe.name, location=location, sample=sample,
+                                 temperature=temperature, top_p=top_p, seed=seed))
+        if rows is None:  # not rank 0: its shard is in its partial file
+            return
+    else:
+        answered = _ask_rows(app, engine, requests, problems, range(len(requests)), options,
+                             progress=sys.stderr.isatty())
+        rows = [answered[i] for i in range(len(requests))]
 
     failed = sum(row["error"] is not None for row in rows)
     if out_file:
         from ..fileio import write_text_atomic
 
         write_text_atomic(out_file, "".join(json.dumps(row) + "\n" for row in rows))
+        ShardedRun.clean_after(out_file)
         click.echo(f"{out_file}: {len(rows) - failed} answered, {failed} failed")
     else:
         for row in rows:
@@ -205,6 +199,71 @@ def ask(app: App, args, batch_file, out_file, no_image, batch_size, max_new_toke
                        err=True)
     if failed:
         sys.exit(1)
+
+
+def _ask_rows(app: App, engine, requests, problems: dict, indices, options: dict,
+              progress: bool = False) -> dict:
+    """Answer the requests at `indices`: index → output row (what `ask --batch` writes)."""
+    reasoning = app.recipe.model.reasoning
+    indices = list(indices)
+    subset = [requests[i] for i in indices]
+    wrong = {n: problems[i] for n, i in enumerate(indices) if i in problems}
+    photos = any(subset[n].image is not None for n in range(len(subset)) if n not in wrong)
+    found = (_auto_concepts(app, subset, wrong, options["threshold"], options["top_k"])
+             if options["auto"] and photos else {})
+    todo = [n for n in range(len(subset)) if n not in wrong]
+    results = engine.ask([subset[n] for n in todo], batch_size=options["batch_size"],
+                         max_new_tokens=options["max_new_tokens"], progress=progress and len(todo) > 1)
+    rows = {}
+    for n, request in enumerate(subset):
+        image = request.image
+        row = {"image": [str(one) for one in image] if isinstance(image, list) else
+               None if image is None else str(image), "question": request.question}
+        if n in wrong:
+            row.update(answer=None, error=wrong[n])
+        else:
+            result = results[todo.index(n)]
+            row.update(answer=result.answer, error=result.error)
+            if reasoning != "none" and result.answer is not None:
+                row["conclusion"] = conclusion(result.answer, reasoning)
+            if result.notes.get("located"):  # where the prompt said a concept is (MC-LLaVA)
+                row["located"] = dict(result.notes["located"])
+        if options["auto"]:
+            row["found"] = [f.to_json() for f in found[n]] if n in found else None
+        rows[indices[n]] = row
+    return rows
+
+
+def _ask_cost(app: App, request, max_new_tokens: int | None) -> float:
+    """What answering a request costs, in tokens: its photos' image tokens, its question
+    (about four characters a token) and the answer's length limit."""
+    images = request.image if isinstance(request.image, list) else \
+        ([] if request.image is None else [request.image])
+    try:
+        image_tokens = sum(app.runtime.backbone.image_token_counts(images, [len(images)])) if images else 0
+    except (PlvmError, OSError, ValueError):  # an unreadable photo fails fast when asked
+        image_tokens = 0
+    return image_tokens + len(request.question) / 4 + (max_new_tokens or app.recipe.generation.max_new_tokens)
+
+
+def _ask_sharded(app: App, engine, requests, problems: dict, out_file, options: dict, settings: dict):
+    """`ask --batch` split over the launched processes (plvmctl.shards): this rank answers
+    its shard chunk by chunk into its partial file; rank 0 returns every row in input order,
+    the other ranks None."""
+    from ..shards import item_key
+
+    if not out_file:
+        raise PlvmError("ask --batch over several processes needs --out (the ranks merge into it)")
+    keys = [item_key("ask", request.question, request.image, problems.get(i), options, settings)
+            for i, request in enumerate(requests)]
+    costs = [_ask_cost(app, request, options["max_new_tokens"]) for request in requests]
+    run = ShardedRun(out_file, keys, costs)
+    chunk = 4 * (options["batch_size"] or app.recipe.generation.batch_size)
+    for start in range(0, len(run.todo), chunk):
+        run.save(_ask_rows(app, engine, requests, problems, run.todo[start:start + chunk], options))
+    app.log(f"rank {run.process.rank}/{run.process.world_size}: asked {len(run.todo)} of "
+            f"{len(requests)} questions")
+    return run.finish()
 
 
 def _shown_answer(app: App, answer: str) -> str:

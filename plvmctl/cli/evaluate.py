@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
     """
     from ..fileio import check_free_space
     from ..locks import LOCK_FILE, hold
+    from ..shards import current_process
     from ..evaluate import load_testset, recipe_mcq_mode, render_markdown, run_evaluation
 
     names = [] if retrieval_only else parse_methods(methods)
@@ -109,11 +111,14 @@ def eval_command(app, testset, methods, out_dir, limit, neg_per_identity, seed, 
         click.echo(TINY_WARNING, err=True)
     out = Path(out_dir) if out_dir else default_out_dir(recipe.name)
     check_free_space(out, report_bytes(loaded, max(len(names), 1), limit), "the evaluation report")
-    with hold(out / LOCK_FILE, f"the evaluation folder {out}"):
+    main = current_process().is_main  # several processes (accelerate launch): rank 0 locks and reports
+    with hold(out / LOCK_FILE, f"the evaluation folder {out}") if main else contextlib.nullcontext():
         results = run_evaluation(app.runtime, loaded, names, out, limit=limit,
                                  neg_per_identity=neg_per_identity, seed=seed, mcq=mcq,
                                  batch_size=batch_size, progress=True,
                                  retrieval=retrieval or retrieval_only, captions=captions, pairs=pairs,
                                  negatives=negatives, echo=lambda message: click.echo(message, err=True))
+    if not main:
+        return
     click.echo(render_markdown(results))
     click.echo(f"report: {out}/results.md, results.json, results.png; answers in {out}/items/")

@@ -105,7 +105,9 @@ def find(app: App, paths, as_json, threshold, top_k, batch_size):
     if batch_size:
         config.batch_size = batch_size
     photos = _photo_list(paths)
-    looked = look_at_photos(app, photos, config, progress=len(photos) > 1 and sys.stderr.isatty())
+    looked = look_at_photos_split(app, photos, config, progress=len(photos) > 1 and sys.stderr.isatty())
+    if looked is None:  # not rank 0: its photos are in its partial file, rank 0 prints them all
+        return
     failed = 0
     for position, photo in enumerate(photos):
         result = looked[position]
@@ -129,3 +131,49 @@ def find(app: App, paths, as_json, threshold, top_k, batch_size):
             click.echo(f"{photo}\t{cells}")
     if failed:
         sys.exit(1)
+
+
+def look_at_photos_split(app: App, photos: list[str], config, progress: bool = False) -> dict | None:
+    """`look_at_photos` split over the processes accelerate or torchrun launched
+    (plvmctl.shards): each rank looks at its share of the photos (balanced by pixels) and
+    writes its results to a partial file under STORE/.shards/; rank 0 gets every photo's
+    result, the other ranks None. One process without partial files: `look_at_photos`."""
+    from dataclasses import asdict
+
+    from PIL import Image
+
+    from ..recognise import Found, Looked
+    from ..shards import ShardedRun, item_key
+
+    out = app.store.root / ".shards" / f"find-{item_key(photos, asdict(config), app.recipe.name)}.jsonl"
+    if not ShardedRun.wanted(out):
+        return look_at_photos(app, photos, config, progress)
+    costs = []
+    for photo in photos:
+        try:
+            with Image.open(photo) as image:  # the header only: its size
+                costs.append(1 + image.width * image.height / 1e6)
+        except (OSError, ValueError):  # unreadable: fails fast when looked at
+            costs.append(1.0)
+    keys = [item_key("find", photo, app.store.names()) for photo in photos]
+    run = ShardedRun(out, keys, costs)
+    chunk = 4 * config.batch_size
+    for start in range(0, len(run.todo), chunk):
+        mine = run.todo[start:start + chunk]
+        looked = look_at_photos(app, [photos[i] for i in mine], config)
+        run.save({i: {"error": result} if isinstance(result, str) else {"looked": asdict(result)}
+                  for i, result in zip(mine, (looked[n] for n in range(len(mine))))})
+    rows = run.finish()
+    if rows is None:
+        return None
+    ShardedRun.clean_after(out)
+
+    def restored(row: dict):
+        if "error" in row:
+            return row["error"]
+        fields = dict(row["looked"])
+        for key in ("candidates", "found"):
+            fields[key] = [Found(f["name"], f["score"], tuple(f["box"])) for f in fields[key]]
+        return Looked(**fields)
+
+    return {position: restored(row) for position, row in enumerate(rows)}

@@ -84,6 +84,7 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
     """Build an index of SOURCE and print its path and a one-line summary."""
     from .. import image_index
     from ..locks import hold
+    from ..shards import current_process
 
     started = time.perf_counter()
     if gpu:
@@ -92,6 +93,8 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
     if kind == "images":
         embed, backbone_name = _embedder()
         work = work or Path(str(out_path) + ".embeddings")
+        if not _embed_my_shards(source, work, embed, batch_size, shard_size, backbone_name, progress):
+            return  # not rank 0: rank 0 builds the index once every shard is embedded
         embedded = image_index.embed_image_folder(source, work, embed, batch_size=batch_size,
                                                   shard_size=shard_size, model_name=backbone_name,
                                                   progress=progress)
@@ -103,6 +106,8 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
         src = embedded.source
         model_name = model_name or backbone_name
     else:
+        if not current_process().is_main:
+            return  # vectors already embedded: nothing to split, rank 0 builds the index
         src = image_index.open_source(source)
     with hold(Path(f"{out_path}.lock"), f"the index {out_path}"):
         info = image_index.build_index(src, out_path, factory=factory, metric=metric,
@@ -113,6 +118,30 @@ def build(source: Path, out_path: Path, factory: str | None, metric: str, gpu: b
     click.echo(str(info.path))
     click.echo(f"{info.count} vectors, dim {info.dim}, {info.factory}, {info.metric}, "
                f"{seconds:.1f} s")
+
+
+def _embed_my_shards(source: Path, work: Path, embed, batch_size: int, shard_size: int,
+                     model_name: str | None, progress: bool) -> bool:
+    """Under several processes (accelerate launch, torchrun), embed this rank's share of the
+    embeddings shards (balanced by their photo counts; plvmctl.shards) and, on rank 0, wait
+    until every shard is complete. True on the rank that goes on to build the index (rank 0,
+    or the only process)."""
+    from .. import image_index
+    from ..shards import assign, barrier, current_process, wait_for
+
+    process = current_process()
+    if not process.several:
+        return True
+    sizes = image_index.shard_sizes(source, work, shard_size)
+    mine = assign(sizes, process.world_size)[process.rank]
+    image_index.embed_image_folder(source, work, embed, batch_size=batch_size, shard_size=shard_size,
+                                   model_name=model_name, progress=progress and process.is_main,
+                                   only=mine)
+    barrier()
+    if process.is_main:
+        wait_for(lambda: image_index.all_shards_complete(work, len(sizes)),
+                 lambda: f"embeddings shards of {source} missing in {work}")
+    return process.is_main
 
 
 def _query_vectors(images: tuple[Path, ...], vector_npy: Path | None,

@@ -38,6 +38,7 @@ from .items import (
 from .metrics import caption_metrics, pair_metrics, score_method
 from .report import PAPER_FIGURES, write_report
 from .resume import check_run_folder
+from .split import EvalSplit
 from .testset import TestSet, load_testset, relative_path
 from .who import retrieval_task
 
@@ -155,7 +156,10 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     fingerprints = {name: answer_fingerprint(recipe, name, weights, {
         "negatives": {"origin": pools[name].origin, "sha256": pools[name].digest()}} if name in pools else None)
         for name in factories}
-    afresh = check_run_folder(out_dir, str(testset.root.resolve()), fingerprints, echo)
+    split = EvalSplit(runtime)  # several processes: each asks its share, rank 0 merges (split.py)
+    progress = progress and split.process.is_main  # one progress bar, rank 0's
+    afresh = split.started([out_dir / "items" / f"{name}.jsonl" for name in factories],
+                           lambda: check_run_folder(out_dir, str(testset.root.resolve()), fingerprints, echo))
     items = build_items(testset, limit=limit, neg_per_identity=neg_per_identity, seed=seed)
     references = [Reference(identity.name, identity.reference) for identity in testset.identities]
     captioned = caption_items(testset, seed=seed) if captions else []
@@ -167,28 +171,33 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
                                 cache_dir=out_dir / "cache", engine_api=engine_api,
                                 batch_size=batch_size, progress=progress, negatives=pools.get(name))
         prepared = factory(context)
-        log = ItemLog(out_dir / "items" / f"{name}.jsonl")
+        log = split.item_log(out_dir / "items" / f"{name}.jsonl")
         asked = 0
         try:
             for task in TASKS:
                 mode = answer_mode(task, mcq)
-                pending = [item for item in items[task]
+                pending = [item for item in split.mine(items[task])
                            if item.missing is None and item.identity not in prepared.unavailable
                            and not log.done(item.key, mode)]
                 asked += _answer_items(prepared, engine_api, pending, mode, log, testset.root,
                                        chunk, progress, f"{name}: {TASK_TITLES[task]}")
             if captions:
-                pending = [item for item in captioned if not log.done(item.key, RECOGNITION_MODE)
+                pending = [item for item in split.mine(captioned) if not log.done(item.key, RECOGNITION_MODE)
                            and any(c not in prepared.unavailable for c in item.concepts)]
                 asked += _answer_items(prepared, engine_api, pending, RECOGNITION_MODE, log,
                                        testset.root, chunk, progress, f"{name}: captions")
             if pairs:
-                pending = [item for item in paired if not log.done(item.key, RECOGNITION_MODE)
+                pending = [item for item in split.mine(paired) if not log.done(item.key, RECOGNITION_MODE)
                            and not any(c in prepared.unavailable for c in item_concepts(item))]
                 asked += _answer_items(prepared, engine_api, pending, RECOGNITION_MODE, log,
                                        testset.root, chunk, progress, f"{name}: two concepts")
         finally:
             log.close()
+        log, merged = split.merge(log, out_dir / "items" / f"{name}.jsonl",
+                                  [items[task] for task in TASKS] + [captioned, paired])
+        if log is None:  # not rank 0: its answers are in rank 0's merged log
+            continue
+        asked += merged
         result = score_method(items, log, mcq, prepared.unavailable)
         if captions:
             result["caption"] = caption_metrics(captioned, log, prepared.unavailable,
@@ -233,6 +242,8 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
         "method_order": list(method_results),  # results.json is written with sorted keys
         "methods": method_results,
     }
+    if not split.process.is_main:
+        return {}  # rank 0 writes the report
     if retrieval:
         results["retrieval"] = retrieval_task(runtime, testset, out_dir, progress=progress)
     if testset.is_plvm_val:

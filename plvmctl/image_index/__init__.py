@@ -11,7 +11,7 @@ recognise.py's and concept_index.py's question.
 """
 
 from .build import build_index
-from .embed import EmbeddedFolder, Embedder, describe_skipped, embed_image_folder
+from .embed import EmbeddedFolder, Embedder, all_shards_complete, describe_skipped, embed_image_folder, shard_sizes
 from .factory import EXACT_LIMIT, LARGE_LIMIT, METRICS, SQ_LIMIT, check_gpu, choose_factory
 from .search import DEDUP_SCORE_EPSILON, Hit, OpenedIndex, hard_negatives, open_index, random_negatives
 from .sidecar import IndexInfo, read_sidecar, sidecar_path
@@ -20,7 +20,7 @@ from .sources import EmbeddingSource, Shard, open_laion, open_npy, open_source, 
 __all__ = [
     "DEDUP_SCORE_EPSILON", "EXACT_LIMIT", "LARGE_LIMIT", "METRICS", "SQ_LIMIT",
     "EmbeddedFolder", "Embedder", "EmbeddingSource", "Hit", "IndexInfo", "OpenedIndex", "Shard",
-    "build_index", "check_gpu", "choose_factory", "describe_skipped", "embed_image_folder",
+    "all_shards_complete", "build_index", "check_gpu", "choose_factory", "describe_skipped", "embed_image_folder",
     "hard_negatives", "open_index", "open_laion", "open_npy", "open_source", "random_negatives",
-    "read_sidecar", "sidecar_path", "source_kind",
+    "read_sidecar", "shard_sizes", "sidecar_path", "source_kind",
 ]

@@ -61,9 +61,22 @@ def _shard_complete(work: Path, number: int) -> bool:
         return False
 
 
+def shard_sizes(folder: str | os.PathLike, work_dir: str | os.PathLike, shard_size: int) -> list[int]:
+    """How many images each embeddings shard of `folder` holds (the last one may be short):
+    what splitting the shards over processes balances."""
+    files = list_images(Path(folder).resolve(), exclude=Path(work_dir).resolve())
+    return [len(files[start:start + shard_size]) for start in range(0, len(files), shard_size)]
+
+
+def all_shards_complete(work_dir: str | os.PathLike, count: int) -> bool:
+    """True when shards 0..count-1 of the work folder are all complete."""
+    return all(_shard_complete(Path(work_dir).resolve(), number) for number in range(count))
+
+
 def embed_image_folder(folder: str | os.PathLike, work_dir: str | os.PathLike, embed: Embedder, *,
                        batch_size: int = 32, shard_size: int = 10_000,
-                       model_name: str | None = None, progress: bool = True) -> EmbeddedFolder:
+                       model_name: str | None = None, progress: bool = True,
+                       only: Sequence[int] | None = None) -> EmbeddedFolder | None:
     """Embed every image under `folder` into `work_dir` in the LAION-like layout, resumably.
 
     Files are listed recursively and sorted; shard N holds files [N*shard_size, (N+1)*shard_size).
@@ -74,6 +87,8 @@ def embed_image_folder(folder: str | os.PathLike, work_dir: str | os.PathLike, e
     file list, shard size and model; a different one is refused rather than mixed in.
     Unreadable images are skipped and reported (count + first few), never fatal.
     `embed(images) -> [b, d]` is called with at most `batch_size` PIL images at a time.
+    `only` (shard numbers) embeds just those shards, leaving the others to other processes
+    (plvmctl.shards), and returns None: the folder is a source once every shard is complete.
     """
     folder = Path(folder).resolve()
     work = Path(work_dir).resolve()
@@ -111,6 +126,9 @@ def embed_image_folder(folder: str | os.PathLike, work_dir: str | os.PathLike, e
         for number in range(shard_count):
             shard_files = files[number * shard_size:(number + 1) * shard_size]
             skipped_path = work / "metadata" / f"skipped_{number}.json"
+            if only is not None and number not in only:
+                bar.update(len(shard_files))
+                continue
             if _shard_complete(work, number):
                 reused += 1
                 if skipped_path.is_file():
@@ -158,6 +176,8 @@ def embed_image_folder(folder: str | os.PathLike, work_dir: str | os.PathLike, e
             skipped += shard_skipped
     finally:
         bar.close()
+    if only is not None:
+        return None
     if skipped:  # the caller reports them (the CLI prints this line)
         log.info("%s", describe_skipped(skipped))
     source = open_laion(work)

@@ -29,9 +29,12 @@ Several GPUs: `accelerate launch -m plvmctl --recipe R train aligner ...`. When 
 installed and the process was started with WORLD_SIZE > 1, the Aligner and the optimizer are
 wrapped by `accelerate.Accelerator` (DDP: gradients averaged over processes); there is no
 DataLoader to wrap because the sampler itself gives each rank its own samples (sample index
-= ((step·accum + micro)·world + rank)·batch + row). Each rank normalises Eq. 2 by its own
-weights, so the global loss is the mean over ranks. Only rank 0 writes files. The
-single-process path is the tested one; the multi-process path is kept thin on purpose.
+= ((step·accum + micro)·world + rank)·batch + row), so N processes of `batch_size` b see the
+samples one process of batch size N·b sees. Eq. 2 is normalised by the weights of the whole
+global batch (summed over the ranks) and the logged loss is the global batch's, so the loss
+curve is one process's with the same global batch, within float tolerance
+(tests/test_scaling_out.py). Only rank 0 writes files; a checkpoint resumes under either
+process count (give the global batch the same size).
 """
 
 from __future__ import annotations
@@ -436,6 +439,24 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
+def _global_names(sampler: PlvmSampler, step: int, micro: int, config: TrainConfig,
+                  world: int) -> list[str] | None:
+    """The concepts of micro-batch `micro` over all ranks, in one process's table order (None
+    with one process): a row's loss depends on every concept of its table (their head rows
+    share its softmax), so each rank builds the global batch's table."""
+    if world == 1:
+        return None
+    samples = [sample for rank in range(world)
+               for sample in sampler.micro_batch(step, micro, batch_size=config.batch_size,
+                                                 grad_accum=config.grad_accum, rank=rank, world_size=world)]
+    return list(dict.fromkeys(name for sample in samples for name in (sample.name, *sample.also)))
+
+
+def _summed(accelerator, value: float, device) -> float:
+    """`value` summed over all ranks."""
+    return float(accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=device), reduction="sum"))
+
+
 def maybe_accelerator():
     """An `accelerate.Accelerator` when launched by `accelerate launch` with WORLD_SIZE > 1.
 
@@ -613,9 +634,12 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
                                                             grad_accum=config.grad_accum,
                                                             rank=rank, world_size=world),
                                         backbone, runtime.template, num_context,
-                                        yes_no_weight=config.yes_no_weight, image_cache=image_cache)
+                                        yes_no_weight=config.yes_no_weight, image_cache=image_cache,
+                                        names=_global_names(sampler, data_step, micro, config, world))
                            for micro in range(config.grad_accum)]
                 weight_total = sum(float(b.weights[:, 1:].sum()) for b in batches)
+                if accelerator is not None:  # Eq. 2 over the global batch: all ranks' weights
+                    weight_total = _summed(accelerator, weight_total, device)
                 step_loss = 0.0
                 for micro, batch in enumerate(batches):
                     last = micro == len(batches) - 1
@@ -625,8 +649,10 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
                         total, _ = batch_loss(aligner, batch, references, backbone,
                                               image_cache=image_cache)
                         loss = total / weight_total
-                        backward(loss)
+                        backward(loss * world)  # DDP averages over the ranks: ×world sums them
                     step_loss += float(loss.detach())
+                if accelerator is not None:  # the global batch's loss, what one process logs
+                    step_loss = _summed(accelerator, step_loss, device)
                 if config.grad_clip > 0:
                     if accelerator is not None:
                         accelerator.clip_grad_norm_(aligner.parameters(), config.grad_clip)

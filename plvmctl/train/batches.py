@@ -50,7 +50,8 @@ def _placeholder_concept(name: str, num_context: int, hidden: int) -> Concept:
 
 def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int, *,
                  yes_no_weight: float, with_answers: bool = True,
-                 image_cache: dict[Path, Any] | None = None) -> EncodedBatch:
+                 image_cache: dict[Path, Any] | None = None,
+                 names: Sequence[str] | None = None) -> EncodedBatch:
     """Prompt + answer ids of every sample; labels only on the answer.
 
     Virtual ids depend only on the order of the names and k, so they are laid out with
@@ -63,9 +64,14 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
     `image_cache` the photos are opened once here and kept for the forward. The verdict's first
     token of a recognition sample (the "Yes"/"No", after any reasoning) gets weight
     `yes_no_weight`, the others 1. A sample's `also` names further concepts whose sentences
-    follow its own in the prompt (and that its question and answer may name).
+    follow its own in the prompt (and that its question and answer may name). `names` (in
+    table order) may hold more concepts than the samples': a rank of a multi-process run gives
+    the whole global batch's, so its rows see the concept table one process would build.
     """
-    names = list(dict.fromkeys(name for sample in samples for name in (sample.name, *sample.also)))
+    own = list(dict.fromkeys(name for sample in samples for name in (sample.name, *sample.also)))
+    names = own if names is None else list(names)
+    if not set(own) <= set(names):
+        raise PlvmError(f"encode_batch: the table's names lack {sorted(set(own) - set(names))}")
     layout = ConceptTable([_placeholder_concept(n, num_context, 1) for n in names],
                           backbone.vocab_size)
     tokenizer = backbone.tokenizer

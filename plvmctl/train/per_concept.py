@@ -60,6 +60,7 @@ from ..data.templates import (
 from ..errors import PlvmError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
+from ..shards import Process, assign, barrier, current_process, in_process_group
 from .common import JsonlLogger, photos_digest
 from .data import Sample, neutral_question, question_plan
 from .soft_prompt import SoftPromptConfig, SoftPromptTrainer
@@ -502,50 +503,87 @@ def train_in_groups(runtime, references: Sequence[tuple[str, Path]], folder: Pat
     made = TrainedConcepts({}, {}, [], folder)
     references = list(references)
     groups = [references[start:start + group_size] for start in range(0, len(references), group_size)]
-    bar = tqdm(total=len(references), desc=label, unit="concept", disable=not progress)
-    for group in groups:
-        positives: dict[str, list] = {}
-        for name, reference in group:
-            try:
-                positives[name] = reference_photos(reference)
-            except PlvmError as error:
-                made.unavailable[name] = f"concept could not be made: {error}"
-        names = list(positives)
-        cached: dict[str, Concept] = {}
-        for name in names:
-            path = folder / f"{name}.concept"
-            try:
-                concept = Concept.load(path) if path.is_file() else None
-            except PlvmError:
-                concept = None  # a damaged cache entry is only trained again
-            extra = concept.meta.extra if concept is not None else {}
-            if concept is not None and concept.meta.base_model == runtime.backbone.fingerprint \
-                    and extra.get("positives_sha256") == photos_digest(positives[name]) \
-                    and extra.get("config_sha256") == settings_digest \
-                    and extra.get("negatives_sha256") == negatives_digest \
-                    and extra.get("trained_with", ",".join(names)) == ",".join(names):
-                cached[name] = concept.renamed(name)
-        if names and len(cached) == len(names):
-            for name in names:
-                made.concepts[name] = cached[name]
-                made.seconds.append(float(cached[name].meta.extra.get("seconds", "nan")))
-            bar.update(len(group))
-            continue
-        try:
-            negatives = {name: gather_negatives(runtime, positives[name], settings, index=negatives_index,
-                                                negatives_dir=negatives_folder).photos for name in names}
-            run = folder if len(names) == 1 and group_size == 1 else folder / f"group-{names[0]}-{len(names)}"
-            concepts, seconds = train_group(names, positives, negatives, run) if names else ({}, {})
-        except PlvmError as error:
-            for name in names:
-                made.unavailable[name] = f"concept could not be made: {error}"
-            bar.update(len(group))
-            continue
-        for name in names:
-            concepts[name].meta.extra["negatives_sha256"] = negatives_digest  # reused only with this pool
-            concepts[name].save(folder / f"{name}.concept")
-            made.concepts[name] = concepts[name]
-            made.seconds.append(seconds[name])
-        bar.update(len(group))
+    # eval under accelerate launch / torchrun (a process group joined): groups spread over the ranks
+    process = current_process() if in_process_group() else Process()
+    mine = assign([len(group) for group in groups], process.world_size)[process.rank]
+    outcome: dict[int, tuple[dict[str, Concept], list[float], dict[str, str]]] = {}
+
+    def make(number: int, train: bool):
+        return _make_group(runtime, groups[number], folder, settings, train_group if train else None,
+                           settings_digest=settings_digest, negatives_index=negatives_index,
+                           negatives_folder=negatives_folder, negatives_digest=negatives_digest,
+                           group_size=group_size)
+
+    bar = tqdm(total=sum(len(groups[number]) for number in mine), desc=label, unit="concept",
+               disable=not progress)
+    for number in mine:
+        outcome[number] = make(number, train=True)
+        bar.update(len(groups[number]))
     bar.close()
+    if len(mine) < len(groups):  # the other ranks' groups, from the cache they wrote
+        barrier()
+        for number in range(len(groups)):
+            if number not in outcome:
+                outcome[number] = make(number, train=False)
+    for number in range(len(groups)):  # in group order, whoever made them
+        concepts, seconds, unavailable = outcome[number]
+        made.concepts.update(concepts)
+        made.seconds.extend(seconds)
+        made.unavailable.update(unavailable)
     return made
+
+
+def _make_group(runtime, group: Sequence[tuple[str, Path]], folder: Path, settings: NegativeSettings,
+                train_group: TrainGroup | None, *, settings_digest: str, negatives_index: str | None,
+                negatives_folder: Path | None, negatives_digest: str, group_size: int):
+    """One group of `train_in_groups`: its concepts from the cache, or trained and cached
+    (`train_group` None: another rank trained them; a member not in the cache is unavailable).
+    Returns ({name: concept}, seconds in member order, {name: why unavailable})."""
+    concepts_made: dict[str, Concept] = {}
+    seconds_made: list[float] = []
+    unavailable: dict[str, str] = {}
+    positives: dict[str, list] = {}
+    for name, reference in group:
+        try:
+            positives[name] = reference_photos(reference)
+        except PlvmError as error:
+            unavailable[name] = f"concept could not be made: {error}"
+    names = list(positives)
+    cached: dict[str, Concept] = {}
+    for name in names:
+        path = folder / f"{name}.concept"
+        try:
+            concept = Concept.load(path) if path.is_file() else None
+        except PlvmError:
+            concept = None  # a damaged cache entry is only trained again
+        extra = concept.meta.extra if concept is not None else {}
+        if concept is not None and concept.meta.base_model == runtime.backbone.fingerprint \
+                and extra.get("positives_sha256") == photos_digest(positives[name]) \
+                and extra.get("config_sha256") == settings_digest \
+                and extra.get("negatives_sha256") == negatives_digest \
+                and extra.get("trained_with", ",".join(names)) == ",".join(names):
+            cached[name] = concept.renamed(name)
+    if names and len(cached) == len(names):
+        for name in names:
+            concepts_made[name] = cached[name]
+            seconds_made.append(float(cached[name].meta.extra.get("seconds", "nan")))
+        return concepts_made, seconds_made, unavailable
+    if train_group is None:
+        for name in names:
+            unavailable[name] = "concept could not be made (by another rank: see its output)"
+        return concepts_made, seconds_made, unavailable
+    try:
+        negatives = {name: gather_negatives(runtime, positives[name], settings, index=negatives_index,
+                                            negatives_dir=negatives_folder).photos for name in names}
+        run = folder if len(names) == 1 and group_size == 1 else folder / f"group-{names[0]}-{len(names)}"
+        concepts, seconds = train_group(names, positives, negatives, run) if names else ({}, {})
+    except PlvmError as error:
+        for name in names:
+            unavailable[name] = f"concept could not be made: {error}"
+        return concepts_made, seconds_made, unavailable
+    for name in names:
+        concepts[name].meta.extra["negatives_sha256"] = negatives_digest  # reused only with this pool
+        concepts[name].save(folder / f"{name}.concept")
+        concepts_made[name] = concepts[name]
+        seconds_made.append(seconds[name])
+    return concepts_made, seconds_made, unavailable
