@@ -65,15 +65,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from plvmctl.lab import lvlm, name_copy, toy
+from plvmctl.lab.name_marker import NameMarker
 from plvmctl.lab.pocket import ASSETS
 
 SETTINGS = ("alone", "first", "middle", "last")
@@ -133,7 +136,8 @@ def evaluation_sets(rows: int, answer_style: str, seed: int) -> dict[str, list[l
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int = 100) -> dict[str, float]:
+def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int = 100,
+             marker: NameMarker | None = None) -> dict[str, float]:
     """``value``: the value among the trait's values at its place (earlier answer tokens given);
     ``exact``: every answer token (EOS aside) is the argmax, over words and the row's names."""
     model.eval()
@@ -144,7 +148,7 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int 
         for start in range(0, len(rows), batch_rows):
             chunk = rows[start:start + batch_rows]
             batch = lvlm.encode_rows(chunk, tokenizer, lvlm.num_image_tokens(model), name_id=name_id)
-            logits = lvlm.forward_logits(model, batch, None)
+            logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker))
             for i, row in enumerate(chunk):
                 places = (batch.labels[i] != lvlm.IGNORE).nonzero().flatten().tolist()[:-1]  # EOS aside
                 predicted = logits[i, [p - 1 for p in places]].argmax(-1)
@@ -157,24 +161,56 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int 
     return {"value": round(value_hits / len(rows), 3), "exact": round(exact_hits / len(rows), 3)}
 
 
-def evaluate(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int) -> dict[str, dict[str, float]]:
-    return {setting: accuracy(model, tokenizer, rows, seed) for setting, rows in sets.items()}
+def evaluate(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int,
+             marker: NameMarker | None = None) -> dict[str, dict[str, float]]:
+    return {setting: accuracy(model, tokenizer, rows, seed, marker=marker) for setting, rows in sets.items()}
 
 
-def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: int = 64) -> float:
+def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: int = 64,
+                stage: dict | None = None, marker: NameMarker | None = None) -> float:
     """One step of the copy warm-up: `lvlm.copy_warmup_loss` rows and a share `name_share` of
-    `name_copy` rows, the two losses weighted by their row counts."""
+    `name_copy` rows (their `stage`: next_share, max_keys, max_people), the two losses weighted
+    by their row counts."""
     named = round(rows * name_share)
     loss = torch.zeros(())
     if rows - named:
         loss = loss + lvlm.copy_warmup_loss(model, rng, rows=rows - named) * (rows - named) / rows
     if named:
-        loss = loss + name_copy.name_copy_loss(model, rng, rows=named) * named / rows
+        loss = loss + name_copy.name_copy_loss(model, rng, rows=named, marker=marker, **(stage or {})) * named / rows
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     return float(loss.detach())
+
+
+def warmup_stage(step: int, total: int, args) -> dict:
+    """The name_copy rows of warm-up step `step`: "next" rows only for the first --next-first
+    steps; with --curriculum, 2 names and 2 keys in the first third, up to 3 and 3 in the
+    second, the full task (up to 4 names, 5 keys) after."""
+    stage = {"next_share": 1.0 if step < args.next_first else args.next_share, "max_keys": 5, "max_people": 4}
+    if args.curriculum and step < total * 2 // 3:
+        small = step < total // 3
+        stage.update(max_keys=2 if small else 3, max_people=2 if small else 3)
+    return stage
+
+
+def warmup_lr(step: int, total: int, args) -> float:
+    """The warm-up's learning rate: constant, or with --warmup-schedule cosine a linear ramp
+    over --warmup-ramp steps then a cosine down to a tenth."""
+    if args.warmup_schedule == "constant":
+        return args.lr
+    if step < args.warmup_ramp:
+        return args.lr * (step + 1) / args.warmup_ramp
+    done = (step - args.warmup_ramp) / max(1, total - args.warmup_ramp)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def marked_names(model, batch: lvlm.Batch, marker: NameMarker | None) -> torch.Tensor | None:
+    """The batch's name vectors with the marker (None without one: `forward_logits` draws plain ones)."""
+    if marker is None or not any(batch.names_per_row):
+        return None
+    return marker.vectors(model, len(batch.names_per_row), max(batch.names_per_row))
 
 
 def main() -> None:
@@ -184,6 +220,21 @@ def main() -> None:
     parser.add_argument("--copy-warmup", type=int, default=0, help="copy warm-up steps before reading")
     parser.add_argument("--name-copy-share", type=float, default=0.0,
                         help="share of the warm-up's rows that are name_copy rows")
+    parser.add_argument("--next-share", type=float, default=0.25,
+                        help="share of name_copy rows asking the word after a name")
+    parser.add_argument("--next-first", type=int, default=0,
+                        help="warm-up steps whose name_copy rows are all 'next' rows")
+    parser.add_argument("--curriculum", action="store_true",
+                        help="name_copy rows grow: 2 names/2 keys, then 3/3, then the full task (thirds)")
+    parser.add_argument("--warmup-schedule", choices=("constant", "cosine"), default="constant")
+    parser.add_argument("--warmup-ramp", type=int, default=100, help="linear lr ramp steps (cosine schedule)")
+    parser.add_argument("--log-every", type=int, default=100, help="warm-up steps between loss lines")
+    parser.add_argument("--name-marker", action="store_true",
+                        help="every name vector = a learned shared marker + its random part")
+    parser.add_argument("--identity-scale", type=float, default=1.0,
+                        help="the random part's scale with --name-marker (times the word embeddings')")
+    parser.add_argument("--warmup-save", type=Path, help="write the model (and marker) after the warm-up")
+    parser.add_argument("--warmup-from", type=Path, help="start from a --warmup-save file instead")
     parser.add_argument("--steps", type=int, default=1000, help="reading steps")
     parser.add_argument("--several-share", type=float, default=0.0,
                         help="share of reading rows with 1-3 other people described too")
@@ -205,7 +256,12 @@ def main() -> None:
     else:
         vocabulary = lvlm.collect_vocabulary(description="keyvalue")
         model, tokenizer, _ = lvlm.build_pocket_llava(vocabulary, lvlm.LvlmSizes(), args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    marker = None
+    if args.name_marker:
+        marker = NameMarker(model.config.text_config.hidden_size,
+                            float(model.get_input_embeddings().weight.detach().float().std()), args.identity_scale)
+    parameters = list(model.parameters()) + (list(marker.parameters()) if marker is not None else [])
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     pool = toy.training_identities()
     rng = random.Random(args.seed)
     sets = evaluation_sets(args.eval_rows, args.answer, args.seed)
@@ -213,23 +269,43 @@ def main() -> None:
     report: dict = {"bench": "reading_several", "command": " ".join(["python", "bench/reading_several.py", *sys.argv[1:]]),
                     "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}}
     started = time.perf_counter()
-    if args.copy_warmup:
-        warm_rng = random.Random(args.seed + 7)
-        losses = []
+    if args.warmup_from is not None:
+        weights = load_file(args.warmup_from)
+        if marker is not None:
+            marker.marker.data.copy_(weights.pop("name_marker"))
+        model.load_state_dict(weights)
+    elif args.copy_warmup:
+        warm_rng, probe_rng = random.Random(args.seed + 7), random.Random(args.seed + 11)
+        losses, log = [], []
         for step in range(args.copy_warmup):
-            losses.append(warmup_step(model, optimizer, warm_rng, args.name_copy_share))
-            if (step + 1) % 100 == 0:
-                print(json.dumps({"warmup_step": step + 1, "loss": round(sum(losses[-20:]) / 20, 3)}), flush=True)
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_lr(step, args.copy_warmup, args)
+            losses.append(warmup_step(model, optimizer, warm_rng, args.name_copy_share,
+                                      stage=warmup_stage(step, args.copy_warmup, args), marker=marker))
+            if (step + 1) % args.log_every == 0:
+                line = {"warmup_step": step + 1, "loss": round(sum(losses[-20:]) / len(losses[-20:]), 3)}
+                if args.name_copy_share:
+                    line["name_copy_accuracy"] = name_copy.name_copy_accuracy(model, probe_rng, marker=marker)
+                log.append(line)
+                print(json.dumps(line), flush=True)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
         report["warmup"] = {"steps": args.copy_warmup, "loss_first10": round(sum(losses[:10]) / 10, 3),
                             "loss_last10": round(sum(losses[-10:]) / 10, 3),
                             "loss_every_100": [round(sum(losses[i - 20:i]) / 20, 3)
                                                for i in range(100, args.copy_warmup + 1, 100)],
                             "seconds_per_step": round((time.perf_counter() - started) / args.copy_warmup, 3)}
         print(json.dumps(report["warmup"]), flush=True)
+        report["warmup"]["log"] = log
+        if args.warmup_save is not None:
+            weights = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+            if marker is not None:
+                weights["name_marker"] = marker.marker.detach().clone()
+            save_file(weights, str(args.warmup_save))
     curve, train_seconds, losses = [], 0.0, []
     for step in range(args.steps + 1):
         if step % args.every == 0 or step == args.steps:
-            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed),
+            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed, marker),
                      "loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 3),
                      "seconds_per_step": round(train_seconds / max(1, step), 3)}
             curve.append(point)
@@ -240,7 +316,8 @@ def main() -> None:
         several = args.several_share if step >= args.several_from else 0.0
         rows = [training_row(pool, rng, several, args.answer) for _ in range(args.rows)]
         batch = lvlm.encode_rows(rows, tokenizer, lvlm.num_image_tokens(model), name_id=model.config.text_config.vocab_size)
-        loss = lvlm.answer_loss(lvlm.forward_logits(model, batch, None), batch.labels)
+        logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker))
+        loss = lvlm.answer_loss(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
