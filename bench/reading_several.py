@@ -187,8 +187,9 @@ def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: i
 def warmup_stage(step: int, total: int, args) -> dict:
     """The name_copy rows of warm-up step `step`: "next" rows only for the first --next-first
     steps; with --curriculum, 2 names and 2 keys in the first third, up to 3 and 3 in the
-    second, the full task (up to 4 names, 5 keys) after."""
-    stage = {"next_share": 1.0 if step < args.next_first else args.next_share, "max_keys": 5, "max_people": 4}
+    second, the full task (up to 4 names, 5 keys) after; --dense rows throughout."""
+    stage = {"next_share": 1.0 if step < args.next_first else args.next_share, "max_keys": 5, "max_people": 4,
+             "dense": args.dense}
     if args.curriculum and step < total * 2 // 3:
         small = step < total // 3
         stage.update(max_keys=2 if small else 3, max_people=2 if small else 3)
@@ -226,6 +227,8 @@ def main() -> None:
                         help="warm-up steps whose name_copy rows are all 'next' rows")
     parser.add_argument("--curriculum", action="store_true",
                         help="name_copy rows grow: 2 names/2 keys, then 3/3, then the full task (thirds)")
+    parser.add_argument("--dense", action="store_true",
+                        help="name_copy rows with up to 8 distinct queries; 'next' queries read the whole block")
     parser.add_argument("--warmup-schedule", choices=("constant", "cosine"), default="constant")
     parser.add_argument("--warmup-ramp", type=int, default=100, help="linear lr ramp steps (cosine schedule)")
     parser.add_argument("--log-every", type=int, default=100, help="warm-up steps between loss lines")

@@ -109,3 +109,27 @@ def test_the_probe_scores_key_and_next_queries_apart_against_chance():
     assert set(scores) == {"key", "next", "chance_key"}
     assert all(0.0 <= value <= 1.0 for value in scores.values())
     assert 0.25 <= scores["chance_key"] <= 1.0  # one value among the 1-4 blocks holding the key
+
+
+def test_dense_rows_ask_distinct_pairs_or_read_a_whole_block_back():
+    rng = random.Random(5)
+    kinds = set()
+    for _ in range(200):
+        row = name_copy.name_copy_row(rng, VOCAB, VOCAB, next_share=0.5, dense=True)
+        blocks = _blocks(row)
+        answered = [i for i, label in enumerate(row.labels) if label != lvlm.IGNORE]
+        assert len(answered) == len(row.queries) and all(row.ids[i] == row.labels[i] for i in answered)
+        if row.queries[0][1] is None:  # each name once, its whole block read back after it
+            kinds.add("next")
+            asked = [name for name, _ in row.queries]
+            assert sorted(set(asked)) == list(range(VOCAB, VOCAB + row.names))
+            for name in set(asked):
+                read = [row.labels[i] for i, (who, _) in zip(answered, row.queries) if who == name]
+                assert read == blocks[name][:len(read)] and len(read) >= 2
+                assert row.ids[answered[asked.index(name)] - 1] == name
+        else:  # up to 8 queries, no (name, key) twice, each answered by its block's value
+            kinds.add("key")
+            assert 1 <= len(row.queries) <= 8 and len(set(row.queries)) == len(row.queries)
+            for i, (name, key) in zip(answered, row.queries):
+                assert blocks[name][blocks[name].index(key) + 1] == row.labels[i]
+    assert kinds == {"next", "key"}

@@ -48,9 +48,13 @@ class NameCopyRow:
 
 
 def name_copy_row(rng: random.Random, vocab_size: int, name_id: int, next_share: float = 0.25,
-                  max_keys: int = 5, max_people: int = 4) -> NameCopyRow:
+                  max_keys: int = 5, max_people: int = 4, dense: bool = False) -> NameCopyRow:
     """A random row (see the module docstring); `name_id` is the first name token's id. A
-    curriculum starts with small problems: `max_people` names (2 at least) and `max_keys` keys."""
+    curriculum starts with small problems: `max_people` names (2 at least) and `max_keys` keys.
+
+    `dense` rows carry more answers for the same length: up to 8 queries, each a different
+    (name, key) of the row, and a "next" query reads its name's whole block back (every word
+    an answer: the first needs the name, the rest plain induction)."""
     first = len(SPECIAL_TOKENS)
     people = rng.randint(2, max_people)
     keys_count = rng.randint(2, max_keys)
@@ -74,18 +78,24 @@ def name_copy_row(rng: random.Random, vocab_size: int, name_id: int, next_share:
     described = len(ids)
     labels = [IGNORE] * len(ids)
     queries: list[tuple[int, int | None]] = []
-    for _ in range(rng.randint(1, 3)):
-        person = rng.randrange(people)
+    if dense:  # every name once ("next"), or every (name, key) of the row at most once
+        targets = ([(person, 0) for person in range(people)] if asked_next else
+                   [(person, pair) for person in range(people) for pair in range(len(blocks[person]) // 2)])
+        asked: list[tuple[int, int] | None] = rng.sample(targets, min(8, len(targets)))
+    else:
+        asked = [None] * rng.randint(1, 3)
+    for target in asked:
+        person = rng.randrange(people) if target is None else target[0]
         if asked_next:
-            cue, answer, key = [name_id + person], blocks[person][0], None
+            cue, answers, key = [name_id + person], blocks[person] if dense else blocks[person][:1], None
         else:
-            pair = rng.randrange(len(blocks[person]) // 2)
-            key, answer = blocks[person][2 * pair], blocks[person][2 * pair + 1]
+            pair = rng.randrange(len(blocks[person]) // 2) if target is None else target[1]
+            key, answers = blocks[person][2 * pair], [blocks[person][2 * pair + 1]]
             between = [rng.choice(filler_words) for _ in range(rng.randint(0, 2))]
             cue = [name_id + person] + between + [key] if rng.random() < 0.5 else [key] + between + [name_id + person]
-        ids += cue + [answer]
-        labels += [IGNORE] * len(cue) + [answer]
-        queries.append((name_id + person, key))
+        ids += cue + answers
+        labels += [IGNORE] * len(cue) + answers
+        queries += [(name_id + person, key)] * len(answers)
     return NameCopyRow(ids, labels, people, queries, described)
 
 
@@ -104,12 +114,12 @@ def name_copy_batch(rows: list[NameCopyRow], name_id: int) -> Batch:
 
 
 def name_copy_loss(model, rng: random.Random, rows: int = 64, next_share: float = 0.25, max_keys: int = 5,
-                   max_people: int = 4, marker: NameMarker | None = None) -> torch.Tensor:
+                   max_people: int = 4, marker: NameMarker | None = None, dense: bool = False) -> torch.Tensor:
     """Cross-entropy of the answers of `rows` fresh rows, every name a fresh random vector
     (input embedding and output-head row, `lvlm.forward_logits`), with `marker`'s shared part
     added when given."""
     vocab_size = model.config.text_config.vocab_size
-    batch = name_copy_batch([name_copy_row(rng, vocab_size, vocab_size, next_share, max_keys, max_people)
+    batch = name_copy_batch([name_copy_row(rng, vocab_size, vocab_size, next_share, max_keys, max_people, dense)
                              for _ in range(rows)], vocab_size)
     names = None if marker is None else marker.vectors(model, rows, max(batch.names_per_row))
     logits = forward_logits(model, batch, None, names=names)
