@@ -77,6 +77,7 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from plvmctl.lab import lvlm, name_copy, toy
 from plvmctl.lab.name_marker import NameMarker
+from plvmctl.lab.name_tags import sentence_tags
 from plvmctl.lab.pocket import ASSETS
 
 SETTINGS = ("alone", "first", "middle", "last")
@@ -137,7 +138,7 @@ def evaluation_sets(rows: int, answer_style: str, seed: int) -> dict[str, list[l
 
 @torch.no_grad()
 def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int = 100,
-             marker: NameMarker | None = None) -> dict[str, float]:
+             marker: NameMarker | None = None, tag: bool = False) -> dict[str, float]:
     """``value``: the value among the trait's values at its place (earlier answer tokens given);
     ``exact``: every answer token (EOS aside) is the argmax, over words and the row's names."""
     model.eval()
@@ -148,7 +149,8 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int 
         for start in range(0, len(rows), batch_rows):
             chunk = rows[start:start + batch_rows]
             batch = lvlm.encode_rows(chunk, tokenizer, lvlm.num_image_tokens(model), name_id=name_id)
-            logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker))
+            logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker),
+                                         tags=reading_tags(batch, tokenizer, tag))
             for i, row in enumerate(chunk):
                 places = (batch.labels[i] != lvlm.IGNORE).nonzero().flatten().tolist()[:-1]  # EOS aside
                 predicted = logits[i, [p - 1 for p in places]].argmax(-1)
@@ -162,12 +164,12 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int 
 
 
 def evaluate(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int,
-             marker: NameMarker | None = None) -> dict[str, dict[str, float]]:
-    return {setting: accuracy(model, tokenizer, rows, seed, marker=marker) for setting, rows in sets.items()}
+             marker: NameMarker | None = None, tag: bool = False) -> dict[str, dict[str, float]]:
+    return {setting: accuracy(model, tokenizer, rows, seed, marker=marker, tag=tag) for setting, rows in sets.items()}
 
 
 def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: int = 64,
-                stage: dict | None = None, marker: NameMarker | None = None) -> float:
+                stage: dict | None = None, marker: NameMarker | None = None, tag: bool = False) -> float:
     """One step of the copy warm-up: `lvlm.copy_warmup_loss` rows and a share `name_share` of
     `name_copy` rows (their `stage`: next_share, max_keys, max_people), the two losses weighted
     by their row counts."""
@@ -176,7 +178,7 @@ def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: i
     if rows - named:
         loss = loss + lvlm.copy_warmup_loss(model, rng, rows=rows - named) * (rows - named) / rows
     if named:
-        loss = loss + name_copy.name_copy_loss(model, rng, rows=named, marker=marker, **(stage or {})) * named / rows
+        loss = loss + name_copy.name_copy_loss(model, rng, rows=named, marker=marker, tag=tag, **(stage or {})) * named / rows
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -205,6 +207,15 @@ def warmup_lr(step: int, total: int, args) -> float:
         return args.lr * (step + 1) / args.warmup_ramp
     done = (step - args.warmup_ramp) / max(1, total - args.warmup_ramp)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def reading_tags(batch: lvlm.Batch, tokenizer, tag: bool) -> torch.Tensor | None:
+    """With --tag-sentences, which described person owns each token: the words after
+    "<n> is" up to the sentence's full stop (`name_tags.sentence_tags`)."""
+    if not tag:
+        return None
+    return sentence_tags(batch.input_ids, batch.name_id, stop_id=tokenizer.convert_tokens_to_ids("."),
+                         follower_id=tokenizer.convert_tokens_to_ids("is"))
 
 
 def marked_names(model, batch: lvlm.Batch, marker: NameMarker | None) -> torch.Tensor | None:
@@ -236,6 +247,8 @@ def main() -> None:
                         help="every name vector = a learned shared marker + its random part")
     parser.add_argument("--identity-scale", type=float, default=1.0,
                         help="the random part's scale with --name-marker (times the word embeddings')")
+    parser.add_argument("--tag-sentences", action="store_true",
+                        help="add each described person's name vector to every token of their sentence")
     parser.add_argument("--warmup-save", type=Path, help="write the model (and marker) after the warm-up")
     parser.add_argument("--warmup-from", type=Path, help="start from a --warmup-save file instead")
     parser.add_argument("--steps", type=int, default=1000, help="reading steps")
@@ -284,11 +297,13 @@ def main() -> None:
             for group in optimizer.param_groups:
                 group["lr"] = warmup_lr(step, args.copy_warmup, args)
             losses.append(warmup_step(model, optimizer, warm_rng, args.name_copy_share,
-                                      stage=warmup_stage(step, args.copy_warmup, args), marker=marker))
+                                      stage=warmup_stage(step, args.copy_warmup, args), marker=marker,
+                                      tag=args.tag_sentences))
             if (step + 1) % args.log_every == 0:
                 line = {"warmup_step": step + 1, "loss": round(sum(losses[-20:]) / len(losses[-20:]), 3)}
                 if args.name_copy_share:
-                    line["name_copy_accuracy"] = name_copy.name_copy_accuracy(model, probe_rng, marker=marker)
+                    line["name_copy_accuracy"] = name_copy.name_copy_accuracy(model, probe_rng, marker=marker,
+                                                                                 tag=args.tag_sentences)
                 log.append(line)
                 print(json.dumps(line), flush=True)
         for group in optimizer.param_groups:
@@ -308,7 +323,7 @@ def main() -> None:
     curve, train_seconds, losses = [], 0.0, []
     for step in range(args.steps + 1):
         if step % args.every == 0 or step == args.steps:
-            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed, marker),
+            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed, marker, args.tag_sentences),
                      "loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 3),
                      "seconds_per_step": round(train_seconds / max(1, step), 3)}
             curve.append(point)
@@ -319,7 +334,8 @@ def main() -> None:
         several = args.several_share if step >= args.several_from else 0.0
         rows = [training_row(pool, rng, several, args.answer) for _ in range(args.rows)]
         batch = lvlm.encode_rows(rows, tokenizer, lvlm.num_image_tokens(model), name_id=model.config.text_config.vocab_size)
-        logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker))
+        logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker),
+                                     tags=reading_tags(batch, tokenizer, args.tag_sentences))
         loss = lvlm.answer_loss(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..tiny import BOS_ID, PAD_ID, SPECIAL_TOKENS
 from .lvlm import IGNORE, Batch, forward_logits
 from .name_marker import NameMarker
+from .name_tags import sentence_tags
 
 
 @dataclass
@@ -114,22 +115,25 @@ def name_copy_batch(rows: list[NameCopyRow], name_id: int) -> Batch:
 
 
 def name_copy_loss(model, rng: random.Random, rows: int = 64, next_share: float = 0.25, max_keys: int = 5,
-                   max_people: int = 4, marker: NameMarker | None = None, dense: bool = False) -> torch.Tensor:
+                   max_people: int = 4, marker: NameMarker | None = None, dense: bool = False,
+                   tag: bool = False) -> torch.Tensor:
     """Cross-entropy of the answers of `rows` fresh rows, every name a fresh random vector
     (input embedding and output-head row, `lvlm.forward_logits`), with `marker`'s shared part
-    added when given."""
+    added when given; with `tag`, every block token also gets its name added (`name_tags`)."""
     vocab_size = model.config.text_config.vocab_size
-    batch = name_copy_batch([name_copy_row(rng, vocab_size, vocab_size, next_share, max_keys, max_people, dense)
-                             for _ in range(rows)], vocab_size)
+    batch_rows = [name_copy_row(rng, vocab_size, vocab_size, next_share, max_keys, max_people, dense)
+                  for _ in range(rows)]
+    batch = name_copy_batch(batch_rows, vocab_size)
     names = None if marker is None else marker.vectors(model, rows, max(batch.names_per_row))
-    logits = forward_logits(model, batch, None, names=names)
+    tags = sentence_tags(batch.input_ids, vocab_size, [row.described for row in batch_rows]) if tag else None
+    logits = forward_logits(model, batch, None, names=names, tags=tags)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE)
 
 
 @torch.no_grad()
-def name_copy_accuracy(model, rng: random.Random, rows: int = 128, marker: NameMarker | None = None
-                       ) -> dict[str, float]:
+def name_copy_accuracy(model, rng: random.Random, rows: int = 128, marker: NameMarker | None = None,
+                       tag: bool = False) -> dict[str, float]:
     """Top-1 accuracy of the answers of `rows` fresh full-size rows (2-4 names, up to 5 keys),
     apart for the ``key`` queries (a name and a key: the lookup reading needs) and the ``next``
     queries (the word after a name: plain induction on a name vector), against ``chance_key``,
@@ -138,9 +142,10 @@ def name_copy_accuracy(model, rng: random.Random, rows: int = 128, marker: NameM
     batch_rows = [name_copy_row(rng, vocab_size, vocab_size, 0.5) for _ in range(rows)]
     batch = name_copy_batch(batch_rows, vocab_size)
     names = None if marker is None else marker.vectors(model, rows, max(batch.names_per_row))
+    tags = sentence_tags(batch.input_ids, vocab_size, [row.described for row in batch_rows]) if tag else None
     was_training = model.training
     model.eval()
-    predicted = forward_logits(model, batch, None, names=names).argmax(-1)
+    predicted = forward_logits(model, batch, None, names=names, tags=tags).argmax(-1)
     model.train(was_training)
     hits = {"key": [], "next": []}
     chance = []
