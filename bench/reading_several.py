@@ -178,7 +178,8 @@ def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: i
     if rows - named:
         loss = loss + lvlm.copy_warmup_loss(model, rng, rows=rows - named) * (rows - named) / rows
     if named:
-        loss = loss + name_copy.name_copy_loss(model, rng, rows=named, marker=marker, tag=tag, **(stage or {})) * named / rows
+        name_loss = name_copy.name_copy_loss(model, rng, rows=named, marker=marker, tag=tag, **(stage or {}))
+        loss = loss + name_loss * named / rows
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
