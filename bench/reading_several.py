@@ -19,7 +19,20 @@ The levers, one at a time (all off by default):
   1-3 other people too, the asked one at a random place (N=0: from the start);
 * --answer name | namekey: the answer first says the asked name ("<n> black") or the name and
   the trait's key ("<n> hair black"), a scratchpad that puts the lookup's cue right before
-  the value.
+  the value;
+* the name_copy warm-up's own shape: --next-share (its share of "next" rows), --next-first N
+  (the first N warm-up steps "next" rows only), --curriculum (2 names and 2 keys, then 3/3,
+  then the full task, a third of the steps each), --dense (up to 8 distinct queries a row,
+  a "next" query reading its name's whole block back), --warmup-schedule cosine (a linear
+  ramp of --warmup-ramp steps, then cosine down to a tenth), --log-every (loss lines, each
+  with `name_copy.name_copy_accuracy`: ``key`` lookups and ``next`` words on fresh full-size
+  rows, against ``chance_key``, one value picked among the blocks that hold the key);
+* --name-marker [--identity-scale F]: every name vector is a learned marker shared by all
+  names plus its random part (`plvmctl.lab.name_marker`), in the warm-up and in reading;
+* --tag-sentences: every token of a described person's sentence gets that person's name
+  vector added (`plvmctl.lab.name_tags`, a segment embedding per person);
+* --warmup-save FILE / --warmup-from FILE: keep the warmed-up model (safetensors) and start
+  reading runs from it (a fresh optimizer).
 
     python bench/reading_several.py --copy-warmup 20 --steps 20 --every 10 --eval-rows 40   # machinery
 

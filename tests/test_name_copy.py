@@ -106,9 +106,10 @@ def test_the_probe_scores_key_and_next_queries_apart_against_chance():
                            vision_layers=1)
     model, _, _ = lvlm.build_pocket_llava([f"w{i}" for i in range(VOCAB)], sizes, 0)
     scores = name_copy.name_copy_accuracy(model, random.Random(4), rows=16)
-    assert set(scores) == {"key", "next", "chance_key"}
+    assert set(scores) == {"key", "next", "chance_key", "chance_next"}
     assert all(0.0 <= value <= 1.0 for value in scores.values())
     assert 0.25 <= scores["chance_key"] <= 1.0  # one value among the 1-4 blocks holding the key
+    assert 0.25 <= scores["chance_next"] <= 0.5  # one name among 2-4
 
 
 def test_dense_rows_ask_distinct_pairs_or_read_a_whole_block_back():

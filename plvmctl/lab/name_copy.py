@@ -137,7 +137,8 @@ def name_copy_accuracy(model, rng: random.Random, rows: int = 128, marker: NameM
     """Top-1 accuracy of the answers of `rows` fresh full-size rows (2-4 names, up to 5 keys),
     apart for the ``key`` queries (a name and a key: the lookup reading needs) and the ``next``
     queries (the word after a name: plain induction on a name vector), against ``chance_key``,
-    what one value picked among the blocks holding the asked key would score."""
+    what one value picked among the blocks holding the asked key would score, and
+    ``chance_next``, what the first word after a name picked among the row's names would."""
     vocab_size = model.config.text_config.vocab_size
     batch_rows = [name_copy_row(rng, vocab_size, vocab_size, 0.5) for _ in range(rows)]
     batch = name_copy_batch(batch_rows, vocab_size)
@@ -148,12 +149,16 @@ def name_copy_accuracy(model, rng: random.Random, rows: int = 128, marker: NameM
     predicted = forward_logits(model, batch, None, names=names, tags=tags).argmax(-1)
     model.train(was_training)
     hits = {"key": [], "next": []}
-    chance = []
+    chance: list[float] = []
+    chance_next: list[float] = []
     for i, row in enumerate(batch_rows):
         answered = [t for t, label in enumerate(row.labels) if label != IGNORE]
         for t, (name, key) in zip(answered, row.queries):
             hits["next" if key is None else "key"].append(int(predicted[i, t - 1]) == row.labels[t])
             if key is not None:
                 chance.append(1 / row.ids[:row.described].count(key))
+            else:
+                chance_next.append(1 / row.names)
     return {kind: round(sum(found) / max(1, len(found)), 3) for kind, found in hits.items()} | {
-        "chance_key": round(sum(chance) / max(1, len(chance)), 3)}
+        "chance_key": round(sum(chance) / max(1, len(chance)), 3),
+        "chance_next": round(sum(chance_next) / max(1, len(chance_next)), 3)}
