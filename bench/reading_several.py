@@ -72,6 +72,51 @@ held-out questions a setting; ``value`` figures, alone / first / middle / last):
 No variant reads the asked person's sentence among others: with several people, every one
 settles near "read one of the sentences" (about 0.5 with 2-4 people, whose values often
 agree), alone stays at 0.93-1.0. See docs/research-log.md, "Two concepts in one prompt".
+
+The name-binding levers (branch bind, 2026-12-07; CPU, one torch thread, 2 cores shared by 4
+agents, so 0.3-1.8 s/step; a run stopped by hand has its printed lines in its JSON file).
+First the name_copy warm-up alone (--steps 0: no reading), every 50 steps the probe's
+``key`` and ``next`` accuracies on fresh full-size rows; chance_key 0.42-0.47 (one value
+among the blocks holding the key), chance_next 0.36 (the word after one of 2-4 names):
+
+    # lever 1: longer, a schedule, a curriculum, 300 "next" steps first (stopped at 1,350 of 2,000)
+    python bench/reading_several.py --copy-warmup 2000 --name-copy-share 1.0 --next-first 300 --curriculum \
+        --warmup-schedule cosine --log-every 50 --steps 0          # docs/bench/name_copy_long.json
+      loss 5.06 (step 50) -> 3.09 (300, "next" rows, 2 names) -> 4.45 (1,300, 4 names 5 keys in view);
+      key 0.00-0.07, next 0.01-0.16 throughout: no phase change     (0.28 s/step)
+    # lever 1, dense rows (up to 8 queries; "next" reads the whole block back; stopped at 600)
+    python bench/reading_several.py --copy-warmup 1500 --name-copy-share 1.0 --dense --next-first 300 \
+        --curriculum --warmup-schedule cosine --log-every 50 --steps 0    # docs/bench/name_copy_dense.json
+      loss 2.76 at step 300 (copying some word of the row), key 0.01-0.06, next 0.05-0.12 (0.45-0.55 s/step)
+    # lever 2: the same with the learned name marker (stopped at 600)
+    python bench/reading_several.py --copy-warmup 1500 --name-copy-share 1.0 --dense --name-marker \
+        --next-first 300 --curriculum --warmup-schedule cosine --log-every 50 --steps 0   # name_copy_marker.json
+      loss 3.90 / 1.67 / 1.14 at steps 100 / 200 / 300 (a drop: induction inside the blocks, and
+      "the word after a name"), next 0.19 -> 0.32, at chance_next: which name is not read;
+      key rows after step 300: key 0.05-0.11, loss 3.84 -> 3.25 (steps 350-500, 2 names 2 keys)
+
+Then reading (``value``, alone / first / middle / last; compare (b) above, the same 300 copy
+steps and several people from the start without any lever: 0.89 / 0.39 / 0.38 / 0.585 at step 200):
+
+    # lever 2 in reading: the name marker (stopped after step 200)
+    python bench/reading_several.py --copy-warmup 300 --steps 600 --several-share 0.5 --name-marker
+      step 100: 0.79 / 0.445 / 0.42 / 0.545    step 200: 0.91 / 0.425 / 0.395 / 0.535  (1.4-1.5 s/step)
+      docs/bench/reading_several_marker_stopped.json
+    # lever 3: the marker and every sentence's tokens tagged with their name (stopped after step 300)
+    python bench/reading_several.py --copy-warmup 300 --steps 600 --several-share 0.5 --name-marker --tag-sentences
+      step 200: 0.66 / 0.335 / 0.36 / 0.51    step 300: 0.83 / 0.385 / 0.415 / 0.605  (1.6-1.8 s/step)
+      docs/bench/reading_several_marker_tags_stopped.json
+    # the marker's name-induction warm-up ("next" rows only, dense), then reading
+    python bench/reading_several.py --copy-warmup 300 --name-copy-share 1.0 --dense --name-marker \
+        --next-share 1.0 --warmup-schedule cosine --log-every 50 --steps 400 --several-share 0.5 \
+        --out docs/bench/reading_several_marker_namenext.json
+      warm-up loss 4.79 / 4.23 / 2.16 at steps 100 / 200 / 300 (next 0.34, chance_next 0.36)
+      step 200: 0.795 / 0.365 / 0.30 / 0.495    step 400: 0.935 / 0.475 / 0.385 / 0.54  (0.64-1.04 s/step)
+FINAL_RUN_PLACEHOLDER
+None of these levers reads the asked person among several within its budget: the marker lets
+the LM find *a* name (the word after some name: a learned part a head can look for), but no
+run learned to match a name's random part against another copy of it, the lookup both the
+warm-up's key rows and reading need.
 """
 
 from __future__ import annotations
@@ -261,6 +306,8 @@ def main() -> None:
                         help="every name vector = a learned shared marker + its random part")
     parser.add_argument("--identity-scale", type=float, default=1.0,
                         help="the random part's scale with --name-marker (times the word embeddings')")
+    parser.add_argument("--name-slots", type=int, default=1,
+                        help="with --name-marker: one learned marker per name slot (the i-th name of a prompt)")
     parser.add_argument("--tag-sentences", action="store_true",
                         help="add each described person's name vector to every token of their sentence")
     parser.add_argument("--warmup-save", type=Path, help="write the model (and marker) after the warm-up")
@@ -289,7 +336,8 @@ def main() -> None:
     marker = None
     if args.name_marker:
         marker = NameMarker(model.config.text_config.hidden_size,
-                            float(model.get_input_embeddings().weight.detach().float().std()), args.identity_scale)
+                            float(model.get_input_embeddings().weight.detach().float().std()), args.identity_scale,
+                            args.name_slots)
     parameters = list(model.parameters()) + (list(marker.parameters()) if marker is not None else [])
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     pool = toy.training_identities()

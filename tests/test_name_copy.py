@@ -134,3 +134,14 @@ def test_dense_rows_ask_distinct_pairs_or_read_a_whole_block_back():
             for i, (name, key) in zip(answered, row.queries):
                 assert blocks[name][blocks[name].index(key) + 1] == row.labels[i]
     assert kinds == {"next", "key"}
+
+
+def test_with_slots_the_i_th_name_of_a_row_gets_the_i_th_marker():
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, _, _ = lvlm.build_pocket_llava([f"w{i}" for i in range(VOCAB)], sizes, 0)
+    marker = NameMarker(32, scale=0.5, identity_scale=0.25, slots=4)
+    names = marker.vectors(model, 400, 3).detach()
+    assert names.shape == (400, 3, 32)
+    assert torch.allclose(names.mean(dim=0), marker.marker.detach()[:3], atol=0.01)
+    assert not torch.allclose(marker.marker[0], marker.marker[1])
