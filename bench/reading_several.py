@@ -112,11 +112,26 @@ steps and several people from the start without any lever: 0.89 / 0.39 / 0.38 / 
         --out docs/bench/reading_several_marker_namenext.json
       warm-up loss 4.79 / 4.23 / 2.16 at steps 100 / 200 / 300 (next 0.34, chance_next 0.36)
       step 200: 0.795 / 0.365 / 0.30 / 0.495    step 400: 0.935 / 0.475 / 0.385 / 0.54  (0.64-1.04 s/step)
-FINAL_RUN_PLACEHOLDER
-None of these levers reads the asked person among several within its budget: the marker lets
-the LM find *a* name (the word after some name: a learned part a head can look for), but no
-run learned to match a name's random part against another copy of it, the lookup both the
-warm-up's key rows and reading need.
+    # the marker, tags and answers that say the name first (stopped after step 200)
+    python bench/reading_several.py --copy-warmup 300 --steps 500 --several-share 0.5 --answer name \
+        --name-marker --tag-sentences            # docs/bench/reading_several_marker_tags_name_stopped.json
+      step 100: 0.23 / 0.25 / 0.275 / 0.245    step 200: 0.285 / 0.285 / 0.29 / 0.29  (1.2-1.3 s/step)
+    # one learned marker per name slot (the i-th name of a prompt): names then tell apart by a
+    # learned part, like words
+    python bench/reading_several.py --copy-warmup 300 --steps 400 --several-share 0.5 --name-marker \
+        --name-slots 4 --out docs/bench/reading_several_marker_slots.json
+      step 200: 0.995 / 0.465 / 0.445 / 0.645    step 400: 0.965 / 0.465 / 0.455 / 0.54  (0.87-1.0 s/step)
+    # per-slot markers and sentence tags: which sentence a value is in and whose name was asked
+    # both given as learned parts (stopped after step 300)
+    python bench/reading_several.py --copy-warmup 300 --steps 400 --several-share 0.5 --name-marker \
+        --name-slots 4 --tag-sentences          # docs/bench/reading_several_marker_slots_tags_stopped.json
+      step 200: 0.805 / 0.41 / 0.39 / 0.59    step 300: 0.995 / 0.455 / 0.415 / 0.545  (1.1-1.2 s/step)
+None of these levers reads the asked person among several within its budget (300-600 steps).
+The marker lets the LM find *a* name (the word after some name: a learned part a head can look
+for), but no warm-up learned to match a name against another copy of it; and with a learned
+marker per slot, names that differ by a learned part like words, reading stays where it was:
+what is missing is the two-step lookup itself (the asked name's sentence, then the key's
+value in it), not only a findable name.
 """
 
 from __future__ import annotations
