@@ -19,7 +19,20 @@ The levers, one at a time (all off by default):
   1-3 other people too, the asked one at a random place (N=0: from the start);
 * --answer name | namekey: the answer first says the asked name ("<n> black") or the name and
   the trait's key ("<n> hair black"), a scratchpad that puts the lookup's cue right before
-  the value.
+  the value;
+* the name_copy warm-up's own shape: --next-share (its share of "next" rows), --next-first N
+  (the first N warm-up steps "next" rows only), --curriculum (2 names and 2 keys, then 3/3,
+  then the full task, a third of the steps each), --dense (up to 8 distinct queries a row,
+  a "next" query reading its name's whole block back), --warmup-schedule cosine (a linear
+  ramp of --warmup-ramp steps, then cosine down to a tenth), --log-every (loss lines, each
+  with `name_copy.name_copy_accuracy`: ``key`` lookups and ``next`` words on fresh full-size
+  rows, against ``chance_key``, one value picked among the blocks that hold the key);
+* --name-marker [--identity-scale F]: every name vector is a learned marker shared by all
+  names plus its random part (`plvmctl.lab.name_marker`), in the warm-up and in reading;
+* --tag-sentences: every token of a described person's sentence gets that person's name
+  vector added (`plvmctl.lab.name_tags`, a segment embedding per person);
+* --warmup-save FILE / --warmup-from FILE: keep the warmed-up model (safetensors) and start
+  reading runs from it (a fresh optimizer).
 
     python bench/reading_several.py --copy-warmup 20 --steps 20 --every 10 --eval-rows 40   # machinery
 
@@ -59,21 +72,85 @@ held-out questions a setting; ``value`` figures, alone / first / middle / last):
 No variant reads the asked person's sentence among others: with several people, every one
 settles near "read one of the sentences" (about 0.5 with 2-4 people, whose values often
 agree), alone stays at 0.93-1.0. See docs/research-log.md, "Two concepts in one prompt".
+
+The name-binding levers (branch bind, 2026-12-07; CPU, one torch thread, 2 cores shared by 4
+agents, so 0.3-1.8 s/step; a run stopped by hand has its printed lines in its JSON file).
+First the name_copy warm-up alone (--steps 0: no reading), every 50 steps the probe's
+``key`` and ``next`` accuracies on fresh full-size rows; chance_key 0.42-0.47 (one value
+among the blocks holding the key), chance_next 0.36 (the word after one of 2-4 names):
+
+    # lever 1: longer, a schedule, a curriculum, 300 "next" steps first (stopped at 1,350 of 2,000)
+    python bench/reading_several.py --copy-warmup 2000 --name-copy-share 1.0 --next-first 300 --curriculum \
+        --warmup-schedule cosine --log-every 50 --steps 0          # docs/bench/name_copy_long.json
+      loss 5.06 (step 50) -> 3.09 (300, "next" rows, 2 names) -> 4.45 (1,300, 4 names 5 keys in view);
+      key 0.00-0.07, next 0.01-0.16 throughout: no phase change     (0.28 s/step)
+    # lever 1, dense rows (up to 8 queries; "next" reads the whole block back; stopped at 600)
+    python bench/reading_several.py --copy-warmup 1500 --name-copy-share 1.0 --dense --next-first 300 \
+        --curriculum --warmup-schedule cosine --log-every 50 --steps 0    # docs/bench/name_copy_dense.json
+      loss 2.76 at step 300 (copying some word of the row), key 0.01-0.06, next 0.05-0.12 (0.45-0.55 s/step)
+    # lever 2: the same with the learned name marker (stopped at 600)
+    python bench/reading_several.py --copy-warmup 1500 --name-copy-share 1.0 --dense --name-marker \
+        --next-first 300 --curriculum --warmup-schedule cosine --log-every 50 --steps 0   # name_copy_marker.json
+      loss 3.90 / 1.67 / 1.14 at steps 100 / 200 / 300 (a drop: induction inside the blocks, and
+      "the word after a name"), next 0.19 -> 0.32, at chance_next: which name is not read;
+      key rows after step 300: key 0.05-0.11, loss 3.84 -> 3.25 (steps 350-500, 2 names 2 keys)
+
+Then reading (``value``, alone / first / middle / last; compare (b) above, the same 300 copy
+steps and several people from the start without any lever: 0.89 / 0.39 / 0.38 / 0.585 at step 200):
+
+    # lever 2 in reading: the name marker (stopped after step 200)
+    python bench/reading_several.py --copy-warmup 300 --steps 600 --several-share 0.5 --name-marker
+      step 100: 0.79 / 0.445 / 0.42 / 0.545    step 200: 0.91 / 0.425 / 0.395 / 0.535  (1.4-1.5 s/step)
+      docs/bench/reading_several_marker_stopped.json
+    # lever 3: the marker and every sentence's tokens tagged with their name (stopped after step 300)
+    python bench/reading_several.py --copy-warmup 300 --steps 600 --several-share 0.5 --name-marker --tag-sentences
+      step 200: 0.66 / 0.335 / 0.36 / 0.51    step 300: 0.83 / 0.385 / 0.415 / 0.605  (1.6-1.8 s/step)
+      docs/bench/reading_several_marker_tags_stopped.json
+    # the marker's name-induction warm-up ("next" rows only, dense), then reading
+    python bench/reading_several.py --copy-warmup 300 --name-copy-share 1.0 --dense --name-marker \
+        --next-share 1.0 --warmup-schedule cosine --log-every 50 --steps 400 --several-share 0.5 \
+        --out docs/bench/reading_several_marker_namenext.json
+      warm-up loss 4.79 / 4.23 / 2.16 at steps 100 / 200 / 300 (next 0.34, chance_next 0.36)
+      step 200: 0.795 / 0.365 / 0.30 / 0.495    step 400: 0.935 / 0.475 / 0.385 / 0.54  (0.64-1.04 s/step)
+    # the marker, tags and answers that say the name first (stopped after step 200)
+    python bench/reading_several.py --copy-warmup 300 --steps 500 --several-share 0.5 --answer name \
+        --name-marker --tag-sentences            # docs/bench/reading_several_marker_tags_name_stopped.json
+      step 100: 0.23 / 0.25 / 0.275 / 0.245    step 200: 0.285 / 0.285 / 0.29 / 0.29  (1.2-1.3 s/step)
+    # one learned marker per name slot (the i-th name of a prompt): names then tell apart by a
+    # learned part, like words
+    python bench/reading_several.py --copy-warmup 300 --steps 400 --several-share 0.5 --name-marker \
+        --name-slots 4 --out docs/bench/reading_several_marker_slots.json
+      step 200: 0.995 / 0.465 / 0.445 / 0.645    step 400: 0.965 / 0.465 / 0.455 / 0.54  (0.87-1.0 s/step)
+    # per-slot markers and sentence tags: which sentence a value is in and whose name was asked
+    # both given as learned parts (stopped after step 300)
+    python bench/reading_several.py --copy-warmup 300 --steps 400 --several-share 0.5 --name-marker \
+        --name-slots 4 --tag-sentences          # docs/bench/reading_several_marker_slots_tags_stopped.json
+      step 200: 0.805 / 0.41 / 0.39 / 0.59    step 300: 0.995 / 0.455 / 0.415 / 0.545  (1.1-1.2 s/step)
+None of these levers reads the asked person among several within its budget (300-600 steps).
+The marker lets the LM find *a* name (the word after some name: a learned part a head can look
+for), but no warm-up learned to match a name against another copy of it; and with a learned
+marker per slot, names that differ by a learned part like words, reading stays where it was:
+what is missing is the two-step lookup itself (the asked name's sentence, then the key's
+value in it), not only a findable name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from plvmctl.lab import lvlm, name_copy, toy
+from plvmctl.lab.name_marker import NameMarker
+from plvmctl.lab.name_tags import sentence_tags
 from plvmctl.lab.pocket import ASSETS
 
 SETTINGS = ("alone", "first", "middle", "last")
@@ -133,7 +210,8 @@ def evaluation_sets(rows: int, answer_style: str, seed: int) -> dict[str, list[l
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int = 100) -> dict[str, float]:
+def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int = 100,
+             marker: NameMarker | None = None, tag: bool = False) -> dict[str, float]:
     """``value``: the value among the trait's values at its place (earlier answer tokens given);
     ``exact``: every answer token (EOS aside) is the argmax, over words and the row's names."""
     model.eval()
@@ -144,7 +222,8 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int 
         for start in range(0, len(rows), batch_rows):
             chunk = rows[start:start + batch_rows]
             batch = lvlm.encode_rows(chunk, tokenizer, lvlm.num_image_tokens(model), name_id=name_id)
-            logits = lvlm.forward_logits(model, batch, None)
+            logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker),
+                                         tags=reading_tags(batch, tokenizer, tag))
             for i, row in enumerate(chunk):
                 places = (batch.labels[i] != lvlm.IGNORE).nonzero().flatten().tolist()[:-1]  # EOS aside
                 predicted = logits[i, [p - 1 for p in places]].argmax(-1)
@@ -157,24 +236,67 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int 
     return {"value": round(value_hits / len(rows), 3), "exact": round(exact_hits / len(rows), 3)}
 
 
-def evaluate(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int) -> dict[str, dict[str, float]]:
-    return {setting: accuracy(model, tokenizer, rows, seed) for setting, rows in sets.items()}
+def evaluate(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int,
+             marker: NameMarker | None = None, tag: bool = False) -> dict[str, dict[str, float]]:
+    return {setting: accuracy(model, tokenizer, rows, seed, marker=marker, tag=tag) for setting, rows in sets.items()}
 
 
-def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: int = 64) -> float:
+def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: int = 64,
+                stage: dict | None = None, marker: NameMarker | None = None, tag: bool = False) -> float:
     """One step of the copy warm-up: `lvlm.copy_warmup_loss` rows and a share `name_share` of
-    `name_copy` rows, the two losses weighted by their row counts."""
+    `name_copy` rows (their `stage`: next_share, max_keys, max_people), the two losses weighted
+    by their row counts."""
     named = round(rows * name_share)
     loss = torch.zeros(())
     if rows - named:
         loss = loss + lvlm.copy_warmup_loss(model, rng, rows=rows - named) * (rows - named) / rows
     if named:
-        loss = loss + name_copy.name_copy_loss(model, rng, rows=named) * named / rows
+        name_loss = name_copy.name_copy_loss(model, rng, rows=named, marker=marker, tag=tag, **(stage or {}))
+        loss = loss + name_loss * named / rows
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     return float(loss.detach())
+
+
+def warmup_stage(step: int, total: int, args) -> dict:
+    """The name_copy rows of warm-up step `step`: "next" rows only for the first --next-first
+    steps; with --curriculum, 2 names and 2 keys in the first third, up to 3 and 3 in the
+    second, the full task (up to 4 names, 5 keys) after; --dense rows throughout."""
+    stage = {"next_share": 1.0 if step < args.next_first else args.next_share, "max_keys": 5, "max_people": 4,
+             "dense": args.dense}
+    if args.curriculum and step < total * 2 // 3:
+        small = step < total // 3
+        stage.update(max_keys=2 if small else 3, max_people=2 if small else 3)
+    return stage
+
+
+def warmup_lr(step: int, total: int, args) -> float:
+    """The warm-up's learning rate: constant, or with --warmup-schedule cosine a linear ramp
+    over --warmup-ramp steps then a cosine down to a tenth."""
+    if args.warmup_schedule == "constant":
+        return args.lr
+    if step < args.warmup_ramp:
+        return args.lr * (step + 1) / args.warmup_ramp
+    done = (step - args.warmup_ramp) / max(1, total - args.warmup_ramp)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def reading_tags(batch: lvlm.Batch, tokenizer, tag: bool) -> torch.Tensor | None:
+    """With --tag-sentences, which described person owns each token: the words after
+    "<n> is" up to the sentence's full stop (`name_tags.sentence_tags`)."""
+    if not tag:
+        return None
+    return sentence_tags(batch.input_ids, batch.name_id, stop_id=tokenizer.convert_tokens_to_ids("."),
+                         follower_id=tokenizer.convert_tokens_to_ids("is"))
+
+
+def marked_names(model, batch: lvlm.Batch, marker: NameMarker | None) -> torch.Tensor | None:
+    """The batch's name vectors with the marker (None without one: `forward_logits` draws plain ones)."""
+    if marker is None or not any(batch.names_per_row):
+        return None
+    return marker.vectors(model, len(batch.names_per_row), max(batch.names_per_row))
 
 
 def main() -> None:
@@ -184,6 +306,27 @@ def main() -> None:
     parser.add_argument("--copy-warmup", type=int, default=0, help="copy warm-up steps before reading")
     parser.add_argument("--name-copy-share", type=float, default=0.0,
                         help="share of the warm-up's rows that are name_copy rows")
+    parser.add_argument("--next-share", type=float, default=0.25,
+                        help="share of name_copy rows asking the word after a name")
+    parser.add_argument("--next-first", type=int, default=0,
+                        help="warm-up steps whose name_copy rows are all 'next' rows")
+    parser.add_argument("--curriculum", action="store_true",
+                        help="name_copy rows grow: 2 names/2 keys, then 3/3, then the full task (thirds)")
+    parser.add_argument("--dense", action="store_true",
+                        help="name_copy rows with up to 8 distinct queries; 'next' queries read the whole block")
+    parser.add_argument("--warmup-schedule", choices=("constant", "cosine"), default="constant")
+    parser.add_argument("--warmup-ramp", type=int, default=100, help="linear lr ramp steps (cosine schedule)")
+    parser.add_argument("--log-every", type=int, default=100, help="warm-up steps between loss lines")
+    parser.add_argument("--name-marker", action="store_true",
+                        help="every name vector = a learned shared marker + its random part")
+    parser.add_argument("--identity-scale", type=float, default=1.0,
+                        help="the random part's scale with --name-marker (times the word embeddings')")
+    parser.add_argument("--name-slots", type=int, default=1,
+                        help="with --name-marker: one learned marker per name slot (the i-th name of a prompt)")
+    parser.add_argument("--tag-sentences", action="store_true",
+                        help="add each described person's name vector to every token of their sentence")
+    parser.add_argument("--warmup-save", type=Path, help="write the model (and marker) after the warm-up")
+    parser.add_argument("--warmup-from", type=Path, help="start from a --warmup-save file instead")
     parser.add_argument("--steps", type=int, default=1000, help="reading steps")
     parser.add_argument("--several-share", type=float, default=0.0,
                         help="share of reading rows with 1-3 other people described too")
@@ -205,7 +348,13 @@ def main() -> None:
     else:
         vocabulary = lvlm.collect_vocabulary(description="keyvalue")
         model, tokenizer, _ = lvlm.build_pocket_llava(vocabulary, lvlm.LvlmSizes(), args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    marker = None
+    if args.name_marker:
+        marker = NameMarker(model.config.text_config.hidden_size,
+                            float(model.get_input_embeddings().weight.detach().float().std()), args.identity_scale,
+                            args.name_slots)
+    parameters = list(model.parameters()) + (list(marker.parameters()) if marker is not None else [])
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     pool = toy.training_identities()
     rng = random.Random(args.seed)
     sets = evaluation_sets(args.eval_rows, args.answer, args.seed)
@@ -213,23 +362,45 @@ def main() -> None:
     report: dict = {"bench": "reading_several", "command": " ".join(["python", "bench/reading_several.py", *sys.argv[1:]]),
                     "args": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}}
     started = time.perf_counter()
-    if args.copy_warmup:
-        warm_rng = random.Random(args.seed + 7)
-        losses = []
+    if args.warmup_from is not None:
+        weights = load_file(args.warmup_from)
+        if marker is not None:
+            marker.marker.data.copy_(weights.pop("name_marker"))
+        model.load_state_dict(weights)
+    elif args.copy_warmup:
+        warm_rng, probe_rng = random.Random(args.seed + 7), random.Random(args.seed + 11)
+        losses, log = [], []
         for step in range(args.copy_warmup):
-            losses.append(warmup_step(model, optimizer, warm_rng, args.name_copy_share))
-            if (step + 1) % 100 == 0:
-                print(json.dumps({"warmup_step": step + 1, "loss": round(sum(losses[-20:]) / 20, 3)}), flush=True)
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_lr(step, args.copy_warmup, args)
+            losses.append(warmup_step(model, optimizer, warm_rng, args.name_copy_share,
+                                      stage=warmup_stage(step, args.copy_warmup, args), marker=marker,
+                                      tag=args.tag_sentences))
+            if (step + 1) % args.log_every == 0:
+                line = {"warmup_step": step + 1, "loss": round(sum(losses[-20:]) / len(losses[-20:]), 3)}
+                if args.name_copy_share:
+                    line["name_copy_accuracy"] = name_copy.name_copy_accuracy(model, probe_rng, marker=marker,
+                                                                                 tag=args.tag_sentences)
+                log.append(line)
+                print(json.dumps(line), flush=True)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
         report["warmup"] = {"steps": args.copy_warmup, "loss_first10": round(sum(losses[:10]) / 10, 3),
                             "loss_last10": round(sum(losses[-10:]) / 10, 3),
                             "loss_every_100": [round(sum(losses[i - 20:i]) / 20, 3)
                                                for i in range(100, args.copy_warmup + 1, 100)],
                             "seconds_per_step": round((time.perf_counter() - started) / args.copy_warmup, 3)}
         print(json.dumps(report["warmup"]), flush=True)
+        report["warmup"]["log"] = log
+        if args.warmup_save is not None:
+            weights = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+            if marker is not None:
+                weights["name_marker"] = marker.marker.detach().clone()
+            save_file(weights, str(args.warmup_save))
     curve, train_seconds, losses = [], 0.0, []
     for step in range(args.steps + 1):
         if step % args.every == 0 or step == args.steps:
-            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed),
+            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed, marker, args.tag_sentences),
                      "loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 3),
                      "seconds_per_step": round(train_seconds / max(1, step), 3)}
             curve.append(point)
@@ -240,7 +411,9 @@ def main() -> None:
         several = args.several_share if step >= args.several_from else 0.0
         rows = [training_row(pool, rng, several, args.answer) for _ in range(args.rows)]
         batch = lvlm.encode_rows(rows, tokenizer, lvlm.num_image_tokens(model), name_id=model.config.text_config.vocab_size)
-        loss = lvlm.answer_loss(lvlm.forward_logits(model, batch, None), batch.labels)
+        logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker),
+                                     tags=reading_tags(batch, tokenizer, args.tag_sentences))
+        loss = lvlm.answer_loss(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

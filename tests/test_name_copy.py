@@ -9,6 +9,7 @@ import random
 import torch
 
 from plvmctl.lab import lvlm, name_copy
+from plvmctl.lab.name_marker import NameMarker
 from plvmctl.tiny import BOS_ID, SPECIAL_TOKENS
 
 VOCAB = 60
@@ -73,3 +74,74 @@ def test_the_loss_runs_with_several_fresh_names_per_row():
     assert batch.names_per_row == [row.names for row in rows] and batch.image_index == []
     logits = lvlm.forward_logits(model, batch, None)
     assert logits.shape == (4, max(len(row.ids) for row in rows), vocab_size + max(row.names for row in rows))
+
+
+def test_a_curriculum_row_holds_at_most_its_stage_of_names_and_keys():
+    rng = random.Random(2)
+    for _ in range(200):
+        row = name_copy.name_copy_row(rng, VOCAB, VOCAB, next_share=0.0, max_keys=2, max_people=2)
+        assert row.names == 2 and all(key is not None for _, key in row.queries)
+        assert all(label == lvlm.IGNORE for label in row.labels[:row.described])  # no answer among the blocks
+        first_block = row.ids[2:row.ids.index(VOCAB + 1)]
+        assert len(first_block) in (2, 3, 4, 5)  # 1-2 keys with their values, maybe a connective first
+
+
+def test_a_marked_name_is_the_shared_marker_plus_a_random_part_and_the_marker_learns():
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, _, _ = lvlm.build_pocket_llava([f"w{i}" for i in range(VOCAB)], sizes, 0)
+    marker = NameMarker(32, scale=0.5, identity_scale=0.25)
+    names = marker.vectors(model, 400, 3).detach()
+    assert names.shape == (400, 3, 32)
+    assert torch.allclose(names.mean(dim=(0, 1)), marker.marker.detach(), atol=0.01)  # the random parts average out
+    word_scale = model.get_input_embeddings().weight.detach().std()
+    assert abs(float((names - marker.marker.detach()).std()) / float(word_scale) - 0.25) < 0.03
+    loss = name_copy.name_copy_loss(model, random.Random(3), rows=8, marker=marker)
+    loss.backward()
+    assert marker.marker.grad is not None and float(marker.marker.grad.abs().sum()) > 0
+
+
+def test_the_probe_scores_key_and_next_queries_apart_against_chance():
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, _, _ = lvlm.build_pocket_llava([f"w{i}" for i in range(VOCAB)], sizes, 0)
+    scores = name_copy.name_copy_accuracy(model, random.Random(4), rows=16)
+    assert set(scores) == {"key", "next", "chance_key", "chance_next"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    assert 0.25 <= scores["chance_key"] <= 1.0  # one value among the 1-4 blocks holding the key
+    assert 0.25 <= scores["chance_next"] <= 0.5  # one name among 2-4
+
+
+def test_dense_rows_ask_distinct_pairs_or_read_a_whole_block_back():
+    rng = random.Random(5)
+    kinds = set()
+    for _ in range(200):
+        row = name_copy.name_copy_row(rng, VOCAB, VOCAB, next_share=0.5, dense=True)
+        blocks = _blocks(row)
+        answered = [i for i, label in enumerate(row.labels) if label != lvlm.IGNORE]
+        assert len(answered) == len(row.queries) and all(row.ids[i] == row.labels[i] for i in answered)
+        if row.queries[0][1] is None:  # each name once, its whole block read back after it
+            kinds.add("next")
+            asked = [name for name, _ in row.queries]
+            assert sorted(set(asked)) == list(range(VOCAB, VOCAB + row.names))
+            for name in set(asked):
+                read = [row.labels[i] for i, (who, _) in zip(answered, row.queries) if who == name]
+                assert read == blocks[name][:len(read)] and len(read) >= 2
+                assert row.ids[answered[asked.index(name)] - 1] == name
+        else:  # up to 8 queries, no (name, key) twice, each answered by its block's value
+            kinds.add("key")
+            assert 1 <= len(row.queries) <= 8 and len(set(row.queries)) == len(row.queries)
+            for i, (name, key) in zip(answered, row.queries):
+                assert blocks[name][blocks[name].index(key) + 1] == row.labels[i]
+    assert kinds == {"next", "key"}
+
+
+def test_with_slots_the_i_th_name_of_a_row_gets_the_i_th_marker():
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, _, _ = lvlm.build_pocket_llava([f"w{i}" for i in range(VOCAB)], sizes, 0)
+    marker = NameMarker(32, scale=0.5, identity_scale=0.25, slots=4)
+    names = marker.vectors(model, 400, 3).detach()
+    assert names.shape == (400, 3, 32)
+    assert torch.allclose(names.mean(dim=0), marker.marker.detach()[:3], atol=0.01)
+    assert not torch.allclose(marker.marker[0], marker.marker[1])

@@ -805,7 +805,7 @@ def name_vectors(model, rows: int, count: int = 1) -> torch.Tensor:
 
 def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: torch.Tensor | None,
                    *, return_features: bool = False, features: torch.Tensor | None = None,
-                   names: torch.Tensor | None = None):
+                   names: torch.Tensor | None = None, tags: torch.Tensor | None = None):
     """Logits [B, T, V] ([B, T, V + 1] when the batch has name tokens: the last column is each
     row's own name) and, with `return_features`, the projected image features [N, P, H] or
     None. The vision tower runs once per photo (or not at all when `features` are given); rows
@@ -813,7 +813,8 @@ def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: t
     order). `names` ([B, H]) fixes the name embeddings (fresh ones otherwise). A batch whose
     rows hold several names each has `names` [B, N, H] and N name columns; a row's columns
     past its own names are never predicted (the lowest logit), as the concept table allows
-    each row only its own concepts."""
+    each row only its own concepts. `tags` ([B, T], -1 for none; a lab lever,
+    `name_tags.sentence_tags`) adds the row's name of that index to each tagged token's embedding."""
     vocab = model.config.text_config.vocab_size
     virtual = batch.input_ids >= vocab  # [B, T] name tokens
     embeds = model.get_input_embeddings()(batch.input_ids.clamp(max=vocab - 1))  # [B, T, H]
@@ -832,6 +833,10 @@ def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: t
             which = (batch.input_ids - vocab).clamp(min=0, max=names.shape[1] - 1)  # [B, T]
             chosen = torch.gather(names, 1, which.unsqueeze(-1).expand(-1, -1, names.shape[-1]))  # [B, T, H]
             embeds = torch.where(virtual.unsqueeze(-1), chosen.to(embeds.dtype), embeds)
+        if tags is not None:
+            per_row = names if names.dim() == 3 else names.unsqueeze(1)  # [B, N, H]
+            owner = torch.gather(per_row, 1, tags.clamp(min=0).unsqueeze(-1).expand(-1, -1, per_row.shape[-1]))
+            embeds = embeds + torch.where((tags >= 0).unsqueeze(-1), owner.to(embeds.dtype), torch.zeros_like(embeds))
     hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                          use_cache=False).last_hidden_state  # [B, T, H]
     logits = model.lm_head(hidden)

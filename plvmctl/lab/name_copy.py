@@ -30,25 +30,34 @@ import torch.nn.functional as F
 
 from ..tiny import BOS_ID, PAD_ID, SPECIAL_TOKENS
 from .lvlm import IGNORE, Batch, forward_logits
+from .name_marker import NameMarker
+from .name_tags import sentence_tags
 
 
 @dataclass
 class NameCopyRow:
     """One warm-up row: token ids (names as `name_id + i`), the answer id at each answered
     position (IGNORE elsewhere), how many names it holds, and what each answer was asked by:
-    (name token, key), the key None when the word after the name was asked."""
+    (name token, key), the key None when the word after the name was asked; `described` is
+    how many tokens come before the queries (the blocks and the filler)."""
 
     ids: list[int]
     labels: list[int]
     names: int
     queries: list[tuple[int, int | None]]
+    described: int = 0
 
 
 def name_copy_row(rng: random.Random, vocab_size: int, name_id: int, next_share: float = 0.25,
-                  max_keys: int = 5) -> NameCopyRow:
-    """A random row (see the module docstring); `name_id` is the first name token's id."""
+                  max_keys: int = 5, max_people: int = 4, dense: bool = False) -> NameCopyRow:
+    """A random row (see the module docstring); `name_id` is the first name token's id. A
+    curriculum starts with small problems: `max_people` names (2 at least) and `max_keys` keys.
+
+    `dense` rows carry more answers for the same length: up to 8 queries, each a different
+    (name, key) of the row, and a "next" query reads its name's whole block back (every word
+    an answer: the first needs the name, the rest plain induction)."""
     first = len(SPECIAL_TOKENS)
-    people = rng.randint(2, 4)
+    people = rng.randint(2, max_people)
     keys_count = rng.randint(2, max_keys)
     words = rng.sample(range(first, vocab_size), keys_count + 3)
     keys, connective, filler_words = words[:keys_count], words[keys_count], words[keys_count + 1:]
@@ -67,21 +76,28 @@ def name_copy_row(rng: random.Random, vocab_size: int, name_id: int, next_share:
         blocks.append(block)
         ids += [name_id + person] + ([connective] if use_connective else []) + block
     ids += [rng.choice(free) for _ in range(rng.randint(0, 4))]
+    described = len(ids)
     labels = [IGNORE] * len(ids)
     queries: list[tuple[int, int | None]] = []
-    for _ in range(rng.randint(1, 3)):
-        person = rng.randrange(people)
+    if dense:  # every name once ("next"), or every (name, key) of the row at most once
+        targets = ([(person, 0) for person in range(people)] if asked_next else
+                   [(person, pair) for person in range(people) for pair in range(len(blocks[person]) // 2)])
+        asked: list[tuple[int, int] | None] = rng.sample(targets, min(8, len(targets)))
+    else:
+        asked = [None] * rng.randint(1, 3)
+    for target in asked:
+        person = rng.randrange(people) if target is None else target[0]
         if asked_next:
-            cue, answer, key = [name_id + person], blocks[person][0], None
+            cue, answers, key = [name_id + person], blocks[person] if dense else blocks[person][:1], None
         else:
-            pair = rng.randrange(len(blocks[person]) // 2)
-            key, answer = blocks[person][2 * pair], blocks[person][2 * pair + 1]
+            pair = rng.randrange(len(blocks[person]) // 2) if target is None else target[1]
+            key, answers = blocks[person][2 * pair], [blocks[person][2 * pair + 1]]
             between = [rng.choice(filler_words) for _ in range(rng.randint(0, 2))]
             cue = [name_id + person] + between + [key] if rng.random() < 0.5 else [key] + between + [name_id + person]
-        ids += cue + [answer]
-        labels += [IGNORE] * len(cue) + [answer]
-        queries.append((name_id + person, key))
-    return NameCopyRow(ids, labels, people, queries)
+        ids += cue + answers
+        labels += [IGNORE] * len(cue) + answers
+        queries += [(name_id + person, key)] * len(answers)
+    return NameCopyRow(ids, labels, people, queries, described)
 
 
 def name_copy_batch(rows: list[NameCopyRow], name_id: int) -> Batch:
@@ -98,12 +114,51 @@ def name_copy_batch(rows: list[NameCopyRow], name_id: int) -> Batch:
     return Batch(ids, mask, labels, [], [len(row.ids) for row in rows], name_id, [row.names for row in rows])
 
 
-def name_copy_loss(model, rng: random.Random, rows: int = 64, next_share: float = 0.25) -> torch.Tensor:
+def name_copy_loss(model, rng: random.Random, rows: int = 64, next_share: float = 0.25, max_keys: int = 5,
+                   max_people: int = 4, marker: NameMarker | None = None, dense: bool = False,
+                   tag: bool = False) -> torch.Tensor:
     """Cross-entropy of the answers of `rows` fresh rows, every name a fresh random vector
-    (input embedding and output-head row, `lvlm.forward_logits`)."""
+    (input embedding and output-head row, `lvlm.forward_logits`), with `marker`'s shared part
+    added when given; with `tag`, every block token also gets its name added (`name_tags`)."""
     vocab_size = model.config.text_config.vocab_size
-    batch = name_copy_batch([name_copy_row(rng, vocab_size, vocab_size, next_share) for _ in range(rows)],
-                            vocab_size)
-    logits = forward_logits(model, batch, None)
+    batch_rows = [name_copy_row(rng, vocab_size, vocab_size, next_share, max_keys, max_people, dense)
+                  for _ in range(rows)]
+    batch = name_copy_batch(batch_rows, vocab_size)
+    names = None if marker is None else marker.vectors(model, rows, max(batch.names_per_row))
+    tags = sentence_tags(batch.input_ids, vocab_size, [row.described for row in batch_rows]) if tag else None
+    logits = forward_logits(model, batch, None, names=names, tags=tags)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def name_copy_accuracy(model, rng: random.Random, rows: int = 128, marker: NameMarker | None = None,
+                       tag: bool = False) -> dict[str, float]:
+    """Top-1 accuracy of the answers of `rows` fresh full-size rows (2-4 names, up to 5 keys),
+    apart for the ``key`` queries (a name and a key: the lookup reading needs) and the ``next``
+    queries (the word after a name: plain induction on a name vector), against ``chance_key``,
+    what one value picked among the blocks holding the asked key would score, and
+    ``chance_next``, what the first word after a name picked among the row's names would."""
+    vocab_size = model.config.text_config.vocab_size
+    batch_rows = [name_copy_row(rng, vocab_size, vocab_size, 0.5) for _ in range(rows)]
+    batch = name_copy_batch(batch_rows, vocab_size)
+    names = None if marker is None else marker.vectors(model, rows, max(batch.names_per_row))
+    tags = sentence_tags(batch.input_ids, vocab_size, [row.described for row in batch_rows]) if tag else None
+    was_training = model.training
+    model.eval()
+    predicted = forward_logits(model, batch, None, names=names, tags=tags).argmax(-1)
+    model.train(was_training)
+    hits = {"key": [], "next": []}
+    chance: list[float] = []
+    chance_next: list[float] = []
+    for i, row in enumerate(batch_rows):
+        answered = [t for t, label in enumerate(row.labels) if label != IGNORE]
+        for t, (name, key) in zip(answered, row.queries):
+            hits["next" if key is None else "key"].append(int(predicted[i, t - 1]) == row.labels[t])
+            if key is not None:
+                chance.append(1 / row.ids[:row.described].count(key))
+            else:
+                chance_next.append(1 / row.names)
+    return {kind: round(sum(found) / max(1, len(found)), 3) for kind, found in hits.items()} | {
+        "chance_key": round(sum(chance) / max(1, len(chance)), 3),
+        "chance_next": round(sum(chance_next) / max(1, len(chance_next)), 3)}
