@@ -6,6 +6,9 @@ several photos (Yo'LLaVA, MyVLM) the normalised mean of its photos' normalised C
 is stored in the `.concept` file as the part `retrieval.key` [D] (so the file is format
 version 2), with the encoder's fingerprint in `extra.retrieval.encoder` (keys of another
 encoder are not comparable) and the number of photos behind it in `extra.retrieval.photos`.
+A PLVM concept of several photos (references.py) also keeps each photo's key, `retrieval.keys`
+[N, D]: the index then holds all N (rows id .. id+N-1 of the concept), and a photo's crop
+scores the concept by the best of them.
 
 The store keeps an index of the keys beside the concepts:
 
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 # keep its index in step, so this module only names it.
 
 KEY_PART = "retrieval.key"
+KEYS_PART = "retrieval.keys"  # [N, D] each reference photo's key (several-photo concepts)
 ENCODER_META = "retrieval.encoder"
 PHOTOS_META = "retrieval.photos"
 REFERENCE_PATH_META = "reference_path"
@@ -114,6 +118,33 @@ def concept_key(concept: Concept) -> tuple[torch.Tensor, str] | None:
     if key is None:
         return None
     return key.float().reshape(-1), concept.meta.extra.get(ENCODER_META, "")
+
+
+def concept_keys(concept: Concept) -> tuple[torch.Tensor, str] | None:
+    """(keys [N, D], encoder fingerprint) the index holds for `concept`: each photo's key when
+    it keeps them, else its one key; None when it has no key."""
+    found = concept_key(concept)
+    if found is None:
+        return None
+    keys = concept.parts.get(KEYS_PART)
+    return (keys.float().reshape(len(keys), -1) if keys is not None else found[0][None]), found[1]
+
+
+def read_keys(path: str | os.PathLike) -> tuple[np.ndarray, str] | None:
+    """`concept_keys` read from a .concept file without loading its other tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    found = read_key(path)
+    if found is None:
+        return None
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            if KEYS_PART not in handle.keys():
+                return found[0][None], found[1]
+            keys = np.asarray(handle.get_tensor(KEYS_PART), dtype=np.float32)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PlvmError(f"not a readable .concept file ({error}): {path}") from None
+    return keys.reshape(len(keys), -1), found[1]
 
 
 def read_key(path: str | os.PathLike) -> tuple[np.ndarray, str] | None:
@@ -198,21 +229,22 @@ class KeyIndex:
         key when `encoder` is given, are left out)."""
         names, keys = [], []
         for name, concept in concepts.items():
-            found = concept_key(concept)
+            found = concept_keys(concept)
             if found is None or (encoder and found[1] != encoder):
                 continue
-            names.append(name)
+            names += [name] * len(found[0])
             keys.append(found[0].numpy())
         if not keys:
             raise PlvmError("none of the concepts has a retrieval key")
-        return cls.build(names, np.stack(keys), encoder or concept_key(concepts[names[0]])[1])
+        return cls.build(names, np.concatenate(keys), encoder or concept_key(concepts[names[0]])[1])
 
     @property
     def count(self) -> int:
         return int(self.index.ntotal)
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """For each unit query row, up to k (concept name, cosine) pairs, best first."""
+        """For each unit query row, up to k (concept name, cosine) pairs, best first (a concept
+        with several keys may appear more than once)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise PlvmError(f"the concept index holds {self.dim}-d keys, got queries of shape "
@@ -322,7 +354,8 @@ class StoreIndex:
         except RuntimeError as error:
             raise PlvmError(f"unreadable concept index {path}: run `plvmctl concepts reindex` "
                             f"({str(error).splitlines()[-1]})") from None
-        names = {entry["id"]: name for name, entry in table["concepts"].items() if entry.get("id") is not None}
+        names = {entry["id"] + row: name for name, entry in table["concepts"].items()
+                 if entry.get("id") is not None for row in range(entry.get("keys", 1))}
         if index.ntotal != len(names):
             raise PlvmError(f"concept index {path} holds {index.ntotal} keys but index.json names "
                             f"{len(names)}: run `plvmctl concepts reindex`")
@@ -362,7 +395,7 @@ class StoreIndex:
         left_out: dict[str, str] = {}
         for name in sorted(files):
             try:
-                found = read_key(self.store.path_for(name))
+                found = read_keys(self.store.path_for(name))
             except PlvmError as error:
                 left_out[name] = str(error)
                 continue
@@ -374,30 +407,34 @@ class StoreIndex:
             counts = Counter(e for _, e in read.values())
             encoder = counts.most_common(1)[0][0] if counts else ""
         names, keys = [], []
+        first: dict[str, int] = {}  # concept -> its first row
         for name, (key, made_by) in read.items():
             if made_by != encoder:
                 left_out[name] = f"key made by another reference encoder ({made_by or 'unknown'})"
-            elif keys and key.shape != keys[0].shape:
-                left_out[name] = f"key of dimension {key.shape[0]}, not {keys[0].shape[0]}"
+            elif keys and key.shape[1] != keys[0].shape[1]:
+                left_out[name] = f"key of dimension {key.shape[1]}, not {keys[0].shape[1]}"
             else:
-                names.append(name)
+                first[name] = sum(len(k) for k in keys)
+                names += [name] * len(key)
                 keys.append(key)
-        dim = int(keys[0].shape[0]) if keys else 0
-        matrix = np.stack(keys) if keys else np.zeros((0, max(dim, 1)), np.float32)
+        dim = int(keys[0].shape[1]) if keys else 0
+        matrix = np.concatenate(keys) if keys else np.zeros((0, max(dim, 1)), np.float32)
         if keys:
             built = KeyIndex.build(names, matrix, encoder, exact_floats)
         else:
             import faiss
 
             built = KeyIndex(faiss.IndexIDMap2(faiss.IndexFlatIP(1)), {}, encoder, 1, "Flat")
-        rows = {name: row for row, name in enumerate(names)}
-        entries = {name: {**stat, "id": rows.get(name)} for name, stat in files.items()}
+        entries = {name: {**stat, "id": first.get(name)} for name, stat in files.items()}
+        for name, (key, _) in read.items():
+            if name in first and len(key) > 1:
+                entries[name]["keys"] = len(key)
         for name, reason in left_out.items():
             entries[name]["note"] = reason
         table = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "encoder": encoder,
                  "dim": built.dim, "factory": built.factory, "nprobe": built.nprobe,
                  "next_id": len(names), "concepts": entries}
-        report = BuildReport(len(names), left_out, built.factory, encoder, built)
+        report = BuildReport(len(first), left_out, built.factory, encoder, built)
         try:
             self._write(built.index, table)
         except WriteError as error:
@@ -424,23 +461,26 @@ class StoreIndex:
         entries = table["concepts"]
         old = entries.pop(name, None)
         if old is not None and old.get("id") is not None:
-            index.index.remove_ids(np.array([old["id"]], dtype=np.int64))
+            index.index.remove_ids(np.arange(old["id"], old["id"] + old.get("keys", 1), dtype=np.int64))
         path = self.store.path_for(name)
         if path.is_file():
             entry = _stat(path)
             try:
-                found = read_key(path)
+                found = read_keys(path)
             except PlvmError as error:
                 found, entry["note"] = None, str(error)
             if found is None:
                 entry.setdefault("note", "no retrieval key")
                 entry["id"] = None
-            elif found[1] != table["encoder"] or found[0].shape[0] != table["dim"]:
+            elif found[1] != table["encoder"] or found[0].shape[1] != table["dim"]:
                 entry.update(id=None, note=f"key made by another reference encoder ({found[1] or 'unknown'})")
             else:
+                count = len(found[0])
                 entry["id"] = table["next_id"]
-                table["next_id"] += 1
-                index.index.add_with_ids(found[0][None], np.array([entry["id"]], dtype=np.int64))
+                if count > 1:
+                    entry["keys"] = count
+                table["next_id"] += count
+                index.index.add_with_ids(found[0], np.arange(entry["id"], entry["id"] + count, dtype=np.int64))
             entries[name] = entry
         self._write(index.index, table)
 

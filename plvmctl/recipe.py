@@ -69,6 +69,9 @@ class AlignerSection:
     path: str | None = None
     layout: str = "paper"  # paper | released
     num_context: int = 16
+    # at most this many reference photos make one concept (`encode a.jpg b.jpg ...`,
+    # `concepts add-photo`; plvmctl/references.py)
+    max_references: int = 8
 
 
 @dataclass
@@ -270,6 +273,8 @@ def _validate(recipe: Recipe) -> None:
     choice("aligner.layout", recipe.aligner.layout, ("paper", "released"))
     if recipe.aligner.num_context < 1:
         raise PlvmError("aligner.num_context: must be at least 1")
+    if recipe.aligner.max_references < 1:
+        raise PlvmError("aligner.max_references: must be at least 1")
     if recipe.generation.max_new_tokens < 1:
         raise PlvmError("generation.max_new_tokens: must be at least 1")
     if recipe.generation.batch_size < 1:

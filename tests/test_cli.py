@@ -105,7 +105,7 @@ def test_concept_from_another_model_is_refused(cli, photos):
 
 
 def test_chat_session(cli, photos):
-    script = f"/add {photos['plain0.png']} avril\n/image {photos['plain1.png']}\nIs <avril> here?\n/concepts\n/bogus\n/quit\n"
+    script = f"/add avril {photos['plain0.png']} {photos['plain2.png']}\n/image {photos['plain1.png']}\nIs <avril> here?\n/concepts\n/bogus\n/quit\n"
     result = cli("chat", input=script)
     assert result.exit_code == 0, result.output
     assert "saved" in result.output and "bot> " in result.output and "<avril>" in result.output

@@ -433,3 +433,39 @@ def test_cli_help_texts():
         result = runner.invoke(toy, args)
         assert result.exit_code == 0 and "--" in result.output
     assert "held out" in runner.invoke(toy, ["--help"]).output
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_testset_references_add_photos_and_change_nothing_else(tmp_path, hard):
+    from plvmctl.evaluate.testset import load_testset
+
+    write_testset(tmp_path / "one", 3, seed=2, queries_per_identity=2, progress=False)
+    write_testset(tmp_path / "four", 3, seed=2, queries_per_identity=2, progress=False, references=4,
+                  hard_references=hard)
+    one, four = _files(tmp_path / "one"), _files(tmp_path / "four")
+    added = sorted(set(four) - set(one))
+    assert len(added) == 3 * 3 and all(re.search(r"/ref_img[234]\.png$", path) for path in added)
+    assert {path for path in one if one[path] != four[path]} == {"toy_world.json", "README.md"}
+    world = json.loads(four["toy_world.json"])
+    assert sorted(world.pop("references")) == added and world == json.loads(one["toy_world.json"])
+    kinds = Counter(row["kind"] for row in json.loads(four["toy_world.json"])["references"].values())
+    assert set(kinds) == ({"crowd-crop", "small", "covered"} if hard else {"clean"})
+    testset = load_testset(tmp_path / "four")
+    assert all(len(identity.references) == 4 and identity.reference.name == "ref_img.png"
+               for identity in testset.identities)
+
+
+def test_hard_references_show_the_subject_among_others(tmp_path):
+    write_testset(tmp_path, 4, seed=1, queries_per_identity=1, progress=False, references=4, hard_references=True)
+    world = json.loads((tmp_path / "toy_world.json").read_text())
+    for path, described in world["references"].items():
+        name = path.split("/")[1]
+        if described["kind"] in ("crowd-crop", "small"):
+            people = [person["name"] for person in described["scene"]["people"]]
+            assert name in people and len(people) >= 2
+    with pytest.raises(PlvmError, match="--references 2 or more"):
+        write_testset(tmp_path / "x", 2, seed=1, progress=False, hard_references=True)

@@ -20,20 +20,33 @@ pass_app = click.make_pass_decorator(App)
 
 
 # -- encode -------------------------------------------------------------------------------
+def _report_skipped(skipped: dict[str, str]) -> None:
+    """One line on stderr per photo left out of a concept."""
+    for photo, why in skipped.items():
+        click.echo(f"skipped {photo}: {why}", err=True)
+
+
 @click.command()
-@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("references", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--name", required=True, help="Concept name, used as <NAME> in questions.")
 @click.option("--force", is_flag=True, help="Replace an existing concept of that name.")
 @pass_app
-def encode(app: App, reference: str, name: str, force: bool):
-    """Encode one REFERENCE photo into a concept (no training): prints the written path."""
+def encode(app: App, references: tuple[str, ...], name: str, force: bool):
+    """Encode REFERENCE photos (one or up to the recipe's aligner.max_references, default 8)
+    into one concept, no training: prints the written path. Several photos: each is encoded on
+    its own and their Aligner outputs are averaged (docs/several-photos.md); an unreadable
+    photo is reported on stderr and the others are used."""
+    from ..references import check_count, encode_photos
+
     store = app.store
     store.check_writable(name, force)  # fail before loading any model
+    check_count(len(references), app.recipe.aligner.max_references)
     runtime = app.runtime
     start = time.perf_counter()
-    concept = runtime.encode_concept(name, reference)
+    encoded = encode_photos(runtime, name, references)
+    _report_skipped(encoded.skipped)
     app.log(f"encoded <{name}> in {1000 * (time.perf_counter() - start):.1f} ms")
-    click.echo(str(store.save(concept, force=force)))
+    click.echo(str(store.save(encoded.concept, force=force)))
 
 
 # -- ask ----------------------------------------------------------------------------------
@@ -324,7 +337,7 @@ def recipes():
 # -- concepts -------------------------------------------------------------------------------
 @click.group()
 def concepts():
-    """List, show or remove concepts in the store."""
+    """List, show, refine (add-photo) or remove concepts in the store."""
 
 
 @concepts.command("list")
@@ -370,6 +383,20 @@ def concepts_show(app: App, name: str):
     click.echo(json.dumps(info, indent=2))
 
 
+@concepts.command("add-photo")
+@click.argument("name")
+@click.argument("photos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@pass_app
+def concepts_add_photo(app: App, name: str, photos: tuple[str, ...]):
+    """Refine PLVM concept NAME with more PHOTOS: the result equals encoding all its photos at
+    once (its file records every photo's sha256, in order). Prints the path rewritten."""
+    from ..references import add_photos
+
+    encoded = add_photos(app.runtime, app.store.load(name), photos)
+    _report_skipped(encoded.skipped)
+    click.echo(str(app.store.save(encoded.concept, force=True)))
+
+
 @concepts.command("rm")
 @click.argument("name")
 @pass_app
@@ -403,7 +430,7 @@ def concepts_reindex(app: App, photo_folders):
 
 
 # -- chat ---------------------------------------------------------------------------------
-CHAT_HELP = """commands: /add REF NAME (encode a concept), /image PATH (set the photo), /noimage,
+CHAT_HELP = """commands: /add NAME PHOTO... (encode a concept), /image PATH (set the photo), /noimage,
 /reset (forget the photo), /concepts, /quit. Anything else is a question."""
 
 
@@ -435,11 +462,15 @@ def chat(app: App, image: str | None, auto: bool):
             if line == "/help":
                 click.echo(CHAT_HELP)
             elif line.startswith("/add "):
+                from ..references import encode_photos
+
                 parts = line.split()
-                if len(parts) != 3:
-                    raise PlvmError("usage: /add REF NAME")
-                concept = app.runtime.encode_concept(parts[2], parts[1])
-                click.echo(f"saved {app.store.save(concept, force=True)}")
+                if len(parts) < 3 or Path(parts[1]).is_file():
+                    raise PlvmError("usage: /add NAME PHOTO... (the name comes first)")
+                encoded = encode_photos(app.runtime, parts[1], parts[2:])
+                for photo, why in encoded.skipped.items():
+                    click.echo(f"skipped {photo}: {why}")
+                click.echo(f"saved {app.store.save(encoded.concept, force=True)}")
                 engine = make_engine(app.runtime, app.store)
                 found.clear()
             elif line.startswith("/image "):

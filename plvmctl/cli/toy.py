@@ -70,9 +70,13 @@ def generate(out: Path, seed: int, n_identities: int, photos: int, scene_size: i
 @click.option("--groups", default=None, type=click.IntRange(min=0),
               help="Photos of two or three test identities together (groups/), where `eval --pairs` asks "
                    "about several people at once  [default: as many as --identities]")
+@click.option("--references", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Reference photos per identity: ref_img.png, then ref_img2.png ... (clean portraits).")
+@click.option("--hard-references", is_flag=True,
+              help="The further references are hard: crops of crowds, small subjects, covered faces.")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out, replacing an earlier toy test set there.")
 def testset(out: Path, n_identities: int, seed: int, queries: int, scene_size: int, portrait_size: int,
-            groups: int | None, force: bool) -> None:
+            groups: int | None, references: int, hard_references: bool, force: bool) -> None:
     """Write a test set shaped exactly like plvm-val, from held-out identities only; print --out.
 
     \b
@@ -86,7 +90,8 @@ def testset(out: Path, n_identities: int, seed: int, queries: int, scene_size: i
 
     _prepare_out(out, force)
     folder = write_testset(out, n_identities, seed, queries_per_identity=queries, scene_size=scene_size,
-                           portrait_size=portrait_size, groups=groups)
+                           portrait_size=portrait_size, groups=groups, references=references,
+                           hard_references=hard_references)
     click.echo(str(folder))
 
 

@@ -991,6 +991,8 @@ def write_testset(
     progress: bool = True,
     negatives: int | None = None,
     groups: int | None = None,
+    references: int = 1,
+    hard_references: bool = False,
 ) -> Path:
     """Write a plvm-val-shaped evaluation set from held-out identities only; return `out_dir`.
 
@@ -1015,11 +1017,19 @@ def write_testset(
     learns to tell its concept from, never a test identity (`write_negatives`). The group
     photos are outside validation_recognition/, so the plvm-val questions never see them; the
     questions about several people at once (`eval --pairs`) are asked on them.
+
+    `references` > 1 adds ref_img2.png ... beside each ref_img.png (`write_references`: clean
+    portraits, or with `hard_references` crops of crowds, small subjects and covered faces),
+    described in toy_world.json's "references"; every other file stays as without them.
     """
     _check_size(scene_size)
     _check_size(portrait_size)
     if not isinstance(queries_per_identity, int) or queries_per_identity < 1:
         raise PlvmError(f"queries per identity must be a positive integer, got {queries_per_identity!r}")
+    if not isinstance(references, int) or references < 1:
+        raise PlvmError(f"references per identity must be a positive integer, got {references!r}")
+    if hard_references and references < 2:
+        raise PlvmError("hard references are the further ones: give --references 2 or more")
     rng = random.Random(f"plvmctl-toy-test-{seed}")
     part = heldout_identities()
     chosen = _choose(part, n_identities, rng, "held-out")
@@ -1032,6 +1042,7 @@ def write_testset(
     visual_rows: list[dict] = []
     text_rows: list[dict] = []
     scenes: dict[str, dict] = {}
+    further: dict[str, dict] = {}
     kinds = tuple(_VISUAL_QUESTIONS)
     for identity in tqdm(chosen, desc="toy test identities", unit="id", disable=not progress):
         ref = f"{TESTSET_FOLDER}/{identity.name}/ref_img.png"
@@ -1054,22 +1065,91 @@ def write_testset(
         for trait, (template, values) in _TEXT_QUESTIONS.items():
             choice, letter = _multiple_choice(values, getattr(identity, trait), rng)
             text_rows.append({"ref_img": ref, "question": template, "multiple_choice": choice, "correct_answer": letter})
+        further.update(write_references(out, identity, references, hard_references, seed, distractors,
+                                        portrait_size, scene_size))
 
     write_json_atomic(root / "query_ques.json", visual_rows)
     write_json_atomic(root / "non_query_ques.json", text_rows)
     groups = len(chosen) if groups is None else groups
     scenes.update(write_groups(out, chosen, groups, seed, scene_size))
-    write_json_atomic(out / TESTSET_SIDECAR, {
+    sidecar = {
         "seed": seed,
         "identities": {identity.name: identity.identity_id for identity in chosen},
         "scenes": scenes,
-    })
+    }
+    if further:
+        sidecar["references"] = further
+    write_json_atomic(out / TESTSET_SIDECAR, sidecar)
     negatives = len(chosen) if negatives is None else negatives
     write_negatives(out, negatives, seed, portrait_size)
-    write_text_atomic(out / "README.md", _testset_readme(seed, len(chosen), queries_per_identity, len(visual_rows),
-                                                         len(text_rows), scene_size, portrait_size, negatives,
-                                                         groups))
+    readme = _testset_readme(seed, len(chosen), queries_per_identity, len(visual_rows), len(text_rows),
+                             scene_size, portrait_size, negatives, groups)
+    if references > 1:
+        readme += (f"\nEach identity has {references} reference photos (ref_img.png, ref_img2.png ...): the "
+                   + ("further ones are hard (crowd crops, small subjects, covered faces)" if hard_references
+                      else "further ones are clean portraits") + "; toy_world.json describes them.\n")
+    write_text_atomic(out / "README.md", readme)
     return out
+
+
+HARD_REFERENCE_KINDS = ("crowd-crop", "small", "covered")
+_COVER = (120, 105, 90)  # the colour of what covers part of a face (a held card)
+
+
+def render_reference(identity: Identity, rng: random.Random, kind: str, pool: Sequence[Identity],
+                     portrait_size: int = 64, scene_size: int = 96) -> tuple[Image.Image, dict]:
+    """A further reference photo of `identity` (`portrait_size` square) and what it shows:
+
+        clean       a portrait with its own shirt and expression (`render_portrait`)
+        crowd-crop  a square crop around the subject of a photo of two or three people from
+                    `pool`: the neighbours' heads are partly in it
+        small       a whole photo of two or three people, the subject a third of its width
+        covered     a portrait with a card over a third of the face: the eyes and hair, the
+                    mouth and chin, or one side
+
+    The toy renderer draws faces from the front only: no turned heads."""
+    if kind == "clean":
+        return render_portrait(identity, rng, size=portrait_size), {"kind": kind}
+    if kind == "covered":
+        image = render_portrait(identity, rng, size=portrait_size)
+        side = portrait_size
+        part = rng.choice(("top", "bottom", "left", "right"))
+        box = {"top": (0.2, 0.22, 0.8, 0.5), "bottom": (0.2, 0.5, 0.8, 0.78),
+               "left": (0.15, 0.25, 0.47, 0.8), "right": (0.53, 0.25, 0.85, 0.8)}[part]
+        ImageDraw.Draw(image).rectangle(tuple(round(v * side) for v in box), fill=_COVER)
+        return image, {"kind": kind, "covered": part}
+    if kind not in ("crowd-crop", "small"):
+        raise PlvmError(f"unknown reference kind {kind!r}")
+    image, info = random_scene(identity, rng, pool, n_people=rng.randint(2, 3), size=scene_size)
+    described = {"kind": kind, "scene": info.to_dict()}
+    if kind == "small":
+        return image.resize((portrait_size, portrait_size), Image.Resampling.BOX), described
+    person = info.find(identity)
+    centre = scene_size / 3 * (POSITIONS.index(person.position) + 0.5)
+    half = 0.3 * scene_size
+    left = min(max(centre - half, 0.0), scene_size - 2 * half)
+    top = min(max(0.45 * scene_size - half, 0.0), scene_size - 2 * half)
+    crop = image.crop(tuple(round(v) for v in (left, top, left + 2 * half, top + 2 * half)))
+    return crop.resize((portrait_size, portrait_size), Image.Resampling.BOX), described
+
+
+def write_references(out_dir: Path, identity: Identity, count: int, hard: bool, seed: int,
+                     pool: Sequence[Identity], portrait_size: int, scene_size: int) -> dict[str, dict]:
+    """`validation_recognition/<Name>/ref_img2.png` ... `ref_img<count>.png` beside the primary
+    reference: clean portraits, or with `hard` the hard kinds in turn (`render_reference`).
+    Drawn from a random generator of their own (seed and identity), so the rest of the test set
+    is the same with or without them. Returns each photo's description by its path."""
+    rng = random.Random(f"plvmctl-toy-references-{seed}-{identity.identity_id}")
+    start = rng.randrange(len(HARD_REFERENCE_KINDS))  # which kind comes first, then in turn
+    kinds = HARD_REFERENCE_KINDS[start:] + HARD_REFERENCE_KINDS[:start]
+    written = {}
+    for number in range(2, count + 1):
+        kind = kinds[(number - 2) % len(kinds)] if hard else "clean"
+        image, described = render_reference(identity, rng, kind, pool, portrait_size, scene_size)
+        relative = f"{TESTSET_FOLDER}/{identity.name}/ref_img{number}.png"
+        _save_png(image, out_dir / relative)
+        written[relative] = described
+    return written
 
 
 def write_groups(out_dir: str | Path, identities: Sequence[Identity], count: int, seed: int,
