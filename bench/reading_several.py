@@ -132,6 +132,17 @@ for), but no warm-up learned to match a name against another copy of it; and wit
 marker per slot, names that differ by a learned part like words, reading stays where it was:
 what is missing is the two-step lookup itself (the asked name's sentence, then the key's
 value in it), not only a findable name.
+
+Longer, at the learning rate bench/name_binding.py learned at (lr 1e-3), with tags and a dense
+tagged warm-up (2026-12-07, 0.6 s/step, 1,741 s in all):
+
+    python bench/reading_several.py --copy-warmup 900 --name-copy-share 1.0 --dense --tag-sentences \
+        --warmup-schedule cosine --log-every 100 --lr 1e-3 --steps 1500 --several-share 0.5 --every 250 \
+        --out docs/bench/reading_several_tags_dense_long.json
+      warm-up loss 5.31 -> 5.10 in 900 steps (the name+key rows were not learned)
+      step 500: 0.92 / 0.51 / 0.475 / 0.595    step 1500: 1.0 / 0.57 / 0.52 / 0.61
+
+The best first / middle figures of this study, still far from 0.9.
 """
 
 from __future__ import annotations
