@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from plvmctl.cli import main
@@ -48,7 +49,14 @@ def plvmctl(*args, cwd: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def in_process(*args):
-    return CliRunner().invoke(main, [*map(str, args)])
+    """The one-process run, with one torch thread as every torchrun rank has (torchrun sets
+    OMP_NUM_THREADS=1): another thread count sums floats in another order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CliRunner().invoke(main, [*map(str, args)])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture()
