@@ -8,7 +8,7 @@ is shared: a high load depresses the ratio). Under "eval", the same for `plvmctl
 plvm` on a toy test set: items/s of the whole command, and whether the merged item log and the
 scores are one process's.
 
-    python bench/distributed.py --recipe pocket --questions 4800 --eval-identities 16 --eval-queries 8 \
+    python bench/distributed.py --recipe pocket --questions 4800 --eval-identities 40 --eval-queries 8 \
         --json-out docs/bench/distributed.json
 """
 
