@@ -90,13 +90,13 @@ NEW_FILE_MODE = 0o644  # what an atomic writer gives a file that did not exist
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success flush it and rename it over `path`.
 
     On any exception the temporary file is removed and `path` is left exactly as it was; an
-    I/O failure becomes WriteError(path). The file gets the mode of the one it replaces, or
-    NEW_FILE_MODE (a temporary file starts private, 0600, which is no mode for a concept or a
-    report others read).
+    I/O failure becomes WriteError(path). The file gets `mode` when given (a secret: 0600 from
+    its first byte), else the mode of the one it replaces, or NEW_FILE_MODE (a temporary file
+    starts private, 0600, which is no mode for a concept or a report others read).
     """
     path = Path(path)
     with writing(path):
@@ -104,7 +104,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         sweep_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
         try:
-            os.fchmod(fd, path.stat().st_mode & 0o7777 if path.is_file() else NEW_FILE_MODE)
+            if mode is None:
+                mode = path.stat().st_mode & 0o7777 if path.is_file() else NEW_FILE_MODE
+            os.fchmod(fd, mode)
         finally:
             os.close(fd)
     tmp_path = Path(tmp)
@@ -139,9 +141,9 @@ class _Writer(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[io.RawIOBase]:
+def atomic_writer(path: str | os.PathLike, mode: int | None = None) -> Iterator[io.RawIOBase]:
     """Yield a binary file to write `path` through, atomically (see `atomic_path`)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
         try:
             yield _Writer(fd)
@@ -149,17 +151,17 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[io.RawIOBase]:
             os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_writer(path) as handle:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    with atomic_writer(path, mode) as handle:
         handle.write(data)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), mode)
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path: str | os.PathLike, obj, mode: int | None = None) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
 
 
 def write_image_atomic(path: str | os.PathLike, image, format: str = "PNG") -> None:

@@ -21,3 +21,11 @@ def test_a_replaced_file_keeps_its_mode(tmp_path):
     path.chmod(0o664)
     write_text_atomic(path, "new")
     assert path.read_text() == "new" and mode(path) == 0o664
+
+
+def test_a_secret_is_private_from_its_first_byte(tmp_path):
+    path = tmp_path / "users.json"
+    path.write_text("{}")
+    path.chmod(0o644)
+    write_json_atomic(path, {"key_hash": "x"}, mode=0o600)
+    assert mode(path) == 0o600

@@ -105,8 +105,7 @@ def add_user(path: str | os.PathLike, name: str, replace: bool = False) -> str:
             raise PlvmError(f"user {name!r} already exists in {path} (--replace gives them a new key)")
         users[name] = {"key_id": key_id, "key_hash": hash_key(key),
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        write_json_atomic(path, {"format": FORMAT_NAME, "version": 1, "users": users})
-        os.chmod(path, 0o600)
+        write_json_atomic(path, {"format": FORMAT_NAME, "version": 1, "users": users}, mode=0o600)
     return key
 
 
