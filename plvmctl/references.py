@@ -114,6 +114,16 @@ def agreement_weights(keys: torch.Tensor, temperature: float = AGREEMENT_TEMPERA
     return torch.softmax(agreement / temperature, dim=0)
 
 
+def weighted_outputs(words: torch.Tensor, heads: torch.Tensor, contexts: torch.Tensor,
+                     keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(word [H], head [H], context [k, H]): the agreement-weighted mean of N photos' Aligner
+    outputs (words [N, H], heads [N, H], contexts [N, k, H]) by their unit keys [N, D]. The
+    weights come from the frozen encoder's keys only, so gradients reach each photo's outputs
+    (the Aligner trains through this, `train.max_references`)."""
+    weights = agreement_weights(keys.float()).to(words.dtype)
+    return weights @ words, weights @ heads, torch.einsum("n,nkh->kh", weights, contexts)
+
+
 def combine(runtime, name: str, photos: Sequence[PhotoOutput]) -> Concept:
     """The concept of `photos`: the agreement-weighted mean of their Aligner outputs; with two
     or more, each photo's outputs and key are kept as parts (module docstring)."""
@@ -134,9 +144,7 @@ def combine(runtime, name: str, photos: Sequence[PhotoOutput]) -> Concept:
     keys = torch.stack([p.key for p in photos])
     meta.extra[SHA256_META] = json.dumps([p.sha256 for p in photos])
     parts = {WORD_PART: words, HEAD_PART: heads, CONTEXT_PART: contexts, KEYS_PART: keys}
-    weights = agreement_weights(keys)
-    concept = Concept(name, weights @ words, weights @ heads, torch.einsum("n,nkh->kh", weights, contexts),
-                      meta, parts=parts)
+    concept = Concept(name, *weighted_outputs(words, heads, contexts, keys), meta, parts=parts)
     mean_key = torch.nn.functional.normalize(keys.mean(0), dim=0)
     return with_key(concept, mean_key, runtime.encoder_fingerprint, len(photos), photos[0].path)
 

@@ -39,13 +39,18 @@ def toy() -> None:
               help="Photos (scenes with 1-3 people) per identity, besides its reference portrait.")
 @click.option("--scene-size", default=96, show_default=True, type=int, help="Side of the scene photos in pixels.")
 @click.option("--portrait-size", default=64, show_default=True, type=int, help="Side of the reference portraits in pixels.")
+@click.option("--references", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Reference photos per identity: ref.png, then ref2.png ... (clean, crowd crop, small, "
+                   "covered in turn), for `train.max_references` > 1.")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out, replacing earlier toy training data there.")
-def generate(out: Path, seed: int, n_identities: int, photos: int, scene_size: int, portrait_size: int, force: bool) -> None:
+def generate(out: Path, seed: int, n_identities: int, photos: int, scene_size: int, portrait_size: int,
+             references: int, force: bool) -> None:
     """Write toy training data (training-part identities only) and print the manifest path.
 
     \b
     images/<Name>/ref.png    reference portrait of each identity
     images/<Name>/q<i>.png   photos (1-3 people) that contain it
+    images/<Name>/ref<j>.png further reference photos (with --references 2 or more)
     scenes/s<i>.png          extra photos of random training identities
     manifest.jsonl           one identity a line: photos, what is in them, attribute Q&As
     scene_qa.jsonl           generic scene questions for pretraining a base model
@@ -53,7 +58,8 @@ def generate(out: Path, seed: int, n_identities: int, photos: int, scene_size: i
     from ..lab.toy import generate_training_data
 
     _prepare_out(out, force)
-    manifest = generate_training_data(out, n_identities, photos, seed, scene_size=scene_size, portrait_size=portrait_size)
+    manifest = generate_training_data(out, n_identities, photos, seed, scene_size=scene_size,
+                                      portrait_size=portrait_size, references=references)
     click.echo(str(manifest))
 
 

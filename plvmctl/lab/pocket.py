@@ -67,6 +67,8 @@ class PocketProfile:
     aligner_batch: int = 8
     aligner_lr: float = 1e-3
     aligner_val_identities: int = 20
+    aligner_references: int = 1  # reference photos per training identity (toy data: clean and hard)
+    aligner_max_references: int = 1  # a training concept is made from 1..this many of them
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
@@ -99,7 +101,7 @@ def profile(name: str) -> PocketProfile:
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
             lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=2e-3, log_every=50),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
-            aligner_steps=6000, aligner_batch=8)
+            aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_max_references=4)
     if name == "smoke":
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
@@ -108,6 +110,7 @@ def profile(name: str) -> PocketProfile:
             encoder_sizes=EncoderSizes(hidden=48, layers=2),
             encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
+            aligner_references=3, aligner_max_references=2,
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
             measure_scenes=40, measure_identities=50, check_every=150)
@@ -133,6 +136,7 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
                        recognition_answer=settings.lvlm.recognition_answer, compare_keys=keys,
                        checkpoint_every=0, val_identities=settings.aligner_val_identities,
                        aligner_sizes=dict(settings.aligner_sizes), data=str(manifest), out=str(out),
+                       max_references=settings.aligner_max_references,
                        cache_references=False)
 
 
@@ -272,7 +276,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         data = _stage_record(work, "data") if resume else None
         if data is None:
             manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
-                                              extra_scenes=0, progress=False)
+                                              extra_scenes=0, progress=False,
+                                              references=settings.aligner_references)
             stage("data", began)
             data = done("data", {})
         timings["data"] = data["stage_seconds"]
@@ -465,7 +470,8 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
         manifest = work / "toy" / "manifest.jsonl"
         if not (resume and manifest.is_file()):  # (a resumed run keeps the card's data time)
             manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
-                                              extra_scenes=0, progress=False)
+                                              extra_scenes=0, progress=False,
+                                              references=settings.aligner_references)
             timings["data"] = round(time.perf_counter() - began, 1)
         began = time.perf_counter()
         runtime = load_runtime(_stage_recipe(out / "backbone", out / "encoder", None, settings.num_context),

@@ -119,7 +119,8 @@ def pocket_aligner_settings() -> dict[str, Any]:
             "steps": full.aligner_steps, "profile_steps": full.aligner_steps,
             "batch_size": full.aligner_batch, "lr": full.aligner_lr,
             "val_identities": full.aligner_val_identities, "num_context": full.num_context,
-            "aligner_sizes": dict(full.aligner_sizes), "seed": SEED}
+            "aligner_sizes": dict(full.aligner_sizes), "references": full.aligner_references,
+            "max_references": full.aligner_max_references, "seed": SEED}
 
 
 def aligner_train_config(run: AblationRun, settings: Mapping[str, Any], manifest: str | Path,
@@ -152,6 +153,7 @@ def committed_training(settings: Mapping[str, Any]) -> dict[str, Any] | None:
             and trained_with.get("aligner_yes_no_weight", PLVM_WEIGHT) == PLVM_WEIGHT
             and trained_with.get("num_context") == PLVM_CONTEXT
             and trained_with.get("identities") == settings["identities"]
+            and trained_with.get("aligner_max_references", 1) == settings["max_references"]
             and card.get("seed") == settings["seed"])
     if not same or aligner.get("training_seconds") is None:
         return None
@@ -384,11 +386,11 @@ def training_data_step(options: Options, settings: Mapping[str, Any], folder: Pa
 
     manifest = folder / "manifest.jsonl"
     wanted = {"identities": settings["identities"], "photos": settings["photos"],
-              "seed": settings["seed"], "plvmctl_source": source_digest()}
+              "references": settings["references"], "seed": settings["seed"], "plvmctl_source": source_digest()}
 
     def work() -> None:
         generate_training_data(folder, settings["identities"], settings["photos"],
-                               settings["seed"], extra_scenes=0, progress=True)
+                               settings["seed"], extra_scenes=0, progress=True, references=settings["references"])
 
     steps.run("data", wanted, work, manifest.is_file, afresh=lambda: shutil.rmtree(folder, ignore_errors=True))
     return manifest

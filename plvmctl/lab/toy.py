@@ -869,6 +869,7 @@ def generate_training_data(
     portrait_size: int = 64,
     extra_scenes: int | None = None,
     progress: bool = True,
+    references: int = 1,
 ) -> Path:
     """Write toy training data for `n_identities` training-part identities; return the manifest.
 
@@ -877,8 +878,11 @@ def generate_training_data(
         images/<Name>/ref.png        reference portrait
         images/<Name>/q<i>.png       photos that contain <Name> (with 0-2 other people)
         scenes/s<i>.png              extra photos of random training identities
+        images/<Name>/ref<j>.png     with `references` > 1, further reference photos, j = 2..
+                                     (`training_references`: clean, crowd crop, small, covered)
         manifest.jsonl               one identity a line: name, identity, reference, queries,
-                                     scenes (SceneInfo dicts aligned with queries), attributes
+                                     scenes (SceneInfo dicts aligned with queries), attributes,
+                                     and "references" (the further ones) when there are any
         scene_qa.jsonl               generic scene questions {image, question, answer}
 
     Other people in the photos are training identities that are not subjects. `extra_scenes`
@@ -889,6 +893,8 @@ def generate_training_data(
     _check_size(portrait_size)
     if not isinstance(photos_per_identity, int) or photos_per_identity < 1:
         raise PlvmError(f"photos per identity must be a positive integer, got {photos_per_identity!r}")
+    if not isinstance(references, int) or references < 1:
+        raise PlvmError(f"references per identity must be a positive integer, got {references!r}")
     rng = random.Random(f"plvmctl-toy-train-{seed}")
     part = training_identities()
     chosen = _choose(part, n_identities, rng, "training")
@@ -913,7 +919,7 @@ def generate_training_data(
             queries.append(relative)
             scenes.append(info.to_dict())
             qa_rows.extend({"image": relative, "question": q, "answer": a} for q, a in scene_qa(info, rng))
-        manifest.append({
+        row = {
             "name": identity.name,
             "identity": identity.identity_id,
             "reference": f"{folder}/ref.png",
@@ -923,7 +929,11 @@ def generate_training_data(
             "people": [[{"place": place, "traits": traits} for place, traits in SceneInfo.from_dict(scene).people_traits()]
                        for scene in scenes],
             "attributes": [{"question": q, "answer": a} for q, a in attribute_qa(identity)],
-        })
+        }
+        if references > 1:
+            row["references"] = training_references(out, folder, identity, references, seed, distractors,
+                                                    portrait_size, scene_size)
+        manifest.append(row)
     for i in tqdm(range(extra), desc="toy scenes", unit="img", disable=not progress):
         subject = rng.choice(part)
         image, info = random_scene(subject, rng, part, size=scene_size)
@@ -1149,6 +1159,23 @@ def write_references(out_dir: Path, identity: Identity, count: int, hard: bool, 
         relative = f"{TESTSET_FOLDER}/{identity.name}/ref_img{number}.png"
         _save_png(image, out_dir / relative)
         written[relative] = described
+    return written
+
+
+def training_references(out_dir: Path, folder: str, identity: Identity, count: int, seed: int,
+                        pool: Sequence[Identity], portrait_size: int, scene_size: int) -> list[str]:
+    """`folder/ref2.png` ... `ref<count>.png` of a training identity: the kinds clean,
+    crowd-crop, small and covered in turn (`render_reference`), so an Aligner trained with
+    several references sees clean and hard ones. Drawn from a random generator of their own
+    (seed and identity): the rest of the training data is the same with or without them."""
+    rng = random.Random(f"plvmctl-toy-train-references-{seed}-{identity.identity_id}")
+    kinds = ("clean",) + HARD_REFERENCE_KINDS
+    written = []
+    for number in range(2, count + 1):
+        image, _ = render_reference(identity, rng, kinds[(number - 2) % len(kinds)], pool, portrait_size, scene_size)
+        relative = f"{folder}/ref{number}.png"
+        _save_png(image, out_dir / relative)
+        written.append(relative)
     return written
 
 

@@ -58,6 +58,7 @@ from ..errors import PlvmError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
 from ..table import ConceptTable
+from ..references import weighted_outputs
 from .batches import IGNORE, EncodedBatch, encode_batch, first_token_id, photo_image
 from .common import (
     CHECKPOINT_MODULE,
@@ -123,6 +124,9 @@ class TrainConfig:
     positive_share: float = 0.6  # p: share of positives among recognition samples
     recognition_share: float = 0.5  # recognition : attribute = 1 : 1
     negatives: str = "random"  # random | hard (most similar references by encoder CLS cosine)
+    # >1: each concept is made from 1..N of its identity's reference photos (the manifest's
+    # "references"), combined as `encode a.jpg b.jpg` combines them (references.weighted_outputs)
+    max_references: int = 1
     checkpoint_every: int = 100  # 0: only at the end and on Ctrl-C
     validate_every: int = 0  # 0: only at the end (when val_identities > 0)
     val_identities: int = 0  # identities held out of training for validation
@@ -138,7 +142,7 @@ class TrainConfig:
         """Raise PlvmError naming the first impossible value."""
         positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "steps": self.steps, "yes_no_weight": self.yes_no_weight,
-                    "log_every": self.log_every}
+                    "log_every": self.log_every, "max_references": self.max_references}
         for key, value in positive.items():
             if value <= 0:
                 raise PlvmError(f"train.{key} must be positive, got {value}")
@@ -229,7 +233,8 @@ class ReferenceTokens:
         self.encoder = encoder
         self.cache_file = cache_file
         self.batch_size = batch_size
-        self.tokens: dict[str, torch.Tensor] = {}  # name -> [1+N, D]
+        self.tokens: dict[str, torch.Tensor] = {}  # name -> [1+N, D] (its primary reference)
+        self.photos: dict[Path, torch.Tensor] = {}  # every encoded photo -> [1+N, D]
 
     def _load_disk(self) -> dict[str, torch.Tensor]:
         if self.cache_file is None or not self.cache_file.is_file():
@@ -252,29 +257,37 @@ class ReferenceTokens:
         write_bytes_atomic(self.cache_file, save({k: v.contiguous() for k, v in stored.items()},
                                                  metadata={"encoder": self.encoder.name}))
 
-    def prepare(self, identities: Sequence[Identity], progress: bool = False) -> None:
-        """Encode every identity's reference photo (disk cache first)."""
+    def prepare(self, identities: Sequence[Identity], progress: bool = False, further: bool = False) -> None:
+        """Encode every identity's reference photo, and with `further` its further ones too
+        (disk cache first)."""
         stored = self._load_disk()
-        digests = {identity.name: sha256_file(identity.reference) for identity in identities}
-        missing = [i for i in identities if digests[i.name] not in stored]
+        photos = [photo for identity in identities
+                  for photo in (identity.reference, *(identity.references if further else ()))]
+        digests = {photo: sha256_file(photo) for photo in photos}
+        missing = list(dict.fromkeys(photo for photo in photos if digests[photo] not in stored))
         bar = tqdm(total=len(missing), desc="reference photos", unit="img",
                    disable=not progress or not missing)
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start:start + self.batch_size]
-            images = [load_image(identity.reference) for identity in chunk]
-            encoded = self.encoder.encode(images).detach().cpu()  # [b, 1+N, D]
-            for identity, tokens in zip(chunk, encoded):
-                stored[digests[identity.name]] = tokens.clone()
+            encoded = self.encoder.encode([load_image(photo) for photo in chunk]).detach().cpu()  # [b, 1+N, D]
+            for photo, tokens in zip(chunk, encoded):
+                stored[digests[photo]] = tokens.clone()
             bar.update(len(chunk))
         bar.close()
         if missing and self.cache_file is not None:
             self._save_disk(stored)
+        for photo in photos:
+            self.photos[photo] = stored[digests[photo]]
         for identity in identities:
-            self.tokens[identity.name] = stored[digests[identity.name]]
+            self.tokens[identity.name] = self.photos[identity.reference]
 
     def stack(self, names: Sequence[str], device: torch.device) -> torch.Tensor:
         """[n, 1+N, D] float32 tokens of `names`, on `device`."""
         return torch.stack([self.tokens[name] for name in names]).to(device, torch.float32)
+
+    def stack_photos(self, photos: Sequence[Path], device: torch.device) -> torch.Tensor:
+        """[n, 1+N, D] float32 tokens of `photos` (encoded by `prepare`), on `device`."""
+        return torch.stack([self.photos[photo] for photo in photos]).to(device, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,19 +333,46 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def batch_concepts(aligner: torch.nn.Module, names: Sequence[str], references: ReferenceTokens, device, *,
+                   reference_sets: dict[str, Sequence[Path]] | None = None) -> list[Concept]:
+    """The concepts of `names` from the Aligner, with gradients: each from its primary
+    reference, or, for a name in `reference_sets`, from those photos combined as a concept of
+    several photos is (`references.weighted_outputs`). One Aligner pass for all photos."""
+    if not reference_sets:
+        with _autocast(device):
+            output = aligner(references.stack(names, device))
+        return [Concept(name, output.word[i], output.head[i], output.context[i]) for i, name in enumerate(names)]
+    sets = [tuple(reference_sets.get(name, ())) or (None,) for name in names]
+    tokens = torch.stack([references.tokens[name] if photo is None else references.photos[photo]
+                          for name, chosen in zip(names, sets) for photo in chosen]).to(device, torch.float32)
+    with _autocast(device):
+        output = aligner(tokens)
+    keys = F.normalize(tokens[:, 0].float(), dim=-1)
+    concepts, start = [], 0
+    for name, chosen in zip(names, sets):
+        rows = slice(start, start + len(chosen))
+        start += len(chosen)
+        if len(chosen) == 1:
+            concepts.append(Concept(name, output.word[rows][0], output.head[rows][0], output.context[rows][0]))
+        else:
+            concepts.append(Concept(name, *weighted_outputs(output.word[rows], output.head[rows],
+                                                            output.context[rows], keys[rows])))
+    return concepts
+
+
 def concept_logits(aligner: torch.nn.Module, batch: EncodedBatch, references: ReferenceTokens,
-                   backbone, *, image_cache: dict[Path, Any] | None = None) -> torch.Tensor:
+                   backbone, *, image_cache: dict[Path, Any] | None = None,
+                   reference_sets: dict[str, Sequence[Path]] | None = None) -> torch.Tensor:
     """Run Aligner → ConceptTable → frozen LLaVA on `batch`; logits [B, T, total_ids].
 
     Gradients flow from the logits into the Aligner (through the concept rows). Only the rows
     that have a photo contribute pixel values (LLaVA scatters image features in row order).
+    `reference_sets`: the photos each concept is made from, where more than its primary
+    reference (`batch_concepts`).
     """
     device = backbone.device
     model = backbone.model
-    with _autocast(device):
-        output = aligner(references.stack(batch.names, device))
-    concepts = [Concept(name, output.word[i], output.head[i], output.context[i])
-                for i, name in enumerate(batch.names)]
+    concepts = batch_concepts(aligner, batch.names, references, device, reference_sets=reference_sets)
     table = ConceptTable(concepts, backbone.vocab_size, device=device, dtype=backbone.dtype)
     inputs: dict[str, Any] = {"input_ids": batch.input_ids.to(device),
                               "attention_mask": batch.attention_mask.to(device),
@@ -452,6 +492,14 @@ def _global_names(sampler: PlvmSampler, step: int, micro: int, config: TrainConf
     return list(dict.fromkeys(name for sample in samples for name in (sample.name, *sample.also)))
 
 
+def _reference_sets(sampler: PlvmSampler, batch: EncodedBatch, step: int,
+                    micro: int) -> dict[str, tuple[Path, ...]] | None:
+    """The photos each concept of the micro-batch is made from (None: primary references only)."""
+    if sampler.max_references == 1:
+        return None
+    return {name: sampler.references_for(name, step, micro) for name in batch.names}
+
+
 def _summed(accelerator, value: float, device) -> float:
     """`value` summed over all ranks."""
     return float(accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=device), reduction="sum"))
@@ -552,7 +600,7 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
 
     references = ReferenceTokens(runtime.encoder,
                                  out / "cache" / CACHE_FILE if config.cache_references and main else None)
-    references.prepare(manifest.identities, progress=progress and main)
+    references.prepare(manifest.identities, progress=progress and main, further=config.max_references > 1)
     ranking = None
     if config.negatives == "hard":
         names = [identity.name for identity in train_ids]
@@ -560,7 +608,8 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
     compare_keys = list(config.compare_keys) if config.recognition_answer == "compare" else []
     sampler = PlvmSampler(train_ids, seed=config.seed, positive_share=config.positive_share,
                           recognition_share=config.recognition_share, negatives=config.negatives,
-                          hard_neighbours=ranking, compare_keys=compare_keys)
+                          hard_neighbours=ranking, compare_keys=compare_keys,
+                          max_references=config.max_references)
     val_samples = validation_samples(val_ids, manifest.identities, seed=config.seed,
                                      photos_per_identity=config.val_photos,
                                      compare_keys=compare_keys) if val_ids else []
@@ -647,7 +696,8 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
                         else accelerator.no_sync(aligner)
                     with sync:
                         total, _ = batch_loss(aligner, batch, references, backbone,
-                                              image_cache=image_cache)
+                                              image_cache=image_cache,
+                                              reference_sets=_reference_sets(sampler, batch, data_step, micro))
                         loss = total / weight_total
                         backward(loss * world)  # DDP averages over the ranks: ×world sums them
                     step_loss += float(loss.detach())

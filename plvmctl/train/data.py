@@ -6,6 +6,11 @@ The manifest is JSONL, one identity a line, paths relative to the manifest's fol
      "queries": ["images/avril/q0.png", ...],
      "attributes": [{"question": "What colour is <sks>'s hair?", "answer": "Blonde."}, ...]}
 
+Optional, "references": further reference photos of the identity (["images/avril/ref2.png",
+...]). With `train.max_references` > 1 a concept is made from 1 to that many of the identity's
+reference photos, drawn per micro-batch (`PlvmSampler.references_for`), as `encode a.jpg b.jpg`
+makes one from several.
+
 Optional, for a base model that compares before its verdict (`train.recognition_answer:
 compare`, the pocket model): "traits", the identity's traits as key word -> value word
 ({"hair": "red", "skin": "tan", ...}), and "people", per query photo everyone in it as
@@ -71,6 +76,7 @@ class Identity:
     traits: dict[str, str] = field(default_factory=dict)  # key word -> value word ("hair": "red")
     # per query photo (aligned with `queries`), everyone in it: (place, traits), or None if unknown
     people: list[list[tuple[str, dict[str, str]]] | None] = field(default_factory=list)
+    references: list[Path] = field(default_factory=list)  # further reference photos ("references")
 
 
 @dataclass
@@ -204,7 +210,17 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
         seen[name] = number
         traits = row.get("traits")
         traits = {str(k): str(v) for k, v in traits.items()} if isinstance(traits, dict) else {}
-        identities.append(Identity(name, folder / reference, queries, attributes, number, traits, people))
+        further = row.get("references") or []
+        if not isinstance(further, list):
+            problems.append(f"{where}: <{name}>: 'references' is not a list; no further reference used")
+            further = []
+        kept = []
+        for photo in further:
+            if isinstance(photo, str) and (folder / photo).is_file():
+                kept.append(folder / photo)
+            else:
+                problems.append(f"{where}: <{name}>: reference photo {photo!r} not found; skipped")
+        identities.append(Identity(name, folder / reference, queries, attributes, number, traits, people, kept))
     return Manifest(path, identities, problems)
 
 
@@ -259,13 +275,15 @@ class PlvmSampler:
     among those with probability `positive_share`. A kind an identity cannot have (no query
     photo, no attribute, nobody else to be a negative) falls back to one it can have.
     `hard_neighbours` maps a name to the other names ordered by similarity (for "hard").
+    `max_references` > 1: each concept of a micro-batch is made from up to that many of its
+    identity's reference photos (`references_for`).
     """
 
     def __init__(self, identities: Sequence[Identity], *, seed: int = 0,
                  positive_share: float = 0.6, recognition_share: float = 0.5,
                  negatives: str = "random",
                  hard_neighbours: dict[str, list[str]] | None = None,
-                 compare_keys: Sequence[str] = ()) -> None:
+                 compare_keys: Sequence[str] = (), max_references: int = 1) -> None:
         if not identities:
             raise PlvmError("the sampler needs at least one identity")
         if not 0.0 <= positive_share <= 1.0:
@@ -278,6 +296,9 @@ class PlvmSampler:
             raise PlvmError("hard negatives need the similarity ranking (hard_neighbours)")
         if compare_keys:
             check_comparable(identities, compare_keys)
+        if max_references < 1:
+            raise PlvmError(f"max_references must be 1 or more, got {max_references}")
+        self.max_references = max_references
         self.compare_keys = tuple(compare_keys)
         self.identities = list(identities)
         self.seed = seed
@@ -295,6 +316,8 @@ class PlvmSampler:
                  "names": [identity.name for identity in self.identities]}
         if self.compare_keys:
             state["compare_keys"] = list(self.compare_keys)
+        if self.max_references > 1:
+            state["max_references"] = self.max_references
         return state
 
     def check_state(self, state: dict[str, Any]) -> None:
@@ -357,6 +380,20 @@ class PlvmSampler:
         if not self.compare_keys:
             return ""
         return comparison(identity.traits, owner.people[number], self.compare_keys)[0]
+
+    def references_for(self, name: str, step: int, micro: int) -> tuple[Path, ...]:
+        """The reference photos `name`'s concept is made from in micro-batch `micro` of step
+        `step`: with `max_references` > 1, n of the identity's reference photos (the primary and
+        its further ones), n drawn uniformly from 1 to the smaller of `max_references` and how
+        many it has, the photos at random; otherwise the primary alone. It depends only on (seed,
+        name, step, micro), so every rank of a multi-process run draws the same."""
+        identity = self._by_name[name]
+        photos = [identity.reference, *identity.references]
+        if self.max_references == 1 or len(photos) == 1:
+            return (identity.reference,)
+        rng = random.Random(f"plvmctl-references-{self.seed}-{name}-{step}-{micro}")
+        count = rng.randint(1, min(self.max_references, len(photos)))
+        return tuple(rng.sample(photos, count))
 
     def micro_batch(self, step: int, micro: int, *, batch_size: int, grad_accum: int,
                     rank: int = 0, world_size: int = 1) -> list[Sample]:
