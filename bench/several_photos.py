@@ -42,35 +42,19 @@ import torch
 from plvmctl.concept import Concept, ConceptMeta
 from plvmctl.evaluate import load_testset, recipe_mcq_mode, run_evaluation
 from plvmctl.images import load_image
-from plvmctl.lab.toy import write_testset
+from plvmctl.lab.several_photos import COUNTS, KINDS, write_testsets
+from plvmctl.lab.several_photos import condition_photos as references
 from plvmctl.methods.base import PreparedMethod
 from plvmctl.recipe import load_recipe
 from plvmctl.references import encode_photo, encode_photos
 from plvmctl.runtime import load_runtime
 
-COUNTS = (1, 2, 4)
 COMBINATIONS = ("agreement", "mean", "features")
-KINDS = ("clean", "hard")
 
 
 def testsets(out: Path, seed: int, identities: int, queries: int) -> dict[str, Path]:
     """The clean and the hard test set of `seed` (written once, reused)."""
-    made = {}
-    for kind, references in (("clean", 4), ("hard", 5)):
-        folder = out / "testsets" / f"seed{seed}-{kind}"
-        if not (folder / "toy_world.json").is_file():
-            write_testset(folder, identities, seed, queries_per_identity=queries, progress=False,
-                          references=references, hard_references=kind == "hard")
-        made[kind] = folder
-    return made
-
-
-def references(identity, kind: str, count: int) -> list[Path]:
-    """The first `count` references of `kind` (module docstring)."""
-    photos = identity.references if kind == "clean" else identity.references[1:]
-    if len(photos) < count:
-        raise SystemExit(f"{identity.folder} has {len(photos)} {kind} references, {count} wanted")
-    return list(photos[:count])
+    return write_testsets(out / "testsets", seed, identities, queries)
 
 
 @torch.no_grad()

@@ -1,13 +1,15 @@
 """A PLVM concept from several reference photos, and photos added to a concept later.
 
-Today's Aligner reads one photo. A concept of N photos (at most the recipe's
-`aligner.max_references`, default 8) is made by encoding each photo on its own (reference
-encoder, then Aligner, one photo per pass) and taking a weighted mean of the N outputs: word,
-head and each of the k context tokens (`combine`). A photo's weight grows with how much it
-agrees with the others (`agreement_weights`: the mean cosine of its retrieval key with theirs),
-so a photo where the subject is small, covered or among others counts less than the photos
-that agree on one face. bench/several_photos.py chose it over the plain mean and over the mean
-of the encoder's features, and measures it against one photo (docs/several-photos.md).
+A concept of N photos (at most the recipe's `aligner.max_references`, default 8) is made by
+encoding each photo on its own (reference encoder, then Aligner, one photo per pass) and taking
+a weighted mean of the N outputs: word, head and each of the k context tokens
+(`weighted_outputs`). A photo's weight grows with how much it agrees with the others
+(`agreement_weights`: the mean cosine of its retrieval key with theirs), so a photo where the
+subject is small, covered or among others counts less than the photos that agree on one face.
+bench/several_photos.py chose it over the plain mean and over the mean of the encoder's
+features. The pocket Aligner is trained through this combination, with 1 to 4 clean and hard
+references per concept (`train.max_references`); any Aligner, the released one-photo one too,
+combines photos this way. docs/several-photos.md has the measurements.
 
 A concept of two or more photos keeps what each photo gave, as parts, so that adding a photo
 encodes only that photo and gives bit for bit the concept of all photos encoded at once:

@@ -32,6 +32,7 @@ from plvmctl.lab.results import (
     mcq_chance,
     pocket_aligner_settings,
     render_results_markdown,
+    several_photos_step,
     training_overrides,
 )
 
@@ -374,7 +375,7 @@ def test_whole_command_at_toy_size(tmp_path):
     doc = tmp_path / "docs" / "results.md"
     arguments = ["--out-dir", str(tmp_path / "out"), "--doc", str(doc),
                  "--testset", str(tmp_path / "testset"), "--identities", "4",
-                 "--aligner-steps", "5"]
+                 "--aligner-steps", "5", "--skip-several-photos"]  # (its own test below)
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
     markdown = doc.read_text(encoding="utf-8")
@@ -394,7 +395,7 @@ def test_whole_command_at_toy_size(tmp_path):
         assert (tmp_path / "out" / "ablations" / run.name / "train" / "aligner"
                 / "model.safetensors").is_file()
     assert "**Smoke run**: 4 identities" in markdown
-    assert "--identities 4 --neg-per-identity 30 --aligner-steps 5 --threads 1" in markdown
+    assert "--identities 4 --neg-per-identity 30 --aligner-steps 5 --threads 1 --skip-several-photos" in markdown
     main_results = json.loads((tmp_path / "out" / "main" / "results.json").read_text(encoding="utf-8"))
     for name, paired in written["statistics"]["paired"].items():  # every answered item, paired
         scored = main_results["methods"][name]["recognition"]
@@ -476,3 +477,27 @@ def test_the_document_shows_the_questions_of_several_people_for_every_method():
     assert table_row(captions, "plvm") == ["plvm", "90.0", "80.0", "9 / 10", "75.0", "30.0"]
     assert "llava-none" not in table  # asked nothing of several concepts
     assert "Several people at once" not in render_results_markdown({**base, "several": None})
+
+
+def test_several_photos_step_measures_each_condition_and_the_document_shows_it(tmp_path):
+    """PLVM with 1, 2, 4 clean and hard references on 3 toy identities: six evaluations whose
+    numbers the document's table repeats; clean-1 is the primary reference alone."""
+    options = Options(out_dir=tmp_path / "out", identities=3, neg_per_identity=2, skip_trained=True)
+    steps = StepRunner(tmp_path / "out", echo=lambda message: None)
+    made = several_photos_step(options, tmp_path / "out" / "several-photos", steps)
+    assert list(made["conditions"]) == ["clean-1", "clean-2", "clean-4", "hard-1", "hard-2", "hard-4"]
+    views = tmp_path / "out" / "several-photos" / "views"
+    for folder in (views / "hard-4" / "validation_recognition").iterdir():
+        if folder.is_dir():
+            assert sorted(p.name for p in folder.glob("ref_img*")) == ["ref_img.png", "ref_img2.png",
+                                                                      "ref_img3.png", "ref_img4.png"]
+            assert (folder / "ref_img.png").resolve().name == "ref_img2.png"  # hard ones only
+    base = summary(Options(skip_trained=True), identities=3)
+    markdown = render_results_markdown({**base, "several_photos": made})
+    text = section(markdown, "## Concepts from several photos")
+    for label, rows in made["conditions"].items():
+        assert table_row(text, label)[1] == f"{100 * rows['plvm']['recognition']['mean']:.1f}"
+    gain = 100 * (made["conditions"]["hard-4"]["plvm"]["recognition"]["mean"]
+                  - made["conditions"]["hard-1"]["plvm"]["recognition"]["mean"])
+    assert f"{gain:+.1f} points" in text
+    assert "## Concepts from several photos" not in render_results_markdown(base)

@@ -150,3 +150,31 @@ def test_chat_add_takes_the_name_first(cli, photos):
     script = f"/add {photos['plain0.png']} avril\n/quit\n"
     result = cli("chat", input=script)
     assert "usage: /add NAME PHOTO..." in result.output and not (cli.store / "avril.concept").exists()
+
+
+def test_eval_makes_plvm_concepts_of_every_ref_img_and_fingerprints_them(runtime, photos, tmp_path):
+    """A test identity with several `ref_img*` gets the concept of all of them (at most the
+    recipe's aligner.max_references), and which photos they are is part of PLVM's answer
+    fingerprint, so answers made with other reference photos are never reused."""
+    import shutil
+
+    from plvmctl.evaluate import load_testset
+    from plvmctl.evaluate.run import several_references_digest
+    from plvmctl.methods.base import Reference
+    from plvmctl.methods.plvm.adapter import encode_reference
+
+    one, two = photos["plain0.png"], photos["plain1.png"]
+    both = encode_reference(runtime, Reference("avril", one, (one, two)))
+    assert torch.equal(both.word, encode_photos(runtime, "avril", [one, two]).concept.word)
+    assert torch.equal(encode_reference(runtime, Reference("avril", one, (one,))).word,
+                       runtime.encode_concept("avril", one).word)
+
+    folder = tmp_path / "set" / "validation_recognition" / "Avril"
+    folder.mkdir(parents=True)
+    shutil.copy(one, folder / "ref_img.png")
+    shutil.copy(photos["plain2.png"], folder / "query_img1.png")
+    assert several_references_digest(load_testset(tmp_path / "set")) is None  # one photo: as before
+    shutil.copy(two, folder / "ref_img2.png")
+    first = several_references_digest(load_testset(tmp_path / "set"))
+    shutil.copy(photos["plain3.png"], folder / "ref_img2.png")
+    assert first is not None and several_references_digest(load_testset(tmp_path / "set")) != first

@@ -9,6 +9,7 @@ stops resumes where it stopped (resume.py says when earlier answers still hold).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from ..answers import MCQ_INSTRUCTION, RECOGNITION_QUESTION
 from ..engine import AskRequest
 from ..errors import PlvmError
+from ..fileio import sha256_file
 from ..fingerprint import answer_fingerprint, model_weights
 from ..methods import (TRAINED_ON_NEGATIVES, MethodContext, PreparedMethod, Reference, check_recipe_sections, get_method,
                        make_engine, negative_pool)
@@ -104,6 +106,21 @@ def _echo_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+SEVERAL_REFERENCE_METHODS = {"plvm", "plvm-auto"}  # concepts from every ref_img* without training
+
+
+def several_references_digest(testset: TestSet) -> str | None:
+    """sha256 over every identity's reference photos (names and bytes), when some identity has
+    more than one; None otherwise (a test set of one photo each keeps its fingerprints)."""
+    if all(len(identity.references) <= 1 for identity in testset.identities):
+        return None
+    digest = hashlib.sha256()
+    for identity in testset.identities:
+        for photo in identity.references:
+            digest.update(f"{identity.name}/{photo.name}:{sha256_file(photo)}\n".encode())
+    return digest.hexdigest()
+
+
 def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[str],
                    out_dir: str | Path, *, limit: int | None = None,
                    neg_per_identity: int | None = None, seed: int = 0, mcq: str = "likelihood",
@@ -156,12 +173,16 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
     fingerprints = {name: answer_fingerprint(recipe, name, weights, {
         "negatives": {"origin": pools[name].origin, "sha256": pools[name].digest()}} if name in pools else None)
         for name in factories}
+    several = several_references_digest(testset)
+    for name in set(factories) & SEVERAL_REFERENCE_METHODS:
+        if several is not None:  # their concepts come from every ref_img*: which ones decides the answers
+            fingerprints[name]["method"]["references_sha256"] = several
     split = EvalSplit(runtime)  # several processes: each asks its share, rank 0 merges (split.py)
     progress = progress and split.process.is_main  # one progress bar, rank 0's
     afresh = split.started([out_dir / "items" / f"{name}.jsonl" for name in factories],
                            lambda: check_run_folder(out_dir, str(testset.root.resolve()), fingerprints, echo))
     items = build_items(testset, limit=limit, neg_per_identity=neg_per_identity, seed=seed)
-    references = [Reference(identity.name, identity.reference) for identity in testset.identities]
+    references = [Reference(identity.name, identity.reference, identity.references) for identity in testset.identities]
     captioned = caption_items(testset, seed=seed) if captions else []
     paired = pair_items(testset, limit=limit, seed=seed) if pairs else []
 

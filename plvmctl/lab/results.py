@@ -6,6 +6,9 @@ Steps (each one's outputs stay under --out-dir, so a repeated run skips what is 
 
     testset       the toy test set of held-out identities (`plvmctl toy testset`, seed 0),
                   written only when --testset has no validation_recognition/ yet
+    several-photos  concepts from several photos (plvmctl/lab/several_photos.py): PLVM with 1,
+                  2 and 4 clean and hard references of the test set's identities (seed 0), and
+                  Yo'LLaVA trained on the same 1 and 4 photos for the first 10 of them
     main          `plvmctl --recipe pocket eval --pairs --captions` of every method of the main
                   table on it (as `make eval`: sampled negatives, MCQ as the recipe's eval.mcq
                   says; plus the questions of several concepts at once, on the query photos and
@@ -187,6 +190,7 @@ class Options:
     neg_per_identity: int = DEFAULTS["neg_per_identity"]
     skip_trained: bool = False
     skip_ablations: bool = False
+    skip_several_photos: bool = False
     aligner_steps: int | None = None  # None: the pocket profile's
     limit: int | None = None
     threads: int = DEFAULTS["threads"]
@@ -230,6 +234,8 @@ class Options:
             words.append("--skip-trained")
         if self.skip_ablations:
             words.append("--skip-ablations")
+        if self.skip_several_photos:
+            words.append("--skip-several-photos")
         return shlex.join(words)
 
 
@@ -377,6 +383,43 @@ def evaluate_step(name: str, options: Options, overrides: list[str], methods: li
 
     steps.run(name, settings, work, lambda: _evaluated(folder, methods))
     return json.loads((folder / "results.json").read_text(encoding="utf-8"))
+
+
+SEVERAL_PHOTOS_COMPARED = 10  # identities on which Yo'LLaVA is trained on the same photos as PLVM
+
+
+def several_photos_step(options: Options, folder: Path, steps: StepRunner) -> dict[str, Any]:
+    """Concepts from several photos (plvmctl/lab/several_photos.py): PLVM with 1, 2 and 4 clean
+    and hard references on --identities held-out identities of seed 0 (the main test set's
+    identities and query photos, more reference photos each), and PLVM against Yo'LLaVA trained
+    on the same 1 and 4 photos on the first SEVERAL_PHOTOS_COMPARED of them."""
+    from ..recipe import load_recipe
+    from .several_photos import COUNTS, KINDS, measure, write_testsets
+
+    recipe = load_recipe(RECIPE)
+    weights = model_weights(recipe)
+    compared = min(SEVERAL_PHOTOS_COMPARED, options.identities)
+    plan = [(kind, count, ["plvm"], None) for kind in KINDS for count in COUNTS]
+    plan += [(kind, count, ["plvm", "yollava"], compared) for kind in KINDS for count in (1, 4)]
+    methods = ["plvm"] if options.skip_trained else ["plvm", "yollava"]
+    plan = [(kind, count, [m for m in chosen if m in methods], subset) for kind, count, chosen, subset in plan
+            if subset is None or "yollava" in methods]
+    settings = {"recipe": RECIPE, "seed": SEED, "identities": options.identities, "compared": compared,
+                "neg_per_identity": options.neg_per_identity, "plan": plan,
+                "methods": {name: answer_fingerprint(recipe, name, weights) for name in methods}}
+    summary_file = folder / "summary.json"
+
+    def work() -> None:
+        from ..runtime import load_runtime
+
+        runtime = load_runtime(recipe, device=DEVICE)
+        sets = write_testsets(folder / "testsets", SEED, options.identities, queries=6)
+        measured = measure(runtime, folder, sets, plan, neg_per_identity=options.neg_per_identity, progress=True)
+        write_json_atomic(summary_file, {"conditions": measured, "compared": compared})
+
+    steps.run("several-photos", settings, work, summary_file.is_file,
+              afresh=lambda: shutil.rmtree(folder, ignore_errors=True))
+    return json.loads(summary_file.read_text(encoding="utf-8"))
 
 
 def training_data_step(options: Options, settings: Mapping[str, Any], folder: Path,
@@ -708,6 +751,51 @@ def _several_lines(summary: Mapping[str, Any]) -> list[str]:
             + ["#" + line if line.startswith("## ") else line for line in lines] + [""])
 
 
+def _several_photos_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Concepts from several photos (issue 26): PLVM with 1, 2, 4 clean and hard references,
+    and Yo'LLaVA trained on the same photos."""
+    several = summary.get("several_photos")
+    if not several:
+        return []
+    conditions, compared = several["conditions"], several["compared"]
+    everyone = {label: rows["plvm"] for label, rows in conditions.items() if "-on-" not in label}
+    identities = summary["testset"]["identities"]
+    lines = ["## Concepts from several photos", "",
+             f"The same {identities} held-out identities and query photos (seed 0) with more reference photos each "
+             "(`plvmctl toy testset --references 4`, and `--references 5 --hard-references`), written by "
+             "`plvmctl/lab/several_photos.py`. `clean-N`: `ref_img.png` and N−1 further portraits with other "
+             "shirts and expressions. `hard-N`: N hard references only (a crop of a crowd, a whole photo of two "
+             "or three people, a covered face). A concept of N photos is what `plvmctl encode` makes of them "
+             "(docs/several-photos.md). Each condition is evaluated as the main table is.", "",
+             "| references | recognition mean | positive | negative | text MCQ | visual MCQ | ms per concept |",
+             "|---|---|---|---|---|---|---|"]
+    for label, row in everyone.items():
+        recognition = row["recognition"]
+        lines.append(f"| {label} | {_pct(recognition['mean'])} | {_pct(recognition['positive'])} | "
+                     f"{_pct(recognition['negative'])} | {_pct(row['text_mcq'])} | {_pct(row['visual_mcq'])} | "
+                     f"{_num(1000 * row['seconds_per_concept']) if row['seconds_per_concept'] is not None else '–'} |")
+    if "hard-1" in everyone and "hard-4" in everyone:
+        gain = 100 * (everyone["hard-4"]["recognition"]["mean"] - everyone["hard-1"]["recognition"]["mean"])
+        lines += ["", f"4 hard references against 1: {gain:+.1f} points of recognition mean "
+                      f"(target: +5.0, {'met' if gain >= 5.0 else 'not met'})."]
+    both = {label: rows for label, rows in conditions.items() if "-on-" in label}
+    if both:
+        lines += ["", f"On the first {compared} identities, Yo'LLaVA (the recipe's settings) trained on the same "
+                      "photos as PLVM reads, with its seconds to add a concept:", "",
+                  "| references | PLVM recognition mean | Yo'LLaVA recognition mean | PLVM text / visual MCQ | "
+                  "Yo'LLaVA text / visual MCQ | PLVM s per concept | Yo'LLaVA s per concept |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, rows in both.items():
+            plvm, yollava = rows["plvm"], rows.get("yollava")
+            if yollava is None:
+                continue
+            lines.append(f"| {label.split('-on-')[0]} | {_pct(plvm['recognition']['mean'])} | "
+                         f"{_pct(yollava['recognition']['mean'])} | {_pct(plvm['text_mcq'])} / {_pct(plvm['visual_mcq'])} | "
+                         f"{_pct(yollava['text_mcq'])} / {_pct(yollava['visual_mcq'])} | "
+                         f"{_num(plvm['seconds_per_concept'])} | {_num(yollava['seconds_per_concept'])} |")
+    return lines + [""]
+
+
 def render_results_markdown(summary: Mapping[str, Any]) -> str:
     """docs/results.md from a summary dict (`build_summary`): tables, command, machine, notes."""
     testset, protocol, machine = summary["testset"], summary["protocol"], summary["machine"]
@@ -795,6 +883,7 @@ def render_results_markdown(summary: Mapping[str, Any]) -> str:
 
     lines += _statistics_lines(summary)
     lines += _several_lines(summary)
+    lines += _several_photos_lines(summary)
 
     ablations = summary.get("ablations")
     lines += ["## Ablations", ""]
@@ -917,6 +1006,7 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
 
     ensure_testset(options, steps)
     testset = load_testset(options.testset)
+    several_photos = None if options.skip_several_photos else several_photos_step(options, out / "several-photos", steps)
     main = evaluate_step("main", options, [], options.methods, out / "main", steps, several=True)
 
     ablations = None
@@ -947,6 +1037,7 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
     began = time.perf_counter()
     summary = build_summary(options, testset, main, ablations, aligner_settings, steps.records,
                             machine_facts(options.threads), item_statistics(main, out / "main"))
+    summary["several_photos"] = several_photos
     summary["steps"].append({"name": "doc", "seconds": round(time.perf_counter() - began, 1),
                              "reused": False})
     summary["steps"].append({"name": "total (this run)",
@@ -975,6 +1066,8 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
 @click.option("--skip-trained", is_flag=True,
               help="Leave the methods that train per concept (Yo'LLaVA, MyVLM) out of the main table.")
 @click.option("--skip-ablations", is_flag=True, help="Train and evaluate no ablation Aligner.")
+@click.option("--skip-several-photos", is_flag=True,
+              help="Leave out concepts from several photos (PLVM with 1, 2, 4 references; Yo'LLaVA on the same).")
 @click.option("--aligner-steps", default=None, type=int,
               help="Training steps of each ablation Aligner [default: the pocket profile's, 1000].")
 @click.option("--limit", default=None, type=int,
@@ -984,8 +1077,8 @@ def make_results(options: Options, echo: Callable[[str], None] = print) -> dict[
 @click.option("--render-only", is_flag=True,
               help="Write --doc again from the finished run in --out-dir (its results.json and item logs).")
 def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_identity: int,
-         skip_trained: bool, skip_ablations: bool, aligner_steps: int | None, limit: int | None,
-         threads: int, render_only: bool) -> None:
+         skip_trained: bool, skip_ablations: bool, skip_several_photos: bool, aligner_steps: int | None,
+         limit: int | None, threads: int, render_only: bool) -> None:
     """Measure the pocket model and write docs/results.md: one command, numbers from the run.
 
     \b
@@ -1003,7 +1096,8 @@ def main(out_dir: Path, doc: Path, testset: Path, identities: int, neg_per_ident
     """
     options = Options(out_dir=out_dir, doc=doc, testset=testset, identities=identities,
                       neg_per_identity=neg_per_identity, skip_trained=skip_trained,
-                      skip_ablations=skip_ablations, aligner_steps=aligner_steps, limit=limit,
+                      skip_ablations=skip_ablations, skip_several_photos=skip_several_photos,
+                      aligner_steps=aligner_steps, limit=limit,
                       threads=threads)
     try:
         run = rerender if render_only else make_results

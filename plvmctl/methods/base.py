@@ -50,10 +50,12 @@ class Method:
 
 @dataclass(frozen=True)
 class Reference:
-    """One concept to add: its name (used as `<name>`) and its reference photo."""
+    """One concept to add: its name (used as `<name>`) and its reference photo; `photos`, when
+    it has several (a test set's `ref_img*`), all of them, `path` first."""
 
     name: str
     path: Path
+    photos: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`plvm`: PLVM's concepts, one Aligner pass per reference photo, no training."""
+"""`plvm`: PLVM's concepts, one Aligner pass per reference photo, no training; an identity with
+several reference photos (`ref_img*`) gets the concept of all of them (references.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 from tqdm import tqdm
 
 from ...errors import PlvmError
-from ..base import MethodContext, PreparedMethod
+from ...references import encode_photos
+from ..base import MethodContext, PreparedMethod, Reference
 
 
 def prepare_plvm(context: MethodContext) -> PreparedMethod:
-    """PLVM: one concept per reference from the Aligner (`runtime.encode_concept`), timed.
+    """PLVM: one concept per reference from the Aligner (`encode_reference`), timed.
 
     The runtime loads the encoder and the Aligner on first use, so one untimed warm-up
     encode comes first: seconds per concept is the cost of adding a concept, not of loading.
@@ -36,7 +38,7 @@ def encode_references(context: MethodContext) -> tuple[dict[str, Any], dict[str,
     seconds = 0.0
     if context.references:
         try:
-            context.runtime.encode_concept(context.references[0].name, context.references[0].path)
+            encode_reference(context.runtime, context.references[0])
         except PlvmError:
             pass  # the loop below records why that reference cannot be used
     bar = tqdm(context.references, desc="plvm: encode concepts", unit="concept",
@@ -44,10 +46,19 @@ def encode_references(context: MethodContext) -> tuple[dict[str, Any], dict[str,
     for reference in bar:
         started = time.perf_counter()
         try:
-            concept = context.runtime.encode_concept(reference.name, reference.path)
+            concept = encode_reference(context.runtime, reference)
         except PlvmError as error:
             unavailable[reference.name] = f"concept could not be made: {error}"
             continue
         seconds += time.perf_counter() - started
         concepts[reference.name] = concept
     return concepts, unavailable, seconds
+
+
+def encode_reference(runtime, reference: Reference):
+    """The concept of one reference: from its photo, or from its first `aligner.max_references`
+    photos when it has several (`references.encode_photos`; an unreadable one is left out)."""
+    photos = reference.photos[:runtime.recipe.aligner.max_references]
+    if len(photos) > 1:
+        return encode_photos(runtime, reference.name, photos).concept
+    return runtime.encode_concept(reference.name, reference.path)
