@@ -54,7 +54,7 @@ def test_the_manifest_reads_further_references_and_reports_missing_ones(toy, tmp
     assert any("ref2.png" in problem and "not found" in problem for problem in again.problems)
 
 
-def test_the_sampler_draws_one_to_n_of_the_identitys_own_photos(toy):
+def test_the_sampler_draws_the_primary_alone_or_two_to_n_of_the_identitys_own_photos(toy):
     identities = read_manifest(toy).identities
     one = PlvmSampler(identities, seed=0)
     several = PlvmSampler(identities, seed=0, max_references=3)
@@ -66,6 +66,7 @@ def test_the_sampler_draws_one_to_n_of_the_identitys_own_photos(toy):
             drawn = several.references_for(identity.name, step, 1)
             assert drawn == several.references_for(identity.name, step, 1)  # (seed, name, step, micro) decide
             assert 1 <= len(drawn) <= 3 and len(set(drawn)) == len(drawn) and set(drawn) <= own
+            assert len(drawn) > 1 or drawn == (identity.reference,)  # one photo: the primary
             sizes.add(len(drawn))
     assert sizes == {1, 2, 3}
     assert several.state_dict()["max_references"] == 3 and "max_references" not in one.state_dict()

@@ -7,9 +7,9 @@ The manifest is JSONL, one identity a line, paths relative to the manifest's fol
      "attributes": [{"question": "What colour is <sks>'s hair?", "answer": "Blonde."}, ...]}
 
 Optional, "references": further reference photos of the identity (["images/avril/ref2.png",
-...]). With `train.max_references` > 1 a concept is made from 1 to that many of the identity's
-reference photos, drawn per micro-batch (`PlvmSampler.references_for`), as `encode a.jpg b.jpg`
-makes one from several.
+...]). With `train.max_references` > 1 a concept is made from the primary reference alone or
+from 2 to that many of the identity's reference photos, drawn per micro-batch
+(`PlvmSampler.references_for`), as `encode a.jpg b.jpg` makes one from several.
 
 Optional, for a base model that compares before its verdict (`train.recognition_answer:
 compare`, the pocket model): "traits", the identity's traits as key word -> value word
@@ -57,6 +57,7 @@ from ..prompt import NAME_RE, mentioned_names
 KINDS = ("positive", "negative", "attribute")
 NEGATIVE_MODES = ("random", "hard")
 HARD_POOL = 3  # hard negatives are drawn among this many most similar identities
+PRIMARY_ALONE_SHARE = 0.5  # with several references, draws that make the concept of the primary alone
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,16 +384,22 @@ class PlvmSampler:
 
     def references_for(self, name: str, step: int, micro: int) -> tuple[Path, ...]:
         """The reference photos `name`'s concept is made from in micro-batch `micro` of step
-        `step`: with `max_references` > 1, n of the identity's reference photos (the primary and
-        its further ones), n drawn uniformly from 1 to the smaller of `max_references` and how
-        many it has, the photos at random; otherwise the primary alone. It depends only on (seed,
-        name, step, micro), so every rank of a multi-process run draws the same."""
+        `step`. With `max_references` > 1 and further photos: in a share PRIMARY_ALONE_SHARE
+        of the draws the primary reference alone (what one-photo concepts need), otherwise n of
+        the identity's photos (the primary and its further ones) at random, n drawn uniformly
+        from 2 to the smaller of `max_references` and how many it has. A single further photo
+        is never drawn: one crowd photo alone cannot say who the subject is, and training on it
+        cost one clean photo 10 points of validation recognition (the card of the first try).
+        Depends only on (seed, name, step, micro), so every rank of a multi-process run draws
+        the same."""
         identity = self._by_name[name]
         photos = [identity.reference, *identity.references]
         if self.max_references == 1 or len(photos) == 1:
             return (identity.reference,)
         rng = random.Random(f"plvmctl-references-{self.seed}-{name}-{step}-{micro}")
-        count = rng.randint(1, min(self.max_references, len(photos)))
+        if rng.random() < PRIMARY_ALONE_SHARE:
+            return (identity.reference,)
+        count = rng.randint(2, min(self.max_references, len(photos)))
         return tuple(rng.sample(photos, count))
 
     def micro_batch(self, step: int, micro: int, *, batch_size: int, grad_accum: int,
