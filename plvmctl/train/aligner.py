@@ -57,8 +57,8 @@ from ..data.templates import RECOGNITION_ANSWER_STYLES
 from ..errors import PlvmError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
-from ..table import ConceptTable
 from ..references import weighted_outputs
+from ..table import ConceptTable
 from .batches import IGNORE, EncodedBatch, encode_batch, first_token_id, photo_image
 from .common import (
     CHECKPOINT_MODULE,
@@ -124,8 +124,9 @@ class TrainConfig:
     positive_share: float = 0.6  # p: share of positives among recognition samples
     recognition_share: float = 0.5  # recognition : attribute = 1 : 1
     negatives: str = "random"  # random | hard (most similar references by encoder CLS cosine)
-    # >1: each concept is made from 1..N of its identity's reference photos (the manifest's
-    # "references"), combined as `encode a.jpg b.jpg` combines them (references.weighted_outputs)
+    # >1: each concept is made from its primary reference or from 2..N of its identity's
+    # reference photos (the manifest's "references", PlvmSampler.references_for), combined as
+    # `encode a.jpg b.jpg` combines them (references.weighted_outputs)
     max_references: int = 1
     checkpoint_every: int = 100  # 0: only at the end and on Ctrl-C
     validate_every: int = 0  # 0: only at the end (when val_identities > 0)
@@ -284,10 +285,6 @@ class ReferenceTokens:
     def stack(self, names: Sequence[str], device: torch.device) -> torch.Tensor:
         """[n, 1+N, D] float32 tokens of `names`, on `device`."""
         return torch.stack([self.tokens[name] for name in names]).to(device, torch.float32)
-
-    def stack_photos(self, photos: Sequence[Path], device: torch.device) -> torch.Tensor:
-        """[n, 1+N, D] float32 tokens of `photos` (encoded by `prepare`), on `device`."""
-        return torch.stack([self.photos[photo] for photo in photos]).to(device, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
