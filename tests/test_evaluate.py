@@ -272,7 +272,9 @@ class FakeConcept:
 
 class FakeRuntime:
     def __init__(self, name: str = "fake"):
-        self.recipe = recipe_from_dict({"generation": {"batch_size": 2}}, name=name)
+        # one reference photo per concept: bob's ref_img0.png is never encoded (plvm-auto and plvm
+        # would make a concept of every ref_img* up to aligner.max_references)
+        self.recipe = recipe_from_dict({"generation": {"batch_size": 2}, "aligner": {"max_references": 1}}, name=name)
         self.encoded: list[str] = []
 
     def encode_concept(self, name, reference):

@@ -33,6 +33,9 @@ def test_smoke_pipeline_learns(tmp_path):
     assert lvlm["loss_last10"] < 0.5 * lvlm["loss_first10"]
     assert encoder["loss_last10"] < encoder["loss_first10"]
     assert aligner["loss_last10"] < aligner["loss_first10"]
+    # the Aligner: one photo per concept, then concepts of several photos from where it stopped
+    assert aligner["one_photo"]["steps"] == 30 and aligner["steps"] == 30 + 10
+    assert card["settings"]["aligner_references"] == 3 and card["settings"]["aligner_max_references"] == 2
 
     # the reference encoder identifies held-out people far above chance, and better than
     # the same network untrained (whose colour statistics alone already help)

@@ -4,7 +4,8 @@
 recipe loads:
 
     1. data       toy training data for the Aligner (training-part identities only):
-                  manifest.jsonl with reference portraits, query photos, attribute Q&As
+                  manifest.jsonl with reference portraits, query photos, attribute Q&As,
+                  and further reference photos (clean and hard) per identity
     2. tokenizer  a word-level vocabulary of every word the toy world's questions, answers,
                   templates and the pocket chat template use
     3. base LVLM  a pocket LLaVA (CLIP tower + Llama LM) pretrained from scratch on fresh toy
@@ -12,7 +13,9 @@ recipe loads:
     4. encoder    a tiny DINOv2 pretrained on training-part portraits with a supervised
                   contrastive loss (plvmctl.lab.encoder), then frozen
     5. Aligner    PLVM's Aligner (paper layout, k = 16) trained with the weighted Yes/No loss
-                  (w = 20, p = 0.6) by plvmctl.train.aligner, base and encoder frozen
+                  (w = 20, p = 0.6) by plvmctl.train.aligner, base and encoder frozen: one
+                  reference photo per concept, then more steps at a lower learning rate with
+                  concepts of several photos (`train_pocket_aligner`)
     6. write      OUT/backbone (HF LLaVA folder), OUT/encoder (HF Dinov2Model folder),
                   OUT/aligner (Aligner folder), OUT/card.json (settings, timings, measures)
 
@@ -68,7 +71,11 @@ class PocketProfile:
     aligner_lr: float = 1e-3
     aligner_val_identities: int = 20
     aligner_references: int = 1  # reference photos per training identity (toy data: clean and hard)
-    aligner_max_references: int = 1  # a training concept is made from 1..this many of them
+    # then `aligner_several_steps` more steps from the one-photo Aligner, at `aligner_several_lr`,
+    # each training concept made of its primary photo or 2..`aligner_max_references` of them
+    aligner_several_steps: int = 0
+    aligner_several_lr: float = 3e-4
+    aligner_max_references: int = 1
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
@@ -101,7 +108,8 @@ def profile(name: str) -> PocketProfile:
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
             lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=2e-3, log_every=50),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
-            aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_max_references=4)
+            aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_several_steps=2000,
+            aligner_max_references=4)
     if name == "smoke":
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
@@ -110,7 +118,7 @@ def profile(name: str) -> PocketProfile:
             encoder_sizes=EncoderSizes(hidden=48, layers=2),
             encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
-            aligner_references=3, aligner_max_references=2,
+            aligner_references=3, aligner_several_steps=10, aligner_max_references=2,
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
             measure_scenes=40, measure_identities=50, check_every=150)
@@ -136,8 +144,41 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
                        recognition_answer=settings.lvlm.recognition_answer, compare_keys=keys,
                        checkpoint_every=0, val_identities=settings.aligner_val_identities,
                        aligner_sizes=dict(settings.aligner_sizes), data=str(manifest), out=str(out),
-                       max_references=settings.aligner_max_references,
                        cache_references=False)
+
+
+def several_photos_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike, seed: int):
+    """The second Aligner stage's TrainConfig: the first stage's, continued from its Aligner for
+    `aligner_several_steps` steps at `aligner_several_lr` with concepts of several photos."""
+    return dataclasses.replace(aligner_train_config(settings, manifest, out, seed, steps=settings.aligner_several_steps),
+                               lr=settings.aligner_several_lr, max_references=settings.aligner_max_references)
+
+
+def train_pocket_aligner(settings: PocketProfile, manifest: Path, work: Path, backbone_dir: Path, encoder_dir: Path,
+                         seed: int, *, resume: bool, say: Callable[[str], None]):
+    """Stage 5: the Aligner, trained in `work/aligner-run` with one reference photo per concept,
+    then, when the profile has `aligner_several_steps`, continued in `work/aligner-several-run`
+    with concepts of several photos (the toy data's clean and hard references). Each part
+    resumes from its checkpoint. Returns (the last part's TrainResult, the parts' results)."""
+    from ..runtime import load_runtime
+    from ..train.aligner import train_aligner
+    from ..train.common import find_checkpoint
+
+    parts = []
+    first_run = work / "aligner-run"
+    runtime = load_runtime(_stage_recipe(backbone_dir, encoder_dir, None, settings.num_context), device="cpu")
+    parts.append(train_aligner(runtime, aligner_train_config(settings, manifest, first_run, seed),
+                               echo=lambda m: say(f"[pocket] {m}"),
+                               resume=resume and find_checkpoint(first_run) is not None))
+    if settings.aligner_several_steps:
+        say(f"[pocket] one-photo Aligner validation {parts[0].validation}; now with several photos")
+        several_run = work / "aligner-several-run"
+        runtime = load_runtime(_stage_recipe(backbone_dir, encoder_dir, parts[0].aligner_path, settings.num_context),
+                               device="cpu")
+        parts.append(train_aligner(runtime, several_photos_config(settings, manifest, several_run, seed),
+                                   echo=lambda m: say(f"[pocket] {m}"),
+                                   resume=resume and find_checkpoint(several_run) is not None))
+    return parts[-1], parts
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:
@@ -206,8 +247,6 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     from ..backbone import save_backbone
     from ..families import load_backbone
     from ..families.llava15 import Llava15Backbone
-    from ..runtime import load_runtime
-    from ..train.aligner import train_aligner
     from ..train.common import JsonlLogger, find_checkpoint
     from .encoder import build_pocket_dinov2, measure_retrieval, train_encoder
     from .lvlm import build_pocket_llava, collect_vocabulary, measure, measure_comparisons, train_lvlm
@@ -251,6 +290,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
                                  or json.loads(aligner_plan_file.read_text(encoding="utf-8")) != aligner_plan):
         say(f"[pocket] the Aligner settings changed: its data and training are made again")
         shutil.rmtree(aligner_run)
+        shutil.rmtree(work / "aligner-several-run", ignore_errors=True)
         (work / "stage-data.json").unlink(missing_ok=True)
     write_json_atomic(aligner_plan_file, aligner_plan)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -355,11 +395,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         timings["encoder"] = encoder["stage_seconds"]
         # 5. Aligner -------------------------------------------------------------------
         began = time.perf_counter()
-        runtime = load_runtime(_stage_recipe(backbone_dir, encoder_dir, None, settings.num_context),
-                               device="cpu")
-        config = aligner_train_config(settings, manifest, aligner_run, seed)
-        result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"),
-                               resume=resume and find_checkpoint(aligner_run) is not None)
+        result, parts = train_pocket_aligner(settings, manifest, work, backbone_dir, encoder_dir, seed,
+                                             resume=resume, say=say)
         stage("aligner", began)
         say(f"[pocket] Aligner validation {result.validation}")
         # 6. write ---------------------------------------------------------------------
@@ -385,7 +422,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             },
             "lvlm": lvlm_card,
             "encoder": encoder_card,
-            "aligner": _aligner_card(settings, result),
+            "aligner": _aligner_card(settings, result, parts),
             "timings_seconds": timings,
         })
         write_json_atomic(staging / CARD_FILE, card)
@@ -410,19 +447,27 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _aligner_card(settings: PocketProfile, result) -> dict[str, Any]:
-    """The card's `aligner` section: what stage 5 trained and how it validated."""
-    first = sum(result.losses[:10]) / max(1, len(result.losses[:10]))
+def _aligner_card(settings: PocketProfile, result, parts: list | None = None) -> dict[str, Any]:
+    """The card's `aligner` section: what stage 5 trained and how it validated (the one-photo
+    part's validation too when a part with several photos followed it)."""
+    parts = parts or [result]
+    first = sum(parts[0].losses[:10]) / max(1, len(parts[0].losses[:10]))
     last = sum(result.losses[-10:]) / max(1, len(result.losses[-10:]))
-    run = json.loads((result.out / "run.json").read_text(encoding="utf-8"))
-    return {"steps": result.steps, "loss_first10": first, "loss_last10": last,
-            "final_loss": run.get("final_loss"), "training_seconds": run.get("seconds"),
+    runs = [json.loads((part.out / "run.json").read_text(encoding="utf-8")) for part in parts]
+    seconds = [run.get("seconds") for run in runs]
+    card = {"steps": sum(part.steps for part in parts), "loss_first10": first, "loss_last10": last,
+            "final_loss": runs[-1].get("final_loss"),
+            "training_seconds": round(sum(seconds), 3) if None not in seconds else None,
             "validation_recognition": result.validation,
             "validation_note": "recognition on manifest identities held out of Aligner "
                                "training (training part of the world): "
                                + ("generated answers, verdict read as by `plvmctl eval`"
                                   if settings.lvlm.recognition_answer == "compare"
                                   else "Yes/No first-token logits")}
+    if len(parts) > 1:
+        card["one_photo"] = {"steps": parts[0].steps, "validation_recognition": parts[0].validation,
+                             "training_seconds": seconds[0]}
+    return card
 
 
 def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed: int = 0, *,
@@ -436,9 +481,6 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
     For when only the Aligner's settings change: the base LVLM is most of `make pocket`'s hour.
     """
     from ..aligner import load_aligner, save_aligner
-    from ..runtime import load_runtime
-    from ..train.aligner import train_aligner
-    from ..train.common import find_checkpoint
     from .toy import generate_training_data
 
     say = echo or (lambda message: None)
@@ -460,7 +502,7 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
     plan_file = work / "aligner-plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != aligner_plan:
         say(f"[pocket] {work} holds an Aligner run with other settings: made again")
-        for kept in ("toy", "aligner-run"):
+        for kept in ("toy", "aligner-run", "aligner-several-run"):
             shutil.rmtree(work / kept, ignore_errors=True)
     write_json_atomic(plan_file, aligner_plan)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -474,13 +516,9 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
                                               references=settings.aligner_references)
             timings["data"] = round(time.perf_counter() - began, 1)
         began = time.perf_counter()
-        runtime = load_runtime(_stage_recipe(out / "backbone", out / "encoder", None, settings.num_context),
-                               device="cpu")
-        aligner_run = work / "aligner-run"
-        config = aligner_train_config(settings, manifest, aligner_run, seed)
-        result = train_aligner(runtime, config, echo=lambda m: say(f"[pocket] {m}"),
-                               resume=resume and find_checkpoint(aligner_run) is not None)
-        aligner_card = _aligner_card(settings, result)
+        result, parts = train_pocket_aligner(settings, manifest, work, out / "backbone", out / "encoder", seed,
+                                             resume=resume, say=say)
+        aligner_card = _aligner_card(settings, result, parts)
         # a resumed training counts its earlier part too (the run's own clock)
         timings["aligner"] = round(max(time.perf_counter() - began, aligner_card["training_seconds"] or 0.0), 1)
         say(f"[pocket] Aligner validation {result.validation} in {timings['aligner']:.0f} s")
