@@ -243,7 +243,7 @@ def _card(folder: Path, **settings) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     full = profile("full")
     trained = {"aligner_steps": full.aligner_steps, "aligner_yes_no_weight": 20.0, "num_context": 16,
-               "identities": full.identities, "aligner_max_references": full.aligner_max_references} | settings
+               "identities": full.identities, "aligner_several_steps": 0} | settings
     (folder / "card.json").write_text(json.dumps({
         "seed": 0, "settings": trained,
         "aligner": {"training_seconds": 512.5, "final_loss": 0.125,
@@ -259,7 +259,7 @@ def test_the_committed_aligner_is_the_shared_run_when_trained_as_the_profile_say
     assert committed_training(settings) == {"seconds": 512.5, "final_loss": 0.125,
                                             "validation": {"val_mean": 0.95}, "committed": True}
     for changed in ({"aligner_steps": 10}, {"aligner_yes_no_weight": 1.0}, {"num_context": 8},
-                    {"aligner_max_references": 1}):
+                    {"aligner_several_steps": 2000}):  # the ablations train the one-photo part only
         _card(tmp_path / "pocket", **changed)
         assert committed_training(settings) is None, changed
 
