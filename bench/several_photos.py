@@ -15,9 +15,10 @@ visual MCQ, `--neg-per-identity` sampled negatives, item seed 0), timing seconds
 How today's one-photo Aligner combines photos is chosen first, on the test sets of
 `--choose-seed`, by the mean of clean-4's and hard-4's recognition mean, among
 
-    agreement  the product's (plvmctl/references.py): each photo's Aligner outputs, weighted by
-               how much its retrieval key agrees with the other photos' keys
-    mean       the plain mean of each photo's Aligner outputs
+    agreement  each photo's Aligner outputs, weighted by a softmax (temperature 0.05) of how
+               much its retrieval key agrees with the other photos' keys
+    mean       the plain mean of each photo's Aligner outputs (the product's,
+               plvmctl/references.py)
     features   the mean of the photos' reference-encoder tokens, then one Aligner pass
 
 Only the chosen one is then measured on `--seed`, which was not looked at before. clean-1 is checked to be bit for
@@ -50,6 +51,7 @@ from plvmctl.references import encode_photo, encode_photos
 from plvmctl.runtime import load_runtime
 
 COMBINATIONS = ("agreement", "mean", "features")
+AGREEMENT_TEMPERATURE = 0.05
 
 
 def testsets(out: Path, seed: int, identities: int, queries: int) -> dict[str, Path]:
@@ -66,18 +68,23 @@ def features_mean(runtime, name: str, photos: list[Path]) -> Concept:
                    output.context[0].float().cpu(), ConceptMeta(method="plvm"))
 
 
-def plain_mean(runtime, name: str, photos: list[Path]) -> Concept:
-    """The `mean` combination: each photo's Aligner outputs, averaged with equal weights."""
+def agreement_mean(runtime, name: str, photos: list[Path]) -> Concept:
+    """The `agreement` combination: each photo's Aligner outputs, weighted by a softmax of the
+    mean cosine of its retrieval key with the other photos' keys, at temperature 0.05."""
     outputs = [encode_photo(runtime, photo) for photo in photos]
-    return Concept(name, torch.stack([o.word for o in outputs]).mean(0), torch.stack([o.head for o in outputs]).mean(0),
-                   torch.stack([o.context for o in outputs]).mean(0), ConceptMeta(method="plvm"))
+    keys = torch.stack([o.key for o in outputs])
+    agreement = ((keys @ keys.T).sum(1) - 1.0) / max(1, len(outputs) - 1)  # unit keys: the diagonal is 1
+    weights = torch.softmax(agreement / AGREEMENT_TEMPERATURE, dim=0)
+    return Concept(name, weights @ torch.stack([o.word for o in outputs]), weights @ torch.stack([o.head for o in outputs]),
+                   torch.einsum("n,nkh->kh", weights, torch.stack([o.context for o in outputs])),
+                   ConceptMeta(method="plvm"))
 
 
 def make_concept(runtime, name: str, photos: list[Path], combination: str) -> Concept:
     if combination == "features":
         return features_mean(runtime, name, photos)
-    if combination == "mean":
-        return plain_mean(runtime, name, photos)
+    if combination == "agreement":
+        return agreement_mean(runtime, name, photos)
     return encode_photos(runtime, name, photos).concept
 
 
@@ -145,7 +152,7 @@ def main() -> None:
                 for combination in COMBINATIONS}
     score = {combination: round(sum(rows[kind]["recognition"]["mean"] for kind in KINDS) / len(KINDS), 4)
              for combination, rows in choosing.items()}
-    chosen = max(score, key=lambda combination: (score[combination], combination == "agreement"))
+    chosen = max(score, key=lambda combination: (score[combination], combination == "mean"))
 
     reported_sets = testsets(args.out, args.seed, args.identities, args.queries)
     conditions = {f"{kind}-{count}": evaluate(runtime, reported_sets[kind], kind, count, chosen, eval_out,

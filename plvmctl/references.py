@@ -2,14 +2,11 @@
 
 A concept of N photos (at most the recipe's `aligner.max_references`, default 8) is made by
 encoding each photo on its own (reference encoder, then Aligner, one photo per pass) and taking
-a weighted mean of the N outputs: word, head and each of the k context tokens
-(`weighted_outputs`). A photo's weight grows with how much it agrees with the others
-(`agreement_weights`: the mean cosine of its retrieval key with theirs), so a photo where the
-subject is small, covered or among others counts less than the photos that agree on one face.
-bench/several_photos.py chose it over the plain mean and over the mean of the encoder's
-features. The pocket Aligner is trained through this combination, with 1 to 4 clean and hard
-references per concept (`train.max_references`); any Aligner, the released one-photo one too,
-combines photos this way. docs/several-photos.md has the measurements.
+the mean of the N outputs: word, head and each of the k context tokens (`mean_outputs`). The
+pocket Aligner is trained through this mean, with concepts of 2 to 4 clean and hard photos
+(`train.max_references`); any Aligner, the released one-photo one too, combines photos this
+way. docs/several-photos.md has the measurements, and why the mean and not a weighting by how
+much a photo agrees with the others (that weighting read 6.7 points worse with 4 hard photos).
 
 A concept of two or more photos keeps what each photo gave, as parts, so that adding a photo
 encodes only that photo and gives bit for bit the concept of all photos encoded at once:
@@ -52,7 +49,6 @@ CONTEXT_PART = "references.context"
 SHA256_META = "references.sha256"
 
 Photo = str | os.PathLike | Image.Image
-AGREEMENT_TEMPERATURE = 0.05  # softmax temperature of the agreement weights (cosine units)
 
 
 @dataclass
@@ -105,30 +101,17 @@ def encode_photo(runtime, photo: Photo) -> PhotoOutput:
                        output.context[0].float().cpu(), key_from_cls(tokens[:, 0]), digest, path)
 
 
-def agreement_weights(keys: torch.Tensor, temperature: float = AGREEMENT_TEMPERATURE) -> torch.Tensor:
-    """Weights [N] summing to 1 for photos with unit keys [N, D]: a softmax over each photo's
-    mean cosine with the other photos' keys, divided by `temperature`. Photos that agree
-    equally get equal weights; one photo gets weight 1."""
-    count = len(keys)
-    if count == 1:
-        return keys.new_ones(1)
-    agreement = ((keys @ keys.T).sum(1) - (keys * keys).sum(1)) / (count - 1)
-    return torch.softmax(agreement / temperature, dim=0)
-
-
-def weighted_outputs(words: torch.Tensor, heads: torch.Tensor, contexts: torch.Tensor,
-                     keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(word [H], head [H], context [k, H]): the agreement-weighted mean of N photos' Aligner
-    outputs (words [N, H], heads [N, H], contexts [N, k, H]) by their unit keys [N, D]. The
-    weights come from the frozen encoder's keys only, so gradients reach each photo's outputs
-    (the Aligner trains through this, `train.max_references`)."""
-    weights = agreement_weights(keys.float()).to(words.dtype)
-    return weights @ words, weights @ heads, torch.einsum("n,nkh->kh", weights, contexts)
+def mean_outputs(words: torch.Tensor, heads: torch.Tensor,
+                 contexts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(word [H], head [H], context [k, H]): the mean of N photos' Aligner outputs (words
+    [N, H], heads [N, H], contexts [N, k, H]). The Aligner trains through it
+    (`train.max_references`), so gradients reach every photo's outputs."""
+    return words.mean(0), heads.mean(0), contexts.mean(0)
 
 
 def combine(runtime, name: str, photos: Sequence[PhotoOutput]) -> Concept:
-    """The concept of `photos`: the agreement-weighted mean of their Aligner outputs; with two
-    or more, each photo's outputs and key are kept as parts (module docstring)."""
+    """The concept of `photos`: the mean of their Aligner outputs; with two or more, each
+    photo's outputs and key are kept as parts (module docstring)."""
     validate_name(name)
     if not photos:
         raise PlvmError(f"concept <{name}>: no reference photo")
@@ -146,7 +129,7 @@ def combine(runtime, name: str, photos: Sequence[PhotoOutput]) -> Concept:
     keys = torch.stack([p.key for p in photos])
     meta.extra[SHA256_META] = json.dumps([p.sha256 for p in photos])
     parts = {WORD_PART: words, HEAD_PART: heads, CONTEXT_PART: contexts, KEYS_PART: keys}
-    concept = Concept(name, *weighted_outputs(words, heads, contexts, keys), meta, parts=parts)
+    concept = Concept(name, *mean_outputs(words, heads, contexts), meta, parts=parts)
     mean_key = torch.nn.functional.normalize(keys.mean(0), dim=0)
     return with_key(concept, mean_key, runtime.encoder_fingerprint, len(photos), photos[0].path)
 

@@ -13,7 +13,7 @@ from plvmctl.concept import Concept
 from plvmctl.concept_index import KEY_PART, KEYS_PART, KeyIndex, StoreIndex, concept_keys
 from plvmctl.fileio import sha256_file
 from plvmctl.recipe import load_recipe
-from plvmctl.references import CONTEXT_PART, SHA256_META, agreement_weights, encode_photos
+from plvmctl.references import CONTEXT_PART, SHA256_META, encode_photos
 from plvmctl.runtime import load_runtime
 from plvmctl.store import ConceptStore
 
@@ -58,9 +58,9 @@ def test_several_photos_make_one_concept_that_records_them_in_order(cli, photos,
     concept = Concept.load(cli.store / "avril.concept")
     assert json.loads(concept.meta.extra[SHA256_META]) == [sha256_file(photos[n]) for n in names]
     one = [runtime.encode_concept("avril", photos[n]) for n in names]
-    weights = agreement_weights(torch.stack([c.parts[KEY_PART] for c in one]))
-    expected = sum(w * c.context for w, c in zip(weights, one))
-    assert torch.allclose(concept.context, expected, atol=1e-6)
+    for part in ("word", "head", "context"):  # the mean of each photo's Aligner output
+        expected = torch.stack([getattr(c, part) for c in one]).mean(0)
+        assert torch.allclose(getattr(concept, part), expected, atol=1e-6)
     assert concept.parts[CONTEXT_PART].shape[0] == 3 and concept.parts[KEYS_PART].shape[0] == 3
     assert concept.meta.extra["retrieval.photos"] == "3"
 
@@ -135,15 +135,6 @@ def test_find_scores_a_concept_by_the_best_of_its_photos_keys(runtime, photos, t
     assert list(StoreIndex(store).load().names.values()) == ["bob"]
     assert np.isclose(StoreIndex(store).build().index.search(keys[:1].numpy(), 1)[0][0][1],
                       float(other.parts[KEY_PART] @ keys[0]), atol=1e-5)
-
-
-def test_photos_that_agree_with_the_others_weigh_more():
-    face, other = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), dim=1)
-    close = torch.nn.functional.normalize(torch.tensor([1.0, 0.1, 0.0]), dim=0)
-    weights = agreement_weights(torch.stack([face, close, other]))
-    assert weights.sum() == pytest.approx(1.0) and weights[2] < weights[0] and weights[2] < weights[1]
-    assert torch.allclose(agreement_weights(torch.stack([face, other])), torch.tensor([0.5, 0.5]))
-    assert torch.equal(agreement_weights(face[None]), torch.ones(1))
 
 
 def test_chat_add_takes_the_name_first(cli, photos):

@@ -57,7 +57,7 @@ from ..data.templates import RECOGNITION_ANSWER_STYLES
 from ..errors import PlvmError
 from ..fileio import sha256_file, write_bytes_atomic, write_json_atomic
 from ..images import load_image
-from ..references import weighted_outputs
+from ..references import mean_outputs
 from ..table import ConceptTable
 from .batches import IGNORE, EncodedBatch, encode_batch, first_token_id, photo_image
 from .common import (
@@ -126,7 +126,7 @@ class TrainConfig:
     negatives: str = "random"  # random | hard (most similar references by encoder CLS cosine)
     # >1: each concept is made from its primary reference or from 2..N of its identity's
     # reference photos (the manifest's "references", PlvmSampler.references_for), combined as
-    # `encode a.jpg b.jpg` combines them (references.weighted_outputs)
+    # `encode a.jpg b.jpg` combines them (references.mean_outputs)
     max_references: int = 1
     checkpoint_every: int = 100  # 0: only at the end and on Ctrl-C
     validate_every: int = 0  # 0: only at the end (when val_identities > 0)
@@ -334,7 +334,7 @@ def batch_concepts(aligner: torch.nn.Module, names: Sequence[str], references: R
                    reference_sets: dict[str, Sequence[Path]] | None = None) -> list[Concept]:
     """The concepts of `names` from the Aligner, with gradients: each from its primary
     reference, or, for a name in `reference_sets`, from those photos combined as a concept of
-    several photos is (`references.weighted_outputs`). One Aligner pass for all photos."""
+    several photos is (`references.mean_outputs`). One Aligner pass for all photos."""
     if not reference_sets:
         with _autocast(device):
             output = aligner(references.stack(names, device))
@@ -344,7 +344,6 @@ def batch_concepts(aligner: torch.nn.Module, names: Sequence[str], references: R
                           for name, chosen in zip(names, sets) for photo in chosen]).to(device, torch.float32)
     with _autocast(device):
         output = aligner(tokens)
-    keys = F.normalize(tokens[:, 0].float(), dim=-1)
     concepts, start = [], 0
     for name, chosen in zip(names, sets):
         rows = slice(start, start + len(chosen))
@@ -352,8 +351,7 @@ def batch_concepts(aligner: torch.nn.Module, names: Sequence[str], references: R
         if len(chosen) == 1:
             concepts.append(Concept(name, output.word[rows][0], output.head[rows][0], output.context[rows][0]))
         else:
-            concepts.append(Concept(name, *weighted_outputs(output.word[rows], output.head[rows],
-                                                            output.context[rows], keys[rows])))
+            concepts.append(Concept(name, *mean_outputs(output.word[rows], output.head[rows], output.context[rows])))
     return concepts
 
 
