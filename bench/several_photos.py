@@ -25,8 +25,9 @@ Only the chosen one is then measured on `--seed`, which was not looked at before
 bit the concept `plvmctl encode` made from one photo before several-photo concepts existed
 (runtime.encode_concept). Prints one JSON object:
 
-    OMP_NUM_THREADS=1 python bench/several_photos.py --out runs/several-photos --identities 80 \\
-        --queries 6 --neg-per-identity 20 > docs/bench/several_photos.json    # ~20 min, 12 evaluations
+    OMP_NUM_THREADS=1 python bench/several_photos.py --out runs/several-photos --identities 40 \\
+        --queries 6 --neg-per-identity 30 --seed 0 --choose-seed 7 > docs/bench/several_photos.json
+                                                                          # ~10 min, 12 evaluations
 
 Evaluations resume as `eval` does (OUT/eval/...).
 """
