@@ -160,6 +160,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from plvmctl.lab import lvlm, name_copy, toy
+from plvmctl.lab.dense_reading import dense_loss, encode_dense
 from plvmctl.lab.name_marker import NameMarker
 from plvmctl.lab.name_tags import sentence_tags
 from plvmctl.lab.pocket import ASSETS
@@ -170,7 +171,12 @@ SETTINGS = ("alone", "first", "middle", "last")
 def reading_row(asked: toy.Identity, others: list[toy.Identity], place: int, trait: str, template: str,
                 answer_style: str) -> lvlm.Row:
     """An open question about `asked`, described at `place` among `others` (all name tokens)."""
-    people = others[:place] + [asked] + others[place:]
+    return question_row(others[:place] + [asked] + others[place:], asked, trait, template, answer_style)
+
+
+def question_row(people: list[toy.Identity], asked: toy.Identity, trait: str, template: str,
+                 answer_style: str) -> lvlm.Row:
+    """An open question about `asked`, one of the described `people` (in their order)."""
     descriptions = {person.name: lvlm.describe(person, "keyvalue") for person in people}
     value = getattr(asked, trait)
     name = f"<{asked.name}>"
@@ -200,6 +206,24 @@ def training_row(pool: list[toy.Identity], rng: random.Random, several: float, a
     count = rng.randint(1, 3) if rng.random() < several else 0
     return reading_row(asked, others_of(asked, pool, count, rng), rng.randint(0, count), trait, template,
                        answer_style)
+
+
+def training_group(pool: list[toy.Identity], rng: random.Random, several: float, answer_style: str,
+                   questions: int) -> list[lvlm.Row]:
+    """The turns of one --dense-reading row: 1-4 people described (several with share
+    `several`, the asked one at a random place), then up to `questions` distinct (person, trait)
+    questions, every person asked once before any twice, in a shuffled order."""
+    asked = pool[rng.randrange(len(pool))]
+    count = rng.randint(1, 3) if rng.random() < several else 0
+    people = others_of(asked, pool, count, rng)
+    people.insert(rng.randint(0, count), asked)
+    traits = list(toy._ATTRIBUTE_TEMPLATES)
+    pairs = [(person, rng.choice(traits)) for person in rng.sample(range(len(people)), len(people))][:questions]
+    rest = [(person, trait) for person in range(len(people)) for trait in traits if (person, trait) not in pairs]
+    pairs += rng.sample(rest, min(len(rest), questions - len(pairs)))
+    rng.shuffle(pairs)
+    return [question_row(people, people[person], trait, rng.choice(toy._ATTRIBUTE_TEMPLATES[trait]), answer_style)
+            for person, trait in pairs]
 
 
 def evaluation_sets(rows: int, answer_style: str, seed: int) -> dict[str, list[lvlm.Row]]:
@@ -264,6 +288,17 @@ def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: i
     if named:
         name_loss = name_copy.name_copy_loss(model, rng, rows=named, marker=marker, tag=tag, **(stage or {}))
         loss = loss + name_loss * named / rows
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def binding_step(model, optimizer, rng: random.Random, rows: int, pairs: int, tag: bool) -> float:
+    """One step on `name_copy.binding_row`s (bench/name_binding.py's rows on this model)."""
+    vocab = model.config.text_config.vocab_size
+    loss = name_copy.rows_loss(model, [name_copy.binding_row(rng, vocab, vocab, pairs) for _ in range(rows)], tag=tag)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -338,6 +373,12 @@ def main() -> None:
                         help="add each described person's name vector to every token of their sentence")
     parser.add_argument("--warmup-save", type=Path, help="write the model (and marker) after the warm-up")
     parser.add_argument("--warmup-from", type=Path, help="start from a --warmup-save file instead")
+    parser.add_argument("--binding-warmup", type=int, default=0,
+                        help="steps on name_binding rows (a name's one word, all recalled) before reading")
+    parser.add_argument("--binding-pairs", type=int, default=8, help="names per --binding-warmup row")
+    parser.add_argument("--binding-rows", type=int, default=32, help="rows per --binding-warmup step")
+    parser.add_argument("--dense-reading", type=int, default=0,
+                        help="reading rows ask up to N questions (every described person at least once)")
     parser.add_argument("--steps", type=int, default=1000, help="reading steps")
     parser.add_argument("--several-share", type=float, default=0.0,
                         help="share of reading rows with 1-3 other people described too")
@@ -408,6 +449,20 @@ def main() -> None:
             if marker is not None:
                 weights["name_marker"] = marker.marker.detach().clone()
             save_file(weights, str(args.warmup_save))
+    if args.binding_warmup:
+        began, bind_rng, probe_rng = time.perf_counter(), random.Random(args.seed + 13), random.Random(args.seed + 17)
+        losses, log = [], []
+        for step in range(args.binding_warmup):
+            losses.append(binding_step(model, optimizer, bind_rng, args.binding_rows, args.binding_pairs,
+                                       args.tag_sentences))
+            if (step + 1) % args.log_every == 0 or step + 1 == args.binding_warmup:
+                line = {"binding_step": step + 1, "loss": round(sum(losses[-20:]) / len(losses[-20:]), 3),
+                        "binding_accuracy": name_copy.binding_accuracy(model, probe_rng, pairs=args.binding_pairs,
+                                                                       tag=args.tag_sentences)}
+                log.append(line)
+                print(json.dumps(line), flush=True)
+        report["binding_warmup"] = {"steps": args.binding_warmup, "log": log, "seconds_per_step": round(
+            (time.perf_counter() - began) / args.binding_warmup, 3)}
     curve, train_seconds, losses = [], 0.0, []
     for step in range(args.steps + 1):
         if step % args.every == 0 or step == args.steps:
@@ -420,11 +475,16 @@ def main() -> None:
             break
         began = time.perf_counter()
         several = args.several_share if step >= args.several_from else 0.0
-        rows = [training_row(pool, rng, several, args.answer) for _ in range(args.rows)]
-        batch = lvlm.encode_rows(rows, tokenizer, lvlm.num_image_tokens(model), name_id=model.config.text_config.vocab_size)
+        name_id = model.config.text_config.vocab_size
+        if args.dense_reading:
+            groups = [training_group(pool, rng, several, args.answer, args.dense_reading) for _ in range(args.rows)]
+            batch = encode_dense(groups, tokenizer, lvlm.num_image_tokens(model), name_id)
+        else:
+            rows = [training_row(pool, rng, several, args.answer) for _ in range(args.rows)]
+            batch = lvlm.encode_rows(rows, tokenizer, lvlm.num_image_tokens(model), name_id=name_id)
         logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker),
                                      tags=reading_tags(batch, tokenizer, args.tag_sentences))
-        loss = lvlm.answer_loss(logits, batch.labels)
+        loss = dense_loss(logits, batch.labels) if args.dense_reading else lvlm.answer_loss(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
