@@ -246,7 +246,7 @@ def evaluation_sets(rows: int, answer_style: str, seed: int) -> dict[str, list[l
 
 @torch.no_grad()
 def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int = 100,
-             marker: NameMarker | None = None, tag: bool = False) -> dict[str, float]:
+             marker: NameMarker | None = None, tag: bool = False, tag_questions: bool = False) -> dict[str, float]:
     """``value``: the value among the trait's values at its place (earlier answer tokens given);
     ``exact``: every answer token (EOS aside) is the argmax, over words and the row's names."""
     model.eval()
@@ -258,7 +258,7 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int 
             chunk = rows[start:start + batch_rows]
             batch = lvlm.encode_rows(chunk, tokenizer, lvlm.num_image_tokens(model), name_id=name_id)
             logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker),
-                                         tags=reading_tags(batch, tokenizer, tag))
+                                         tags=reading_tags(batch, tokenizer, tag, tag_questions))
             for i, row in enumerate(chunk):
                 places = (batch.labels[i] != lvlm.IGNORE).nonzero().flatten().tolist()[:-1]  # EOS aside
                 predicted = logits[i, [p - 1 for p in places]].argmax(-1)
@@ -272,8 +272,10 @@ def accuracy(model, tokenizer, rows: list[lvlm.Row], seed: int, batch_rows: int 
 
 
 def evaluate(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int,
-             marker: NameMarker | None = None, tag: bool = False) -> dict[str, dict[str, float]]:
-    return {setting: accuracy(model, tokenizer, rows, seed, marker=marker, tag=tag) for setting, rows in sets.items()}
+             marker: NameMarker | None = None, tag: bool = False,
+             tag_questions: bool = False) -> dict[str, dict[str, float]]:
+    return {setting: accuracy(model, tokenizer, rows, seed, marker=marker, tag=tag, tag_questions=tag_questions)
+            for setting, rows in sets.items()}
 
 
 def warmup_step(model, optimizer, rng: random.Random, name_share: float, rows: int = 64,
@@ -329,11 +331,15 @@ def warmup_lr(step: int, total: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
 
 
-def reading_tags(batch: lvlm.Batch, tokenizer, tag: bool) -> torch.Tensor | None:
+def reading_tags(batch: lvlm.Batch, tokenizer, tag: bool, questions: bool = False) -> torch.Tensor | None:
     """With --tag-sentences, which described person owns each token: the words after
-    "<n> is" up to the sentence's full stop (`name_tags.sentence_tags`)."""
+    "<n> is" up to the sentence's full stop (`name_tags.sentence_tags`); with --tag-questions
+    also a question's words after its name, up to the answer's end of sentence."""
     if not tag:
         return None
+    if questions:
+        return sentence_tags(batch.input_ids, batch.name_id, stop_id=tokenizer.convert_tokens_to_ids("."),
+                             stop_ids=(tokenizer.eos_token_id,))
     return sentence_tags(batch.input_ids, batch.name_id, stop_id=tokenizer.convert_tokens_to_ids("."),
                          follower_id=tokenizer.convert_tokens_to_ids("is"))
 
@@ -371,6 +377,8 @@ def main() -> None:
                         help="with --name-marker: one learned marker per name slot (the i-th name of a prompt)")
     parser.add_argument("--tag-sentences", action="store_true",
                         help="add each described person's name vector to every token of their sentence")
+    parser.add_argument("--tag-questions", action="store_true",
+                        help="with --tag-sentences: a question's words after its name get that name's vector too")
     parser.add_argument("--warmup-save", type=Path, help="write the model (and marker) after the warm-up")
     parser.add_argument("--warmup-from", type=Path, help="start from a --warmup-save file instead")
     parser.add_argument("--binding-warmup", type=int, default=0,
@@ -466,7 +474,8 @@ def main() -> None:
     curve, train_seconds, losses = [], 0.0, []
     for step in range(args.steps + 1):
         if step % args.every == 0 or step == args.steps:
-            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed, marker, args.tag_sentences),
+            point = {"step": step, **evaluate(model, tokenizer, sets, args.seed, marker, args.tag_sentences,
+                                              args.tag_questions),
                      "loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 3),
                      "seconds_per_step": round(train_seconds / max(1, step), 3)}
             curve.append(point)
@@ -483,7 +492,7 @@ def main() -> None:
             rows = [training_row(pool, rng, several, args.answer) for _ in range(args.rows)]
             batch = lvlm.encode_rows(rows, tokenizer, lvlm.num_image_tokens(model), name_id=name_id)
         logits = lvlm.forward_logits(model, batch, None, names=marked_names(model, batch, marker),
-                                     tags=reading_tags(batch, tokenizer, args.tag_sentences))
+                                     tags=reading_tags(batch, tokenizer, args.tag_sentences, args.tag_questions))
         loss = dense_loss(logits, batch.labels) if args.dense_reading else lvlm.answer_loss(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

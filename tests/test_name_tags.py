@@ -86,3 +86,12 @@ def test_a_dense_group_must_describe_the_same_people():
     mixed = [_question(people, people[0], "skin"), _question(people[:2], people[0], "skin")]
     with pytest.raises(PlvmError, match="same descriptions"):
         encode_dense([mixed], tokenizer, lvlm.num_image_tokens(model), model.config.text_config.vocab_size)
+
+
+def test_without_a_follower_a_question_s_name_tags_its_words_up_to_the_end_of_the_answer():
+    # <s> <n0> is x . <n1> is y . user <n1> ' s z assistant v </s> user <n0> w
+    eos = 2
+    ids = torch.tensor([[1, VOCAB, IS, 9, STOP, VOCAB + 1, IS, 10, STOP, 11, VOCAB + 1, QUOTE, 12, 13, 14, eos, 11,
+                         VOCAB, 15]])
+    tags = sentence_tags(ids, VOCAB, stop_id=STOP, stop_ids=(eos,))
+    assert tags[0].tolist() == [-1, -1, 0, 0, -1, -1, 1, 1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, 0]
