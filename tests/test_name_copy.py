@@ -10,6 +10,7 @@ import torch
 
 from plvmctl.lab import lvlm, name_copy
 from plvmctl.lab.name_marker import NameMarker
+from plvmctl.lab.name_tags import sentence_tags
 from plvmctl.tiny import BOS_ID, SPECIAL_TOKENS
 
 VOCAB = 60
@@ -145,3 +146,36 @@ def test_with_slots_the_i_th_name_of_a_row_gets_the_i_th_marker():
     assert names.shape == (400, 3, 32)
     assert torch.allclose(names.mean(dim=0), marker.marker.detach()[:3], atol=0.01)
     assert not torch.allclose(marker.marker[0], marker.marker[1])
+
+
+def test_a_binding_row_recalls_every_name_s_one_word_in_a_shuffled_order():
+    rng = random.Random(6)
+    orders = set()
+    for _ in range(50):
+        row = name_copy.binding_row(rng, VOCAB, VOCAB, pairs=8)
+        assert row.names == 8 and row.described == 17 and len(row.ids) == len(row.labels) == 33
+        described = row.ids[1:row.described]
+        assert described[0::2] == list(range(VOCAB, VOCAB + 8))  # <n0> w0 <n1> w1 ...
+        word = dict(zip(described[0::2], described[1::2]))
+        assert all(len(SPECIAL_TOKENS) <= w < VOCAB for w in word.values())
+        asked = row.ids[row.described::2]
+        assert sorted(asked) == list(range(VOCAB, VOCAB + 8)) and [name for name, _ in row.queries] == asked
+        answered = [i for i, label in enumerate(row.labels) if label != lvlm.IGNORE]
+        assert answered == list(range(row.described + 1, 33, 2))
+        assert [row.labels[i] for i in answered] == [word[name] for name in asked]
+        orders.add(tuple(asked))
+    assert len(orders) > 1
+
+
+def test_binding_rows_tag_each_described_word_with_its_name_and_train():
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, _, _ = lvlm.build_pocket_llava([f"w{i}" for i in range(VOCAB)], sizes, 0)
+    vocab_size = model.config.text_config.vocab_size
+    rows = [name_copy.binding_row(random.Random(7), vocab_size, vocab_size, pairs=3)]
+    tags = sentence_tags(name_copy.name_copy_batch(rows, vocab_size).input_ids, vocab_size, [rows[0].described])
+    assert tags[0].tolist() == [-1, -1, 0, -1, 1, -1, 2] + [-1] * 6
+    loss = name_copy.rows_loss(model, rows, tag=True)
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad is not None
+    assert 0.0 <= name_copy.binding_accuracy(model, random.Random(8), rows=4, pairs=3, tag=True) <= 1.0

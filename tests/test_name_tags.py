@@ -1,10 +1,14 @@
-"""Which name owns each token (plvmctl.lab.name_tags) and the tag's effect on the forward pass."""
+"""Which name owns each token (plvmctl.lab.name_tags), the tag's effect on the forward pass, and
+reading rows that ask about every described person (plvmctl.lab.dense_reading)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from plvmctl.lab import lvlm
+from plvmctl.errors import PlvmError
+from plvmctl.lab import lvlm, toy
+from plvmctl.lab.dense_reading import dense_loss, encode_dense
 from plvmctl.lab.name_tags import sentence_tags
 
 VOCAB = 20
@@ -39,3 +43,55 @@ def test_a_tagged_token_gets_its_name_vector_added():
     assert not torch.allclose(plain[0, 2:], tagged[0, 2:])
     untagged = lvlm.forward_logits(model, batch, None, names=names, tags=torch.full_like(ids, -1))
     assert torch.allclose(plain, untagged)
+
+
+def _question(people: list[toy.Identity], asked: toy.Identity, trait: str) -> lvlm.Row:
+    descriptions = {person.name: lvlm.describe(person, "keyvalue") for person in people}
+    return lvlm.Row("text", toy._ATTRIBUTE_TEMPLATES[trait][0].replace("<sks>", f"<{asked.name}>"),
+                    getattr(asked, trait), None, descriptions, tuple(toy.TRAITS[trait]), name_token=True)
+
+
+def test_a_dense_row_is_the_first_question_s_row_then_each_further_turn_with_its_answer():
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, tokenizer, _ = lvlm.build_pocket_llava(lvlm.collect_vocabulary(samples=40, description="keyvalue"), sizes, 0)
+    vocab, images = model.config.text_config.vocab_size, lvlm.num_image_tokens(model)
+    people = toy.training_identities()[:3]
+    turns = [_question(people, people[2], "skin"), _question(people, people[0], "hair_colour"),
+             _question(people, people[1], "eye_colour")]
+    single = lvlm.encode_rows(turns[:1], tokenizer, images, name_id=vocab)
+    dense = encode_dense([turns, turns[1:2]], tokenizer, images, vocab)
+    first = int(single.attention_mask[0].sum())
+    assert dense.input_ids[0, :first].tolist() == single.input_ids[0, :first].tolist()
+    assert dense.labels[0, :first].tolist() == single.labels[0, :first].tolist()
+    assert dense.names_per_row == [3, 3] and dense.prompt_lengths[0] == single.prompt_lengths[0]
+    words = [tokenizer.convert_ids_to_tokens(t) if t < vocab else f"<n{t - vocab}>"
+             for t in dense.input_ids[0, first:int(dense.attention_mask[0].sum())].tolist()]
+    assert words[:2] == ["user", ":"] and words.count("user") == 2 and "<n0>" in words and "<n1>" in words
+    answers = [t for t in dense.labels[0].tolist() if t != lvlm.IGNORE]
+    expected = [people[2].skin, people[0].hair_colour, people[1].eye_colour]
+    assert tokenizer.convert_ids_to_tokens(answers[0::2]) == expected and set(answers[1::2]) == {tokenizer.eos_token_id}
+    tags = sentence_tags(dense.input_ids, vocab, stop_id=tokenizer.convert_tokens_to_ids("."),
+                         follower_id=tokenizer.convert_tokens_to_ids("is"))
+    assert (tags[0, single.prompt_lengths[0]:] == -1).all() and set(tags[0].tolist()) == {-1, 0, 1, 2}
+    loss = dense_loss(lvlm.forward_logits(model, dense, None, tags=tags), dense.labels)
+    assert torch.isfinite(loss)
+
+
+def test_a_dense_group_must_describe_the_same_people():
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, tokenizer, _ = lvlm.build_pocket_llava(lvlm.collect_vocabulary(samples=40, description="keyvalue"), sizes, 0)
+    people = toy.training_identities()[:3]
+    mixed = [_question(people, people[0], "skin"), _question(people[:2], people[0], "skin")]
+    with pytest.raises(PlvmError, match="same descriptions"):
+        encode_dense([mixed], tokenizer, lvlm.num_image_tokens(model), model.config.text_config.vocab_size)
+
+
+def test_without_a_follower_a_question_s_name_tags_its_words_up_to_the_end_of_the_answer():
+    # <s> <n0> is x . <n1> is y . user <n1> ' s z assistant v </s> user <n0> w
+    eos = 2
+    ids = torch.tensor([[1, VOCAB, IS, 9, STOP, VOCAB + 1, IS, 10, STOP, 11, VOCAB + 1, QUOTE, 12, 13, 14, eos, 11,
+                         VOCAB, 15]])
+    tags = sentence_tags(ids, VOCAB, stop_id=STOP, stop_ids=(eos,))
+    assert tags[0].tolist() == [-1, -1, 0, 0, -1, -1, 1, 1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, 0]

@@ -100,6 +100,25 @@ def name_copy_row(rng: random.Random, vocab_size: int, name_id: int, next_share:
     return NameCopyRow(ids, labels, people, queries, described)
 
 
+def binding_row(rng: random.Random, vocab_size: int, name_id: int, pairs: int = 8) -> NameCopyRow:
+    """bench/name_binding.py's row on name tokens: `pairs` names each followed by one random
+    word, then every name again in a shuffled order, each answered by its word:
+
+        <s> <n0> w0 <n1> w1 ... <n7> w7   <n3> w3 <n0> w0 ...
+
+    the plain one-hop recall (a name's word) that a dense, tagged warm-up learns fast."""
+    first = len(SPECIAL_TOKENS)
+    words = [rng.randrange(first, vocab_size) for _ in range(pairs)]
+    ids = [BOS_ID] + [token for person in range(pairs) for token in (name_id + person, words[person])]
+    described = len(ids)
+    labels = [IGNORE] * described
+    order = rng.sample(range(pairs), pairs)
+    for person in order:
+        ids += [name_id + person, words[person]]
+        labels += [IGNORE, words[person]]
+    return NameCopyRow(ids, labels, pairs, [(name_id + person, None) for person in order], described)
+
+
 def name_copy_batch(rows: list[NameCopyRow], name_id: int) -> Batch:
     """The rows right-padded into an `lvlm.Batch` (no photos) that `lvlm.forward_logits` reads;
     `labels[t]` is the answer predicted from position t - 1, as in `encode_rows`."""
@@ -123,12 +142,34 @@ def name_copy_loss(model, rng: random.Random, rows: int = 64, next_share: float 
     vocab_size = model.config.text_config.vocab_size
     batch_rows = [name_copy_row(rng, vocab_size, vocab_size, next_share, max_keys, max_people, dense)
                   for _ in range(rows)]
+    return rows_loss(model, batch_rows, marker, tag)
+
+
+def rows_loss(model, batch_rows: list[NameCopyRow], marker: NameMarker | None = None,
+              tag: bool = False) -> torch.Tensor:
+    """Cross-entropy of the answers of `batch_rows` (fresh name vectors, `name_copy_loss`)."""
+    vocab_size = model.config.text_config.vocab_size
     batch = name_copy_batch(batch_rows, vocab_size)
-    names = None if marker is None else marker.vectors(model, rows, max(batch.names_per_row))
+    names = None if marker is None else marker.vectors(model, len(batch_rows), max(batch.names_per_row))
     tags = sentence_tags(batch.input_ids, vocab_size, [row.described for row in batch_rows]) if tag else None
     logits = forward_logits(model, batch, None, names=names, tags=tags)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE)
+
+
+@torch.no_grad()
+def binding_accuracy(model, rng: random.Random, rows: int = 128, pairs: int = 8, tag: bool = False) -> float:
+    """Top-1 accuracy over every answer of `rows` fresh `binding_row`s (chance 1/200)."""
+    vocab_size = model.config.text_config.vocab_size
+    batch_rows = [binding_row(rng, vocab_size, vocab_size, pairs) for _ in range(rows)]
+    batch = name_copy_batch(batch_rows, vocab_size)
+    tags = sentence_tags(batch.input_ids, vocab_size, [row.described for row in batch_rows]) if tag else None
+    was_training = model.training
+    model.eval()
+    predicted = forward_logits(model, batch, None, tags=tags).argmax(-1)
+    model.train(was_training)
+    answered = batch.labels[:, 1:] != IGNORE
+    return round(float((predicted[:, :-1] == batch.labels[:, 1:])[answered].float().mean()), 3)
 
 
 @torch.no_grad()

@@ -10,17 +10,21 @@ table would add each concept's vector to the tokens of its own sentence.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
 
 def sentence_tags(input_ids: torch.Tensor, vocab: int, ends: Sequence[int] | None = None,
-                  stop_id: int | None = None, follower_id: int | None = None) -> torch.Tensor:
+                  stop_id: int | None = None, follower_id: int | None = None,
+                  stop_ids: Collection[int] = ()) -> torch.Tensor:
     """[B, T] the index of the name (token id - `vocab`) whose sentence holds each token, -1
     for none. A sentence starts after its name token (with `follower_id`, only a name that
     token follows: "<n> is", not a question's "<n>'s") and runs to the next name, the next
-    `stop_id` (not tagged) or the row's end in `ends` (the described part; the whole row without)."""
+    `stop_id` or any of `stop_ids` (not tagged) or the row's end in `ends` (the described part;
+    the whole row without). Without `follower_id`, a question's name tags the question's words
+    after it and the answer that follows: the asked person's vector at the place that answers."""
+    stops = set(stop_ids) | ({stop_id} if stop_id is not None else set())
     tags = torch.full_like(input_ids, -1)
     for b, row in enumerate(input_ids.tolist()):
         owner = -1
@@ -28,7 +32,7 @@ def sentence_tags(input_ids: torch.Tensor, vocab: int, ends: Sequence[int] | Non
             if token >= vocab:
                 starts = follower_id is None or (t + 1 < len(row) and row[t + 1] == follower_id)
                 owner = token - vocab if starts else -1
-            elif stop_id is not None and token == stop_id:
+            elif token in stops:
                 owner = -1
             elif owner >= 0:
                 tags[b, t] = owner
