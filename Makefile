@@ -38,9 +38,10 @@ $(TESTSET)/validation_recognition:
 eval: install $(if $(filter runs/toy-testset,$(TESTSET)),$(TESTSET)/validation_recognition)
 	$(EVAL_ENV) plvmctl --recipe $(RECIPE) eval --testset $(TESTSET) --method $(METHODS) --out $(EVAL_OUT) $(EVAL_ARGS)
 
-# docs/results.md: main table (PLVM, no prompt, text prompt, Yo'LLaVA) on 40 held-out toy
-# identities plus the w and k ablations, every number measured by the run (how long it took:
-# the page's "How it was made").
+# docs/results.md: main table (every method) on 40 held-out toy identities, several people at
+# once, concepts from several photos (PLVM and Yo'LLaVA on the same photos) and the w and k
+# ablations, every number measured by the run (how long it took: the page's "How it was made";
+# RESULTS_ARGS=--skip-ablations leaves out the four Aligner trainings, about 45 minutes).
 # Reruns reuse runs/results (finished steps are skipped); RESULTS_ARGS adds options.
 results: install
 	OMP_NUM_THREADS=1 $(PYTHON) -m plvmctl.lab.results $(RESULTS_ARGS)
