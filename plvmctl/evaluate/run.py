@@ -174,8 +174,8 @@ def run_evaluation(runtime: Any, testset: TestSet | str | Path, methods: list[st
         "negatives": {"origin": pools[name].origin, "sha256": pools[name].digest()}} if name in pools else None)
         for name in factories}
     several = several_references_digest(testset)
-    for name in set(factories) & SEVERAL_REFERENCE_METHODS:
-        if several is not None:  # their concepts come from every ref_img*: which ones decides the answers
+    if several is not None:  # these methods' concepts come from every ref_img*: which ones decides the answers
+        for name in set(factories) & SEVERAL_REFERENCE_METHODS:
             fingerprints[name]["method"]["references_sha256"] = several
     split = EvalSplit(runtime)  # several processes: each asks its share, rank 0 merges (split.py)
     progress = progress and split.process.is_main  # one progress bar, rank 0's

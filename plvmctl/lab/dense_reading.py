@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import PlvmError
 from ..prompt import POCKET
-from ..tiny import PAD_ID
-from .lvlm import IGNORE, Batch, Row, encode_rows
+from .lvlm import IGNORE, Batch, Row, encode_rows, padded
 
 
 def encode_dense(groups: Sequence[Sequence[Row]], tokenizer, num_image_tokens: int, name_id: int) -> Batch:
@@ -48,15 +47,7 @@ def encode_dense(groups: Sequence[Sequence[Row]], tokenizer, num_image_tokens: i
         labels.append(label)
         lengths.append(batch.prompt_lengths[0])
         counts.append(batch.names_per_row[0])
-    width = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(groups), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(groups), width), dtype=torch.long)
-    target = torch.full((len(groups), width), IGNORE, dtype=torch.long)
-    for i, (sequence, label) in enumerate(zip(sequences, labels)):
-        ids[i, :len(sequence)] = torch.tensor(sequence)
-        mask[i, :len(sequence)] = 1
-        target[i, :len(label)] = torch.tensor(label)
-    return Batch(ids, mask, target, [], lengths, name_id, counts)
+    return Batch(*padded(sequences, labels), [], lengths, name_id, counts)
 
 
 def dense_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -762,15 +762,21 @@ def encode_rows(rows: Sequence[Row], tokenizer, num_image_tokens: int, name_id: 
             image_index.append(row.reference)
         if row.image is not None:
             image_index.append(row.image)
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    return Batch(*padded(sequences, labels), image_index, lengths, name_id, counts)
+
+
+def padded(sequences: Sequence[list[int]], labels: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, labels) [B, T], right-padded to the longest row (PAD_ID, 0 and
+    IGNORE after each row's end)."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    target = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
     for i, (sequence, label) in enumerate(zip(sequences, labels)):
         ids[i, :len(sequence)] = torch.tensor(sequence)
         mask[i, :len(sequence)] = 1
         target[i, :len(label)] = torch.tensor(label)
-    return Batch(ids, mask, target, image_index, lengths, name_id, counts)
+    return ids, mask, target
 
 
 def pixel_values(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:

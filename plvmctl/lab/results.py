@@ -399,11 +399,10 @@ def several_photos_step(options: Options, folder: Path, steps: StepRunner) -> di
     recipe = load_recipe(RECIPE)
     weights = model_weights(recipe)
     compared = min(SEVERAL_PHOTOS_COMPARED, options.identities)
-    plan = [(kind, count, ["plvm"], None) for kind in KINDS for count in COUNTS]
-    plan += [(kind, count, ["plvm", "yollava"], compared) for kind in KINDS for count in (1, 4)]
     methods = ["plvm"] if options.skip_trained else ["plvm", "yollava"]
-    plan = [(kind, count, [m for m in chosen if m in methods], subset) for kind, count, chosen, subset in plan
-            if subset is None or "yollava" in methods]
+    plan = [(kind, count, ["plvm"], None) for kind in KINDS for count in COUNTS]
+    if not options.skip_trained:
+        plan += [(kind, count, methods, compared) for kind in KINDS for count in (1, 4)]
     settings = {"recipe": RECIPE, "seed": SEED, "identities": options.identities, "compared": compared,
                 "neg_per_identity": options.neg_per_identity, "plan": plan,
                 "methods": {name: answer_fingerprint(recipe, name, weights) for name in methods}}

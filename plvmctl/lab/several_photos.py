@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import PlvmError
-from ..evaluate import load_testset
+from ..evaluate import load_testset, recipe_mcq_mode, run_evaluation
 
 COUNTS = (1, 2, 4)
 KINDS = ("clean", "hard")
@@ -104,8 +104,6 @@ def measure(runtime, out: Path, sets: dict[str, Path], plan: Sequence[tuple[str,
     """Evaluate each (kind, count, methods, identities) of `plan` on its view (under
     `out/views`, answers under `out/eval`, resumed as `eval` resumes); returns
     {"kind-count[-on-M]": {method: summary_row}}."""
-    from ..evaluate import recipe_mcq_mode, run_evaluation
-
     measured: dict[str, dict[str, Any]] = {}
     for kind, count, methods, identities in plan:
         label = f"{kind}-{count}" + (f"-on-{identities}" if identities else "")
