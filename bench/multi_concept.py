@@ -222,6 +222,12 @@ def main() -> None:
                         help="first steps on text rows alone (lvlm's reading_steps)")
     parser.add_argument("--recall", action="store_true",
                         help="recognition answers restate the asked person's traits first (lvlm.recall)")
+    parser.add_argument("--name-tags", action="store_true",
+                        help="every token after a name carries its vector (lvlm's name_tags, plvmctl.name_tags)")
+    parser.add_argument("--dense-text-groups", type=int, default=0,
+                        help="dense text rows a step, many questions about one prompt (lvlm.text_group)")
+    parser.add_argument("--dense-questions", type=int, default=8)
+    parser.add_argument("--dense-several-share", type=float, default=0.75)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
@@ -239,7 +245,9 @@ def main() -> None:
         CURRICULUM, steps=args.steps, warmup_steps=args.warmup, lr=args.lr, seed=args.seed, log_every=50,
         copy_steps=0, vision_steps=0, vision_aux_weight=0.0, position_aux_weight=0.0,
         crowd_share=args.crowd_share, which_share=args.which_share, which_answer=args.which_answer,
-        recall=args.recall, crowd_text_share=args.crowd_text_share, reading_steps=args.reading_steps)
+        recall=args.recall, crowd_text_share=args.crowd_text_share, reading_steps=args.reading_steps,
+        name_tags=args.name_tags, dense_text_groups=args.dense_text_groups, dense_questions=args.dense_questions,
+        dense_several_share=args.dense_several_share)
     items, images = evaluation_set(args.scenes, size, config, args.seed)
     texts = reading_set(200, config, args.seed)
     pixels = lvlm.pixel_values(processor, images)
@@ -270,7 +278,9 @@ def main() -> None:
     changed = {"steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup, "seed": args.seed,
                "crowd_share": args.crowd_share, "which_share": args.which_share,
                "which_answer": args.which_answer, "recall": args.recall, "crowd_text_share": args.crowd_text_share,
-               "reading_steps": args.reading_steps, "vision_aux_weight": 0.0}
+               "reading_steps": args.reading_steps, "vision_aux_weight": 0.0, "name_tags": args.name_tags,
+               "dense_text_groups": args.dense_text_groups, "dense_questions": args.dense_questions,
+               "dense_several_share": args.dense_several_share}
     report = {"bench": "multi_concept", "command": " ".join(["python", "bench/multi_concept.py", *sys.argv[1:]]),
               "base": "plvmctl/assets/pocket/backbone", "config": "pocket.CURRICULUM with " + json.dumps(changed),
               "eval_scenes": args.scenes, "threads": args.threads,

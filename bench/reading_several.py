@@ -35,7 +35,7 @@ The levers, one at a time (all off by default):
   answer's end, get the asked name's vector too, so the place that answers carries it;
 * --dense-reading N: each reading row asks up to N distinct (person, trait) questions about
   its one prompt, every described person once before any twice, in a shuffled order, each a
-  turn "user: <question> assistant: <answer></s>" with its loss (`plvmctl.lab.dense_reading`;
+  turn "user: <question> assistant: <answer></s>" with its loss (`plvmctl.lab.lvlm.encode_dense`;
   the first turn is the evaluated row's shape); the loss is the mean over answer tokens;
 * --binding-warmup N: N steps of bench/name_binding.py's rows on the same model before reading
   (`name_copy.binding_row`: 8 names, one word each, all recalled; tagged with --tag-sentences),
@@ -215,7 +215,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from plvmctl.lab import lvlm, name_copy, toy
-from plvmctl.lab.dense_reading import dense_loss, encode_dense
+from plvmctl.lab.lvlm import dense_loss, encode_dense
 from plvmctl.lab.name_marker import NameMarker
 from plvmctl.lab.name_tags import sentence_tags
 from plvmctl.lab.pocket import ASSETS

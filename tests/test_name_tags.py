@@ -1,5 +1,5 @@
 """Which name owns each token (plvmctl.lab.name_tags), the tag's effect on the forward pass, and
-reading rows that ask about every described person (plvmctl.lab.dense_reading)."""
+reading rows that ask about every described person (plvmctl.lab.lvlm.encode_dense)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from plvmctl.errors import PlvmError
 from plvmctl.lab import lvlm, toy
-from plvmctl.lab.dense_reading import dense_loss, encode_dense
+from plvmctl.lab.lvlm import dense_loss, encode_dense
 from plvmctl.lab.name_tags import sentence_tags
 
 VOCAB = 20

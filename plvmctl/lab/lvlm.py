@@ -86,6 +86,7 @@ from ..answers import (
 from ..data import templates as recognition_templates
 from . import toy
 from ..errors import PlvmError
+from ..name_tags import TAGS_KEY, add_tags, name_tags, tag_stop_ids
 from ..prompt import IMAGE_PLACEHOLDER, POCKET, build_prompt, encode_segments, split_names
 from ..tiny import (
     BOS_ID,
@@ -268,6 +269,11 @@ class LvlmTrainConfig:
     which_answer: str = "full"  # what a which row spells out first: "full" | "short" (`which_row`)
     recall: bool = False  # "compare" recognition answers first restate the asked person's traits (`recall`)
     crowd_text_share: float = 0.0  # share of text rows with 1-3 other people's descriptions too (`text_row`)
+    name_tags: bool = False  # every token after a name carries its vector (`plvmctl.name_tags`; saved in the config)
+    dense_text_groups: int = 0  # dense text rows a step (`text_group`: many questions about one prompt)
+    dense_questions: int = 8  # questions in each dense text row
+    dense_several_share: float = 0.75  # share of dense text rows describing 2-4 people
+    dense_weight: float = 1.0  # weight of the dense rows' loss (`dense_loss`) beside the step's rows
 
 
 @dataclass
@@ -779,6 +785,68 @@ def padded(sequences: Sequence[list[int]], labels: Sequence[list[int]]) -> tuple
     return ids, mask, target
 
 
+def text_group(pool: Sequence[toy.Identity], rng: random.Random, config: LvlmTrainConfig) -> list[Row]:
+    """The turns of one dense text row: 1 person described, or 2-4 with share
+    `dense_several_share` (in a random order, every name a name token of its own), then
+    `dense_questions` attribute questions (open or multiple choice, as `text_row` asks them)
+    about them, every person asked once before any twice, in a shuffled order."""
+    people = [pool[rng.randrange(len(pool))]]
+    if rng.random() < config.dense_several_share:
+        wanted = 1 + rng.randint(1, 3)
+        while len(people) < wanted:
+            other = pool[rng.randrange(len(pool))]
+            if other not in people:
+                people.append(other)
+    rng.shuffle(people)
+    descriptions = {person.name: describe(person, config.description) for person in people}
+    asked = [people[i % len(people)] for i in range(config.dense_questions)]
+    rng.shuffle(asked)
+    plain = dataclasses.replace(config, reference_share=0.0, crowd_text_share=0.0)
+    return [dataclasses.replace(_text_row(person, rng, plain), descriptions=descriptions, name_token=True)
+            for person in asked]
+
+
+def encode_dense(groups: Sequence[Sequence[Row]], tokenizer, num_image_tokens: int, name_id: int) -> Batch:
+    """One sequence per group of text rows that describe the same people in the same order:
+    the first row's prompt and answer, then each further row's turn (from its `user` token on)
+    and answer, "user: <question> assistant: <answer></s>". Labels on every answer;
+    `prompt_lengths` is the first turn's prompt, so the first turn is exactly the one-question
+    row. A reading row holds one lookup (the asked name's sentence, then the trait's value in
+    it); a dense row holds many, which is what makes that lookup learnable
+    (docs/research-log.md, bench/name_binding.py)."""
+    user = tokenizer.convert_tokens_to_ids(POCKET.user)
+    sequences, labels, lengths, counts = [], [], [], []
+    for group in groups:
+        if not group or any(row.image is not None or row.descriptions != group[0].descriptions for row in group):
+            raise PlvmError("a dense group is one or more text rows with the same descriptions")
+        batch = encode_rows(group, tokenizer, num_image_tokens, name_id=name_id)
+        preamble: list[int] = []
+        sequence: list[int] = []
+        label: list[int] = []
+        for i in range(len(group)):
+            length = int(batch.attention_mask[i].sum())
+            ids = batch.input_ids[i, :length].tolist()
+            start = ids.index(user)
+            if i == 0:
+                preamble, start = ids[:start], 0
+            elif ids[:start] != preamble:
+                raise PlvmError("a dense group's rows must encode the same preamble")
+            sequence += ids[start:]
+            label += batch.labels[i, start:length].tolist()
+        sequences.append(sequence)
+        labels.append(label)
+        lengths.append(batch.prompt_lengths[0])
+        counts.append(batch.names_per_row[0])
+    return Batch(*padded(sequences, labels), [], lengths, name_id, counts)
+
+
+def dense_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over every answer token of the batch (logits at t predict t + 1):
+    each lookup weighs the same, however many a row holds."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE)
+
+
 def pixel_values(image_processor, images: Sequence[Image.Image]) -> torch.Tensor:
     """The processor's pixel values ([N, 3, S, S]); toy photos are square already, so this is
     what `Backbone.pixel_values` gives at inference ("pad" to square is a no-op)."""
@@ -819,8 +887,9 @@ def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: t
     order). `names` ([B, H]) fixes the name embeddings (fresh ones otherwise). A batch whose
     rows hold several names each has `names` [B, N, H] and N name columns; a row's columns
     past its own names are never predicted (the lowest logit), as the concept table allows
-    each row only its own concepts. `tags` ([B, T], -1 for none; a lab lever,
-    `name_tags.sentence_tags`) adds the row's name of that index to each tagged token's embedding."""
+    each row only its own concepts. `tags` ([B, T], -1 for none) adds the row's name of that
+    index to each tagged token's embedding; a model whose config has name tags
+    (`plvmctl.name_tags`) gets them by the rule it was trained with unless `tags` are given."""
     vocab = model.config.text_config.vocab_size
     virtual = batch.input_ids >= vocab  # [B, T] name tokens
     embeds = model.get_input_embeddings()(batch.input_ids.clamp(max=vocab - 1))  # [B, T, H]
@@ -839,10 +908,11 @@ def forward_logits(model: LlavaForConditionalGeneration, batch: Batch, pixels: t
             which = (batch.input_ids - vocab).clamp(min=0, max=names.shape[1] - 1)  # [B, T]
             chosen = torch.gather(names, 1, which.unsqueeze(-1).expand(-1, -1, names.shape[-1]))  # [B, T, H]
             embeds = torch.where(virtual.unsqueeze(-1), chosen.to(embeds.dtype), embeds)
+        stops = tag_stop_ids(model.config)
+        if tags is None and stops is not None:  # a base trained with name tags reads them always
+            tags, _ = name_tags(batch.input_ids.tolist(), vocab, max(batch.names_per_row, default=1), stops)
         if tags is not None:
-            per_row = names if names.dim() == 3 else names.unsqueeze(1)  # [B, N, H]
-            owner = torch.gather(per_row, 1, tags.clamp(min=0).unsqueeze(-1).expand(-1, -1, per_row.shape[-1]))
-            embeds = embeds + torch.where((tags >= 0).unsqueeze(-1), owner.to(embeds.dtype), torch.zeros_like(embeds))
+            embeds = add_tags(embeds, tags, names if names.dim() == 3 else names.unsqueeze(1))
     hidden = model.model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                          use_cache=False).last_hidden_state  # [B, T, H]
     logits = model.lm_head(hidden)
@@ -1375,6 +1445,8 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
     if config.caption_steps > 0 and config.caption_rows < 1:
         raise PlvmError("caption_steps trains on caption rows alone: set caption_rows to 1 or more")
     seed_everything(config.seed)
+    if config.name_tags:  # the rule is part of the model: saved with its config, read at ask time
+        setattr(model.config, TAGS_KEY, {"stop_ids": [tokenizer.convert_tokens_to_ids("."), EOS_ID]})
     rng = random.Random(f"plvmctl-pocket-lvlm-{config.seed}")
     pool = toy.training_identities()
     size = model.config.vision_config.image_size
@@ -1457,6 +1529,10 @@ def train_lvlm(model, tokenizer, image_processor, config: LvlmTrainConfig, *,
         loss = answer_loss(logits, batch.labels)
         aux = probe.loss(features, infos) if probe is not None and features is not None else None
         total = loss + config.vision_aux_weight * aux if aux is not None else loss
+        if config.dense_text_groups > 0:
+            groups = [text_group(pool, rng, config) for _ in range(config.dense_text_groups)]
+            dense = encode_dense(groups, tokenizer, tokens_per_image, model.config.text_config.vocab_size)
+            total = total + config.dense_weight * dense_loss(forward_logits(model, dense, None), dense.labels)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if config.grad_clip > 0:
