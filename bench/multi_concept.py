@@ -51,7 +51,6 @@ import argparse
 import dataclasses
 import json
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -59,139 +58,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from plvmctl.answers import RECOGNITION_QUESTION, parse_which, parse_yes_no
-from plvmctl.data import templates
 from plvmctl.lab import lvlm, toy
+from plvmctl.lab.several_people import answer_tokens, evaluation_set, measure, reading, reading_set
 from plvmctl.lab.pocket import ASSETS, CURRICULUM
 from plvmctl.tiny import clip_image_processor
-
-RECIPE_MAX_NEW_TOKENS = 64  # the pocket recipe's generation limit
-
-
-@dataclasses.dataclass
-class Item:
-    group: str  # single-pos, two-neg-second, which, ...
-    row: lvlm.Row
-    expected: str  # "yes" / "no", or the name a which question must say first
-
-
-def recognition(asked: toy.Identity, other: toy.Identity | None, image: int, expected: str,
-                config: lvlm.LvlmTrainConfig, asked_first: bool = True) -> lvlm.Row:
-    """"Is <asked> in this photo?" with asked's sentence and, when given, other's."""
-    people = [asked] if other is None else [asked, other] if asked_first else [other, asked]
-    descriptions = {person.name: lvlm.describe(person, config.description) for person in people}
-    return lvlm.Row("recognition", RECOGNITION_QUESTION.format(name=asked.name), expected, image, descriptions,
-                    name_token=True)
-
-
-def evaluation_set(scenes: int, size: int, config: lvlm.LvlmTrainConfig, seed: int
-                   ) -> tuple[list[Item], list]:
-    """Seven items a photo of held-out people: single pos / neg, two-sentence pos / neg with the
-    asked sentence first and second, one which-of-two."""
-    rng = random.Random(f"plvmctl-multi-concept-eval-{seed}")
-    pool = toy.heldout_identities()
-    traits = config.compare_traits
-    items, images = [], []
-    for _ in range(scenes):
-        image, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, size=size)
-        images.append(image)
-        index = len(images) - 1
-        present = rng.choice(info.people).identity
-        absent = lvlm._absent_identity(info, rng, pool, config.hard_negative_share, traits)
-        items += [Item("single-pos", recognition(present, None, index, "yes", config), "yes"),
-                  Item("single-neg", recognition(absent, None, index, "no", config), "no")]
-        other_absent = lvlm._absent_identity(info, rng, pool, config.hard_negative_share, traits)
-        while other_absent == absent:
-            other_absent = lvlm._absent_identity(info, rng, pool, config.hard_negative_share, traits)
-        for first in (True, False):
-            place = "first" if first else "second"
-            items += [Item(f"two-pos-{place}", recognition(present, other_absent, index, "yes", config, first), "yes"),
-                      Item(f"two-neg-{place}", recognition(absent, present, index, "no", config, first), "no")]
-        which = lvlm.which_row(info, index, rng, pool, config, present=1)
-        a, b = list(which.descriptions)
-        question = templates.WHICH_QUESTIONS[0].format(a=a, b=b)  # the evaluation's question
-        items.append(Item("which", dataclasses.replace(which, question=question), present.name))
-    return items, images
-
-
-def reading_set(rows: int, config: lvlm.LvlmTrainConfig, seed: int) -> dict[str, list[lvlm.Row]]:
-    """Open text questions about a held-out person (no photo): their sentence alone, first of
-    two, or second of two."""
-    rng = random.Random(f"plvmctl-multi-concept-reading-{seed}")
-    pool = toy.heldout_identities()
-    plain = dataclasses.replace(config, mcq_share=0.0, crowd_text_share=0.0)
-    sets: dict[str, list[lvlm.Row]] = {"alone": [], "first": [], "second": []}
-    for _ in range(rows):
-        who, other = rng.sample(pool, 2)
-        row = dataclasses.replace(lvlm.text_row(who, rng, plain), name_token=True)
-        mine = {who.name: lvlm.describe(who, config.description)}
-        theirs = {other.name: lvlm.describe(other, config.description)}
-        sets["alone"].append(dataclasses.replace(row, descriptions=mine))
-        sets["first"].append(dataclasses.replace(row, descriptions={**mine, **theirs}))
-        sets["second"].append(dataclasses.replace(row, descriptions={**theirs, **mine}))
-    return sets
-
-
-@torch.no_grad()
-def reading(model, tokenizer, sets: dict[str, list[lvlm.Row]], seed: int) -> dict[str, float]:
-    """First-answer-token accuracy among the possible answers, per `reading_set` setting."""
-    model.eval()
-    report = {}
-    for setting, rows in sets.items():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            hits = [hit[0] for hit in lvlm.first_answer_hits(model, tokenizer, rows, None) if hit is not None]
-        report[setting] = round(sum(hits) / len(hits), 4)
-    model.train()
-    return report
-
-
-def answer_tokens(tokenizer, answer: str) -> int:
-    """Tokens of a generated answer, a `<name>` counted as the one name token it was."""
-    return len(tokenizer(" " + re.sub(r"<[A-Za-z0-9_-]+>", "name", answer), add_special_tokens=False)["input_ids"])
-
-
-@torch.no_grad()
-def measure(model, tokenizer, pixels, items: list[Item], max_new_tokens: int, seed: int) -> dict:
-    """Accuracies per group, which-of-two unparseable count, answer lengths, examples.
-
-    The name vectors are drawn from a seeded generator of their own (the same at every
-    measurement, the training's random stream untouched); items are generated group by group,
-    so short answers do not wait for the long ones of their batch."""
-    model.eval()
-    items = sorted(items, key=lambda item: item.group)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        said = lvlm.generate_answers(model, tokenizer, [item.row for item in items], pixels,
-                                     max_new_tokens=max_new_tokens)
-    hits: dict[str, list[int]] = {}
-    lengths: dict[str, list[int]] = {}
-    unparseable = 0
-    examples: dict[str, dict] = {}
-    for item, answer in zip(items, said):
-        if item.group == "which":
-            named = parse_which(answer, list(item.row.descriptions))
-            unparseable += int(named is None)
-            right = named == item.expected
-        else:
-            right = parse_yes_no(answer) == item.expected
-        hits.setdefault(item.group, []).append(int(right))
-        kind = item.group.split("-")[0]
-        lengths.setdefault(kind, []).append(answer_tokens(tokenizer, answer))
-        examples.setdefault(item.group, {"said": answer, "truth": item.row.answer, "expected": item.expected})
-    report = {group: round(sum(h) / len(h), 4) for group, h in hits.items()}
-    for sign in ("pos", "neg"):
-        both = hits[f"two-{sign}-first"] + hits[f"two-{sign}-second"]
-        report[f"two-{sign}"] = round(sum(both) / len(both), 4)
-    report["which_unparseable"] = unparseable
-    report["which_items"] = len(hits["which"])
-    report["answer_tokens_mean"] = {kind: round(sum(v) / len(v), 1) for kind, v in lengths.items()}
-    report["answer_tokens_max"] = {kind: max(v) for kind, v in lengths.items()}
-    report["answers_over_64"] = {kind: sum(n > RECIPE_MAX_NEW_TOKENS for n in v) for kind, v in lengths.items()}
-    report["examples"] = examples
-    model.train()
-    return report
-
 
 def truth_lengths(tokenizer, config: lvlm.LvlmTrainConfig, steps: int = 20) -> dict:
     """Mean and max answer tokens of the training rows per kind (EOS not counted)."""

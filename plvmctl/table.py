@@ -15,6 +15,11 @@ vocabulary V are laid out as
 - on the output head: V + n + Σk + Σm columns are appended: the concepts' head rows give the
   words' logits, context and visual columns get the dtype's lowest value (never generated).
 
+A model trained with name tags (`plvmctl.name_tags`, in its config) also gets, on the input
+embedding, each concept's word vector added to the tokens that follow the word up to the next
+full stop: its context tokens, and a question's words after it and the answer generated there,
+one token at a time included.
+
 Nothing in the model is resized or overwritten, any number of concepts can share one batch,
 stock `generate()` (KV cache, sampling, logits processors) keeps working, and gradients flow
 into the concept tensors, so trainers use the same mechanism.
@@ -29,6 +34,7 @@ import torch
 
 from .concept import Concept
 from .errors import PlvmError
+from .name_tags import add_tags, name_tags, tag_stop_ids
 from .prompt import Slot
 
 
@@ -119,6 +125,17 @@ class ConceptTable:
             raise PlvmError(f"table built for {vocab} vocabulary rows, model head has {head.weight.shape[0]}")
         pending: list[torch.Tensor] = []
         allowed = None if rows is None else self.row_mask(rows).to(self.head_rows.device)
+        stops = tag_stop_ids(model.config)  # a model trained with name tags reads them here too
+        owners: list[list[int]] = []  # each row's tag owner after the tokens seen so far
+
+        def tagged(ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+            # A call of one token a row continues the call before it (generation with a KV
+            # cache); any longer call starts afresh (a prompt, a training batch).
+            fresh = ids.shape[1] > 1 or not owners or len(owners[-1]) != ids.shape[0]
+            tags, last = name_tags(ids.tolist(), vocab, self.num_concepts, stops,
+                                   None if fresh else owners[-1])
+            owners[:] = [last]
+            return add_tags(output, tags, self.input_rows[:self.num_concepts].to(output.dtype))
 
         def before_embedding(module, args):
             ids = args[0]
@@ -128,10 +145,10 @@ class ConceptTable:
         def after_embedding(module, args, output):
             ids = pending.pop()
             virtual = ids >= vocab
-            if not bool(virtual.any()):
-                return output
-            rows = self.input_rows[(ids - vocab).clamp(min=0)].to(output.dtype)
-            return torch.where(virtual.unsqueeze(-1), rows, output)
+            if bool(virtual.any()):
+                rows = self.input_rows[(ids - vocab).clamp(min=0)].to(output.dtype)
+                output = torch.where(virtual.unsqueeze(-1), rows, output)
+            return output if stops is None else tagged(ids, output)
 
         def after_head(module, args, output):
             hidden = args[0]

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from plvmctl.answers import parse_which, parse_yes_no
+from plvmctl.answers import conclusion, parse_which, parse_yes_no
 from plvmctl.lab import lvlm, toy
 from plvmctl.prompt import POCKET, build_prompt
 
@@ -42,7 +42,9 @@ def _scene() -> toy.SceneInfo:
     return dataclasses.replace(info, people=people)
 
 
-def test_which_answers_name_who_is_there_after_a_reasoning_that_names_nobody():
+def test_which_answers_name_who_is_there_after_their_reasoning():
+    """"full" and "short" reasonings name nobody; "named" ones name each person before their
+    comparison, and the conclusion names who is there."""
     info = _scene()
     left, right = info.people[0].identity, info.people[1].identity
     absent = _identity(hair_colour="red", hair_style="curly", skin="pale")  # one trait from the left person
@@ -50,8 +52,12 @@ def test_which_answers_name_who_is_there_after_a_reasoning_that_names_nobody():
         config = dataclasses.replace(COMPARE, which_answer=style)
         one = lvlm.which_answer(absent, left, info, config)
         reasoning, _, verdict = one.rpartition(". ")
-        assert "<" not in reasoning
         assert verdict == f"<{left.name}> is in this photo."
+        assert parse_which(conclusion(one, "comparison"), [absent.name, left.name]) == left.name
+        if style == "named":
+            assert reasoning.startswith(f"<{absent.name}> ") and f". <{left.name}> " in reasoning
+            continue
+        assert "<" not in reasoning
         assert parse_which(one, [absent.name, left.name]) == left.name
         both = lvlm.which_answer(right, left, info, config)
         assert both.endswith(f"<{right.name}> is in this photo. <{left.name}> is in this photo.")
@@ -78,12 +84,15 @@ def test_which_rows_are_bounded_and_describe_both_people_in_the_question_order(s
             assert row.question.index(f"<{first}>") < row.question.index(f"<{second}>")
             assert row.name_token
             shown = [name for name in row.descriptions if lvlm.comparison(by_name[name], info)[1]]
-            assert parse_which(row.answer, list(row.descriptions)) == (shown[0] if shown else None)
+            assert parse_which(conclusion(row.answer, "comparison"), list(row.descriptions)) == \
+                (shown[0] if shown else None)
             batch = lvlm.encode_rows([row], tokenizer, TOKENS_PER_IMAGE, name_id=len(tokenizer))
             answer = int((batch.labels[0] != lvlm.IGNORE).sum()) - 1  # EOS not counted
             longest[style] = max(longest[style], answer)
-    # 3 people x 2 asked: 14 words each ("full") or 2 ("short"), two full stops, two verdicts
+    # 3 people x 2 asked: 14 words each ("full") or 2 ("short"), two full stops, two verdicts;
+    # "named": a name before each person's comparison
     assert longest["full"] <= 2 * 3 * 14 + 2 + 2 * 6
+    assert longest["named"] <= longest["full"] + 2
     assert longest["short"] <= 2 * 3 * 2 + 2 + 2 * 6 <= 26
 
 

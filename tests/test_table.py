@@ -4,6 +4,7 @@ import torch
 
 from helpers import copied_concept
 from plvmctl.images import load_image
+from plvmctl.name_tags import TAGS_KEY
 from plvmctl.prompt import Slot
 from plvmctl.table import ConceptTable
 
@@ -99,3 +100,70 @@ def test_many_concepts_get_distinct_ids(runtime):
     assert min(ids) == backbone.vocab_size and max(ids) == table.total_ids - 1
     assert [table.name_for_id(i) for i in ids[:4]] == ["c0", "c1", "c2", "c3"]
     assert table.name_for_id(ids[-1]) is None and table.name_for_id(5) is None
+
+
+def _with_name_tags(model, stop_ids):
+    """`model` (its config) as a base trained with name tags reads it; undo with the returned call."""
+    setattr(model.config, TAGS_KEY, {"stop_ids": list(stop_ids)})
+    return lambda: delattr(model.config, TAGS_KEY)
+
+
+def test_name_tags_add_the_word_to_the_tokens_after_it_up_to_the_stop(runtime):
+    """On a model trained with name tags, every token after a concept word up to the next stop
+    id embeds with the word's vector added; the word, the stop and what follows are untouched."""
+    backbone = runtime.backbone
+    model = backbone.model
+    concept = copied_concept(backbone, "tagged", TOKEN, k=2, noise=0.5)
+    table = ConceptTable([concept], backbone.vocab_size)
+    word, stop = table.word_id("tagged"), 7
+    ids = torch.tensor([[1, 21, word, 40, table.slot_id(Slot("tagged", 0)), table.slot_id(Slot("tagged", 1)),
+                         stop, 41, 6]])
+    seen = []
+
+    def embeds():  # what the table's hooks hand the model (a hook registered after theirs)
+        with torch.no_grad(), table.active(model):
+            hook = model.get_input_embeddings().register_forward_hook(lambda m, a, output: seen.append(output))
+            try:
+                model(input_ids=ids)
+            finally:
+                hook.remove()
+
+    embeds()
+    undo = _with_name_tags(model, [stop])
+    try:
+        embeds()
+    finally:
+        undo()
+    plain, tagged = seen
+    added = (tagged - plain)[0]
+    assert torch.allclose(added[3:6], concept.word.expand(3, -1), atol=1e-6)  # "40", both context tokens
+    assert torch.equal(added[:3], torch.zeros_like(added[:3]))  # before and at the word
+    assert torch.equal(added[6:], torch.zeros_like(added[6:]))  # the stop and after it
+
+
+def test_name_tags_carry_into_generation_one_token_at_a_time(runtime):
+    """Generating with the KV cache (one token a call) tags each new token as a forward over
+    the whole sequence does: greedy answers with and without the cache are the same."""
+    backbone = runtime.backbone
+    model = backbone.model
+    concept = copied_concept(backbone, "asked", TOKEN, noise=2.0, seed=3)
+    table = ConceptTable([concept], backbone.vocab_size)
+    prompt = torch.tensor([[1, 21, 41, table.word_id("asked"), 20]])
+    undo = _with_name_tags(model, [backbone.eos_token_id])
+    try:
+        with torch.no_grad(), table.active(model):
+            cached = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                                    pad_token_id=backbone.pad_token_id, use_cache=True)[0].tolist()
+            ids = prompt[0].tolist()
+            for _ in range(6):  # greedy by full forwards: every token's tag from scratch
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1, :table.total_ids].argmax()))
+        with torch.no_grad(), table.active(model):
+            untagged = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                                      pad_token_id=backbone.pad_token_id, use_cache=True)[0].tolist()
+    finally:
+        undo()
+    assert cached == ids
+    with torch.no_grad(), table.active(model):
+        plain = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                               pad_token_id=backbone.pad_token_id, use_cache=True)[0].tolist()
+    assert untagged == cached != plain  # the tags change what is said (noise 2.0 makes them large)

@@ -237,6 +237,25 @@ def test_hard_negatives_come_from_the_most_similar_identities(world):
     assert all(s.photo.parent.name == "bob" for s in negatives if s.name == "ann")
 
 
+
+def test_sampler_puts_other_concepts_beside_a_share_of_samples(world):
+    """also_share: that share of samples has 1-2 other concepts after its own; the sample is
+    otherwise the one drawn without, and half the negatives with others have the person in the
+    photo among them."""
+    identities = read_manifest(world).identities
+    plain = [PlvmSampler(identities, seed=3).sample(i) for i in range(600)]
+    mixed = [PlvmSampler(identities, seed=3, also_share=0.5).sample(i) for i in range(600)]
+    assert [replace(s, also=()) for s in mixed] == plain
+    beside = [s for s in mixed if s.also]
+    assert len(beside) / len(mixed) == pytest.approx(0.5, abs=0.06)
+    assert all(1 <= len(s.also) <= 2 and s.name not in s.also and len(set(s.also)) == len(s.also)
+               for s in beside)
+    negatives = [s for s in beside if s.kind == "negative"]
+    shown = [s for s in negatives if s.photo.parent.name in s.also]
+    assert 0.3 < len(shown) / len(negatives) < 0.9  # half by design, plus random picks of the owner
+    with pytest.raises(PlvmError, match="also_share"):
+        PlvmSampler(identities, also_share=1.5)
+
 def test_neutral_question():
     assert neutral_question("What colour is <sks>'s hair?") == "What colour is the person's hair?"
     assert neutral_question("<sks> wears what?") == "The person wears what?"

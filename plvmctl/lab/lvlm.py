@@ -466,7 +466,7 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
     return rows
 
 
-WHICH_ANSWER_STYLES = ("full", "short")
+WHICH_ANSWER_STYLES = ("full", "short", "named")
 NEITHER_ANSWER = "neither is in this photo."
 
 
@@ -530,10 +530,13 @@ def which_answer(first: toy.Identity, second: toy.Identity, info: toy.SceneInfo,
     asked about, in the question's order, then who is there ("<b> is in this photo.", both
     such sentences in the question's order, or "neither is in this photo.").
 
-    The reasoning never names anyone, so the first name the answer says is the verdict's (the
-    evaluation reads the first one named, `answers.parse_which`). `which_answer="full"`: each
+    The "full" and "short" reasonings never name anyone, so the first name such an answer says
+    is the verdict's (`answers.parse_which` reads the first one named). `which_answer="full"`: each
     person's `comparison` with everyone in the photo (14 words a person in the photo and a
-    person asked about); "short": only each place and match / mismatch (2 words).
+    person asked about); "short": only each place and match / mismatch (2 words); "named": the
+    full comparison with the person's `<name>` in front of it, so that on a base with name tags
+    each comparison carries the vector of the person it is about (the name switches the tag);
+    the evaluation reads the names of the conclusion only (`answers.conclusion`).
     """
     if config.which_answer not in WHICH_ANSWER_STYLES:
         raise ValueError(f"which_answer must be one of {', '.join(WHICH_ANSWER_STYLES)}, "
@@ -541,7 +544,9 @@ def which_answer(first: toy.Identity, second: toy.Identity, info: toy.SceneInfo,
     parts, shown = [], []
     for person in (first, second):
         words, found = comparison(person, info, config.compare_traits)
-        parts.append(words if config.which_answer == "full" else _match_places(person, info, config.compare_traits))
+        if config.which_answer == "short":
+            words = _match_places(person, info, config.compare_traits)
+        parts.append(f"<{person.name}> {words}" if config.which_answer == "named" else words)
         if found:
             shown.append(person)
     verdict = " ".join(recognition_templates.WHICH_ANSWERS[0].format(shown=person.name) for person in shown)

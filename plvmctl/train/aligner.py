@@ -128,6 +128,10 @@ class TrainConfig:
     # reference photos (the manifest's "references", PlvmSampler.references_for), combined as
     # `encode a.jpg b.jpg` combines them (references.mean_outputs)
     max_references: int = 1
+    # share of samples whose prompt holds 1-2 other training concepts' sentences after their
+    # own (distractors: a negative's may be the person in the photo), so that concepts learn to
+    # work side by side, as `ask` puts every concept a question names in one prompt
+    also_share: float = 0.0
     checkpoint_every: int = 100  # 0: only at the end and on Ctrl-C
     validate_every: int = 0  # 0: only at the end (when val_identities > 0)
     val_identities: int = 0  # identities held out of training for validation
@@ -154,7 +158,7 @@ class TrainConfig:
         for key, value in not_negative.items():
             if value < 0:
                 raise PlvmError(f"train.{key} must be 0 or more, got {value}")
-        for key in ("positive_share", "recognition_share"):
+        for key in ("positive_share", "recognition_share", "also_share"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise PlvmError(f"train.{key} must be between 0 and 1, got {value}")
@@ -604,7 +608,7 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
     sampler = PlvmSampler(train_ids, seed=config.seed, positive_share=config.positive_share,
                           recognition_share=config.recognition_share, negatives=config.negatives,
                           hard_neighbours=ranking, compare_keys=compare_keys,
-                          max_references=config.max_references)
+                          max_references=config.max_references, also_share=config.also_share)
     val_samples = validation_samples(val_ids, manifest.identities, seed=config.seed,
                                      photos_per_identity=config.val_photos,
                                      compare_keys=compare_keys) if val_ids else []

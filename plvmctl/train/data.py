@@ -30,6 +30,8 @@ the uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import random
@@ -284,7 +286,8 @@ class PlvmSampler:
                  positive_share: float = 0.6, recognition_share: float = 0.5,
                  negatives: str = "random",
                  hard_neighbours: dict[str, list[str]] | None = None,
-                 compare_keys: Sequence[str] = (), max_references: int = 1) -> None:
+                 compare_keys: Sequence[str] = (), max_references: int = 1,
+                 also_share: float = 0.0) -> None:
         if not identities:
             raise PlvmError("the sampler needs at least one identity")
         if not 0.0 <= positive_share <= 1.0:
@@ -299,7 +302,10 @@ class PlvmSampler:
             check_comparable(identities, compare_keys)
         if max_references < 1:
             raise PlvmError(f"max_references must be 1 or more, got {max_references}")
+        if not 0.0 <= also_share <= 1.0:
+            raise PlvmError(f"also_share must be between 0 and 1, got {also_share}")
         self.max_references = max_references
+        self.also_share = also_share
         self.compare_keys = tuple(compare_keys)
         self.identities = list(identities)
         self.seed = seed
@@ -309,6 +315,7 @@ class PlvmSampler:
         self.hard_neighbours = hard_neighbours or {}
         self._by_name = {identity.name: identity for identity in self.identities}
         self._with_photos = [i.name for i in self.identities if i.queries]
+        self._owner = {photo: i.name for i in self.identities for photo in i.queries}  # query photo -> subject
 
     def state_dict(self) -> dict[str, Any]:
         """What decides the samples: checked on resume so a changed setup is noticed."""
@@ -319,6 +326,8 @@ class PlvmSampler:
             state["compare_keys"] = list(self.compare_keys)
         if self.max_references > 1:
             state["max_references"] = self.max_references
+        if self.also_share > 0:
+            state["also_share"] = self.also_share
         return state
 
     def check_state(self, state: dict[str, Any]) -> None:
@@ -345,7 +354,32 @@ class PlvmSampler:
         return others
 
     def sample(self, index: int) -> Sample:
-        """Sample number `index` (any non-negative integer)."""
+        """Sample number `index` (any non-negative integer); with `also_share`, that share of
+        them with other concepts in the prompt too (`_with_others`)."""
+        sample = self._sample(index)
+        return self._with_others(sample, index) if self.also_share > 0 else sample
+
+    def _with_others(self, sample: Sample, index: int) -> Sample:
+        """`sample` with 1 or 2 other identities' concepts after its own, in a share
+        `also_share` of the draws (from a random stream of its own, so every sample is otherwise
+        the one drawn without). The question and answer stay about `sample.name`; half the
+        negatives have the person in the photo among the others, the hardest distractor (a
+        model that reads the nearest sentence says yes)."""
+        rng = random.Random(f"plvmctl-also-{self.seed}-{index}")
+        if rng.random() >= self.also_share or len(self.identities) < 2:
+            return sample
+        others: list[str] = []
+        if sample.kind == "negative" and rng.random() < 0.5:
+            others.append(self._owner[sample.photo])
+        wanted = min(rng.randint(1, 2), len(self.identities) - 1)
+        while len(others) < wanted:
+            name = self.identities[rng.randrange(len(self.identities))].name
+            if name != sample.name and name not in others:
+                others.append(name)
+        rng.shuffle(others)
+        return dataclasses.replace(sample, also=tuple(others))
+
+    def _sample(self, index: int) -> Sample:
         identity = self._identity_at(index)
         rng = random.Random(f"plvmctl-sample-{self.seed}-{index}")
         negatives = self._negative_pool(identity.name)
