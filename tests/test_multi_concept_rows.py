@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from plvmctl.answers import conclusion, parse_which, parse_yes_no
+from plvmctl.answers import conclusion, parse_which, parse_who, parse_yes_no
 from plvmctl.lab import lvlm, toy
 from plvmctl.prompt import POCKET, build_prompt
 
@@ -173,3 +173,22 @@ def test_recall_restates_the_asked_persons_compared_traits_before_the_comparison
             asked = row.question[row.question.index("<") + 1:row.question.index(">")]
             assert row.answer.startswith(f"<{asked}> skin ")
             assert parse_yes_no(row.answer) in ("yes", "no")
+
+
+def test_which_rows_about_three_or_four_people_ask_as_the_evaluation_asks_and_answer_for_each():
+    info = _scene()
+    pool = toy.training_identities()
+    config = dataclasses.replace(COMPARE, which_answer="named")
+    by_name = {identity.name: identity for identity in toy.all_identities()}
+    rng = random.Random(5)
+    for count, opening in ((3, "Which of <"), (4, "Who of <")):
+        for _ in range(10):
+            row = lvlm.which_row(info, 0, rng, pool, config, count=count)
+            names = list(row.descriptions)
+            assert len(names) == count and row.question.startswith(opening)
+            assert [row.question.index(f"<{name}>") for name in names] == \
+                sorted(row.question.index(f"<{name}>") for name in names)
+            shown = [name for name in names if lvlm.comparison(by_name[name], info)[1]]
+            said = parse_who(conclusion(row.answer, "comparison"), names)
+            assert said == tuple(shown)
+            assert row.answer.endswith(lvlm.NOBODY_ANSWER) == (not shown)

@@ -10,6 +10,7 @@ from plvmctl.errors import PlvmError
 from plvmctl.lab import lvlm, toy
 from plvmctl.lab.lvlm import dense_loss, encode_dense
 from plvmctl.lab.name_tags import sentence_tags
+from plvmctl.name_tags import name_tags, tag_stop_ids
 
 VOCAB = 20
 IS, STOP, QUOTE = 5, 6, 7
@@ -95,3 +96,43 @@ def test_without_a_follower_a_question_s_name_tags_its_words_up_to_the_end_of_th
                          VOCAB, 15]])
     tags = sentence_tags(ids, VOCAB, stop_id=STOP, stop_ids=(eos,))
     assert tags[0].tolist() == [-1, -1, 0, 0, -1, -1, 1, 1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, 0]
+
+
+def test_the_rule_tags_after_a_name_up_to_a_stop_and_continues_a_row_it_saw_before():
+    # a <n0> x y . <n1> z <n0> w  (names from 20; stop 6)
+    ids = [[8, 20, 9, 10, 6, 21, 11, 20, 12]]
+    tags, last = name_tags(ids, 20, 2, {6})
+    assert tags[0].tolist() == [-1, -1, 0, 0, -1, -1, 1, -1, 0]
+    assert last == [0]
+    more, last = name_tags([[13, 6, 14]], 20, 2, {6}, owners=last)  # generation, one call later
+    assert more[0].tolist() == [0, -1, -1] and last == [-1]
+    beyond, _ = name_tags([[22, 9]], 20, 2, {6})  # not a name of this call (a context token): no tag
+    assert beyond[0].tolist() == [-1, -1]
+
+
+def test_a_base_trained_with_name_tags_says_so_in_its_config_and_reads_them_always(tmp_path):
+    """train_lvlm with name_tags writes the rule into the model's config (saved with it), and
+    forward_logits then tags by that rule without being told."""
+    sizes = lvlm.LvlmSizes(hidden=32, layers=1, heads=2, image_size=32, patch_size=16, vision_hidden=32,
+                           vision_layers=1)
+    model, tokenizer, processor = lvlm.build_pocket_llava(lvlm.collect_vocabulary(samples=40, description="keyvalue"),
+                                                          sizes, 0)
+    config = lvlm.LvlmTrainConfig(steps=1, scenes_per_step=1, rows_per_scene=2, text_rows_per_step=1,
+                                  describe_rows_per_step=0, vision_aux_weight=0.0, description="keyvalue",
+                                  name_share=1.0, name_tags=True, dense_text_groups=2, dense_questions=3)
+    lvlm.train_lvlm(model, tokenizer, processor, config)
+    stops = tag_stop_ids(model.config)
+    assert stops == {tokenizer.convert_tokens_to_ids("."), tokenizer.eos_token_id}
+    model.config.save_pretrained(tmp_path)
+    assert tag_stop_ids(type(model.config).from_pretrained(tmp_path)) == stops
+    people = toy.training_identities()[:2]
+    batch = lvlm.encode_rows([_question(people, people[1], "skin")], tokenizer, lvlm.num_image_tokens(model),
+                             name_id=model.config.text_config.vocab_size)
+    names = torch.randn(1, 2, 32)
+    vocab = model.config.text_config.vocab_size
+    tags, _ = name_tags(batch.input_ids.tolist(), vocab, 2, stops)
+    assert (tags >= 0).any()
+    said = lvlm.forward_logits(model, batch, None, names=names)
+    assert torch.equal(said, lvlm.forward_logits(model, batch, None, names=names, tags=tags))
+    assert not torch.allclose(said, lvlm.forward_logits(model, batch, None, names=names,
+                                                        tags=torch.full_like(tags, -1)))

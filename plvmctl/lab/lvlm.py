@@ -77,8 +77,13 @@ from transformers import LlavaForConditionalGeneration
 from ..answers import (
     DESCRIPTION_PROMPT,
     MCQ_INSTRUCTION,
+    BOTH_HERE_QUESTION,
+    LEFT_OF_QUESTION,
     RECOGNITION_QUESTION,
+    WHICH_OF_QUESTION,
+    WHO_OF_QUESTION,
     mcq_prompt,
+    name_list,
     parse_mcq_answer,
     parse_mcq_prompt,
     parse_yes_no,
@@ -194,6 +199,12 @@ def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "se
         texts.append(describe(subject, description))
         texts.append(scene_caption(info))
     texts.extend(GENERIC_WORDS)
+    # questions about several people and their answers (`which_row`, `eval --pairs`)
+    for group in (recognition_templates.WHICH_QUESTIONS, recognition_templates.WHICH_ANSWERS,
+                  recognition_templates.BOTH_QUESTIONS, recognition_templates.BOTH_YES, recognition_templates.BOTH_NO):
+        texts.extend(group)
+    texts += [WHICH_OF_QUESTION, WHO_OF_QUESTION, BOTH_HERE_QUESTION, LEFT_OF_QUESTION, NEITHER_ANSWER, NOBODY_ANSWER,
+              "a, b and c"]
     specials = set(SPECIAL_TOKENS) | set(PUNCTUATION)
     words: list[str] = []
     seen: set[str] = set()
@@ -266,7 +277,8 @@ class LvlmTrainConfig:
     portrait_rows_per_step: int = 0  # a portrait and a question about "the person" in it (`portrait_row`)
     crowd_share: float = 0.0  # share of recognition rows with 1-3 other people's descriptions too (`crowd_row`)
     which_share: float = 0.0  # per-scene share of "Which of <a> and <b> is in this photo?" rows (`which_row`)
-    which_answer: str = "full"  # what a which row spells out first: "full" | "short" (`which_row`)
+    which_answer: str = "full"  # what a which row spells out first: "full" | "short" | "named" (`which_row`)
+    which_max: int = 2  # which rows ask about 2 up to this many people (3: "Which of", 4: "Who of")
     recall: bool = False  # "compare" recognition answers first restate the asked person's traits (`recall`)
     crowd_text_share: float = 0.0  # share of text rows with 1-3 other people's descriptions too (`text_row`)
     name_tags: bool = False  # every token after a name carries its vector (`plvmctl.name_tags`; saved in the config)
@@ -423,7 +435,8 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             question, answer = generic[rng.randrange(len(generic))]
             rows.append(Row("scene", question, answer, image, options=_open_options(answer)))
         elif kind == "which":
-            rows.append(which_row(info, image, rng, pool, config))
+            count = rng.randint(2, config.which_max) if config.which_max > 2 else 2
+            rows.append(which_row(info, image, rng, pool, config, count=count))
         elif kind == "recognition":
             positive = rng.random() < 0.5
             compare = config.recognition_answer == "compare"
@@ -468,6 +481,7 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
 
 WHICH_ANSWER_STYLES = ("full", "short", "named")
 NEITHER_ANSWER = "neither is in this photo."
+NOBODY_ANSWER = "nobody is in this photo."
 
 
 def crowd_row(row: Row, asked: toy.Identity, info: toy.SceneInfo, rng: random.Random,
@@ -524,11 +538,13 @@ def _match_places(identity: toy.Identity, info: toy.SceneInfo, traits: Sequence[
     return " ".join(words)
 
 
-def which_answer(first: toy.Identity, second: toy.Identity, info: toy.SceneInfo,
+def which_answer(first: toy.Identity, second: toy.Identity | Sequence[toy.Identity], info: toy.SceneInfo,
                  config: LvlmTrainConfig) -> str:
     """The answer to "Which of <first> and <second> is in this photo?": a reasoning per person
     asked about, in the question's order, then who is there ("<b> is in this photo.", both
-    such sentences in the question's order, or "neither is in this photo.").
+    such sentences in the question's order, or "neither is in this photo."). `second` may be
+    a list: the answer to "Which of <a>, <b> and <c>" or "Who of <a>, <b>, <c> and <d>", the
+    same sentences for each person (or "nobody is in this photo.").
 
     The "full" and "short" reasonings never name anyone, so the first name such an answer says
     is the verdict's (`answers.parse_which` reads the first one named). `which_answer="full"`: each
@@ -541,8 +557,9 @@ def which_answer(first: toy.Identity, second: toy.Identity, info: toy.SceneInfo,
     if config.which_answer not in WHICH_ANSWER_STYLES:
         raise ValueError(f"which_answer must be one of {', '.join(WHICH_ANSWER_STYLES)}, "
                          f"got {config.which_answer!r}")
+    asked = [first, *([second] if isinstance(second, toy.Identity) else second)]
     parts, shown = [], []
-    for person in (first, second):
+    for person in asked:
         words, found = comparison(person, info, config.compare_traits)
         if config.which_answer == "short":
             words = _match_places(person, info, config.compare_traits)
@@ -550,32 +567,41 @@ def which_answer(first: toy.Identity, second: toy.Identity, info: toy.SceneInfo,
         if found:
             shown.append(person)
     verdict = " ".join(recognition_templates.WHICH_ANSWERS[0].format(shown=person.name) for person in shown)
-    return ". ".join(parts) + ". " + (verdict or NEITHER_ANSWER)
+    return ". ".join(parts) + ". " + (verdict or (NEITHER_ANSWER if len(asked) == 2 else NOBODY_ANSWER))
 
 
 def which_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
-              config: LvlmTrainConfig, present: int | None = None) -> Row:
-    """A "Which of <a> and <b> is in this photo?" row, both people described in the question's
-    order (as `build_prompt` puts them), the answer `which_answer`.
+              config: LvlmTrainConfig, present: int | None = None, count: int = 2) -> Row:
+    """A "Which of <a> and <b> is in this photo?" row (`count` 2; 3: "Which of <a>, <b> and
+    <c> ...", 4: "Who of <a>, <b>, <c> and <d> ...", as the evaluation asks them), every person
+    asked described in the question's order (as `build_prompt` puts them), the answer
+    `which_answer`.
 
-    `present` people of the two are in the photo: 1 (the evaluation's case, drawn 60 % of the
-    time), 2 (20 %, when the photo holds two people) or 0 (otherwise); the others are absent,
-    half of them one visible trait away from someone there. The names are in a random order.
+    `present` people of the asked are in the photo: for two, 1 (the evaluation's case, drawn
+    60 % of the time), 2 (20 %, when the photo holds two people) or 0 (otherwise); for more,
+    0 up to as many as the photo holds, at random. The others are absent, half of them one
+    visible trait away from someone there. The names are in a random order.
     """
     people = [person.identity for person in info.people]
     if present is None:
-        draw = rng.random()
-        present = 1 if draw < 0.6 else 2 if draw < 0.8 and len(people) >= 2 else 0
+        if count == 2:
+            draw = rng.random()
+            present = 1 if draw < 0.6 else 2 if draw < 0.8 and len(people) >= 2 else 0
+        else:
+            present = rng.randint(0, min(count, len(people)))
     asked = rng.sample(people, present)
-    while len(asked) < 2:
+    while len(asked) < count:
         candidate = _absent_identity(info, rng, pool, config.hard_negative_share, config.compare_traits)
         if candidate not in asked:
             asked.append(candidate)
     rng.shuffle(asked)
-    first, second = asked
-    question = rng.choice(recognition_templates.WHICH_QUESTIONS).format(a=first.name, b=second.name)
+    names = [person.name for person in asked]
+    if count == 2:
+        question = rng.choice(recognition_templates.WHICH_QUESTIONS).format(a=names[0], b=names[1])
+    else:
+        question = (WHICH_OF_QUESTION if count == 3 else WHO_OF_QUESTION).format(names=name_list(names))
     descriptions = {person.name: describe(person, config.description) for person in asked}
-    return Row("which", question, which_answer(first, second, info, config), image, descriptions,
+    return Row("which", question, which_answer(asked[0], asked[1:], info, config), image, descriptions,
                name_token=True)
 
 

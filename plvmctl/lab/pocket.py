@@ -76,6 +76,7 @@ class PocketProfile:
     aligner_several_steps: int = 0
     aligner_several_lr: float = 3e-4
     aligner_max_references: int = 1
+    aligner_also_share: float = 0.0  # share of Aligner samples with other concepts beside theirs (train.also_share)
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
@@ -100,25 +101,36 @@ CURRICULUM = LvlmTrainConfig(
     caption_rows=1, position_aux_weight=1.0,
     scene_share=0.25, recognition_share=0.5, about_share=0.25)
 
+# Several people at once (issue 23): every token after a name carries the name's vector (name
+# tags, saved in the base's config and added by the concept table at ask time), dense text rows
+# ask many questions about one prompt describing 1-4 people, recognition rows describe 1-3
+# other people too, "Which of <a> and <b>" rows name each person before their comparison, at
+# the learning rate the reading study learned binding at (docs/research-log.md).
+SEVERAL_PEOPLE = dict(name_tags=True, dense_text_groups=16, dense_questions=8, dense_several_share=0.75,
+                      crowd_share=0.5, which_share=0.25, which_answer="named", which_max=4,
+                      crowd_text_share=0.5)
+
 
 def profile(name: str) -> PocketProfile:
     """`full` (the committed model) or `smoke` (a few minutes, still shows learning)."""
     if name == "full":
         return PocketProfile(
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
-            lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=2e-3, log_every=50),
+            lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=1e-3, log_every=50,
+                                     **SEVERAL_PEOPLE),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
             aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_several_steps=2000,
-            aligner_max_references=4)
+            aligner_max_references=4, aligner_also_share=0.3)
     if name == "smoke":
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
             lvlm=dataclasses.replace(CURRICULUM, steps=300, warmup_steps=20, lr=3e-3, text_rows_per_step=6,
-                                     copy_steps=30, vision_steps=30, single_person_steps=100, log_every=50),
+                                     copy_steps=30, vision_steps=30, single_person_steps=100, log_every=50,
+                                     **SEVERAL_PEOPLE | {"dense_text_groups": 4}),
             encoder_sizes=EncoderSizes(hidden=48, layers=2),
             encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
-            aligner_references=3, aligner_several_steps=10, aligner_max_references=2,
+            aligner_references=3, aligner_several_steps=10, aligner_max_references=2, aligner_also_share=0.3,
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
             measure_scenes=40, measure_identities=50, check_every=150)
@@ -144,7 +156,7 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
                        recognition_answer=settings.lvlm.recognition_answer, compare_keys=keys,
                        checkpoint_every=0, val_identities=settings.aligner_val_identities,
                        aligner_sizes=dict(settings.aligner_sizes), data=str(manifest), out=str(out),
-                       cache_references=False)
+                       cache_references=False, also_share=settings.aligner_also_share)
 
 
 def several_photos_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike, seed: int):
@@ -250,6 +262,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     from ..train.common import JsonlLogger, find_checkpoint
     from .encoder import build_pocket_dinov2, measure_retrieval, train_encoder
     from .lvlm import build_pocket_llava, collect_vocabulary, measure, measure_comparisons, train_lvlm
+    from .several_people import measure_several_people
     from .toy import generate_training_data
 
     say = echo or (lambda message: None)
@@ -336,6 +349,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
                              config=settings.lvlm)
             run = work / "lvlm-run"
             comparing = settings.lvlm.recognition_answer == "compare"
+            several = settings.lvlm.name_tags or settings.lvlm.crowd_share > 0
 
             def check(step: int) -> None:  # how far the comparison has come, now and then
                 if comparing and (step + 1) % settings.check_every == 0 and step + 1 < settings.lvlm.steps:
@@ -344,6 +358,12 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
                     logger.log({"stage": "lvlm-comparisons", "step": step + 1, **report})
                     say(f"[pocket] lvlm step {step + 1}: " + json.dumps(
                         {k: v for k, v in report.items() if k not in ("examples", "rows")}))
+                    if several:
+                        report = measure_several_people(model, tokenizer, image_processor, settings.lvlm,
+                                                        scenes=10)
+                        logger.log({"stage": "lvlm-several-people", "step": step + 1, **report})
+                        say(f"[pocket] lvlm step {step + 1}: " + json.dumps(
+                            {k: v for k, v in report.items() if k != "examples"}))
 
             result = train_lvlm(model, tokenizer, image_processor, settings.lvlm, logger=logger,
                                 echo=lambda m: say(f"[pocket] {m}"), checkpoint_dir=run,
@@ -353,6 +373,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             comparisons = measure_comparisons(model, tokenizer, image_processor,
                                               scenes=settings.measure_scenes, config=settings.lvlm) \
                 if comparing else None
+            several_people = measure_several_people(model, tokenizer, image_processor, settings.lvlm,
+                                                    scenes=settings.measure_scenes) if several else None
             save_backbone(Llava15Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
             stage("lvlm", began, before=result.seconds_before)  # training time of interrupted runs too
             lvlm = done("lvlm", {
@@ -363,7 +385,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
                 "vision_probe_loss_first10": _mean(result.vision_losses[:10]),
                 "vision_probe_loss_last10": _mean(result.vision_losses[-10:]),
                 "heldout_accuracy_before": before, "heldout_accuracy": after,
-                "heldout_comparisons": comparisons})
+                "heldout_comparisons": comparisons, "heldout_several_people": several_people})
             say("[pocket] base LVLM held-out accuracy: " + ", ".join(
                 f"{k} {v['accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in after.items()))
         timings["lvlm"] = lvlm["stage_seconds"]

@@ -157,3 +157,16 @@ def measure(model, tokenizer, pixels, items: list[Item], max_new_tokens: int, se
     report["examples"] = examples
     model.train()
     return report
+
+
+def measure_several_people(model, tokenizer, image_processor, config: lvlm.LvlmTrainConfig, *, scenes: int = 60,
+                           seed: int = 1, reading_rows: int = 200, max_new_tokens: int = 128) -> dict:
+    """`measure` on `scenes` fresh photos of held-out people and `reading` on `reading_rows`
+    text questions, as one report (what the pocket build records in card.json)."""
+    size = model.config.vision_config.image_size
+    items, images = evaluation_set(scenes, size, config, seed)
+    pixels = lvlm.pixel_values(image_processor, images)
+    report = measure(model, tokenizer, pixels, items, max_new_tokens, seed)
+    report["reading"] = reading(model, tokenizer, reading_set(reading_rows, config, seed), seed)
+    report["scenes"] = scenes
+    return report
