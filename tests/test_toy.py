@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from plvmctl.cli.toy import toy
+from plvmctl.lab import toy as toy_world
 from plvmctl.data import templates
 from plvmctl.lab.toy import (
     EXPRESSIONS,
@@ -469,3 +470,25 @@ def test_hard_references_show_the_subject_among_others(tmp_path):
             assert name in people and len(people) >= 2
     with pytest.raises(PlvmError, match="--references 2 or more"):
         write_testset(tmp_path / "x", 2, seed=1, progress=False, hard_references=True)
+
+
+def test_training_data_with_mcq_rows_adds_them_and_changes_nothing_else(tmp_path):
+    """mcq_per_trait: that many multiple-choice rows per identity and text-MCQ trait, asked as
+    the evaluation asks and answered "value letter"; every other byte is the data without."""
+    plain = generate_training_data(tmp_path / "plain", 3, 1, seed=1, progress=False, extra_scenes=0)
+    with_mcq = generate_training_data(tmp_path / "mcq", 3, 1, seed=1, progress=False, extra_scenes=0,
+                                      mcq_per_trait=2)
+    rows = [json.loads(line) for line in plain.read_text().splitlines()]
+    more = [json.loads(line) for line in with_mcq.read_text().splitlines()]
+    for row, other in zip(rows, more):
+        added = other["attributes"][len(row["attributes"]):]
+        assert other["attributes"][:len(row["attributes"])] == row["attributes"]
+        assert {key: value for key, value in other.items() if key != "attributes"} == \
+            {key: value for key, value in row.items() if key != "attributes"}
+        identity = next(i for i in toy_world.training_identities() if i.name == row["name"])
+        traits = [trait for trait in toy_world._TEXT_QUESTIONS for _ in range(2)]
+        assert len(added) == len(traits) == 2 * 6
+        for trait, mcq in zip(traits, added):
+            options = dict(line.split(". ", 1) for line in mcq["question"].splitlines()[1:-1])
+            value, letter = mcq["answer"].rsplit(" ", 1)
+            assert options[letter] == value == getattr(identity, trait)

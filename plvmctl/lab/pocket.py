@@ -77,6 +77,7 @@ class PocketProfile:
     aligner_several_lr: float = 3e-4
     aligner_max_references: int = 1
     aligner_also_share: float = 0.0  # share of Aligner samples with other concepts beside theirs (train.also_share)
+    aligner_mcq_per_trait: int = 0  # multiple-choice attribute rows per identity and trait (toy.mcq_attributes)
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
@@ -120,7 +121,7 @@ def profile(name: str) -> PocketProfile:
                                      **SEVERAL_PEOPLE),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
             aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_several_steps=2000,
-            aligner_max_references=4, aligner_also_share=0.3)
+            aligner_max_references=4, aligner_also_share=0.3, aligner_mcq_per_trait=2)
     if name == "smoke":
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
@@ -131,6 +132,7 @@ def profile(name: str) -> PocketProfile:
             encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
             aligner_references=3, aligner_several_steps=10, aligner_max_references=2, aligner_also_share=0.3,
+            aligner_mcq_per_trait=1,
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
             measure_scenes=40, measure_identities=50, check_every=150)
@@ -330,7 +332,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         if data is None:
             manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
                                               extra_scenes=0, progress=False,
-                                              references=settings.aligner_references)
+                                              references=settings.aligner_references,
+                                              mcq_per_trait=settings.aligner_mcq_per_trait)
             stage("data", began)
             data = done("data", {})
         timings["data"] = data["stage_seconds"]
@@ -535,7 +538,8 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
         if not (resume and manifest.is_file()):  # (a resumed run keeps the card's data time)
             manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
                                               extra_scenes=0, progress=False,
-                                              references=settings.aligner_references)
+                                              references=settings.aligner_references,
+                                              mcq_per_trait=settings.aligner_mcq_per_trait)
             timings["data"] = round(time.perf_counter() - began, 1)
         began = time.perf_counter()
         result, parts = train_pocket_aligner(settings, manifest, work, out / "backbone", out / "encoder", seed,

@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..answers import mcq_prompt
 from ..errors import PlvmError
 from ..fileio import write_image_atomic, write_json_atomic, write_text_atomic
 
@@ -870,6 +871,7 @@ def generate_training_data(
     extra_scenes: int | None = None,
     progress: bool = True,
     references: int = 1,
+    mcq_per_trait: int = 0,
 ) -> Path:
     """Write toy training data for `n_identities` training-part identities; return the manifest.
 
@@ -886,8 +888,9 @@ def generate_training_data(
         scene_qa.jsonl               generic scene questions {image, question, answer}
 
     Other people in the photos are training identities that are not subjects. `extra_scenes`
-    defaults to as many as there are query photos. Earlier outputs of this function in
-    `out_dir` are replaced.
+    defaults to as many as there are query photos. `mcq_per_trait` adds that many multiple-choice
+    attribute rows per identity and text-MCQ trait (`mcq_attributes`). Earlier outputs of this
+    function in `out_dir` are replaced.
     """
     _check_size(scene_size)
     _check_size(portrait_size)
@@ -928,7 +931,8 @@ def generate_training_data(
             "traits": identity.trait_words(),
             "people": [[{"place": place, "traits": traits} for place, traits in SceneInfo.from_dict(scene).people_traits()]
                        for scene in scenes],
-            "attributes": [{"question": q, "answer": a} for q, a in attribute_qa(identity)],
+            "attributes": [{"question": q, "answer": a} for q, a in attribute_qa(identity)]
+                          + mcq_attributes(identity, mcq_per_trait, seed),
         }
         if references > 1:
             row["references"] = training_references(out, folder, identity, references, seed, distractors,
@@ -945,6 +949,24 @@ def generate_training_data(
     manifest_path = out / "manifest.jsonl"
     _write_jsonl_atomic(manifest_path, manifest)
     return manifest_path
+
+
+def mcq_attributes(identity: Identity, per_trait: int, seed: int) -> list[dict[str, str]]:
+    """`per_trait` multiple-choice questions per trait of the text MCQ about `identity`, as the
+    evaluation asks them ("What is <sks>'s hair color?\nA. red\nB. brown ..." with the MCQ
+    instruction) and answered as the pocket base answers them ("brown B": the value, then its
+    letter). An Aligner trained on open questions alone answers with the first option's value
+    when options are in view; these rows teach its concepts to answer among options
+    (bench/aligner_mcq.py: text MCQ 45 -> 66 on held-out identities). Drawn from a random stream
+    of their own, so the rest of the data does not change."""
+    rng = random.Random(f"plvmctl-toy-mcq-{seed}-{identity.name}")
+    rows = []
+    for trait, (template, values) in _TEXT_QUESTIONS.items():
+        for _ in range(per_trait):
+            choice, letter = _multiple_choice(values, getattr(identity, trait), rng)
+            rows.append({"question": mcq_prompt(template, list(choice.items())),
+                         "answer": f"{getattr(identity, trait)} {letter}"})
+    return rows
 
 
 TESTSET_FOLDER = "validation_recognition"
