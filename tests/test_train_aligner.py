@@ -297,6 +297,23 @@ def test_loss_falls_when_overfitting_one_batch(runtime, world, tmp_path):
     assert losses[-1] < losses[0]
 
 
+
+def test_training_with_other_concepts_beside_puts_their_sentences_in_the_prompt(runtime, world, tmp_path):
+    """also_share: the batches hold the other concepts' sentences too (their concepts made by
+    the Aligner as well), and training runs and resumes as without."""
+    config = config_for(world, tmp_path / "also", also_share=1.0, recognition_share=1.0)
+    result = train_aligner(runtime, config)
+    assert len(result.losses) == 6 and all(math.isfinite(x) for x in result.losses)
+    sampler = PlvmSampler(read_manifest(world).identities, seed=0, also_share=1.0, recognition_share=1.0)
+    sample = sampler.sample(0)
+    batch = encode_batch([sample], runtime.backbone, runtime.template, 2, yes_no_weight=20.0)
+    assert batch.names == [sample.name, *sample.also]
+    ids = batch.input_ids[0].tolist()
+    words = [runtime.backbone.vocab_size + i for i in range(len(batch.names))]
+    assert all(word in ids for word in words)
+    with pytest.raises(PlvmError, match="also_share"):
+        train_aligner(runtime, config_for(world, tmp_path / "bad", also_share=2.0))
+
 def test_frozen_weights_resume_and_interrupt_match_a_straight_run(runtime, world, tmp_path):
     backbone_before = {k: v.clone() for k, v in runtime.backbone.model.state_dict().items()}
     encoder_before = {k: v.clone() for k, v in runtime.encoder.model.state_dict().items()}
