@@ -82,6 +82,7 @@ class PocketProfile:
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
     measure_scenes: int = 60  # fresh held-out photos for the base model's accuracy
+    several_people_scenes: int = 60  # fresh held-out photos for its questions about several people (7 a photo)
     check_every: int = 1000  # base-LVLM steps between two looks at its comparisons (the log)
     measure_identities: int = 200  # held-out identities for the encoder's retrieval
 
@@ -127,7 +128,7 @@ def profile(name: str) -> PocketProfile:
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
             lvlm=dataclasses.replace(CURRICULUM, steps=300, warmup_steps=20, lr=3e-3, text_rows_per_step=6,
                                      copy_steps=30, vision_steps=30, single_person_steps=100, log_every=50,
-                                     **SEVERAL_PEOPLE | {"dense_text_groups": 4}),
+                                     **SEVERAL_PEOPLE | {"dense_text_groups": 2}),
             encoder_sizes=EncoderSizes(hidden=48, layers=2),
             encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
@@ -135,7 +136,7 @@ def profile(name: str) -> PocketProfile:
             aligner_mcq_per_trait=1,
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
-            measure_scenes=40, measure_identities=50, check_every=150)
+            measure_scenes=40, several_people_scenes=10, measure_identities=50, check_every=150)
     raise PlvmError(f"unknown pocket profile {name!r} (known: full, smoke)")
 
 
@@ -377,7 +378,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
                                               scenes=settings.measure_scenes, config=settings.lvlm) \
                 if comparing else None
             several_people = measure_several_people(model, tokenizer, image_processor, settings.lvlm,
-                                                    scenes=settings.measure_scenes) if several else None
+                                                    scenes=settings.several_people_scenes) if several else None
             save_backbone(Llava15Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), backbone_dir)
             stage("lvlm", began, before=result.seconds_before)  # training time of interrupted runs too
             lvlm = done("lvlm", {
