@@ -108,7 +108,7 @@ CURRICULUM = LvlmTrainConfig(
 # ask many questions about one prompt describing 1-4 people, recognition rows describe 1-3
 # other people too, "Which of <a> and <b>" rows name each person before their comparison, at
 # the learning rate the reading study learned binding at (docs/research-log.md).
-SEVERAL_PEOPLE = dict(name_tags=True, dense_text_groups=16, dense_questions=8, dense_several_share=0.75,
+SEVERAL_PEOPLE = dict(name_tags=True, dense_text_groups=8, dense_questions=8, dense_several_share=0.75,
                       crowd_share=0.5, which_share=0.25, which_answer="named", which_max=4,
                       crowd_text_share=0.5)
 
@@ -118,7 +118,7 @@ def profile(name: str) -> PocketProfile:
     if name == "full":
         return PocketProfile(
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
-            lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=1e-3, log_every=50,
+            lvlm=dataclasses.replace(CURRICULUM, steps=2200, warmup_steps=60, lr=1e-3, log_every=50,
                                      **SEVERAL_PEOPLE),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
             aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_several_steps=2000,
