@@ -113,16 +113,26 @@ SEVERAL_PEOPLE = dict(name_tags=True, dense_text_groups=8, dense_questions=8, de
                       crowd_text_share=0.5)
 
 
+PROFILES = ("full", "several", "smoke")
+
+
 def profile(name: str) -> PocketProfile:
-    """`full` (the committed model) or `smoke` (a few minutes, still shows learning)."""
-    if name == "full":
-        return PocketProfile(
+    """`full` (the committed model), `several` (the full stack with a base that learns several
+    people at once from its first step: name tags and `SEVERAL_PEOPLE`, in 2,200 steps at lr
+    1e-3; not committed, docs/several-people.md says where it stands) or `smoke` (a few
+    minutes, still shows learning; with the several-people rows and name tags, so that every
+    path of the build runs)."""
+    if name in ("full", "several"):
+        full = PocketProfile(
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
-            lvlm=dataclasses.replace(CURRICULUM, steps=2200, warmup_steps=60, lr=1e-3, log_every=50,
-                                     **SEVERAL_PEOPLE),
+            lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=2e-3, log_every=50),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
             aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_several_steps=2000,
             aligner_max_references=4, aligner_also_share=0.3, aligner_mcq_per_trait=2)
+        if name == "full":
+            return full
+        return dataclasses.replace(full, name="several", lvlm=dataclasses.replace(
+            full.lvlm, steps=2200, lr=1e-3, **SEVERAL_PEOPLE))
     if name == "smoke":
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
@@ -137,7 +147,7 @@ def profile(name: str) -> PocketProfile:
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
             measure_scenes=40, several_people_scenes=10, measure_identities=50, check_every=150)
-    raise PlvmError(f"unknown pocket profile {name!r} (known: full, smoke)")
+    raise PlvmError(f"unknown pocket profile {name!r} (known: {', '.join(PROFILES)})")
 
 
 def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike,
@@ -592,6 +602,9 @@ def _jsonable(value: Any) -> Any:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder to write (replaced atomically).")
 @click.option("--smoke", is_flag=True, help="The reduced profile: a few minutes, still shows learning.")
+@click.option("--profile", "profile_name", default=None, type=click.Choice(PROFILES),
+              help="Which profile to train [default: full, or smoke with --smoke]; `several`: a base that "
+                   "learns several people at once (docs/several-people.md).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False),
               help="Keep intermediate files (toy data, logs) here [default: a temporary folder].")
@@ -605,8 +618,8 @@ def _jsonable(value: Any) -> Any:
 @click.option("--aligner-only", is_flag=True,
               help="Keep --out's base LVLM and encoder; make the Aligner's data and train the "
                    "Aligner again with the profile's settings (minutes, not the hour of a build).")
-def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: int, resume: bool,
-         lvlm_settings: tuple[str, ...], aligner_only: bool) -> None:
+def main(out_dir: str, smoke: bool, profile_name: str | None, seed: int, work_dir: str | None, threads: int,
+         resume: bool, lvlm_settings: tuple[str, ...], aligner_only: bool) -> None:
     """Train the pocket PLVM stack from scratch and write it to --out."""
     overrides: dict[str, Any] = {}
     for setting in lvlm_settings:
@@ -614,7 +627,9 @@ def main(out_dir: str, smoke: bool, seed: int, work_dir: str | None, threads: in
         if not sep:
             raise click.BadParameter(f"{setting!r} is not KEY=VALUE", param_hint="--lvlm")
         overrides[key.strip()] = yaml.safe_load(value)
-    name = "smoke" if smoke else "full"
+    if smoke and profile_name not in (None, "smoke"):
+        raise click.BadParameter(f"--smoke is the smoke profile, not {profile_name!r}", param_hint="--profile")
+    name = profile_name or ("smoke" if smoke else "full")
     try:
         if aligner_only:
             if overrides:
