@@ -82,3 +82,32 @@ def test_unknown_profile_is_a_plvm_error(tmp_path):
 
     with pytest.raises(PlvmError, match="unknown pocket profile"):
         build_pocket(tmp_path / "x", "huge", echo=None)
+
+
+def test_the_full_profile_is_what_trained_the_committed_model():
+    """`make pocket` rebuilds the committed stack: every setting its card records is the full
+    profile's, settings added since at their defaults (they change nothing)."""
+    import dataclasses
+
+    from plvmctl.lab.lvlm import LvlmTrainConfig
+    from plvmctl.lab.pocket import ASSETS, _jsonable, profile
+
+    card = json.loads((ASSETS / CARD_FILE).read_text(encoding="utf-8"))
+    full = _jsonable(dataclasses.asdict(profile("full")))
+    defaults = _jsonable(dataclasses.asdict(LvlmTrainConfig()))
+    for key, value in card["settings"].items():
+        if key == "lvlm":
+            for field, setting in full["lvlm"].items():
+                assert value.get(field, defaults[field]) == setting, field
+        else:
+            assert full[key] == value, key
+
+
+def test_the_several_profile_is_the_full_stack_with_a_base_that_reads_several_people():
+    from plvmctl.lab.pocket import SEVERAL_PEOPLE, profile
+
+    full, several = profile("full"), profile("several")
+    assert several.lvlm.name_tags and not full.lvlm.name_tags
+    assert all(getattr(several.lvlm, key) == value for key, value in SEVERAL_PEOPLE.items())
+    assert (several.encoder, several.aligner_steps, several.aligner_also_share) == \
+        (full.encoder, full.aligner_steps, full.aligner_also_share)
