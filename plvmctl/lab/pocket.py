@@ -106,8 +106,8 @@ CURRICULUM = LvlmTrainConfig(
 # Several people at once (issue 23): every token after a name carries the name's vector (name
 # tags, saved in the base's config and added by the concept table at ask time), dense text rows
 # ask many questions about one prompt describing 1-4 people, recognition rows describe 1-3
-# other people too, "Which of <a> and <b>" rows name each person before their comparison, at
-# the learning rate the reading study learned binding at (docs/research-log.md).
+# other people too, and "Which of <a> and <b>" rows name each person before their comparison
+# (docs/several-people.md).
 SEVERAL_PEOPLE = dict(name_tags=True, dense_text_groups=8, dense_questions=8, dense_several_share=0.75,
                       crowd_share=0.5, which_share=0.25, which_answer="named", which_max=4,
                       crowd_text_share=0.5)
@@ -118,8 +118,9 @@ PROFILES = ("full", "several", "smoke")
 
 def profile(name: str) -> PocketProfile:
     """`full` (the committed model), `several` (the full stack with a base that learns several
-    people at once from its first step: name tags and `SEVERAL_PEOPLE`, in 2,200 steps at lr
-    1e-3; not committed, docs/several-people.md says where it stands) or `smoke` (a few
+    people at once from its first step: name tags and `SEVERAL_PEOPLE`, with the full base's
+    3,500 steps at lr 2e-3; a run of 2,200 steps at 1e-3 read several people but not the photo
+    well enough, docs/several-people.md) or `smoke` (a few
     minutes, still shows learning; with the several-people rows and name tags, so that every
     path of the build runs)."""
     if name in ("full", "several"):
@@ -131,8 +132,7 @@ def profile(name: str) -> PocketProfile:
             aligner_max_references=4, aligner_also_share=0.3, aligner_mcq_per_trait=2)
         if name == "full":
             return full
-        return dataclasses.replace(full, name="several", lvlm=dataclasses.replace(
-            full.lvlm, steps=2200, lr=1e-3, **SEVERAL_PEOPLE))
+        return dataclasses.replace(full, name="several", lvlm=dataclasses.replace(full.lvlm, **SEVERAL_PEOPLE))
     if name == "smoke":
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
