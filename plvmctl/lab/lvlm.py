@@ -75,10 +75,10 @@ from tokenizers import pre_tokenizers
 from transformers import LlavaForConditionalGeneration
 
 from ..answers import (
-    DESCRIPTION_PROMPT,
-    MCQ_INSTRUCTION,
     BOTH_HERE_QUESTION,
+    DESCRIPTION_PROMPT,
     LEFT_OF_QUESTION,
+    MCQ_INSTRUCTION,
     RECOGNITION_QUESTION,
     WHICH_OF_QUESTION,
     WHO_OF_QUESTION,
@@ -203,8 +203,7 @@ def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "se
     for group in (recognition_templates.WHICH_QUESTIONS, recognition_templates.WHICH_ANSWERS,
                   recognition_templates.BOTH_QUESTIONS, recognition_templates.BOTH_YES, recognition_templates.BOTH_NO):
         texts.extend(group)
-    texts += [WHICH_OF_QUESTION, WHO_OF_QUESTION, BOTH_HERE_QUESTION, LEFT_OF_QUESTION, NEITHER_ANSWER, NOBODY_ANSWER,
-              "a, b and c"]
+    texts += [WHICH_OF_QUESTION, WHO_OF_QUESTION, BOTH_HERE_QUESTION, LEFT_OF_QUESTION, NEITHER_ANSWER, NOBODY_ANSWER]
     specials = set(SPECIAL_TOKENS) | set(PUNCTUATION)
     words: list[str] = []
     seen: set[str] = set()
@@ -820,7 +819,7 @@ def text_group(pool: Sequence[toy.Identity], rng: random.Random, config: LvlmTra
     """The turns of one dense text row: 1 person described, or 2-4 with share
     `dense_several_share` (in a random order, every name a name token of its own), then
     `dense_questions` attribute questions (open or multiple choice, as `text_row` asks them)
-    about them, every person asked once before any twice, in a shuffled order."""
+    about them, each person as often as any other (within one), in a shuffled order."""
     people = [pool[rng.randrange(len(pool))]]
     if rng.random() < config.dense_several_share:
         wanted = 1 + rng.randint(1, 3)

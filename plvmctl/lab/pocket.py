@@ -120,9 +120,8 @@ def profile(name: str) -> PocketProfile:
     """`full` (the committed model), `several` (the full stack with a base that learns several
     people at once from its first step: name tags and `SEVERAL_PEOPLE`, with the full base's
     3,500 steps at lr 2e-3; a run of 2,200 steps at 1e-3 read several people but not the photo
-    well enough, docs/several-people.md) or `smoke` (a few
-    minutes, still shows learning; with the several-people rows and name tags, so that every
-    path of the build runs)."""
+    well enough, docs/several-people.md) or `smoke` (a few minutes, still shows learning; with
+    the several-people rows and name tags, so that every path of the build runs)."""
     if name in ("full", "several"):
         full = PocketProfile(
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,

@@ -16,7 +16,7 @@ every concept its own word), answers generated and read with the evaluation's pa
 
 Absent people are one visible trait away from someone in the photo half of the time (the
 pretraining's hard negatives), which is harder than `eval --pairs`' random test identities.
-Used by bench/multi_concept.py and by the pocket build's several-people stage (card.json).
+Used by bench/multi_concept.py and by the pocket build (card.json's `lvlm.heldout_several_people`).
 """
 
 from __future__ import annotations

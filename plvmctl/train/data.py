@@ -31,7 +31,6 @@ the uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import random
