@@ -192,3 +192,13 @@ def test_which_rows_about_three_or_four_people_ask_as_the_evaluation_asks_and_an
             said = parse_who(conclusion(row.answer, "comparison"), names)
             assert said == tuple(shown)
             assert row.answer.endswith(lvlm.NOBODY_ANSWER) == (not shown)
+
+
+def test_the_vocabulary_holds_the_words_of_several_people_only_when_asked():
+    """A base trained with several people reads "and", "both", "who" as words; the one-person
+    vocabulary (the committed base's) stays as it was."""
+    plain = lvlm.collect_vocabulary(samples=40, description="keyvalue")
+    several = lvlm.collect_vocabulary(samples=40, description="keyvalue", several_people=True)
+    assert set(plain) < set(several)
+    assert {"and", "both", "who", "nobody"} <= set(several)
+    assert "and" not in plain and "both" not in plain

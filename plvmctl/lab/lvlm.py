@@ -167,12 +167,15 @@ def _split_words(text: str) -> list[str]:
     return [piece for piece, _ in splitter.pre_tokenize_str(text.lower())]
 
 
-def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "sentence") -> list[str]:
+def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "sentence",
+                       several_people: bool = False) -> list[str]:
     """Every word of the toy world's questions, answers, templates and descriptions.
 
     The generators are run over `samples` random scenes and identities of both parts (small
     renders, only the text is kept), plus the recognition templates, the evaluation's
-    multiple-choice instruction, the description prompt and the pocket chat template.
+    multiple-choice instruction, the description prompt and the pocket chat template; with
+    `several_people`, the words of the questions about several people and their answers too
+    ("and", "or", "both", "nobody": a base trained without them reads them as `<unk>`).
     """
 
     rng = random.Random(f"plvmctl-pocket-vocab-{seed}")
@@ -199,11 +202,13 @@ def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "se
         texts.append(describe(subject, description))
         texts.append(scene_caption(info))
     texts.extend(GENERIC_WORDS)
-    # questions about several people and their answers (`which_row`, `eval --pairs`)
-    for group in (recognition_templates.WHICH_QUESTIONS, recognition_templates.WHICH_ANSWERS,
-                  recognition_templates.BOTH_QUESTIONS, recognition_templates.BOTH_YES, recognition_templates.BOTH_NO):
-        texts.extend(group)
-    texts += [WHICH_OF_QUESTION, WHO_OF_QUESTION, BOTH_HERE_QUESTION, LEFT_OF_QUESTION, NEITHER_ANSWER, NOBODY_ANSWER]
+    if several_people:  # `which_row`, `eval --pairs`
+        for group in (recognition_templates.WHICH_QUESTIONS, recognition_templates.WHICH_ANSWERS,
+                      recognition_templates.BOTH_QUESTIONS, recognition_templates.BOTH_YES,
+                      recognition_templates.BOTH_NO):
+            texts.extend(group)
+        texts += [WHICH_OF_QUESTION, WHO_OF_QUESTION, BOTH_HERE_QUESTION, LEFT_OF_QUESTION, NEITHER_ANSWER,
+                  NOBODY_ANSWER]
     specials = set(SPECIAL_TOKENS) | set(PUNCTUATION)
     words: list[str] = []
     seen: set[str] = set()

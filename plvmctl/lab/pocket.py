@@ -349,7 +349,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         timings["data"] = data["stage_seconds"]
         # 2. tokenizer ------------------------------------------------------------------
         began = time.perf_counter()
-        vocabulary = collect_vocabulary(seed=seed, description=settings.lvlm.description)
+        vocabulary = collect_vocabulary(seed=seed, description=settings.lvlm.description,
+                                        several_people=settings.lvlm.name_tags)
         stage("tokenizer", began)
         say(f"[pocket] vocabulary: {len(vocabulary)} words")
         # 3. base LVLM -----------------------------------------------------------------
