@@ -120,8 +120,8 @@ def profile(name: str) -> PocketProfile:
     """`full` (the committed model), `several` (the full stack with a base that learns several
     people at once from its first step: name tags and `SEVERAL_PEOPLE`, with the full base's
     3,500 steps at lr 2e-3; a run of 2,200 steps at 1e-3 read several people but not the photo
-    well enough, docs/several-people.md) or `smoke` (a few minutes, still shows learning; with
-    the several-people rows and name tags, so that every path of the build runs)."""
+    well enough, docs/several-people.md) or `smoke` (a few minutes, still shows learning; the
+    several-people rows need more than its 300 base steps, so it has none)."""
     if name in ("full", "several"):
         full = PocketProfile(
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
@@ -136,8 +136,7 @@ def profile(name: str) -> PocketProfile:
         return PocketProfile(
             name="smoke", identities=40, photos=3, lvlm_sizes=POCKET_SIZES,
             lvlm=dataclasses.replace(CURRICULUM, steps=300, warmup_steps=20, lr=3e-3, text_rows_per_step=6,
-                                     copy_steps=30, vision_steps=30, single_person_steps=100, log_every=50,
-                                     **SEVERAL_PEOPLE | {"dense_text_groups": 2}),
+                                     copy_steps=30, vision_steps=30, single_person_steps=100, log_every=50),
             encoder_sizes=EncoderSizes(hidden=48, layers=2),
             encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
@@ -145,7 +144,7 @@ def profile(name: str) -> PocketProfile:
             aligner_mcq_per_trait=1,
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
-            measure_scenes=40, several_people_scenes=10, measure_identities=50, check_every=150)
+            measure_scenes=40, measure_identities=50, check_every=150)
     raise PlvmError(f"unknown pocket profile {name!r} (known: {', '.join(PROFILES)})")
 
 
