@@ -126,15 +126,14 @@ class ConceptTable:
         pending: list[torch.Tensor] = []
         allowed = None if rows is None else self.row_mask(rows).to(self.head_rows.device)
         stops = tag_stop_ids(model.config)  # a model trained with name tags reads them here too
-        owners: list[list[int]] = []  # each row's tag owner after the tokens seen so far
+        owners: list[int] | None = None  # each row's tag owner after the tokens seen so far
 
         def tagged(ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
             # A call of one token a row continues the call before it (generation with a KV
             # cache); any longer call starts afresh (a prompt, a training batch).
-            fresh = ids.shape[1] > 1 or not owners or len(owners[-1]) != ids.shape[0]
-            tags, last = name_tags(ids.tolist(), vocab, self.num_concepts, stops,
-                                   None if fresh else owners[-1])
-            owners[:] = [last]
+            nonlocal owners
+            fresh = ids.shape[1] > 1 or owners is None or len(owners) != ids.shape[0]
+            tags, owners = name_tags(ids.tolist(), vocab, self.num_concepts, stops, None if fresh else owners)
             return add_tags(output, tags, self.input_rows[:self.num_concepts].to(output.dtype))
 
         def before_embedding(module, args):

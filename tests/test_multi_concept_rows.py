@@ -50,7 +50,7 @@ def test_which_answers_name_who_is_there_after_their_reasoning():
     absent = _identity(hair_colour="red", hair_style="curly", skin="pale")  # one trait from the left person
     for style in lvlm.WHICH_ANSWER_STYLES:
         config = dataclasses.replace(COMPARE, which_answer=style)
-        one = lvlm.which_answer(absent, left, info, config)
+        one = lvlm.which_answer([absent, left], info, config)
         reasoning, _, verdict = one.rpartition(". ")
         assert verdict == f"<{left.name}> is in this photo."
         assert parse_which(conclusion(one, "comparison"), [absent.name, left.name]) == left.name
@@ -59,14 +59,14 @@ def test_which_answers_name_who_is_there_after_their_reasoning():
             continue
         assert "<" not in reasoning
         assert parse_which(one, [absent.name, left.name]) == left.name
-        both = lvlm.which_answer(right, left, info, config)
+        both = lvlm.which_answer([right, left], info, config)
         assert both.endswith(f"<{right.name}> is in this photo. <{left.name}> is in this photo.")
-        neither = lvlm.which_answer(absent, _identity(hair_colour="blonde"), info, config)
+        neither = lvlm.which_answer([absent, _identity(hair_colour="blonde")], info, config)
         assert neither.endswith(lvlm.NEITHER_ANSWER)
         assert parse_which(neither, [absent.name]) is None
-    full = lvlm.which_answer(absent, left, info, dataclasses.replace(COMPARE, which_answer="full"))
+    full = lvlm.which_answer([absent, left], info, dataclasses.replace(COMPARE, which_answer="full"))
     assert full.startswith(lvlm.comparison(absent, info)[0] + ". " + lvlm.comparison(left, info)[0] + ". ")
-    short = lvlm.which_answer(absent, left, info, dataclasses.replace(COMPARE, which_answer="short"))
+    short = lvlm.which_answer([absent, left], info, dataclasses.replace(COMPARE, which_answer="short"))
     assert short == f"left mismatch right mismatch. left match right mismatch. <{left.name}> is in this photo."
 
 

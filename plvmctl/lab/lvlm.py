@@ -291,6 +291,13 @@ class LvlmTrainConfig:
     dense_several_share: float = 0.75  # share of dense text rows describing 2-4 people
     dense_weight: float = 1.0  # weight of the dense rows' loss (`dense_loss`) beside the step's rows
 
+    @property
+    def several_people(self) -> bool:
+        """Whether these settings teach questions about several people: the vocabulary then
+        holds their words (`collect_vocabulary`) and the pocket build measures them
+        (`plvmctl.lab.several_people`)."""
+        return self.name_tags or self.crowd_share > 0 or self.which_share > 0
+
 
 @dataclass
 class Row:
@@ -542,13 +549,12 @@ def _match_places(identity: toy.Identity, info: toy.SceneInfo, traits: Sequence[
     return " ".join(words)
 
 
-def which_answer(first: toy.Identity, second: toy.Identity | Sequence[toy.Identity], info: toy.SceneInfo,
-                 config: LvlmTrainConfig) -> str:
-    """The answer to "Which of <first> and <second> is in this photo?": a reasoning per person
-    asked about, in the question's order, then who is there ("<b> is in this photo.", both
-    such sentences in the question's order, or "neither is in this photo."). `second` may be
-    a list: the answer to "Which of <a>, <b> and <c>" or "Who of <a>, <b>, <c> and <d>", the
-    same sentences for each person (or "nobody is in this photo.").
+def which_answer(asked: Sequence[toy.Identity], info: toy.SceneInfo, config: LvlmTrainConfig) -> str:
+    """The answer to "Which of <a> and <b> is in this photo?" (`asked`: a and b), "Which of <a>,
+    <b> and <c>" or "Who of <a>, <b>, <c> and <d>": a reasoning per person asked about, in the
+    question's order, then who is there ("<b> is in this photo.", one such sentence a person
+    there, in the question's order), or "neither is in this photo." (two asked) / "nobody is in
+    this photo." (more).
 
     The "full" and "short" reasonings never name anyone, so the first name such an answer says
     is the verdict's (`answers.parse_which` reads the first one named). `which_answer="full"`: each
@@ -561,7 +567,6 @@ def which_answer(first: toy.Identity, second: toy.Identity | Sequence[toy.Identi
     if config.which_answer not in WHICH_ANSWER_STYLES:
         raise ValueError(f"which_answer must be one of {', '.join(WHICH_ANSWER_STYLES)}, "
                          f"got {config.which_answer!r}")
-    asked = [first, *([second] if isinstance(second, toy.Identity) else second)]
     parts, shown = [], []
     for person in asked:
         words, found = comparison(person, info, config.compare_traits)
@@ -605,7 +610,7 @@ def which_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequenc
     else:
         question = (WHICH_OF_QUESTION if count == 3 else WHO_OF_QUESTION).format(names=name_list(names))
     descriptions = {person.name: describe(person, config.description) for person in asked}
-    return Row("which", question, which_answer(asked[0], asked[1:], info, config), image, descriptions,
+    return Row("which", question, which_answer(asked, info, config), image, descriptions,
                name_token=True)
 
 

@@ -349,7 +349,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         # 2. tokenizer ------------------------------------------------------------------
         began = time.perf_counter()
         vocabulary = collect_vocabulary(seed=seed, description=settings.lvlm.description,
-                                        several_people=settings.lvlm.name_tags)
+                                        several_people=settings.lvlm.several_people)
         stage("tokenizer", began)
         say(f"[pocket] vocabulary: {len(vocabulary)} words")
         # 3. base LVLM -----------------------------------------------------------------
@@ -362,7 +362,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
                              config=settings.lvlm)
             run = work / "lvlm-run"
             comparing = settings.lvlm.recognition_answer == "compare"
-            several = settings.lvlm.name_tags or settings.lvlm.crowd_share > 0
+            several = settings.lvlm.several_people
 
             def check(step: int) -> None:  # how far the comparison has come, now and then
                 if comparing and (step + 1) % settings.check_every == 0 and step + 1 < settings.lvlm.steps:
