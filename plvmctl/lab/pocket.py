@@ -78,6 +78,7 @@ class PocketProfile:
     aligner_max_references: int = 1
     aligner_also_share: float = 0.0  # share of Aligner samples with other concepts beside theirs (train.also_share)
     aligner_mcq_per_trait: int = 0  # multiple-choice attribute rows per identity and trait (toy.mcq_attributes)
+    aligner_attribute_weight: float = 1.0  # weight of attribute answers' tokens (train.attribute_weight)
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
@@ -167,7 +168,8 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
                        recognition_answer=settings.lvlm.recognition_answer, compare_keys=keys,
                        checkpoint_every=0, val_identities=settings.aligner_val_identities,
                        aligner_sizes=dict(settings.aligner_sizes), data=str(manifest), out=str(out),
-                       cache_references=False, also_share=settings.aligner_also_share)
+                       cache_references=False, also_share=settings.aligner_also_share,
+                       attribute_weight=settings.aligner_attribute_weight)
 
 
 def several_photos_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike, seed: int):
@@ -507,11 +509,13 @@ def _aligner_card(settings: PocketProfile, result, parts: list | None = None) ->
 
 def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed: int = 0, *,
                     work_dir: str | os.PathLike | None = None, threads: int | None = 1,
-                    resume: bool = False, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+                    resume: bool = False, aligner_overrides: dict[str, Any] | None = None,
+                    echo: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Stages 1 and 5 again on a finished pocket folder: new toy data, a new Aligner trained
-    on its frozen base LVLM and encoder with the profile's Aligner settings; the folder's
-    aligner/ and the card's Aligner parts are replaced (atomically, as a whole folder), the
-    base LVLM and the encoder are kept byte for byte.
+    on its frozen base LVLM and encoder with the profile's Aligner settings (`aligner_overrides`:
+    some of them changed, keys without the `aligner_` prefix); the folder's aligner/ and the
+    card's Aligner parts are replaced (atomically, as a whole folder), the base LVLM and the
+    encoder are kept byte for byte.
 
     For when only the Aligner's settings change: the base LVLM is most of `make pocket`'s hour.
     """
@@ -529,6 +533,14 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
         raise PlvmError(f"{out} is not a pocket model folder (card.json, backbone/, encoder/)")
     card = json.loads(card_file.read_text(encoding="utf-8"))
     settings = profile(profile_name)
+    if aligner_overrides:
+        known = {field.name for field in dataclasses.fields(PocketProfile) if field.name.startswith("aligner_")}
+        changed = {f"aligner_{key}": value for key, value in aligner_overrides.items()}
+        unknown = sorted(set(changed) - known)
+        if unknown:
+            raise PlvmError(f"--aligner: unknown setting {unknown[0][len('aligner_'):]!r} (known: "
+                            f"{', '.join(sorted(name[len('aligner_'):] for name in known))})")
+        settings = dataclasses.replace(settings, **changed)
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="plvmctl-aligner-")) if own_work else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -597,6 +609,17 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _key_values(settings: tuple[str, ...], option: str) -> dict[str, Any]:
+    """KEY=VALUE strings -> {KEY: VALUE read as YAML}."""
+    values: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{setting!r} is not KEY=VALUE", param_hint=option)
+        values[key.strip()] = yaml.safe_load(value)
+    return values
+
+
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Checkpoint folder to write (replaced atomically).")
@@ -617,15 +640,18 @@ def _jsonable(value: Any) -> Any:
 @click.option("--aligner-only", is_flag=True,
               help="Keep --out's base LVLM and encoder; make the Aligner's data and train the "
                    "Aligner again with the profile's settings (minutes, not the hour of a build).")
+@click.option("--aligner", "aligner_settings", multiple=True, metavar="KEY=VALUE",
+              help="With --aligner-only: change one Aligner setting of the profile (the profile's "
+                   "`aligner_KEY`, e.g. attribute_weight=8), for experiments; repeatable. The card "
+                   "records the settings used.")
 def main(out_dir: str, smoke: bool, profile_name: str | None, seed: int, work_dir: str | None, threads: int,
-         resume: bool, lvlm_settings: tuple[str, ...], aligner_only: bool) -> None:
+         resume: bool, lvlm_settings: tuple[str, ...], aligner_only: bool,
+         aligner_settings: tuple[str, ...]) -> None:
     """Train the pocket PLVM stack from scratch and write it to --out."""
-    overrides: dict[str, Any] = {}
-    for setting in lvlm_settings:
-        key, sep, value = setting.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{setting!r} is not KEY=VALUE", param_hint="--lvlm")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = _key_values(lvlm_settings, "--lvlm")
+    aligner_overrides = _key_values(aligner_settings, "--aligner")
+    if aligner_overrides and not aligner_only:
+        raise click.BadParameter("Aligner settings are changed with --aligner-only", param_hint="--aligner")
     if smoke and profile_name not in (None, "smoke"):
         raise click.BadParameter(f"--smoke is the smoke profile, not {profile_name!r}", param_hint="--profile")
     name = profile_name or ("smoke" if smoke else "full")
@@ -634,6 +660,7 @@ def main(out_dir: str, smoke: bool, profile_name: str | None, seed: int, work_di
             if overrides:
                 raise PlvmError("--lvlm changes the base LVLM, which --aligner-only keeps")
             retrain_aligner(out_dir, name, seed, work_dir=work_dir, threads=threads, resume=resume,
+                            aligner_overrides=aligner_overrides,
                             echo=lambda message: click.echo(message, err=True))
             return
         build_pocket(out_dir, name, seed, work_dir=work_dir, threads=threads,

@@ -114,6 +114,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     yes_no_weight: float = 20.0  # w of Eq. 2 on the Yes/No token of recognition answers
+    # weight of every answer token of an attribute sample (1: Eq. 2 as published). A compared
+    # recognition answer holds ~25 tokens and w; an attribute answer ~3, so with 1 the traits
+    # that recognition does not compare get a few % of the loss (bench/aligner_attribute_weight.py)
+    attribute_weight: float = 1.0
     # "compare": recognition answers check the identity's traits against everyone in the photo
     # first ("left red hair red same ... match. Yes, ..."), as a base model trained to reason so
     # answers (the pocket model); the manifest then needs "traits" and "people". w lands on the
@@ -147,6 +151,7 @@ class TrainConfig:
         """Raise PlvmError naming the first impossible value."""
         positive = {"lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "steps": self.steps, "yes_no_weight": self.yes_no_weight,
+                    "attribute_weight": self.attribute_weight,
                     "log_every": self.log_every, "max_references": self.max_references}
         for key, value in positive.items():
             if value <= 0:
@@ -682,7 +687,8 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
                                                             grad_accum=config.grad_accum,
                                                             rank=rank, world_size=world),
                                         backbone, runtime.template, num_context,
-                                        yes_no_weight=config.yes_no_weight, image_cache=image_cache,
+                                        yes_no_weight=config.yes_no_weight,
+                                        attribute_weight=config.attribute_weight, image_cache=image_cache,
                                         names=_global_names(sampler, data_step, micro, config, world))
                            for micro in range(config.grad_accum)]
                 weight_total = sum(float(b.weights[:, 1:].sum()) for b in batches)

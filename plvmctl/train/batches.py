@@ -49,7 +49,7 @@ def _placeholder_concept(name: str, num_context: int, hidden: int) -> Concept:
 
 
 def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int, *,
-                 yes_no_weight: float, with_answers: bool = True,
+                 yes_no_weight: float, attribute_weight: float = 1.0, with_answers: bool = True,
                  image_cache: dict[Path, Any] | None = None,
                  names: Sequence[str] | None = None) -> EncodedBatch:
     """Prompt + answer ids of every sample; labels only on the answer.
@@ -63,7 +63,8 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
     count comes from the backbone (it depends on the photo's size for anyres families): with
     `image_cache` the photos are opened once here and kept for the forward. The verdict's first
     token of a recognition sample (the "Yes"/"No", after any reasoning) gets weight
-    `yes_no_weight`, the others 1. A sample's `also` names further concepts whose sentences
+    `yes_no_weight`, every answer token of an attribute sample `attribute_weight`, the others 1.
+    A sample's `also` names further concepts whose sentences
     follow its own in the prompt (and that its question and answer may name). `names` (in
     table order) may hold more concepts than the samples': a rank of a multi-process run gives
     the whole global batch's, so its rows see the concept table one process would build.
@@ -103,7 +104,7 @@ def encode_batch(samples: Sequence[Sample], backbone, template, num_context: int
                                                  num_image_tokens=0, add_bos=False,
                                                  pieces=backbone.prompt_pieces)
             answer.append(backbone.eos_token_id)
-        answer_weights = [1.0] * len(answer)
+        answer_weights = [float(attribute_weight) if sample.kind == "attribute" else 1.0] * len(answer)
         if answer and sample.kind in ("positive", "negative"):
             answer_weights[len(reasoning)] = float(yes_no_weight)  # the verdict's first token
         rows.append(prompt + answer)
