@@ -492,3 +492,26 @@ def test_training_data_with_mcq_rows_adds_them_and_changes_nothing_else(tmp_path
             options = dict(line.split(". ", 1) for line in mcq["question"].splitlines()[1:-1])
             value, letter = mcq["answer"].rsplit(" ", 1)
             assert options[letter] == value == getattr(identity, trait)
+
+
+def test_training_data_with_visual_mcq_asks_about_the_subject_in_each_photo(tmp_path):
+    """visual_mcq_per_photo: that many multiple-choice rows per query photo under "visual",
+    answered "value letter" from the photo's scene; every other field is the data without."""
+    plain = generate_training_data(tmp_path / "plain", 3, 2, seed=1, progress=False, extra_scenes=0)
+    with_visual = generate_training_data(tmp_path / "visual", 3, 2, seed=1, progress=False, extra_scenes=0,
+                                         visual_mcq_per_photo=3)
+    rows = [json.loads(line) for line in plain.read_text().splitlines()]
+    more = [json.loads(line) for line in with_visual.read_text().splitlines()]
+    templates = {template: kind for kind, (template, _) in toy_world._VISUAL_QUESTIONS.items()}
+    for row, other in zip(rows, more):
+        assert {key: value for key, value in other.items() if key != "visual"} == row
+        assert [item["image"] for item in other["visual"]] == [query for query in row["queries"] for _ in range(3)]
+        identity = next(i for i in toy_world.training_identities() if i.name == row["name"])
+        for item in other["visual"]:
+            scene = toy_world.SceneInfo.from_dict(row["scenes"][row["queries"].index(item["image"])])
+            person = scene.find(identity)
+            options = dict(line.split(". ", 1) for line in item["question"].splitlines()[1:-1])
+            value, letter = item["answer"].rsplit(" ", 1)
+            kind = templates[item["question"].splitlines()[0]]
+            assert options[letter] == value == toy_world._visual_answer(kind, person, scene)
+        assert len({item["question"].splitlines()[0] for item in other["visual"][:3]}) == 3  # kinds in turn

@@ -18,6 +18,7 @@ from plvmctl.aligner import load_aligner
 from plvmctl.concept import Concept
 from plvmctl.data.templates import ATTRIBUTE_QUESTIONS, NEGATIVE_ANSWERS, POSITIVE_ANSWERS
 from plvmctl.errors import PlvmError
+from plvmctl.lab import toy as toy_world
 from plvmctl.recipe import load_recipe
 from plvmctl.runtime import load_runtime
 from plvmctl.train.aligner import TrainConfig, logged_losses, train_aligner, weighted_answer_loss
@@ -255,6 +256,46 @@ def test_sampler_puts_other_concepts_beside_a_share_of_samples(world):
     assert 0.3 < len(shown) / len(negatives) < 0.9  # half by design, plus random picks of the owner
     with pytest.raises(PlvmError, match="also_share"):
         PlvmSampler(identities, also_share=1.5)
+
+def test_sampler_asks_a_share_of_attribute_samples_about_a_photo(tmp_path):
+    """visual_share: that share of the attribute samples asks one of the person's "visual"
+    questions, with its photo, in place of the text-only one; every other sample is the one
+    drawn without. The manifest keeps only visual questions whose photo exists."""
+    manifest = toy_world.generate_training_data(tmp_path, 6, 2, seed=2, progress=False, extra_scenes=0,
+                                                visual_mcq_per_photo=2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["visual"][0]["image"] = "images/nobody/q9.png"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    read = read_manifest(manifest)
+    assert len(read.identities[0].visual) == 3 and len(read.identities[1].visual) == 4
+    assert any("visual question's photo" in problem for problem in read.problems)
+    plain = [PlvmSampler(read.identities, seed=1).sample(i) for i in range(400)]
+    mixed = [PlvmSampler(read.identities, seed=1, visual_share=0.5).sample(i) for i in range(400)]
+    asked = [(s, m) for s, m in zip(plain, mixed) if s != m]
+    assert all(s.kind == m.kind == "attribute" and s.photo is None and m.photo is not None for s, m in asked)
+    attributes = sum(s.kind == "attribute" for s in plain)
+    assert len(asked) / attributes == pytest.approx(0.5, abs=0.1)
+    by_name = read.by_name()
+    for _, sample in asked:
+        assert (sample.photo, sample.question.replace(f"<{sample.name}>", "<sks>"), sample.answer) in \
+            by_name[sample.name].visual
+    assert PlvmSampler(read.identities, visual_share=0.5).state_dict()["visual_share"] == 0.5
+    with pytest.raises(PlvmError, match="visual_share"):
+        PlvmSampler(read.identities, visual_share=1.5)
+
+
+def test_attribute_weight_scales_every_answer_token_of_attribute_samples(runtime):
+    """attribute_weight: each answer token of an attribute sample weighs that much; a
+    recognition sample keeps 1 and w on its verdict."""
+    attribute = Sample("alice", "attribute", "What colour is <alice>'s hair?", "red", None)
+    recognition = Sample("alice", "positive", "Is <alice> in this photo?", "Yes, she is.", None)
+    batch = encode_batch([attribute, recognition], runtime.backbone, runtime.template, 2,
+                         yes_no_weight=20.0, attribute_weight=5.0)
+    answer = batch.weights[0][batch.labels[0] != IGNORE]
+    assert answer.tolist() == [5.0] * len(answer)
+    verdict = batch.weights[1][batch.labels[1] != IGNORE]
+    assert verdict[0] == 20.0 and set(verdict[1:].tolist()) == {1.0}
+
 
 def test_neutral_question():
     assert neutral_question("What colour is <sks>'s hair?") == "What colour is the person's hair?"

@@ -79,6 +79,8 @@ class PocketProfile:
     aligner_also_share: float = 0.0  # share of Aligner samples with other concepts beside theirs (train.also_share)
     aligner_mcq_per_trait: int = 0  # multiple-choice attribute rows per identity and trait (toy.mcq_attributes)
     aligner_attribute_weight: float = 1.0  # weight of attribute answers' tokens (train.attribute_weight)
+    aligner_visual_mcq_per_photo: int = 0  # visual multiple-choice rows per query photo (toy.visual_mcq)
+    aligner_visual_share: float = 0.0  # share of attribute samples asked with a photo (train.visual_share)
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
@@ -169,7 +171,8 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
                        checkpoint_every=0, val_identities=settings.aligner_val_identities,
                        aligner_sizes=dict(settings.aligner_sizes), data=str(manifest), out=str(out),
                        cache_references=False, also_share=settings.aligner_also_share,
-                       attribute_weight=settings.aligner_attribute_weight)
+                       attribute_weight=settings.aligner_attribute_weight,
+                       visual_share=settings.aligner_visual_share)
 
 
 def several_photos_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike, seed: int):
@@ -344,7 +347,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
                                               extra_scenes=0, progress=False,
                                               references=settings.aligner_references,
-                                              mcq_per_trait=settings.aligner_mcq_per_trait)
+                                              mcq_per_trait=settings.aligner_mcq_per_trait,
+                                              visual_mcq_per_photo=settings.aligner_visual_mcq_per_photo)
             stage("data", began)
             data = done("data", {})
         timings["data"] = data["stage_seconds"]
@@ -561,7 +565,8 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
             manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
                                               extra_scenes=0, progress=False,
                                               references=settings.aligner_references,
-                                              mcq_per_trait=settings.aligner_mcq_per_trait)
+                                              mcq_per_trait=settings.aligner_mcq_per_trait,
+                                              visual_mcq_per_photo=settings.aligner_visual_mcq_per_photo)
             timings["data"] = round(time.perf_counter() - began, 1)
         began = time.perf_counter()
         result, parts = train_pocket_aligner(settings, manifest, work, out / "backbone", out / "encoder", seed,

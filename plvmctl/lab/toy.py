@@ -872,6 +872,7 @@ def generate_training_data(
     progress: bool = True,
     references: int = 1,
     mcq_per_trait: int = 0,
+    visual_mcq_per_photo: int = 0,
 ) -> Path:
     """Write toy training data for `n_identities` training-part identities; return the manifest.
 
@@ -889,8 +890,9 @@ def generate_training_data(
 
     Other people in the photos are training identities that are not subjects. `extra_scenes`
     defaults to as many as there are query photos. `mcq_per_trait` adds that many multiple-choice
-    attribute rows per identity and text-MCQ trait (`mcq_attributes`). Earlier outputs of this
-    function in `out_dir` are replaced.
+    attribute rows per identity and text-MCQ trait (`mcq_attributes`); `visual_mcq_per_photo`
+    that many visual multiple-choice rows per query photo, under the row's "visual"
+    (`visual_mcq`). Earlier outputs of this function in `out_dir` are replaced.
     """
     _check_size(scene_size)
     _check_size(portrait_size)
@@ -934,6 +936,10 @@ def generate_training_data(
             "attributes": [{"question": q, "answer": a} for q, a in attribute_qa(identity)]
                           + mcq_attributes(identity, mcq_per_trait, seed),
         }
+        if visual_mcq_per_photo:
+            row["visual"] = [{"image": image, **question} for number, image in enumerate(queries)
+                             for question in visual_mcq(identity, SceneInfo.from_dict(scenes[number]),
+                                                        visual_mcq_per_photo, f"{seed}-{number}")]
         if references > 1:
             row["references"] = training_references(out, folder, identity, references, seed, distractors,
                                                     portrait_size, scene_size)
@@ -966,6 +972,28 @@ def mcq_attributes(identity: Identity, per_trait: int, seed: int) -> list[dict[s
             choice, letter = _multiple_choice(values, getattr(identity, trait), rng)
             rows.append({"question": mcq_prompt(template, list(choice.items())),
                          "answer": f"{getattr(identity, trait)} {letter}"})
+    return rows
+
+
+def visual_mcq(identity: Identity, info: SceneInfo, count: int, seed: str) -> list[dict[str, str]]:
+    """`count` multiple-choice questions about `identity` in the photo of `info`, of the visual
+    MCQ's kinds (where, shirt, expression, how many) in turn from a random one, asked and
+    answered as the text MCQ rows are (`mcq_attributes`: "red B"). An Aligner that only ever
+    sees options without a photo learns to answer from the concept; these rows show it options
+    that the photo decides. Drawn from a random stream of their own."""
+    rng = random.Random(f"plvmctl-toy-visual-{seed}-{identity.name}")
+    person = info.find(identity)
+    if person is None:
+        raise PlvmError(f"<{identity.name}> is not in the photo asked about")
+    kinds = tuple(_VISUAL_QUESTIONS)
+    offset = rng.randrange(len(kinds))
+    rows = []
+    for j in range(count):
+        kind = kinds[(offset + j) % len(kinds)]
+        template, values = _VISUAL_QUESTIONS[kind]
+        value = _visual_answer(kind, person, info)
+        choice, letter = _multiple_choice(values, value, rng)
+        rows.append({"question": mcq_prompt(template, list(choice.items())), "answer": f"{value} {letter}"})
     return rows
 
 

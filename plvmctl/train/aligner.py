@@ -136,6 +136,9 @@ class TrainConfig:
     # own (distractors: a negative's may be the person in the photo), so that concepts learn to
     # work side by side, as `ask` puts every concept a question names in one prompt
     also_share: float = 0.0
+    # share of attribute samples that ask one of the person's visual questions (the manifest's
+    # "visual": a photo of them, a question, its answer) instead, with that photo
+    visual_share: float = 0.0
     checkpoint_every: int = 100  # 0: only at the end and on Ctrl-C
     validate_every: int = 0  # 0: only at the end (when val_identities > 0)
     val_identities: int = 0  # identities held out of training for validation
@@ -163,7 +166,7 @@ class TrainConfig:
         for key, value in not_negative.items():
             if value < 0:
                 raise PlvmError(f"train.{key} must be 0 or more, got {value}")
-        for key in ("positive_share", "recognition_share", "also_share"):
+        for key in ("positive_share", "recognition_share", "also_share", "visual_share"):
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise PlvmError(f"train.{key} must be between 0 and 1, got {value}")
@@ -613,7 +616,8 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
     sampler = PlvmSampler(train_ids, seed=config.seed, positive_share=config.positive_share,
                           recognition_share=config.recognition_share, negatives=config.negatives,
                           hard_neighbours=ranking, compare_keys=compare_keys,
-                          max_references=config.max_references, also_share=config.also_share)
+                          max_references=config.max_references, also_share=config.also_share,
+                          visual_share=config.visual_share)
     val_samples = validation_samples(val_ids, manifest.identities, seed=config.seed,
                                      photos_per_identity=config.val_photos,
                                      compare_keys=compare_keys) if val_ids else []

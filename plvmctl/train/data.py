@@ -79,6 +79,8 @@ class Identity:
     # per query photo (aligned with `queries`), everyone in it: (place, traits), or None if unknown
     people: list[list[tuple[str, dict[str, str]]] | None] = field(default_factory=list)
     references: list[Path] = field(default_factory=list)  # further reference photos ("references")
+    # questions about the person in one of their photos ("visual"): (photo, question, answer)
+    visual: list[tuple[Path, str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -146,6 +148,29 @@ def _parse_attributes(value: Any, name: str, where: str,
             continue
         pairs.append((question, answer))
     return pairs
+
+
+def _parse_visual(value: Any, name: str, folder: Path, where: str,
+                  problems: list[str]) -> list[tuple[Path, str, str]]:
+    """The row's "visual" questions ([{"image", "question", "answer"}]) whose photo exists;
+    like attributes, one that names anybody else is skipped."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.append(f"{where}: 'visual' is not a list; ignored")
+        return []
+    rows = []
+    for item in value:
+        if not (isinstance(item, dict) and isinstance(item.get("image"), str)):
+            continue
+        pairs = _parse_attributes([item], name, where, problems)
+        if not pairs:
+            continue
+        if not (folder / item["image"]).is_file():
+            problems.append(f"{where}: <{name}>: visual question's photo {item['image']!r} not found; skipped")
+            continue
+        rows.append((folder / item["image"], *pairs[0]))
+    return rows
 
 
 def _parse_people(value: Any) -> list[tuple[str, dict[str, str]]] | None:
@@ -222,7 +247,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
                 kept.append(folder / photo)
             else:
                 problems.append(f"{where}: <{name}>: reference photo {photo!r} not found; skipped")
-        identities.append(Identity(name, folder / reference, queries, attributes, number, traits, people, kept))
+        visual = _parse_visual(row.get("visual"), name, folder, where, problems)
+        identities.append(Identity(name, folder / reference, queries, attributes, number, traits, people, kept,
+                                   visual))
     return Manifest(path, identities, problems)
 
 
@@ -252,7 +279,8 @@ class Sample:
     """One training example: the concept of `name` is in the prompt.
 
     `question` and `answer` mention the person as `<name>`; `photo` is the query photo shown
-    with the question (None for attribute samples, which are text-only).
+    with the question (None for text-only attribute samples; a visual question about the person
+    is an attribute sample with its photo).
     """
 
     name: str
@@ -286,7 +314,7 @@ class PlvmSampler:
                  negatives: str = "random",
                  hard_neighbours: dict[str, list[str]] | None = None,
                  compare_keys: Sequence[str] = (), max_references: int = 1,
-                 also_share: float = 0.0) -> None:
+                 also_share: float = 0.0, visual_share: float = 0.0) -> None:
         if not identities:
             raise PlvmError("the sampler needs at least one identity")
         if not 0.0 <= positive_share <= 1.0:
@@ -303,6 +331,9 @@ class PlvmSampler:
             raise PlvmError(f"max_references must be 1 or more, got {max_references}")
         if not 0.0 <= also_share <= 1.0:
             raise PlvmError(f"also_share must be between 0 and 1, got {also_share}")
+        if not 0.0 <= visual_share <= 1.0:
+            raise PlvmError(f"visual_share must be between 0 and 1, got {visual_share}")
+        self.visual_share = visual_share
         self.max_references = max_references
         self.also_share = also_share
         self.compare_keys = tuple(compare_keys)
@@ -327,6 +358,8 @@ class PlvmSampler:
             state["max_references"] = self.max_references
         if self.also_share > 0:
             state["also_share"] = self.also_share
+        if self.visual_share > 0:
+            state["visual_share"] = self.visual_share
         return state
 
     def check_state(self, state: dict[str, Any]) -> None:
@@ -353,10 +386,24 @@ class PlvmSampler:
         return others
 
     def sample(self, index: int) -> Sample:
-        """Sample number `index` (any non-negative integer); with `also_share`, that share of
-        them with other concepts in the prompt too (`_with_others`)."""
+        """Sample number `index` (any non-negative integer); with `visual_share`, that share of
+        the attribute samples asked about a photo instead (`_visual`); with `also_share`, that
+        share of them with other concepts in the prompt too (`_with_others`)."""
         sample = self._sample(index)
+        if self.visual_share > 0 and sample.kind == "attribute":
+            sample = self._visual(sample, index)
         return self._with_others(sample, index) if self.also_share > 0 else sample
+
+    def _visual(self, sample: Sample, index: int) -> Sample:
+        """In a share `visual_share` of the draws (a random stream of its own), one of the
+        person's visual questions with its photo in place of the text-only attribute question."""
+        rng = random.Random(f"plvmctl-visual-{self.seed}-{index}")
+        visual = self._by_name[sample.name].visual
+        if rng.random() >= self.visual_share or not visual:
+            return sample
+        photo, question, answer = visual[rng.randrange(len(visual))]
+        return dataclasses.replace(sample, question=_with_name(question, sample.name),
+                                   answer=_with_name(answer, sample.name), photo=photo)
 
     def _with_others(self, sample: Sample, index: int) -> Sample:
         """`sample` with 1 or 2 other identities' concepts after its own, in a share
