@@ -297,6 +297,41 @@ def test_attribute_weight_scales_every_answer_token_of_attribute_samples(runtime
     assert verdict[0] == 20.0 and set(verdict[1:].tolist()) == {1.0}
 
 
+def test_description_loss_is_zero_when_the_context_reads_the_description(runtime):
+    """description_targets: the input embeddings of the description's first k tokens as it
+    reads after "<name> is"; description_loss: 0 for a concept whose first rows are those, and
+    grows with the distance."""
+    from plvmctl.train.aligner import description_loss, description_targets
+    from plvmctl.train.data import Identity
+
+    person = Identity("alice", Path("ref.png"), [], [], description="red hair and a hat")
+    targets = description_targets(runtime.backbone, [person], num_context=2)
+    assert targets["alice"].shape == (2, runtime.backbone.hidden_size)
+    context = torch.cat([targets["alice"], torch.randn(3, runtime.backbone.hidden_size)])
+    exact = Concept("alice", context[0], context[0], context)
+    assert float(description_loss([exact], targets)) == 0.0
+    off = Concept("alice", context[0], context[0], context + 0.1)
+    assert float(description_loss([off], targets)) > 0.0
+    with pytest.raises(PlvmError, match="description"):
+        description_targets(runtime.backbone, [Identity("bob", Path("ref.png"), [], [])], num_context=2)
+
+
+def test_training_with_descriptions_reads_them_from_the_manifest(runtime, world, tmp_path):
+    """description_weight: the manifest's "description" becomes each concept's target; the
+    term is part of the loss (another curve than without), and a manifest without
+    descriptions is refused."""
+    rows = [json.loads(line) for line in world.read_text().splitlines() if line.strip()]
+    described = world.parent / "described.jsonl"
+    described.write_text("".join(json.dumps({**row, "description": f"a person called {row['name']}"}) + "\n"
+                                 for row in rows))
+    assert all(i.description.startswith("a person") for i in read_manifest(described).identities)
+    plain = train_aligner(runtime, config_for(described, tmp_path / "plain"))
+    pulled = train_aligner(runtime, config_for(described, tmp_path / "pulled", description_weight=1.0))
+    assert all(math.isfinite(x) for x in pulled.losses) and pulled.losses != plain.losses
+    with pytest.raises(PlvmError, match="description"):
+        train_aligner(runtime, config_for(world, tmp_path / "none", description_weight=1.0))
+
+
 def test_neutral_question():
     assert neutral_question("What colour is <sks>'s hair?") == "What colour is the person's hair?"
     assert neutral_question("<sks> wears what?") == "The person wears what?"

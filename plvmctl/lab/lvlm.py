@@ -156,7 +156,7 @@ def describe(identity: toy.Identity, style: str = "sentence") -> str:
     both (docs/research-log.md).
     """
     if style == "keyvalue":
-        return " ".join(f"{key} {getattr(identity, trait)}" for trait, key in DESCRIPTION_KEYS.items())
+        return identity.keyvalue()
     if style == "sentence":
         return "a person with " + identity.describe()
     raise PlvmError(f"unknown description style {style!r} (known: {', '.join(DESCRIPTION_STYLES)})")

@@ -81,6 +81,7 @@ class PocketProfile:
     aligner_attribute_weight: float = 1.0  # weight of attribute answers' tokens (train.attribute_weight)
     aligner_visual_mcq_per_photo: int = 0  # visual multiple-choice rows per query photo (toy.visual_mcq)
     aligner_visual_share: float = 0.0  # share of attribute samples asked with a photo (train.visual_share)
+    aligner_description_weight: float = 0.0  # pull toward the written description (train.description_weight)
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
@@ -172,7 +173,8 @@ def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, o
                        aligner_sizes=dict(settings.aligner_sizes), data=str(manifest), out=str(out),
                        cache_references=False, also_share=settings.aligner_also_share,
                        attribute_weight=settings.aligner_attribute_weight,
-                       visual_share=settings.aligner_visual_share)
+                       visual_share=settings.aligner_visual_share,
+                       description_weight=settings.aligner_description_weight)
 
 
 def several_photos_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike, seed: int):

@@ -190,6 +190,11 @@ class Identity:
         """Every trait as key word -> value word ({"face": "round", "skin": "tan", "hair": "red", ...})."""
         return {key: getattr(self, trait) for trait, key in TRAIT_KEYS.items()}
 
+    def keyvalue(self) -> str:
+        """Every trait as "key value", in `TRAIT_KEYS` order: "face round skin pale hair black
+        style short eyes blue facial none accessory glasses" (what the pocket base reads)."""
+        return " ".join(f"{key} {value}" for key, value in self.trait_words().items())
+
     def describe(self) -> str:
         """A short English description of the traits."""
         parts = [f"a {self.face} face", f"{self.skin} skin", f"{self.hair_style} {self.hair_colour} hair"]
@@ -884,8 +889,9 @@ def generate_training_data(
         images/<Name>/ref<j>.png     with `references` > 1, further reference photos, j = 2..
                                      (`training_references`: clean, crowd crop, small, covered)
         manifest.jsonl               one identity a line: name, identity, reference, queries,
-                                     scenes (SceneInfo dicts aligned with queries), attributes,
-                                     and "references" (the further ones) when there are any
+                                     scenes (SceneInfo dicts aligned with queries), traits,
+                                     description (`Identity.keyvalue`), attributes, and
+                                     "references" (the further ones) and "visual" when asked
         scene_qa.jsonl               generic scene questions {image, question, answer}
 
     Other people in the photos are training identities that are not subjects. `extra_scenes`
@@ -931,6 +937,7 @@ def generate_training_data(
             "queries": queries,
             "scenes": scenes,
             "traits": identity.trait_words(),
+            "description": identity.keyvalue(),
             "people": [[{"place": place, "traits": traits} for place, traits in SceneInfo.from_dict(scene).people_traits()]
                        for scene in scenes],
             "attributes": [{"question": q, "answer": a} for q, a in attribute_qa(identity)]

@@ -139,6 +139,11 @@ class TrainConfig:
     # share of attribute samples that ask one of the person's visual questions (the manifest's
     # "visual": a photo of them, a question, its answer) instead, with that photo
     visual_share: float = 0.0
+    # >0: also pull each concept's first context rows toward the input embeddings of its
+    # identity's written description (the manifest's "description", as the base model reads it
+    # in "<name> is {description}."), weighted by this (`description_loss`): the concept then
+    # states every trait the description holds, not only those the answers ask about
+    description_weight: float = 0.0
     checkpoint_every: int = 100  # 0: only at the end and on Ctrl-C
     validate_every: int = 0  # 0: only at the end (when val_identities > 0)
     val_identities: int = 0  # identities held out of training for validation
@@ -160,6 +165,7 @@ class TrainConfig:
             if value <= 0:
                 raise PlvmError(f"train.{key} must be positive, got {value}")
         not_negative = {"warmup_steps": self.warmup_steps, "grad_clip": self.grad_clip,
+                        "attribute_weight": self.attribute_weight, "description_weight": self.description_weight,
                         "weight_decay": self.weight_decay, "checkpoint_every": self.checkpoint_every,
                         "validate_every": self.validate_every, "val_identities": self.val_identities,
                         "val_photos": self.val_photos, "overfit_batches": self.overfit_batches}
@@ -369,17 +375,19 @@ def batch_concepts(aligner: torch.nn.Module, names: Sequence[str], references: R
 
 def concept_logits(aligner: torch.nn.Module, batch: EncodedBatch, references: ReferenceTokens,
                    backbone, *, image_cache: dict[Path, Any] | None = None,
-                   reference_sets: dict[str, Sequence[Path]] | None = None) -> torch.Tensor:
+                   reference_sets: dict[str, Sequence[Path]] | None = None,
+                   concepts: Sequence[Concept] | None = None) -> torch.Tensor:
     """Run Aligner → ConceptTable → frozen LLaVA on `batch`; logits [B, T, total_ids].
 
     Gradients flow from the logits into the Aligner (through the concept rows). Only the rows
     that have a photo contribute pixel values (LLaVA scatters image features in row order).
     `reference_sets`: the photos each concept is made from, where more than its primary
-    reference (`batch_concepts`).
+    reference (`batch_concepts`). `concepts`: the batch's concepts, already made.
     """
     device = backbone.device
     model = backbone.model
-    concepts = batch_concepts(aligner, batch.names, references, device, reference_sets=reference_sets)
+    if concepts is None:
+        concepts = batch_concepts(aligner, batch.names, references, device, reference_sets=reference_sets)
     table = ConceptTable(concepts, backbone.vocab_size, device=device, dtype=backbone.dtype)
     inputs: dict[str, Any] = {"input_ids": batch.input_ids.to(device),
                               "attention_mask": batch.attention_mask.to(device),
@@ -389,6 +397,33 @@ def concept_logits(aligner: torch.nn.Module, batch: EncodedBatch, references: Re
     with _autocast(device), table.active(model):
         logits = model(**inputs).logits  # [B, T, total_ids]
     return logits
+
+
+def description_targets(backbone, identities: Sequence[Identity], num_context: int) -> dict[str, torch.Tensor]:
+    """{name: the input embeddings [n, H] of the first n <= k tokens of its description}, as
+    the description reads after "<name> is" (detached: a target, not a parameter)."""
+    missing = [identity.name for identity in identities if not identity.description]
+    if missing:
+        raise PlvmError(f"train.description_weight needs a written description for every identity "
+                        f"(the manifest's \"description\"); <{missing[0]}> has none")
+    table = backbone.model.get_input_embeddings().weight
+    targets = {}
+    for identity in identities:
+        ids = backbone.tokenizer(" " + identity.description.strip(), add_special_tokens=False).input_ids
+        targets[identity.name] = table[torch.tensor(ids[:num_context], device=table.device)].detach().float()
+    return targets
+
+
+def description_loss(concepts: Sequence[Concept], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over `concepts` of ||context[:n] - target||^2 / ||target||^2 (the description's
+    n token embeddings, `description_targets`): 0 when the concept's first n context rows are
+    its description, word for word."""
+    terms = []
+    for concept in concepts:
+        target = targets[concept.name].to(concept.context.device)
+        rows = concept.context[:len(target)].float()
+        terms.append((rows - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-8))
+    return torch.stack(terms).mean()
 
 
 def batch_loss(aligner: torch.nn.Module, batch: EncodedBatch, references: ReferenceTokens,
@@ -618,6 +653,7 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
                           hard_neighbours=ranking, compare_keys=compare_keys,
                           max_references=config.max_references, also_share=config.also_share,
                           visual_share=config.visual_share)
+    described = description_targets(backbone, train_ids, num_context) if config.description_weight > 0 else {}
     val_samples = validation_samples(val_ids, manifest.identities, seed=config.seed,
                                      photos_per_identity=config.val_photos,
                                      compare_keys=compare_keys) if val_ids else []
@@ -704,10 +740,14 @@ def train_aligner(runtime, config: TrainConfig, *, resume: bool = False, progres
                     sync = contextlib.nullcontext() if accelerator is None or last \
                         else accelerator.no_sync(aligner)
                     with sync:
+                        concepts = batch_concepts(aligner, batch.names, references, device,
+                                                  reference_sets=_reference_sets(sampler, batch, data_step, micro))
                         total, _ = batch_loss(aligner, batch, references, backbone,
-                                              image_cache=image_cache,
-                                              reference_sets=_reference_sets(sampler, batch, data_step, micro))
+                                              image_cache=image_cache, concepts=concepts)
                         loss = total / weight_total
+                        if described:  # a mean per micro-batch and rank: /(micro-batches × ranks)
+                            loss = loss + config.description_weight * description_loss(concepts, described) \
+                                / (len(batches) * world)
                         backward(loss * world)  # DDP averages over the ranks: ×world sums them
                     step_loss += float(loss.detach())
                 if accelerator is not None:  # the global batch's loss, what one process logs

@@ -81,6 +81,7 @@ class Identity:
     references: list[Path] = field(default_factory=list)  # further reference photos ("references")
     # questions about the person in one of their photos ("visual"): (photo, question, answer)
     visual: list[tuple[Path, str, str]] = field(default_factory=list)
+    description: str = ""  # a written description ("description"), as the base model reads one
 
 
 @dataclass
@@ -248,8 +249,12 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             else:
                 problems.append(f"{where}: <{name}>: reference photo {photo!r} not found; skipped")
         visual = _parse_visual(row.get("visual"), name, folder, where, problems)
+        description = row.get("description")
+        if description is not None and not isinstance(description, str):
+            problems.append(f"{where}: <{name}>: 'description' is not a string; ignored")
+            description = None
         identities.append(Identity(name, folder / reference, queries, attributes, number, traits, people, kept,
-                                   visual))
+                                   visual, (description or "").strip()))
     return Manifest(path, identities, problems)
 
 
