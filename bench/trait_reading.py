@@ -13,10 +13,15 @@ held-out identities, next to the majority class:
 - `aligner`: the Aligner's word, head and context vectors, flattened (what the LM is given).
 
 A trait the encoder reads but the Aligner does not carry is lost in the Aligner's training;
-one the encoder does not read is lost in the portrait or the encoder. The text MCQ of
+one the encoder does not read is lost in the portrait or the encoder.
+
+`photo_tower` does the same for the base LVLM's own vision: the projected visual tokens the
+LM reads (every slot, flattened) of one-person photos of the training size (96 px), probed
+for the person's traits and for what changes from photo to photo (shirt colour, expression),
+the traits the visual MCQ asks about. The text MCQ of
 `make results` (docs/results.md, per question) is the last stage: what the LM answers.
 
-    OMP_NUM_THREADS=1 python bench/trait_reading.py > docs/bench/trait_reading.json   # ~3 min
+    OMP_NUM_THREADS=1 python bench/trait_reading.py > docs/bench/trait_reading.json   # ~2 min
 
 `--recipe`/`--set` choose the encoder and Aligner (default: the committed pocket model);
 `--portrait-size` renders the portraits at another size (the encoder's processor resizes
@@ -80,6 +85,25 @@ def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.T
         return float((probe(test_x).argmax(-1) == test_y).float().mean())
 
 
+PHOTO_TRAITS = {"shirt": tuple(toy.SHIRT_COLOURS), "expression": toy.EXPRESSIONS}
+
+
+@torch.no_grad()
+def photo_features(runtime, identities, seed: str, size: int = 96, batch: int = 64):
+    """(features [M, slots*H], {trait: values}) of one-person photos of `identities`."""
+    rng = random.Random(seed)
+    rows, truth = [], {trait: [] for trait in PHOTO_TRAITS}
+    images = []
+    for identity in identities:
+        image, info = toy.random_scene(identity, rng, [identity], n_people=1, size=size)
+        images.append(image)
+        truth["shirt"].append(info.people[0].shirt)
+        truth["expression"].append(info.people[0].expression)
+    for start in range(0, len(images), batch):
+        rows.extend(feature.float().flatten() for feature in runtime.backbone.image_features(images[start:start + batch]))
+    return torch.stack(rows), truth
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="pocket")
@@ -100,6 +124,21 @@ def main() -> None:
     test_features = stage_features(runtime, portraits(held, f"held-{args.seed}", args.portrait_size))
 
     result: dict = {"stages": {}, "majority": {}}
+    train_photos, train_truth = photo_features(runtime, fit, f"photo-fit-{args.seed}")
+    test_photos, test_truth = photo_features(runtime, held, f"photo-held-{args.seed}")
+    for trait, values in {**toy.TRAITS, **PHOTO_TRAITS}.items():
+        index = {value: i for i, value in enumerate(values)}
+        if trait in PHOTO_TRAITS:
+            train_y = torch.tensor([index[value] for value in train_truth[trait]])
+            test_y = torch.tensor([index[value] for value in test_truth[trait]])
+        else:
+            train_y = torch.tensor([index[getattr(identity, trait)] for identity in fit])
+            test_y = torch.tensor([index[getattr(identity, trait)] for identity in held])
+        accuracy = probe_accuracy(train_photos, train_y, test_photos, test_y, len(values))
+        result["stages"].setdefault("photo_tower", {})[trait] = round(accuracy, 4)
+        if trait in PHOTO_TRAITS:
+            majority = int(torch.bincount(train_y, minlength=len(values)).argmax())
+            result["majority"][trait] = round(float((test_y == majority).float().mean()), 4)
     for trait, values in toy.TRAITS.items():
         index = {value: i for i, value in enumerate(values)}
         train_y = torch.tensor([index[getattr(identity, trait)] for identity in fit])

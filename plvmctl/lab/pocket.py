@@ -132,7 +132,8 @@ def profile(name: str) -> PocketProfile:
             lvlm=dataclasses.replace(CURRICULUM, steps=3500, warmup_steps=60, lr=2e-3, log_every=50),
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
             aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_several_steps=2000,
-            aligner_max_references=4, aligner_also_share=0.3, aligner_mcq_per_trait=2)
+            aligner_max_references=4, aligner_also_share=0.3, aligner_mcq_per_trait=2,
+            aligner_description_weight=1.0)
         if name == "full":
             return full
         return dataclasses.replace(full, name="several", lvlm=dataclasses.replace(full.lvlm, **SEVERAL_PEOPLE))
@@ -546,6 +547,9 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
         if unknown:
             raise PlvmError(f"--aligner: unknown setting {unknown[0][len('aligner_'):]!r} (known: "
                             f"{', '.join(sorted(name[len('aligner_'):] for name in known))})")
+        for key, value in changed.items():  # "1" read as YAML is an int: a float setting stays a float
+            if isinstance(getattr(settings, key), float) and isinstance(value, int):
+                changed[key] = float(value)
         settings = dataclasses.replace(settings, **changed)
     own_work = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="plvmctl-aligner-")) if own_work else Path(work_dir)
