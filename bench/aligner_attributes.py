@@ -11,10 +11,25 @@ folders that differ only in their Aligner (each made by `python -m plvmctl.lab.p
 set of `--testset`, 30 negatives per identity, seed 0): recognition, text and visual MCQ, both
 per question, and the trait probes of the Aligner's output. Prints one JSON object.
 
-    cp -r plvmctl/assets/pocket runs/pocket-aw8
-    python -m plvmctl.lab.pocket --out runs/pocket-aw8 --aligner-only --aligner attribute_weight=8
-    OMP_NUM_THREADS=1 python bench/aligner_attributes.py --testset runs/toy-testset \\
-        --variant committed=plvmctl/assets/pocket --variant aw8=runs/pocket-aw8 --out runs/aligner-attributes
+docs/bench/aligner_attributes.json compares four Aligners on the committed base, each trained
+by `python -m plvmctl.lab.pocket --aligner-only` (about 15 min each) on a copy of the pocket
+folder as it was before the description term (`before`: the Aligner of commit a3a1851's
+parent, the profile then had description_weight 0); `--aligner description_weight=0` gives
+that profile back:
+
+    git archive a3a1851~1 plvmctl/assets/pocket | tar -x -C /tmp && cp -r /tmp/plvmctl/assets/pocket runs/pocket-before
+    for v in aw8 vis desc; do cp -r runs/pocket-before runs/pocket-$v; done
+    python -m plvmctl.lab.pocket --out runs/pocket-aw8 --aligner-only --aligner description_weight=0 --aligner attribute_weight=8
+    python -m plvmctl.lab.pocket --out runs/pocket-vis --aligner-only --aligner description_weight=0 \\
+        --aligner visual_mcq_per_photo=4 --aligner visual_share=0.3
+    python -m plvmctl.lab.pocket --out runs/pocket-desc --aligner-only --aligner description_weight=1
+    OMP_NUM_THREADS=1 python bench/aligner_attributes.py --testset runs/toy-testset --variant before=runs/pocket-before \\
+        --variant aw8=runs/pocket-aw8 --variant vis=runs/pocket-vis --variant desc=runs/pocket-desc \\
+        --out runs/aligner-attributes > docs/bench/aligner_attributes.json          # ~30 min
+
+`desc` is the committed Aligner. docs/bench/aligner_attributes_seed1.json holds `before` and
+`desc` on the test identities of seed 1 (`plvmctl toy testset --out runs/toy-testset-s1
+--identities 40 --seed 1`), a seed nothing was tuned on.
 
 Each evaluation resumes as `eval` does (OUT/<label>).
 """

@@ -67,14 +67,28 @@ def test_smoke_pipeline_learns(tmp_path):
     # --aligner-only trains a new Aligner on the folder's own base LVLM and encoder, which it
     # keeps byte for byte, and rewrites the card's Aligner part
     kept = {part: (out / part / "model.safetensors").read_bytes() for part in ("backbone", "encoder")}
-    again = retrain_aligner(out, "smoke", seed=1, echo=None)
+    # (with one Aligner setting changed, as `--aligner description_weight=1` does: the card says so)
+    again = retrain_aligner(out, "smoke", seed=1, echo=None, aligner_overrides={"description_weight": 1})
     for part, content in kept.items():
         assert (out / part / "model.safetensors").read_bytes() == content, part
     assert again["lvlm"] == card["lvlm"] and again["aligner"]["steps"] == card["aligner"]["steps"]
+    assert again["settings"]["aligner_description_weight"] == 1.0
+    assert isinstance(again["settings"]["aligner_description_weight"], float)
     assert "retrained" in again["aligner"]
     assert json.loads((out / CARD_FILE).read_text())["aligner"] == again["aligner"]
     with pytest.raises(PlvmError, match="not a pocket model folder"):
         retrain_aligner(tmp_path / "work", "smoke", echo=None)
+
+
+def test_an_unknown_aligner_setting_is_refused_before_anything_is_trained(tmp_path):
+    from plvmctl.errors import PlvmError
+
+    for part in ("backbone", "encoder"):
+        (tmp_path / part).mkdir()
+    (tmp_path / CARD_FILE).write_text("{}")
+    with pytest.raises(PlvmError, match="unknown setting 'nope'.*description_weight"):
+        retrain_aligner(tmp_path, "smoke", echo=None, aligner_overrides={"nope": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", CARD_FILE, "encoder"]
 
 
 def test_unknown_profile_is_a_plvm_error(tmp_path):

@@ -116,7 +116,7 @@ class TrainConfig:
     yes_no_weight: float = 20.0  # w of Eq. 2 on the Yes/No token of recognition answers
     # weight of every answer token of an attribute sample (1: Eq. 2 as published). A compared
     # recognition answer holds ~25 tokens and w; an attribute answer ~3, so with 1 the traits
-    # that recognition does not compare get a few % of the loss (bench/aligner_attribute_weight.py)
+    # that recognition does not compare get a few % of the loss (bench/aligner_attributes.py)
     attribute_weight: float = 1.0
     # "compare": recognition answers check the identity's traits against everyone in the photo
     # first ("left red hair red same ... match. Yes, ..."), as a base model trained to reason so
@@ -165,7 +165,7 @@ class TrainConfig:
             if value <= 0:
                 raise PlvmError(f"train.{key} must be positive, got {value}")
         not_negative = {"warmup_steps": self.warmup_steps, "grad_clip": self.grad_clip,
-                        "attribute_weight": self.attribute_weight, "description_weight": self.description_weight,
+                        "description_weight": self.description_weight,
                         "weight_decay": self.weight_decay, "checkpoint_every": self.checkpoint_every,
                         "validate_every": self.validate_every, "val_identities": self.val_identities,
                         "val_photos": self.val_photos, "overfit_batches": self.overfit_batches}
