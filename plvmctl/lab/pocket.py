@@ -123,8 +123,8 @@ PROFILES = ("full", "several", "smoke")
 def profile(name: str) -> PocketProfile:
     """`full` (the committed model), `several` (the full stack with a base that learns several
     people at once from its first step: name tags and `SEVERAL_PEOPLE`, with the full base's
-    3,500 steps at lr 2e-3; a run of 2,200 steps at 1e-3 read several people but not the photo
-    well enough, docs/several-people.md) or `smoke` (a few minutes, still shows learning; the
+    3,500 steps at lr 2e-3; neither that run nor one of 2,200 steps at 1e-3 learned to read the
+    photo as the full base does, docs/several-people.md) or `smoke` (a few minutes, still shows learning; the
     several-people rows need more than its 300 base steps, so it has none)."""
     if name in ("full", "several"):
         full = PocketProfile(
