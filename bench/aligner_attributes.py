@@ -27,7 +27,9 @@ that profile back:
         --variant aw8=runs/pocket-aw8 --variant vis=runs/pocket-vis --variant desc=runs/pocket-desc \\
         --out runs/aligner-attributes > docs/bench/aligner_attributes.json          # ~30 min
 
-`desc` is the committed Aligner. docs/bench/aligner_attributes_seed1.json holds `before` and
+`desc` is the committed Aligner. docs/bench/aligner_attributes_desc3.json (and _seed1, on
+runs/toy-testset-s1) hold `--variant desc3=runs/pocket-desc3`, made as `desc` with
+`--aligner description_weight=3`. docs/bench/aligner_attributes_seed1.json holds `before` and
 `desc` on the test identities of seed 1 (`plvmctl toy testset --out runs/toy-testset-s1
 --identities 40 --seed 1`), a seed nothing was tuned on.
 
