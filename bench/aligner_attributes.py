@@ -40,18 +40,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import torch
 
 from plvmctl.evaluate import build_items, load_testset, recipe_mcq_mode, run_evaluation
 from plvmctl.evaluate.item_stats import outcomes, question_accuracy
-from plvmctl.lab import toy
 from plvmctl.recipe import load_recipe
 from plvmctl.runtime import load_runtime
 
-from trait_reading import portraits, probe_accuracy, stage_features
+from trait_reading import portrait_probes
 
 NEG_PER_IDENTITY = 30  # as `make results`
 SEED = 0
@@ -79,20 +77,9 @@ def evaluate(folder: Path, testset: Path, out: Path) -> dict:
             "aligner_trait_probes": aligner_probes(runtime)}
 
 
-def aligner_probes(runtime, fit: int = 3000, held: int = 600) -> dict[str, float]:
-    """bench/trait_reading.py's `aligner` stage for this runtime's Aligner (seed 0)."""
-    rng = random.Random("trait-reading-0")
-    fitted = rng.sample(list(toy.training_identities()), fit)
-    scored = rng.sample(list(toy.heldout_identities()), held)
-    train_x = stage_features(runtime, portraits(fitted, "fit-0", 64))["aligner"]
-    test_x = stage_features(runtime, portraits(scored, "held-0", 64))["aligner"]
-    probes = {}
-    for trait, values in toy.TRAITS.items():
-        index = {value: i for i, value in enumerate(values)}
-        probes[trait] = round(probe_accuracy(
-            train_x, torch.tensor([index[getattr(i, trait)] for i in fitted]),
-            test_x, torch.tensor([index[getattr(i, trait)] for i in scored]), len(values)), 4)
-    return probes
+def aligner_probes(runtime) -> dict[str, float]:
+    """bench/trait_reading.py's `aligner` stage for this runtime's Aligner (its defaults)."""
+    return portrait_probes(runtime, photos=False)["stages"]["aligner"]
 
 
 def main() -> None:

@@ -104,6 +104,46 @@ def photo_features(runtime, identities, seed: str, size: int = 96, batch: int = 
     return torch.stack(rows), truth
 
 
+def portrait_probes(runtime, *, train: int = 3000, test: int = 600, seed: int = 0,
+                    portrait_size: int = 64, photos: bool = True) -> dict:
+    """{"stages": {stage: {trait: held-out probe accuracy}}, "majority": {trait: ...}}: the
+    portrait stages (`stage_features`) and, with `photos`, `photo_tower`; `train` training-part
+    and `test` held-out people drawn by `seed`."""
+    rng = random.Random(f"trait-reading-{seed}")
+    fit = rng.sample(list(toy.training_identities()), train)
+    held = rng.sample(list(toy.heldout_identities()), test)
+    labels = {}  # trait -> (values, train labels, test labels)
+    for trait, values in toy.TRAITS.items():
+        labels[trait] = (values, [getattr(i, trait) for i in fit], [getattr(i, trait) for i in held])
+    features = {}  # stage -> (train features, test features, its traits)
+    if photos:
+        train_photos, train_truth = photo_features(runtime, fit, f"photo-fit-{seed}")
+        test_photos, test_truth = photo_features(runtime, held, f"photo-held-{seed}")
+        for trait, values in PHOTO_TRAITS.items():
+            labels[trait] = (values, train_truth[trait], test_truth[trait])
+        features["photo_tower"] = (train_photos, test_photos, list(labels))
+    train_portraits = stage_features(runtime, portraits(fit, f"fit-{seed}", portrait_size))
+    test_portraits = stage_features(runtime, portraits(held, f"held-{seed}", portrait_size))
+    for stage in train_portraits:
+        features[stage] = (train_portraits[stage], test_portraits[stage], list(toy.TRAITS))
+
+    result: dict = {"stages": {}, "majority": {}}
+    encoded = {}
+    for trait, (values, train_values, test_values) in labels.items():
+        index = {value: i for i, value in enumerate(values)}
+        train_y = torch.tensor([index[value] for value in train_values])
+        test_y = torch.tensor([index[value] for value in test_values])
+        encoded[trait] = (len(values), train_y, test_y)
+        majority = int(torch.bincount(train_y, minlength=len(values)).argmax())
+        result["majority"][trait] = round(float((test_y == majority).float().mean()), 4)
+    for stage, (train_x, test_x, traits) in features.items():
+        for trait in traits:
+            classes, train_y, test_y = encoded[trait]
+            result["stages"].setdefault(stage, {})[trait] = round(
+                probe_accuracy(train_x, train_y, test_x, test_y, classes), 4)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="pocket")
@@ -117,43 +157,14 @@ def main() -> None:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     runtime = load_runtime(load_recipe(args.recipe, args.overrides), device="cpu")
-    rng = random.Random(f"trait-reading-{args.seed}")
-    fit = rng.sample(list(toy.training_identities()), args.train)
-    held = rng.sample(list(toy.heldout_identities()), args.test)
-    train_features = stage_features(runtime, portraits(fit, f"fit-{args.seed}", args.portrait_size))
-    test_features = stage_features(runtime, portraits(held, f"held-{args.seed}", args.portrait_size))
-
-    result: dict = {"stages": {}, "majority": {}}
-    train_photos, train_truth = photo_features(runtime, fit, f"photo-fit-{args.seed}")
-    test_photos, test_truth = photo_features(runtime, held, f"photo-held-{args.seed}")
-    for trait, values in {**toy.TRAITS, **PHOTO_TRAITS}.items():
-        index = {value: i for i, value in enumerate(values)}
-        if trait in PHOTO_TRAITS:
-            train_y = torch.tensor([index[value] for value in train_truth[trait]])
-            test_y = torch.tensor([index[value] for value in test_truth[trait]])
-        else:
-            train_y = torch.tensor([index[getattr(identity, trait)] for identity in fit])
-            test_y = torch.tensor([index[getattr(identity, trait)] for identity in held])
-        accuracy = probe_accuracy(train_photos, train_y, test_photos, test_y, len(values))
-        result["stages"].setdefault("photo_tower", {})[trait] = round(accuracy, 4)
-        if trait in PHOTO_TRAITS:
-            majority = int(torch.bincount(train_y, minlength=len(values)).argmax())
-            result["majority"][trait] = round(float((test_y == majority).float().mean()), 4)
-    for trait, values in toy.TRAITS.items():
-        index = {value: i for i, value in enumerate(values)}
-        train_y = torch.tensor([index[getattr(identity, trait)] for identity in fit])
-        test_y = torch.tensor([index[getattr(identity, trait)] for identity in held])
-        majority = int(torch.bincount(train_y, minlength=len(values)).argmax())
-        result["majority"][trait] = round(float((test_y == majority).float().mean()), 4)
-        for stage in train_features:
-            accuracy = probe_accuracy(train_features[stage], train_y, test_features[stage], test_y, len(values))
-            result["stages"].setdefault(stage, {})[trait] = round(accuracy, 4)
+    result = portrait_probes(runtime, train=args.train, test=args.test, seed=args.seed,
+                             portrait_size=args.portrait_size)
     result.update({
         "command": "python bench/trait_reading.py " + " ".join(
             [f"--recipe {args.recipe}"] + [f"--set {o}" for o in args.overrides]
             + [f"--train {args.train}", f"--test {args.test}", f"--portrait-size {args.portrait_size}",
                f"--seed {args.seed}"]),
-        "portraits": {"fit": len(fit), "held_out": len(held), "size": args.portrait_size},
+        "portraits": {"fit": args.train, "held_out": args.test, "size": args.portrait_size},
         "seconds": round(time.perf_counter() - started, 1),
     })
     print(json.dumps(result, indent=1))

@@ -153,6 +153,16 @@ def profile(name: str) -> PocketProfile:
     raise PlvmError(f"unknown pocket profile {name!r} (known: {', '.join(PROFILES)})")
 
 
+def aligner_data(settings: PocketProfile, folder: Path, seed: int) -> Path:
+    """Stage 1: the toy training data the profile's Aligner learns from; its manifest."""
+    from .toy import generate_training_data
+
+    return generate_training_data(folder, settings.identities, settings.photos, seed, extra_scenes=0,
+                                  progress=False, references=settings.aligner_references,
+                                  mcq_per_trait=settings.aligner_mcq_per_trait,
+                                  visual_mcq_per_photo=settings.aligner_visual_mcq_per_photo)
+
+
 def aligner_train_config(settings: PocketProfile, manifest: str | os.PathLike, out: str | os.PathLike,
                          seed: int, *, yes_no_weight: float | None = None, steps: int | None = None):
     """The Aligner stage's TrainConfig (the profile's w, PLVM's p = 0.6 and 1 : 1 recognition :
@@ -282,7 +292,6 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
     from .encoder import build_pocket_dinov2, measure_retrieval, train_encoder
     from .lvlm import build_pocket_llava, collect_vocabulary, measure, measure_comparisons, train_lvlm
     from .several_people import measure_several_people
-    from .toy import generate_training_data
 
     say = echo or (lambda message: None)
     if resume and work_dir is None:
@@ -347,11 +356,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         manifest = work / "toy" / "manifest.jsonl"
         data = _stage_record(work, "data") if resume else None
         if data is None:
-            manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
-                                              extra_scenes=0, progress=False,
-                                              references=settings.aligner_references,
-                                              mcq_per_trait=settings.aligner_mcq_per_trait,
-                                              visual_mcq_per_photo=settings.aligner_visual_mcq_per_photo)
+            manifest = aligner_data(settings, work / "toy", seed)
             stage("data", began)
             data = done("data", {})
         timings["data"] = data["stage_seconds"]
@@ -527,7 +532,6 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
     For when only the Aligner's settings change: the base LVLM is most of `make pocket`'s hour.
     """
     from ..aligner import load_aligner, save_aligner
-    from .toy import generate_training_data
 
     say = echo or (lambda message: None)
     if resume and work_dir is None:
@@ -568,11 +572,7 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
         began = time.perf_counter()
         manifest = work / "toy" / "manifest.jsonl"
         if not (resume and manifest.is_file()):  # (a resumed run keeps the card's data time)
-            manifest = generate_training_data(work / "toy", settings.identities, settings.photos, seed,
-                                              extra_scenes=0, progress=False,
-                                              references=settings.aligner_references,
-                                              mcq_per_trait=settings.aligner_mcq_per_trait,
-                                              visual_mcq_per_photo=settings.aligner_visual_mcq_per_photo)
+            manifest = aligner_data(settings, work / "toy", seed)
             timings["data"] = round(time.perf_counter() - began, 1)
         began = time.perf_counter()
         result, parts = train_pocket_aligner(settings, manifest, work, out / "backbone", out / "encoder", seed,

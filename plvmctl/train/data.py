@@ -125,19 +125,24 @@ def read_manifest_rows(path: str | os.PathLike) -> list[tuple[int, str, dict[str
     return rows
 
 
+def _list_field(value: Any, key: str, where: str, problems: list[str]) -> list:
+    """A row's optional list field: [] when absent, or (reported) when it is not a list."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.append(f"{where}: '{key}' is not a list; ignored")
+        return []
+    return value
+
+
 def _parse_attributes(value: Any, name: str, where: str,
                       problems: list[str]) -> list[tuple[str, str]]:
     """The answered attribute Q&As of one row; unanswered or malformed items are skipped.
 
     A Q&A may name the person as `<sks>` or `<name>`; one that names anybody else is skipped.
     """
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        problems.append(f"{where}: 'attributes' is not a list; ignored")
-        return []
     pairs = []
-    for item in value:
+    for item in _list_field(value, "attributes", where, problems):
         if not (isinstance(item, dict) and isinstance(item.get("question"), str)
                 and isinstance(item.get("answer"), str) and item["answer"].strip()):
             continue
@@ -155,13 +160,8 @@ def _parse_visual(value: Any, name: str, folder: Path, where: str,
                   problems: list[str]) -> list[tuple[Path, str, str]]:
     """The row's "visual" questions ([{"image", "question", "answer"}]) whose photo exists;
     like attributes, one that names anybody else is skipped."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        problems.append(f"{where}: 'visual' is not a list; ignored")
-        return []
     rows = []
-    for item in value:
+    for item in _list_field(value, "visual", where, problems):
         if not (isinstance(item, dict) and isinstance(item.get("image"), str)):
             continue
         pairs = _parse_attributes([item], name, where, problems)
