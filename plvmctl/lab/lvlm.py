@@ -283,6 +283,7 @@ class LvlmTrainConfig:
     which_share: float = 0.0  # per-scene share of "Which of <a> and <b> is in this photo?" rows (`which_row`)
     which_answer: str = "full"  # what a which row spells out first: "full" | "short" | "named" (`which_row`)
     which_max: int = 2  # which rows ask about 2 up to this many people (3: "Which of", 4: "Who of")
+    pair_share: float = 0.0  # per-scene share of "Are <a> and <b> both ...?" / "Is <a> to the left of <b>?" rows (`pair_row`)
     recall: bool = False  # "compare" recognition answers first restate the asked person's traits (`recall`)
     crowd_text_share: float = 0.0  # share of text rows with 1-3 other people's descriptions too (`text_row`)
     name_tags: bool = False  # every token after a name carries its vector (`plvmctl.name_tags`; saved in the config)
@@ -437,6 +438,8 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
               ("about", config.about_share)]
     if config.which_share > 0:
         shares.append(("which", config.which_share))
+    if config.pair_share > 0:
+        shares.append(("pair", config.pair_share))
     total = sum(share for _, share in shares)
     generic = toy.scene_qa(info, rng)
     rows: list[Row] = []
@@ -448,6 +451,8 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
         elif kind == "which":
             count = rng.randint(2, config.which_max) if config.which_max > 2 else 2
             rows.append(which_row(info, image, rng, pool, config, count=count))
+        elif kind == "pair":
+            rows.append(pair_row(info, image, rng, pool, config))
         elif kind == "recognition":
             positive = rng.random() < 0.5
             compare = config.recognition_answer == "compare"
@@ -612,6 +617,42 @@ def which_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequenc
     descriptions = {person.name: describe(person, config.description) for person in asked}
     return Row("which", question, which_answer(asked, info, config), image, descriptions,
                name_token=True)
+
+
+def pair_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
+             config: LvlmTrainConfig) -> Row:
+    """"Is <a> to the left of <b>?" (half the rows, when the photo holds two people or more,
+    both of them there) or "Are <a> and <b> both in this photo?" (both there, when they can be,
+    half the time; otherwise one of them or, one time in five, neither), as `eval --pairs` asks
+    them.
+
+    Both people are described in the question's order. The answer compares each, named, as a
+    "named" which answer does (`which_answer`), then concludes: "Yes." / "No." for left of (the
+    place of the first's match before the second's), "Yes, <a> and <b> are both in this
+    photo." or "No, only <a> is in this photo." / "No, neither is in this photo." for both.
+    """
+    people = [person.identity for person in info.people]
+    if len(people) >= 2 and rng.random() < 0.5:
+        asked = rng.sample(people, 2)
+        places = {person.identity: toy.POSITIONS.index(person.position) for person in info.people}
+        question = LEFT_OF_QUESTION.format(a=asked[0].name, b=asked[1].name)
+        verdict = "Yes." if places[asked[0]] < places[asked[1]] else "No."
+    else:
+        present = 2 if len(people) >= 2 and rng.random() < 0.5 else 1 if rng.random() < 0.8 else 0
+        asked = rng.sample(people, present)
+        while len(asked) < 2:
+            candidate = _absent_identity(info, rng, pool, config.hard_negative_share, config.compare_traits)
+            if candidate not in asked:
+                asked.append(candidate)
+        rng.shuffle(asked)
+        question = BOTH_HERE_QUESTION.format(a=asked[0].name, b=asked[1].name)
+        shown = [person for person in asked if person in people]
+        verdict = ("No, " + NEITHER_ANSWER if not shown else
+                   recognition_templates.BOTH_NO[0].format(shown=shown[0].name) if len(shown) == 1 else
+                   recognition_templates.BOTH_YES[0].format(a=asked[0].name, b=asked[1].name))
+    parts = [f"<{person.name}> " + comparison(person, info, config.compare_traits)[0] for person in asked]
+    descriptions = {person.name: describe(person, config.description) for person in asked}
+    return Row("pair", question, ". ".join(parts) + ". " + verdict, image, descriptions, name_token=True)
 
 
 def scene_caption(info: toy.SceneInfo) -> str:
@@ -1234,6 +1275,24 @@ def build_pocket_llava(vocabulary: Sequence[str], sizes: LvlmSizes, seed: int):
         model = LlavaForConditionalGeneration(config)
     model.config._name_or_path = "plvmctl-pocket"
     return model, tokenizer, clip_image_processor(sizes.image_size)
+
+
+def grow_vocabulary(model, tokenizer, words: Sequence[str]):
+    """A tokenizer that also knows `words`, every known word keeping its id, and `model`'s
+    input embeddings and output head grown to match (new rows at the mean of the old ones, as
+    `resize_token_embeddings` makes them). For a trained base that must learn new questions
+    (`plvmctl.lab.several_base`); `tokenizer` unchanged when it knows every word already."""
+    known = tokenizer.get_vocab()
+    new = [word for word in dict.fromkeys(w.lower() for w in words) if word not in known]
+    if not new:
+        return tokenizer
+    ordered = [token for token, _ in sorted(known.items(), key=lambda item: item[1])]
+    grown = build_word_tokenizer(ordered + new)
+    moved = [token for token, index in known.items() if grown.convert_tokens_to_ids(token) != index]
+    if moved:
+        raise PlvmError(f"growing the vocabulary would move {len(moved)} known tokens (e.g. {moved[0]!r})")
+    model.resize_token_embeddings(len(grown), mean_resizing=True)
+    return grown
 
 
 def num_image_tokens(model) -> int:

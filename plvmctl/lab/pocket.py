@@ -133,7 +133,7 @@ def profile(name: str) -> PocketProfile:
             encoder=EncoderTrainConfig(steps=1200, identities_per_step=32, lr=2e-3, log_every=50),
             aligner_steps=6000, aligner_batch=8, aligner_references=5, aligner_several_steps=2000,
             aligner_max_references=4, aligner_also_share=0.3, aligner_mcq_per_trait=2,
-            aligner_description_weight=1.0)
+            aligner_description_weight=3.0)
         if name == "full":
             return full
         return dataclasses.replace(full, name="several", lvlm=dataclasses.replace(full.lvlm, **SEVERAL_PEOPLE))
