@@ -202,3 +202,64 @@ def test_the_vocabulary_holds_the_words_of_several_people_only_when_asked():
     assert set(plain) < set(several)
     assert {"and", "both", "who", "nobody"} <= set(several)
     assert "and" not in plain and "both" not in plain
+
+
+def test_pair_rows_answer_left_of_and_both_here_as_the_evaluation_reads_them():
+    """Left-of rows ask about two people in the photo and conclude yes exactly when the first
+    stands left of the second; both-here rows conclude yes only when both are there, and name
+    the one there otherwise. Both compare each person, named, first."""
+    rng = random.Random(3)
+    pool = toy.training_identities()
+    config = dataclasses.replace(COMPARE, pair_share=1.0)
+    seen = {"left-yes": 0, "left-no": 0, "both-yes": 0, "both-no": 0}
+    for _ in range(120):
+        _, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, size=32)
+        row = lvlm.pair_row(info, 0, rng, pool, config)
+        names = list(row.descriptions)
+        assert len(names) == 2 and row.name_token and row.answer.startswith(f"<{names[0]}> ")
+        assert f". <{names[1]}> " in row.answer
+        verdict = parse_yes_no(conclusion(row.answer, "comparison"))
+        places = {person.identity.name: toy.POSITIONS.index(person.position) for person in info.people}
+        if row.question.startswith("Is "):
+            assert row.question == f"Is <{names[0]}> to the left of <{names[1]}>?"
+            assert verdict == ("yes" if places[names[0]] < places[names[1]] else "no")
+            seen[f"left-{verdict}"] += 1
+        else:
+            assert row.question == f"Are <{names[0]}> and <{names[1]}> both in this photo?"
+            assert verdict == ("yes" if all(name in places for name in names) else "no")
+            seen[f"both-{verdict}"] += 1
+    assert min(seen.values()) > 5, seen
+
+
+def test_the_vocabulary_grows_without_moving_a_known_word(small):
+    """A base trained on one person learns the several-people words: every known token keeps
+    its id, the new ones get ids after them, the embeddings and head grow to match."""
+    model, tokenizer, _ = lvlm.build_pocket_llava(lvlm.collect_vocabulary(samples=40), SIZES, 0)
+    words = lvlm.collect_vocabulary(samples=40, several_people=True)
+    known = tokenizer.get_vocab()
+    grown = lvlm.grow_vocabulary(model, tokenizer, words)
+    assert len(grown) > len(tokenizer)
+    assert all(grown.convert_tokens_to_ids(token) == index for token, index in known.items())
+    assert grown.convert_tokens_to_ids("both") >= len(tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == len(grown)
+    assert model.get_output_embeddings().weight.shape[0] == len(grown)
+    assert model.config.text_config.vocab_size == len(grown)
+    assert lvlm.grow_vocabulary(model, grown, words) is grown  # nothing new: unchanged
+
+
+def test_named_captions_name_exactly_the_described_people_there_in_their_conclusion():
+    """"Describe this photo." with people described: after one comparison per described
+    person, one sentence a place; a described person there by their name, nobody else named,
+    read as the evaluation reads captions (`parse_who` of the conclusion)."""
+    rng = random.Random(5)
+    pool = toy.training_identities()
+    for _ in range(60):
+        _, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, size=32)
+        row = lvlm.named_caption_row(info, 0, rng, pool, COMPARE)
+        described = list(row.descriptions)
+        there = {person.identity.name for person in info.people}
+        assert row.question == "Describe this photo." and row.name_token and 1 <= len(described) <= 3
+        assert any(name not in there for name in described)
+        said = conclusion(row.answer, "comparison")
+        assert said.split(". ")[0].split()[0] == "left" and len(said.split(". ")) == 3
+        assert set(parse_who(said, described) or ()) == {name for name in described if name in there}

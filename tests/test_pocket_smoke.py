@@ -79,6 +79,26 @@ def test_smoke_pipeline_learns(tmp_path):
     with pytest.raises(PlvmError, match="not a pocket model folder"):
         retrain_aligner(tmp_path / "work", "smoke", echo=None)
 
+    # the several-people curriculum continues this base: a grown vocabulary, every known word
+    # at its id, the source folder untouched, the card records the continuation, no Aligner
+    from plvmctl.lab.several_base import continue_base
+
+    source_bytes = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    several = continue_base(out, tmp_path / "several", work_dir=tmp_path / "several-work", steps=2,
+                            measure_scenes=3, echo=None)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == source_bytes
+    old_vocab = json.loads((out / "backbone" / "tokenizer.json").read_text())["model"]["vocab"]
+    new_vocab = json.loads((tmp_path / "several" / "backbone" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(new_vocab) > len(old_vocab) and all(new_vocab[word] == index for word, index in old_vocab.items())
+    assert several["lvlm_several"]["steps"] == 2 and "aligner" not in several
+    assert several["lvlm_several"]["settings"]["name_tags"] is True
+    assert set(several["lvlm_several"]["heldout_several_people"]) >= {"which", "two-pos", "two-neg"}
+    assert (tmp_path / "several" / "encoder" / "model.safetensors").read_bytes() == kept["encoder"]
+    with pytest.raises(PlvmError, match="already holds a run"):
+        continue_base(out, tmp_path / "several2", work_dir=tmp_path / "several-work", steps=2, echo=None)
+    with pytest.raises(PlvmError, match="must not be --source"):
+        continue_base(out, out, work_dir=tmp_path / "w3", steps=2, echo=None)
+
 
 def test_an_unknown_aligner_setting_is_refused_before_anything_is_trained(tmp_path):
     from plvmctl.errors import PlvmError

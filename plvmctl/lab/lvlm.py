@@ -76,6 +76,7 @@ from transformers import LlavaForConditionalGeneration
 
 from ..answers import (
     BOTH_HERE_QUESTION,
+    CAPTION_QUESTION,
     DESCRIPTION_PROMPT,
     LEFT_OF_QUESTION,
     MCQ_INSTRUCTION,
@@ -208,7 +209,7 @@ def collect_vocabulary(samples: int = 400, seed: int = 0, description: str = "se
                       recognition_templates.BOTH_NO):
             texts.extend(group)
         texts += [WHICH_OF_QUESTION, WHO_OF_QUESTION, BOTH_HERE_QUESTION, LEFT_OF_QUESTION, NEITHER_ANSWER,
-                  NOBODY_ANSWER]
+                  NOBODY_ANSWER, CAPTION_QUESTION]
     specials = set(SPECIAL_TOKENS) | set(PUNCTUATION)
     words: list[str] = []
     seen: set[str] = set()
@@ -283,6 +284,7 @@ class LvlmTrainConfig:
     which_share: float = 0.0  # per-scene share of "Which of <a> and <b> is in this photo?" rows (`which_row`)
     which_answer: str = "full"  # what a which row spells out first: "full" | "short" | "named" (`which_row`)
     which_max: int = 2  # which rows ask about 2 up to this many people (3: "Which of", 4: "Who of")
+    named_caption_share: float = 0.0  # per-scene share of "Describe this photo." rows with concepts (`named_caption_row`)
     pair_share: float = 0.0  # per-scene share of "Are <a> and <b> both ...?" / "Is <a> to the left of <b>?" rows (`pair_row`)
     recall: bool = False  # "compare" recognition answers first restate the asked person's traits (`recall`)
     crowd_text_share: float = 0.0  # share of text rows with 1-3 other people's descriptions too (`text_row`)
@@ -440,6 +442,8 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
         shares.append(("which", config.which_share))
     if config.pair_share > 0:
         shares.append(("pair", config.pair_share))
+    if config.named_caption_share > 0:
+        shares.append(("named-caption", config.named_caption_share))
     total = sum(share for _, share in shares)
     generic = toy.scene_qa(info, rng)
     rows: list[Row] = []
@@ -453,6 +457,8 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
             rows.append(which_row(info, image, rng, pool, config, count=count))
         elif kind == "pair":
             rows.append(pair_row(info, image, rng, pool, config))
+        elif kind == "named-caption":
+            rows.append(named_caption_row(info, image, rng, pool, config))
         elif kind == "recognition":
             positive = rng.random() < 0.5
             compare = config.recognition_answer == "compare"
@@ -655,6 +661,47 @@ def pair_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence
     return Row("pair", question, ". ".join(parts) + ". " + verdict, image, descriptions, name_token=True)
 
 
+def named_caption_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
+                      config: LvlmTrainConfig) -> Row:
+    """"Describe this photo." (`CAPTION_QUESTION`, as `eval --captions` asks it) with 1 to 3
+    people described: up to two of those in the photo and one or more absent ones (half of them one visible
+    trait away from someone there), in a random order.
+
+    The answer compares each described person, named, with everyone in the photo (as a "named"
+    which answer does), then describes the photo place by place, one sentence a place, in
+    `scene_caption`'s words, except that a described person there is said by their `<name>`
+    and what they wear and show: "... mismatch. left <a> shirt blue smiling. middle nobody.
+    right hair red curly shirt green skin tan face round glasses neutral." The evaluation reads
+    who is named from the sentences after the last comparison (`answers.conclusion`).
+    """
+    people = [person.identity for person in info.people]
+    asked = rng.sample(people, rng.randint(0, min(2, len(people))))
+    for _ in range(rng.randint(1, 3 - len(asked)) if len(asked) < 2 else 1):
+        candidate = _absent_identity(info, rng, pool, config.hard_negative_share, config.compare_traits)
+        if candidate not in asked:
+            asked.append(candidate)
+    rng.shuffle(asked)
+    parts = [f"<{person.name}> " + comparison(person, info, config.compare_traits)[0] + "." for person in asked]
+    for position in toy.POSITIONS:
+        person = info.person_at(position)
+        if person is None:
+            parts.append(f"{position} nobody.")
+        elif person.identity in asked:
+            parts.append(f"{position} <{person.identity.name}> shirt {person.shirt} {person.expression}.")
+        else:
+            parts.append(_place_words(position, person) + ".")
+    descriptions = {person.name: describe(person, config.description) for person in asked}
+    return Row("named-caption", CAPTION_QUESTION, " ".join(parts), image, descriptions, name_token=True)
+
+
+def _place_words(position: str, person: toy.PersonInScene) -> str:
+    """"left hair red curly shirt blue skin tan face round glasses smiling": one place of
+    `scene_caption`."""
+    who = person.identity
+    return " ".join([position, "hair", who.hair_colour, who.hair_style, "shirt", person.shirt, "skin", who.skin,
+                     "face", who.face, who.accessory, person.expression])
+
+
 def scene_caption(info: toy.SceneInfo) -> str:
     """Everything drawn in a photo, place by place, always in the same order: "left hair red
     curly shirt blue skin tan face round glasses smiling middle nobody right ...".
@@ -665,16 +712,8 @@ def scene_caption(info: toy.SceneInfo) -> str:
     --caption-steps 300` and `bench/looking.py` (docs/research-log.md): they help the LM pick out the
     person a question names among others.
     """
-    words = []
-    for position in toy.POSITIONS:
-        person = info.person_at(position)
-        if person is None:
-            words += [position, "nobody"]
-        else:
-            who = person.identity
-            words += [position, "hair", who.hair_colour, who.hair_style, "shirt", person.shirt, "skin", who.skin,
-                      "face", who.face, who.accessory, person.expression]
-    return " ".join(words)
+    return " ".join(f"{position} nobody" if info.person_at(position) is None
+                    else _place_words(position, info.person_at(position)) for position in toy.POSITIONS)
 
 
 def text_row(identity: toy.Identity, rng: random.Random, config: LvlmTrainConfig,

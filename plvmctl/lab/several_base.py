@@ -11,8 +11,8 @@ already does both (the `full` profile's, e.g. the committed one) and continues i
    (recognition, questions about a named person, captions, portraits, text) with the
    several-people rows mixed in (`SEVERAL_STAGE`): name tags on, recognition among 1-3 other
    described people, "Which of ... / Who of ...", "Are <a> and <b> both ...?", "Is <a> to the
-   left of <b>?" and dense text rows about several described people; no warm-ups (the base is
-   past them);
+   left of <b>?", "Describe this photo." naming the described people there, and dense text
+   rows about several described people; no warm-ups (the base is past them);
 3. the one-person skills and the several-people questions are measured on held-out people
    (`lvlm.measure`, `lvlm.measure_comparisons`, `several_people.measure_several_people`), the
    new base written with the source's encoder as a pocket folder whose card records all of it.
@@ -44,9 +44,10 @@ from ..fileio import replace_folder, write_json_atomic
 from .pocket import CARD_FILE, SEVERAL_PEOPLE, _jsonable, _make_readable, _mean, folder_bytes, profile
 
 # The continuation's settings, on top of the `full` profile's base settings: the several-people
-# rows, both-here / left-of rows, no warm-ups and no vision probe (the tower is trained; a
-# fresh probe head would only push noise into it), a shorter run at half the first lr.
-SEVERAL_STAGE = dict(SEVERAL_PEOPLE, pair_share=0.15, copy_steps=0, vision_steps=0, vision_aux_weight=0.0,
+# rows, both-here / left-of rows (`lvlm.pair_row`) and named captions (`lvlm.named_caption_row`),
+# no warm-ups and no vision probe (the tower is trained; a fresh probe head would only push
+# noise into it), a shorter run at half the first lr.
+SEVERAL_STAGE = dict(SEVERAL_PEOPLE, pair_share=0.15, named_caption_share=0.15, copy_steps=0, vision_steps=0, vision_aux_weight=0.0,
                      position_aux_weight=0.0, steps=1200, warmup_steps=50, lr=1e-3, log_every=50)
 
 
