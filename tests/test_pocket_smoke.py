@@ -50,6 +50,18 @@ def test_smoke_pipeline_learns(tmp_path):
     assert after["all"]["accuracy"] > after["all"]["chance"], after
     assert after["all"]["accuracy"] > before["all"]["accuracy"], (before, after)
 
+    # the curriculum's second part continued the base on several people: the words of their
+    # questions were added after every word the first part knew, and it was measured on them
+    from plvmctl.lab.lvlm import collect_vocabulary
+
+    vocab = json.loads((out / "backbone" / "tokenizer.json").read_text())["model"]["vocab"]
+    first_part = collect_vocabulary(seed=0, description=card["settings"]["lvlm"]["description"])
+    assert vocab["both"] > max(vocab[word] for word in first_part)
+    several = card["lvlm_several"]
+    assert several["steps"] == 4 and several["vocabulary_size"] == card["vocabulary_size"] == len(vocab)
+    assert {"which", "two-pos", "two-neg"} <= set(several["heldout_several_people"])
+    assert card["timings_seconds"]["several"] > 0
+
     # the warm-ups did their part: induction (copy loss) and seeing (vision probe loss)
     assert lvlm["copy_loss_last10"] < lvlm["copy_loss_first10"]
     assert lvlm["vision_probe_loss_last10"] < lvlm["vision_probe_loss_first10"]
@@ -79,8 +91,8 @@ def test_smoke_pipeline_learns(tmp_path):
     with pytest.raises(PlvmError, match="not a pocket model folder"):
         retrain_aligner(tmp_path / "work", "smoke", echo=None)
 
-    # the several-people curriculum continues this base: a grown vocabulary, every known word
-    # at its id, the source folder untouched, the card records the continuation, no Aligner
+    # `lab.several_base` continues a finished folder's base the same way: every known word at
+    # its id, the source folder untouched, the card records the continuation, no Aligner
     from plvmctl.lab.several_base import continue_base
 
     source_bytes = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
@@ -89,9 +101,9 @@ def test_smoke_pipeline_learns(tmp_path):
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == source_bytes
     old_vocab = json.loads((out / "backbone" / "tokenizer.json").read_text())["model"]["vocab"]
     new_vocab = json.loads((tmp_path / "several" / "backbone" / "tokenizer.json").read_text())["model"]["vocab"]
-    assert len(new_vocab) > len(old_vocab) and all(new_vocab[word] == index for word, index in old_vocab.items())
+    assert all(new_vocab[word] == index for word, index in old_vocab.items())
     assert several["lvlm_several"]["steps"] == 2 and "aligner" not in several
-    assert several["lvlm_several"]["settings"]["name_tags"] is True
+    assert several["lvlm_several"]["settings"]["name_tags"] is True and several["settings"]["several_steps"] == 2
     assert set(several["lvlm_several"]["heldout_several_people"]) >= {"which", "two-pos", "two-neg"}
     assert (tmp_path / "several" / "encoder" / "model.safetensors").read_bytes() == kept["encoder"]
     with pytest.raises(PlvmError, match="already holds a run"):

@@ -9,7 +9,10 @@ recipe loads:
     2. tokenizer  a word-level vocabulary of every word the toy world's questions, answers,
                   templates and the pocket chat template use
     3. base LVLM  a pocket LLaVA (CLIP tower + Llama LM) pretrained from scratch on fresh toy
-                  photos with generic questions (plvmctl.lab.lvlm), then frozen
+                  photos with generic questions (plvmctl.lab.lvlm), then frozen; with the
+                  profile's `several_steps`, then continued on several people at once
+                  (plvmctl.lab.several_base: a grown vocabulary, name tags, questions about
+                  several described people)
     4. encoder    a tiny DINOv2 pretrained on training-part portraits with a supervised
                   contrastive loss (plvmctl.lab.encoder), then frozen
     5. Aligner    PLVM's Aligner (paper layout, k = 16) trained with the weighted Yes/No loss
@@ -82,6 +85,8 @@ class PocketProfile:
     aligner_visual_mcq_per_photo: int = 0  # visual multiple-choice rows per query photo (toy.visual_mcq)
     aligner_visual_share: float = 0.0  # share of attribute samples asked with a photo (train.visual_share)
     aligner_description_weight: float = 0.0  # pull toward the written description (train.description_weight)
+    # then the base continues this many steps on several people at once (`lab.several_base`)
+    several_steps: int = 0
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
         "mlp_hidden": 256, "hidden": 128, "depth": 2, "heads": 4, "ff_mult": 2})
@@ -146,7 +151,7 @@ def profile(name: str) -> PocketProfile:
             encoder=EncoderTrainConfig(steps=120, identities_per_step=16, warmup_steps=10, log_every=20),
             aligner_steps=30, aligner_batch=4, aligner_lr=2e-3, aligner_val_identities=6,
             aligner_references=3, aligner_several_steps=10, aligner_max_references=2, aligner_also_share=0.3,
-            aligner_mcq_per_trait=1,
+            aligner_mcq_per_trait=1, several_steps=4,
             num_context=4, aligner_sizes={"mlp_hidden": 64, "hidden": 32, "depth": 1, "heads": 4,
                                           "ff_mult": 2},
             measure_scenes=40, measure_identities=50, check_every=150)
@@ -416,6 +421,24 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             say("[pocket] base LVLM held-out accuracy: " + ", ".join(
                 f"{k} {v['accuracy']:.2f} (chance {v['chance']:.2f})" for k, v in after.items()))
         timings["lvlm"] = lvlm["stage_seconds"]
+        # 3b. several people (the curriculum's second part) ----------------------------------
+        several = None
+        if settings.several_steps:
+            from .several_base import several_stage_config, train_several_stage
+
+            began = time.perf_counter()
+            several_dir = work / "backbone-several"
+            several = _stage_record(work, "several") if resume else None
+            if several is None:
+                config = several_stage_config(settings.lvlm, settings.several_steps, seed)
+                grown, record = train_several_stage(backbone_dir, config, work / "lvlm-several-run",
+                                                    resume=resume, logger=logger, say=say,
+                                                    measure_scenes=settings.measure_scenes)
+                save_backbone(grown, several_dir)
+                stage("several", began, before=record.pop("seconds_before"))
+                several = done("several", record)
+            timings["several"] = several["stage_seconds"]
+            backbone_dir = several_dir
         backbone = load_backbone(str(backbone_dir), device="cpu", dtype="float32")
         vocabulary_size = len(backbone.tokenizer)
         backbone_parameters = sum(p.numel() for p in backbone.model.parameters())
@@ -470,6 +493,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
                 "aligner": sum(p.numel() for p in aligner.parameters()),
             },
             "lvlm": lvlm_card,
+            **({"lvlm_several": {key: value for key, value in several.items() if key != "stage_seconds"}}
+               if several else {}),
             "encoder": encoder_card,
             "aligner": _aligner_card(settings, result, parts),
             "timings_seconds": timings,

@@ -41,6 +41,7 @@ import torch
 
 from ..errors import PlvmError
 from ..fileio import replace_folder, write_json_atomic
+from .lvlm import LvlmTrainConfig
 from .pocket import CARD_FILE, SEVERAL_PEOPLE, _jsonable, _make_readable, _mean, folder_bytes, profile
 
 # The continuation's settings, on top of the `full` profile's base settings: the several-people
@@ -51,28 +52,56 @@ SEVERAL_STAGE = dict(SEVERAL_PEOPLE, pair_share=0.15, named_caption_share=0.15, 
                      position_aux_weight=0.0, steps=1200, warmup_steps=50, lr=1e-3, log_every=50)
 
 
-def several_stage_config(steps: int | None = None, seed: int = 0, **changes: Any):
-    """The continuation's `LvlmTrainConfig`: the full profile's base settings with `SEVERAL_STAGE`
-    (and `steps`, `changes`) on top."""
+def several_stage_config(base: LvlmTrainConfig, steps: int | None = None, seed: int = 0, **changes: Any
+                         ) -> LvlmTrainConfig:
+    """The continuation's settings: `base` (the one-person base's own) with `SEVERAL_STAGE` (and
+    `steps`, `changes`) on top."""
     settings = dict(SEVERAL_STAGE, **changes)
     if steps is not None:
         settings["steps"] = steps
-    return dataclasses.replace(profile("full").lvlm, **settings, seed=seed)
+    return dataclasses.replace(base, **settings, seed=seed)
+
+
+def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, *, resume: bool,
+                        logger, say: Callable[[str], None], measure_scenes: int = 60):
+    """Load the base in `backbone_dir`, grow its vocabulary, train it with `config`
+    (checkpoints in `run`; `resume` continues one), measure it on held-out people; return
+    (the new backbone, the card's record of it)."""
+    from ..families import load_backbone
+    from ..families.llava15 import Llava15Backbone
+    from ..train.common import find_checkpoint
+    from .lvlm import collect_vocabulary, grow_vocabulary, measure, measure_comparisons, train_lvlm
+    from .several_people import measure_several_people
+
+    backbone = load_backbone(str(backbone_dir), device="cpu", dtype="float32")
+    model, image_processor = backbone.model, backbone.image_processor
+    words = collect_vocabulary(seed=config.seed, description=config.description, several_people=True)
+    tokenizer = grow_vocabulary(model, backbone.tokenizer, words)
+    say(f"[several] vocabulary {len(backbone.tokenizer)} -> {len(tokenizer)} words")
+    result = train_lvlm(model, tokenizer, image_processor, config, logger=logger,
+                        echo=lambda m: say(f"[several] {m}"), checkpoint_dir=run,
+                        resume=resume and find_checkpoint(run) is not None)
+    say("[several] measuring on held-out people")
+    record = {
+        "steps": result.steps, "seconds": round(result.seconds, 1), "seconds_before": result.seconds_before,
+        "loss_first10": _mean(result.losses[:10]), "loss_last10": _mean(result.losses[-10:]),
+        "vocabulary_size": len(tokenizer),
+        "heldout_accuracy": measure(model, tokenizer, image_processor, scenes=measure_scenes, config=config),
+        "heldout_comparisons": measure_comparisons(model, tokenizer, image_processor, scenes=measure_scenes,
+                                                   config=config),
+        "heldout_several_people": measure_several_people(model, tokenizer, image_processor, config,
+                                                         scenes=measure_scenes)}
+    return Llava15Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), record
 
 
 def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work_dir: str | os.PathLike,
                   steps: int | None = None, seed: int = 0, resume: bool = False, threads: int | None = 1,
-                  measure_scenes: int = 60, changes: dict[str, Any] | None = None,
-                  echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+                  measure_scenes: int = 60, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Continue `source`'s base LVLM on several people and write the pocket folder `out_dir`
     (its backbone, the source's encoder, a card); return the card. `work_dir` keeps the
     checkpoint and the log; `resume` continues an interrupted run there."""
     from ..backbone import save_backbone
-    from ..families import load_backbone
-    from ..families.llava15 import Llava15Backbone
     from ..train.common import JsonlLogger, find_checkpoint
-    from .lvlm import collect_vocabulary, grow_vocabulary, measure, measure_comparisons, train_lvlm
-    from .several_people import measure_several_people
 
     say = echo or (lambda message: None)
     if threads is not None:
@@ -83,7 +112,8 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
         raise PlvmError(f"{source} is not a pocket model folder (card.json, backbone/, encoder/)")
     if out.resolve() == source.resolve():
         raise PlvmError("--out must not be --source: the source stays as it is")
-    config = several_stage_config(steps, seed, **(changes or {}))
+    card = json.loads(card_file.read_text(encoding="utf-8"))
+    config = several_stage_config(profile("full").lvlm, steps, seed)
     work.mkdir(parents=True, exist_ok=True)
     plan = {"source_card_bytes": card_file.stat().st_size, "config": _jsonable(dataclasses.asdict(config))}
     plan_file = work / "several-plan.json"
@@ -93,38 +123,25 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
     if not resume and find_checkpoint(run) is not None:
         raise PlvmError(f"{work} already holds a run: pass --resume to continue it, or choose another --work")
     write_json_atomic(plan_file, plan)
-    card = json.loads(card_file.read_text(encoding="utf-8"))
-    backbone = load_backbone(str(source / "backbone"), device="cpu", dtype="float32")
-    model, image_processor = backbone.model, backbone.image_processor
-    words = collect_vocabulary(seed=seed, description=config.description, several_people=True)
-    tokenizer = grow_vocabulary(model, backbone.tokenizer, words)
-    say(f"[several] vocabulary {len(backbone.tokenizer)} -> {len(tokenizer)} words")
     logger = JsonlLogger(work / "log.jsonl")
     began = time.perf_counter()
-    result = train_lvlm(model, tokenizer, image_processor, config, logger=logger,
-                        echo=lambda m: say(f"[several] {m}"), checkpoint_dir=run,
-                        resume=resume and find_checkpoint(run) is not None)
-    say("[several] measuring on held-out people")
-    one_person = measure(model, tokenizer, image_processor, scenes=measure_scenes, config=config)
-    comparisons = measure_comparisons(model, tokenizer, image_processor, scenes=measure_scenes, config=config)
-    several = measure_several_people(model, tokenizer, image_processor, config, scenes=measure_scenes)
+    backbone, record = train_several_stage(source / "backbone", config, run, resume=resume, logger=logger,
+                                           say=say, measure_scenes=measure_scenes)
     logger.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        save_backbone(Llava15Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), staging / "backbone")
+        save_backbone(backbone, staging / "backbone")
         shutil.copytree(source / "encoder", staging / "encoder")
+        card["settings"] = {**card.get("settings", {}), "several_steps": config.steps}
         card["lvlm_several"] = {
             "what": "the base LVLM above continued on several people by `python -m plvmctl.lab.several_base`",
             "settings": _jsonable(dataclasses.asdict(config)),
-            "steps": result.steps, "seconds": round(result.seconds, 1),
-            "loss_first10": _mean(result.losses[:10]), "loss_last10": _mean(result.losses[-10:]),
-            "heldout_accuracy": one_person, "heldout_comparisons": comparisons,
-            "heldout_several_people": several}
+            **{key: value for key, value in record.items() if key != "seconds_before"}}
         card.pop("aligner", None)  # the source's Aligner fits the old base: train one with --aligner-only
-        card["vocabulary_size"] = len(tokenizer)
-        card.setdefault("timings_seconds", {})["lvlm_several"] = round(time.perf_counter() - began
-                                                                       + result.seconds_before, 1)
+        card["vocabulary_size"] = record["vocabulary_size"]
+        card.setdefault("timings_seconds", {})["several"] = round(time.perf_counter() - began
+                                                                  + record["seconds_before"], 1)
         write_json_atomic(staging / CARD_FILE, card)
         _make_readable(staging)
         card["bytes"] = folder_bytes(staging)
@@ -134,6 +151,7 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    several = record["heldout_several_people"]
     say(f"[several] wrote {out}: " + json.dumps({key: several[key] for key in several
                                                 if key not in ("examples", "reading")}))
     return card
