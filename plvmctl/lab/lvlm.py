@@ -284,8 +284,8 @@ class LvlmTrainConfig:
     which_share: float = 0.0  # per-scene share of "Which of <a> and <b> is in this photo?" rows (`which_row`)
     which_answer: str = "full"  # what a which row spells out first: "full" | "short" | "named" (`which_row`)
     which_max: int = 2  # which rows ask about 2 up to this many people (3: "Which of", 4: "Who of")
-    named_caption_share: float = 0.0  # per-scene share of "Describe this photo." rows with concepts (`named_caption_row`)
-    pair_share: float = 0.0  # per-scene share of "Are <a> and <b> both ...?" / "Is <a> to the left of <b>?" rows (`pair_row`)
+    named_caption_share: float = 0.0  # per-scene share of "Describe this photo." with concepts (`named_caption_row`)
+    pair_share: float = 0.0  # per-scene share of "Are <a> and <b> both ...?" / "Is <a> left of <b>?" (`pair_row`)
     recall: bool = False  # "compare" recognition answers first restate the asked person's traits (`recall`)
     crowd_text_share: float = 0.0  # share of text rows with 1-3 other people's descriptions too (`text_row`)
     name_tags: bool = False  # every token after a name carries its vector (`plvmctl.name_tags`; saved in the config)
@@ -664,8 +664,8 @@ def pair_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence
 def named_caption_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
                       config: LvlmTrainConfig) -> Row:
     """"Describe this photo." (`CAPTION_QUESTION`, as `eval --captions` asks it) with 1 to 3
-    people described: up to two of those in the photo and one or more absent ones (half of them one visible
-    trait away from someone there), in a random order.
+    people described: up to two of those in the photo and one or more absent ones (half of
+    them one visible trait away from someone there), in a random order.
 
     The answer compares each described person, named, with everyone in the photo (as a "named"
     which answer does), then describes the photo place by place, one sentence a place, in

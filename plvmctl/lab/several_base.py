@@ -42,14 +42,16 @@ import torch
 from ..errors import PlvmError
 from ..fileio import replace_folder, write_json_atomic
 from .lvlm import LvlmTrainConfig
-from .pocket import CARD_FILE, SEVERAL_PEOPLE, _jsonable, _make_readable, _mean, folder_bytes, profile
+from .pocket import (CARD_FILE, SEVERAL_PEOPLE, _jsonable, _make_readable, _mean, folder_bytes,
+                     profile)
 
 # The continuation's settings, on top of the `full` profile's base settings: the several-people
 # rows, both-here / left-of rows (`lvlm.pair_row`) and named captions (`lvlm.named_caption_row`),
 # no warm-ups and no vision probe (the tower is trained; a fresh probe head would only push
 # noise into it), a shorter run at half the first lr.
-SEVERAL_STAGE = dict(SEVERAL_PEOPLE, pair_share=0.15, named_caption_share=0.15, copy_steps=0, vision_steps=0, vision_aux_weight=0.0,
-                     position_aux_weight=0.0, steps=1200, warmup_steps=50, lr=1e-3, log_every=50)
+SEVERAL_STAGE = dict(SEVERAL_PEOPLE, pair_share=0.15, named_caption_share=0.15, copy_steps=0, vision_steps=0,
+                     vision_aux_weight=0.0, position_aux_weight=0.0, steps=1200, warmup_steps=50, lr=1e-3,
+                     log_every=50)
 
 
 def several_stage_config(base: LvlmTrainConfig, steps: int | None = None, seed: int = 0, **changes: Any
