@@ -42,7 +42,7 @@ import torch
 from ..errors import PlvmError
 from ..fileio import replace_folder, write_json_atomic
 from .lvlm import LvlmTrainConfig
-from .pocket import (CARD_FILE, SEVERAL_PEOPLE, _jsonable, _make_readable, _mean, folder_bytes,
+from .pocket import (CARD_FILE, SEVERAL_PEOPLE, _jsonable, _key_values, _make_readable, _mean, folder_bytes,
                      profile)
 
 # The continuation's settings, on top of the `full` profile's base settings: the several-people
@@ -65,10 +65,12 @@ def several_stage_config(base: LvlmTrainConfig, steps: int | None = None, seed: 
 
 
 def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, *, resume: bool,
-                        logger, say: Callable[[str], None], measure_scenes: int = 60):
+                        logger, say: Callable[[str], None], measure_scenes: int = 60, check_every: int = 0):
     """Load the base in `backbone_dir`, grow its vocabulary, train it with `config`
     (checkpoints in `run`; `resume` continues one), measure it on held-out people; return
-    (the new backbone, the card's record of it)."""
+    (the new backbone, the card's record of it). With `check_every`, its one-person
+    comparisons (copying, reading the photo) are measured on 20 photos every that many steps
+    too, into the log: whether it keeps what the base could do."""
     from ..families import load_backbone
     from ..families.llava15 import Llava15Backbone
     from ..train.common import find_checkpoint
@@ -80,9 +82,17 @@ def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, 
     words = collect_vocabulary(seed=config.seed, description=config.description, several_people=True)
     tokenizer = grow_vocabulary(model, backbone.tokenizer, words)
     say(f"[several] vocabulary {len(backbone.tokenizer)} -> {len(tokenizer)} words")
+
+    def check(step: int) -> None:
+        if check_every and (step + 1) % check_every == 0 and step + 1 < config.steps:
+            report = measure_comparisons(model, tokenizer, image_processor, scenes=20, config=config)
+            report = {key: value for key, value in report.items() if key not in ("examples", "rows")}
+            logger.log({"stage": "several-comparisons", "step": step + 1, **report})
+            say(f"[several] step {step + 1}: " + json.dumps(report))
+
     result = train_lvlm(model, tokenizer, image_processor, config, logger=logger,
                         echo=lambda m: say(f"[several] {m}"), checkpoint_dir=run,
-                        resume=resume and find_checkpoint(run) is not None)
+                        resume=resume and find_checkpoint(run) is not None, after_step=check)
     say("[several] measuring on held-out people")
     record = {
         "steps": result.steps, "seconds": round(result.seconds, 1), "seconds_before": result.seconds_before,
@@ -98,10 +108,13 @@ def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, 
 
 def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work_dir: str | os.PathLike,
                   steps: int | None = None, seed: int = 0, resume: bool = False, threads: int | None = 1,
-                  measure_scenes: int = 60, echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+                  measure_scenes: int = 60, check_every: int = 0, changes: dict[str, Any] | None = None,
+                  echo: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Continue `source`'s base LVLM on several people and write the pocket folder `out_dir`
     (its backbone, the source's encoder, a card); return the card. `work_dir` keeps the
-    checkpoint and the log; `resume` continues an interrupted run there."""
+    checkpoint and the log; `resume` continues an interrupted run there. `changes`: settings
+    of the continuation (`LvlmTrainConfig` fields) other than `SEVERAL_STAGE`'s, for experiments;
+    `check_every`: as `train_several_stage`."""
     from ..backbone import save_backbone
     from ..train.common import JsonlLogger, find_checkpoint
 
@@ -115,7 +128,7 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
     if out.resolve() == source.resolve():
         raise PlvmError("--out must not be --source: the source stays as it is")
     card = json.loads(card_file.read_text(encoding="utf-8"))
-    config = several_stage_config(profile("full").lvlm, steps, seed)
+    config = several_stage_config(profile("full").lvlm, steps, seed, **(changes or {}))
     work.mkdir(parents=True, exist_ok=True)
     plan = {"source_card_bytes": card_file.stat().st_size, "config": _jsonable(dataclasses.asdict(config))}
     plan_file = work / "several-plan.json"
@@ -128,7 +141,7 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
     logger = JsonlLogger(work / "log.jsonl")
     began = time.perf_counter()
     backbone, record = train_several_stage(source / "backbone", config, run, resume=resume, logger=logger,
-                                           say=say, measure_scenes=measure_scenes)
+                                           say=say, measure_scenes=measure_scenes, check_every=check_every)
     logger.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -171,14 +184,22 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
 @click.option("--threads", default=1, show_default=True, type=int, help="torch CPU threads.")
 @click.option("--measure-scenes", default=60, show_default=True, type=int,
               help="Held-out photos for each measurement at the end.")
+@click.option("--check-every", default=0, show_default=True, type=int,
+              help="Measure the one-person comparisons (copying, reading) every N steps into the log.")
+@click.option("--lvlm", "lvlm_settings", multiple=True, metavar="KEY=VALUE",
+              help="Change one setting of the continuation (LvlmTrainConfig), for experiments; repeatable.")
 @click.option("--resume", is_flag=True, help="Continue the run kept in --work from its last checkpoint.")
 def main(source: str, out_dir: str, work_dir: str, steps: int | None, seed: int, threads: int,
-         measure_scenes: int, resume: bool) -> None:
+         measure_scenes: int, check_every: int, lvlm_settings: tuple[str, ...], resume: bool) -> None:
     """Continue a pocket base LVLM on several people at once (issue 23's curriculum)."""
+    changes = _key_values(lvlm_settings, "--lvlm")
+    unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(LvlmTrainConfig)})
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]}: not a base-LVLM setting (see LvlmTrainConfig)", param_hint="--lvlm")
     try:
         continue_base(source, out_dir, work_dir=work_dir, steps=steps, seed=seed, resume=resume,
-                      threads=threads, measure_scenes=measure_scenes,
-                      echo=lambda message: click.echo(message, err=True))
+                      threads=threads, measure_scenes=measure_scenes, check_every=check_every,
+                      changes=changes, echo=lambda message: click.echo(message, err=True))
     except PlvmError as error:
         raise click.ClickException(str(error)) from None
 
