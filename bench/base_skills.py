@@ -9,11 +9,12 @@ them by its config) on the same fresh photos of held-out people:
   the photo, the recognition verdict, the generic questions;
 * ``several_people``: `several_people.measure_several_people` with the several-people stage's
   settings (`several_base.SEVERAL_STAGE`: one to three other people described too, "Which of
-  <a> and <b>"), answers up to the pocket recipe's 200 tokens.
+  <a> and <b>"), answers up to the pocket recipe's 200 tokens; and ``several_comparisons``,
+  `lvlm.measure_comparisons` with those settings, as a build of them records it in its card.
 
 The two settings are kept apart on purpose: `measure_comparisons` with the several-people
-settings draws rows that describe several people, a harder test than the one-person one (the
-committed base copies 1.00 of the stated values in one and 0.83 in the other).
+settings draws recognition rows that describe other people too, a harder test than the
+one-person one.
 
     OMP_NUM_THREADS=1 python bench/base_skills.py --folder committed=plvmctl/assets/pocket \\
         --folder continued=runs/pocket-sb > docs/bench/base_skills_continued.json       # ~10 min
@@ -44,12 +45,14 @@ MAX_NEW_TOKENS = 200  # the pocket recipe's generation limit
 
 
 def measure_folder(folder: Path, scenes: int, seed: int) -> dict:
+    torch.manual_seed(seed)  # the name vectors (`lvlm.name_vectors`) come from torch's generator
     backbone = load_backbone(str(folder / "backbone"), device="cpu", dtype="float32")
     model, tokenizer, processor = backbone.model, backbone.tokenizer, backbone.image_processor
     one = profile("full").lvlm
     several = several_stage_config(one)
     comparisons = lvlm.measure_comparisons(model, tokenizer, processor, scenes=scenes, seed=seed, config=one)
     accuracy = lvlm.measure(model, tokenizer, processor, scenes=scenes, seed=seed, config=one)
+    crowded = lvlm.measure_comparisons(model, tokenizer, processor, scenes=scenes, seed=seed, config=several)
     people = measure_several_people(model, tokenizer, processor, several, scenes=scenes, seed=seed,
                                     max_new_tokens=MAX_NEW_TOKENS)
     return {
@@ -57,6 +60,7 @@ def measure_folder(folder: Path, scenes: int, seed: int) -> dict:
                                        if key not in ("examples", "rows")},
                        "accuracy": {key: value["accuracy"] for key, value in accuracy.items()}},
         "several_people": {key: value for key, value in people.items() if key != "examples"},
+        "several_comparisons": {key: value for key, value in crowded.items() if key not in ("examples", "rows")},
         "examples": {"which": people.get("examples", {}).get("which")},
     }
 
