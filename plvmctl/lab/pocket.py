@@ -437,8 +437,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             if several is None:
                 config = several_stage_config(settings.lvlm, settings.several_steps, seed)
                 grown, record = train_several_stage(backbone_dir, config, work / "lvlm-several-run",
-                                                    resume=resume, logger=logger, say=say,
-                                                    measure_scenes=settings.measure_scenes)
+                                                    one_person=settings.lvlm, resume=resume, logger=logger,
+                                                    say=say, measure_scenes=settings.measure_scenes)
                 save_backbone(grown, several_dir)
                 stage("several", began, before=record.pop("seconds_before"))
                 several = done("several", record)

@@ -1,9 +1,11 @@
 """The several-people base: a trained one-person pocket base continued on several people.
 
-Issue 23's curriculum. A base that learns several people from its first step never learns to
-read the photo or copy stated values (docs/several-people.md: hair style from the photo 0.38
-after 3,500 steps, against 0.95 for the one-person base), so this one starts from a base that
-already does both (the `full` profile's, e.g. the committed one) and continues it:
+Issue 23's curriculum, stage 3b of a pocket build whose profile sets `several_steps`, or on
+its own on a finished pocket folder (`continue_base`, below). A base that learns several
+people from its first step does not learn to read the photo (docs/several-people.md: hair
+style from the photo 0.38 after 3,500 steps), so this part starts from a base that already
+reads it and copies stated values (the `full` profile's, e.g. the committed one, or the
+`several` profile's own tagged one-person base) and continues it:
 
 1. the vocabulary grows by the words of the new questions ("both", "who", ...), every known
    word keeping its id (`lvlm.grow_vocabulary`);
@@ -13,9 +15,9 @@ already does both (the `full` profile's, e.g. the committed one) and continues i
    described people, "Which of ... / Who of ...", "Are <a> and <b> both ...?", "Is <a> to the
    left of <b>?", "Describe this photo." naming the described people there, and dense text
    rows about several described people; no warm-ups (the base is past them);
-3. the one-person skills and the several-people questions are measured on held-out people
-   (`lvlm.measure`, `lvlm.measure_comparisons`, `several_people.measure_several_people`), the
-   new base written with the source's encoder as a pocket folder whose card records all of it.
+3. the one-person skills (`lvlm.measure`, `lvlm.measure_comparisons` with the one-person
+   base's own settings, as its card measured them) and the several-people questions
+   (`several_people.measure_several_people`) are measured on held-out people.
 
 The source's Aligner is not carried over (it maps into the old base's embeddings): train one
 on the new folder with `python -m plvmctl.lab.pocket --out OUT --aligner-only`. Resumable:
@@ -64,13 +66,16 @@ def several_stage_config(base: LvlmTrainConfig, steps: int | None = None, seed: 
     return dataclasses.replace(base, **settings, seed=seed)
 
 
-def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, *, resume: bool,
-                        logger, say: Callable[[str], None], measure_scenes: int = 60, check_every: int = 0):
+def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, *, one_person: LvlmTrainConfig,
+                        resume: bool, logger, say: Callable[[str], None], measure_scenes: int = 60,
+                        check_every: int = 0):
     """Load the base in `backbone_dir`, grow its vocabulary, train it with `config`
     (checkpoints in `run`; `resume` continues one), measure it on held-out people; return
-    (the new backbone, the card's record of it). With `check_every`, its one-person
-    comparisons (copying, reading the photo) are measured on 20 photos every that many steps
-    too, into the log: whether it keeps what the base could do."""
+    (the new backbone, the card's record of it). The one-person skills are measured with
+    `one_person`, the settings the base was trained with (with `config`, half the recognition
+    rows would describe other people too: a harder test than the base's card measured). With
+    `check_every`, its one-person comparisons (copying, reading the photo) are measured on 20
+    photos every that many steps too, into the log: whether it keeps what the base could do."""
     from ..families import load_backbone
     from ..families.llava15 import Llava15Backbone
     from ..train.common import find_checkpoint
@@ -85,7 +90,7 @@ def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, 
 
     def check(step: int) -> None:
         if check_every and (step + 1) % check_every == 0 and step + 1 < config.steps:
-            report = measure_comparisons(model, tokenizer, image_processor, scenes=20, config=config)
+            report = measure_comparisons(model, tokenizer, image_processor, scenes=20, config=one_person)
             report = {key: value for key, value in report.items() if key not in ("examples", "rows")}
             logger.log({"stage": "several-comparisons", "step": step + 1, **report})
             say(f"[several] step {step + 1}: " + json.dumps(report))
@@ -98,9 +103,9 @@ def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, 
         "steps": result.steps, "seconds": round(result.seconds, 1), "seconds_before": result.seconds_before,
         "loss_first10": _mean(result.losses[:10]), "loss_last10": _mean(result.losses[-10:]),
         "vocabulary_size": len(tokenizer),
-        "heldout_accuracy": measure(model, tokenizer, image_processor, scenes=measure_scenes, config=config),
+        "heldout_accuracy": measure(model, tokenizer, image_processor, scenes=measure_scenes, config=one_person),
         "heldout_comparisons": measure_comparisons(model, tokenizer, image_processor, scenes=measure_scenes,
-                                                   config=config),
+                                                   config=one_person),
         "heldout_several_people": measure_several_people(model, tokenizer, image_processor, config,
                                                          scenes=measure_scenes)}
     return Llava15Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), record
@@ -128,7 +133,8 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
     if out.resolve() == source.resolve():
         raise PlvmError("--out must not be --source: the source stays as it is")
     card = json.loads(card_file.read_text(encoding="utf-8"))
-    config = several_stage_config(profile("full").lvlm, steps, seed, **(changes or {}))
+    one_person = dataclasses.replace(profile("full").lvlm, seed=seed)
+    config = several_stage_config(one_person, steps, seed, **(changes or {}))
     work.mkdir(parents=True, exist_ok=True)
     plan = {"source_card_bytes": card_file.stat().st_size, "config": _jsonable(dataclasses.asdict(config))}
     plan_file = work / "several-plan.json"
@@ -140,8 +146,9 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
     write_json_atomic(plan_file, plan)
     logger = JsonlLogger(work / "log.jsonl")
     began = time.perf_counter()
-    backbone, record = train_several_stage(source / "backbone", config, run, resume=resume, logger=logger,
-                                           say=say, measure_scenes=measure_scenes, check_every=check_every)
+    backbone, record = train_several_stage(source / "backbone", config, run, one_person=one_person, resume=resume,
+                                           logger=logger, say=say, measure_scenes=measure_scenes,
+                                           check_every=check_every)
     logger.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
