@@ -134,7 +134,8 @@ def profile(name: str) -> PocketProfile:
     Two earlier ways to a several-people base are measured in docs/several-people.md: the
     several-people rows from the first step (3,500 steps at lr 2e-3, or 2,200 at 1e-3: neither
     learned to read the photo) and the committed untagged base continued with tags and those
-    rows (`python -m plvmctl.lab.several_base`: copying fell from 1.00 to 0.58)."""
+    rows (`python -m plvmctl.lab.several_base`: its one-person skills kept, "which of" not
+    lifted)."""
     if name in ("full", "several"):
         full = PocketProfile(
             name="full", identities=2000, photos=4, lvlm_sizes=POCKET_SIZES,
