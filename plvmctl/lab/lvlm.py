@@ -590,6 +590,17 @@ def which_answer(asked: Sequence[toy.Identity], info: toy.SceneInfo, config: Lvl
     return ". ".join(parts) + ". " + (verdict or (NEITHER_ANSWER if len(asked) == 2 else NOBODY_ANSWER))
 
 
+def _with_absent(asked: list[toy.Identity], count: int, info: toy.SceneInfo, rng: random.Random,
+                 pool: Sequence[toy.Identity], config: LvlmTrainConfig) -> list[toy.Identity]:
+    """`asked` filled up to `count` people with distinct people absent from the photo
+    (`_absent_identity`: half of them one visible trait away from someone there)."""
+    while len(asked) < count:
+        candidate = _absent_identity(info, rng, pool, config.hard_negative_share, config.compare_traits)
+        if candidate not in asked:
+            asked.append(candidate)
+    return asked
+
+
 def which_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence[toy.Identity],
               config: LvlmTrainConfig, present: int | None = None, count: int = 2) -> Row:
     """A "Which of <a> and <b> is in this photo?" row (`count` 2; 3: "Which of <a>, <b> and
@@ -609,11 +620,7 @@ def which_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequenc
             present = 1 if draw < 0.6 else 2 if draw < 0.8 and len(people) >= 2 else 0
         else:
             present = rng.randint(0, min(count, len(people)))
-    asked = rng.sample(people, present)
-    while len(asked) < count:
-        candidate = _absent_identity(info, rng, pool, config.hard_negative_share, config.compare_traits)
-        if candidate not in asked:
-            asked.append(candidate)
+    asked = _with_absent(rng.sample(people, present), count, info, rng, pool, config)
     rng.shuffle(asked)
     names = [person.name for person in asked]
     if count == 2:
@@ -645,11 +652,7 @@ def pair_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence
         verdict = "Yes." if places[asked[0]] < places[asked[1]] else "No."
     else:
         present = 2 if len(people) >= 2 and rng.random() < 0.5 else 1 if rng.random() < 0.8 else 0
-        asked = rng.sample(people, present)
-        while len(asked) < 2:
-            candidate = _absent_identity(info, rng, pool, config.hard_negative_share, config.compare_traits)
-            if candidate not in asked:
-                asked.append(candidate)
+        asked = _with_absent(rng.sample(people, present), 2, info, rng, pool, config)
         rng.shuffle(asked)
         question = BOTH_HERE_QUESTION.format(a=asked[0].name, b=asked[1].name)
         shown = [person for person in asked if person in people]

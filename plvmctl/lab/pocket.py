@@ -628,12 +628,7 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
                                         "LVLM and encoder by `python -m plvmctl.lab.pocket --aligner-only`")
         card["timings_seconds"] = timings
         card["total_seconds"] = round(sum(timings.values()), 1)
-        write_json_atomic(staging / CARD_FILE, card)
-        _make_readable(staging)
-        card["bytes"] = folder_bytes(staging)
-        write_json_atomic(staging / CARD_FILE, card)
-        (staging / CARD_FILE).chmod(0o644)
-        replace_folder(staging, out)
+        publish_folder(staging, out, card)
         say(f"[pocket] wrote {out} (Aligner {timings['aligner']:.0f} s)")
         return card
     finally:
@@ -641,6 +636,17 @@ def retrain_aligner(out_dir: str | os.PathLike, profile_name: str = "full", seed
             shutil.rmtree(staging, ignore_errors=True)
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def publish_folder(staging: Path, out: Path, card: dict[str, Any]) -> None:
+    """Write `card` into the assembled folder `staging` (with its size in bytes), make the
+    folder readable and put it in place of `out` in one rename."""
+    write_json_atomic(staging / CARD_FILE, card)
+    _make_readable(staging)
+    card["bytes"] = folder_bytes(staging)
+    write_json_atomic(staging / CARD_FILE, card)
+    (staging / CARD_FILE).chmod(0o644)
+    replace_folder(staging, out)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -42,10 +42,9 @@ import click
 import torch
 
 from ..errors import PlvmError
-from ..fileio import replace_folder, write_json_atomic
+from ..fileio import write_json_atomic
 from .lvlm import LvlmTrainConfig
-from .pocket import (CARD_FILE, SEVERAL_PEOPLE, _jsonable, _key_values, _make_readable, _mean, folder_bytes,
-                     profile)
+from .pocket import CARD_FILE, SEVERAL_PEOPLE, _jsonable, _key_values, _mean, profile, publish_folder
 
 # The continuation's settings, on top of the `full` profile's base settings: the several-people
 # rows, both-here / left-of rows (`lvlm.pair_row`) and named captions (`lvlm.named_caption_row`),
@@ -164,12 +163,7 @@ def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work
         card["vocabulary_size"] = record["vocabulary_size"]
         card.setdefault("timings_seconds", {})["several"] = round(time.perf_counter() - began
                                                                   + record["seconds_before"], 1)
-        write_json_atomic(staging / CARD_FILE, card)
-        _make_readable(staging)
-        card["bytes"] = folder_bytes(staging)
-        write_json_atomic(staging / CARD_FILE, card)
-        (staging / CARD_FILE).chmod(0o644)
-        replace_folder(staging, out)
+        publish_folder(staging, out, card)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
