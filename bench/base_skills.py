@@ -8,7 +8,7 @@ them by its config) on the same fresh photos of held-out people:
   settings (one person described a prompt): copying the stated values, reading each trait from
   the photo, the recognition verdict, the generic questions;
 * ``several_people``: `several_people.measure_several_people` with the several-people stage's
-  settings (`several_base.SEVERAL_STAGE`: one to three other people described too, "Which of
+  settings (`several_stage.SEVERAL_STAGE`: one to three other people described too, "Which of
   <a> and <b>"), answers up to the pocket recipe's 200 tokens; and ``several_comparisons``,
   `lvlm.measure_comparisons` with those settings, as a build of them records it in its card.
 
@@ -38,7 +38,7 @@ import torch
 from plvmctl.families import load_backbone
 from plvmctl.lab import lvlm
 from plvmctl.lab.pocket import profile
-from plvmctl.lab.several_base import several_stage_config
+from plvmctl.lab.several_stage import several_stage_config
 from plvmctl.lab.several_people import measure_several_people
 
 MAX_NEW_TOKENS = 200  # the pocket recipe's generation limit

@@ -151,7 +151,7 @@ def test_the_full_profile_is_what_trained_the_committed_model():
 
 def test_the_several_profile_is_the_full_stack_with_a_tagged_base_continued_on_several_people():
     from plvmctl.lab.pocket import profile
-    from plvmctl.lab.several_base import SEVERAL_STAGE, several_stage_config
+    from plvmctl.lab.several_stage import SEVERAL_STAGE, several_stage_config
 
     full, several = profile("full"), profile("several")
     assert several.lvlm.name_tags and not full.lvlm.name_tags

@@ -11,7 +11,7 @@ recipe loads:
     3. base LVLM  a pocket LLaVA (CLIP tower + Llama LM) pretrained from scratch on fresh toy
                   photos with generic questions (plvmctl.lab.lvlm), then frozen; with the
                   profile's `several_steps`, then continued on several people at once
-                  (plvmctl.lab.several_base: a grown vocabulary, name tags, questions about
+                  (plvmctl.lab.several_stage: a grown vocabulary, name tags, questions about
                   several described people)
     4. encoder    a tiny DINOv2 pretrained on training-part portraits with a supervised
                   contrastive loss (plvmctl.lab.encoder), then frozen
@@ -48,7 +48,9 @@ import yaml
 from ..errors import PlvmError
 from ..fileio import check_free_space, replace_folder, write_json_atomic
 from .encoder import EncoderSizes, EncoderTrainConfig
+from ..train.common import rounded_mean
 from .lvlm import DESCRIPTION_KEYS, LvlmSizes, LvlmTrainConfig
+from .several_stage import several_stage_config, train_several_stage
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "pocket"
 MAX_BYTES = 20 * 1024 * 1024
@@ -85,7 +87,7 @@ class PocketProfile:
     aligner_visual_mcq_per_photo: int = 0  # visual multiple-choice rows per query photo (toy.visual_mcq)
     aligner_visual_share: float = 0.0  # share of attribute samples asked with a photo (train.visual_share)
     aligner_description_weight: float = 0.0  # pull toward the written description (train.description_weight)
-    # then the base continues this many steps on several people at once (`lab.several_base`)
+    # then the base continues this many steps on several people at once (`lab.several_stage`)
     several_steps: int = 0
     num_context: int = 16
     aligner_sizes: dict = field(default_factory=lambda: {
@@ -112,23 +114,13 @@ CURRICULUM = LvlmTrainConfig(
     caption_rows=1, position_aux_weight=1.0,
     scene_share=0.25, recognition_share=0.5, about_share=0.25)
 
-# Several people at once (issue 23): every token after a name carries the name's vector (name
-# tags, saved in the base's config and added by the concept table at ask time), dense text rows
-# ask many questions about one prompt describing 1-4 people, recognition rows describe 1-3
-# other people too, and "Which of <a> and <b>" rows name each person before their comparison
-# (docs/several-people.md).
-SEVERAL_PEOPLE = dict(name_tags=True, dense_text_groups=8, dense_questions=8, dense_several_share=0.75,
-                      crowd_share=0.5, which_share=0.25, which_answer="named", which_max=4,
-                      crowd_text_share=0.5)
-
-
 PROFILES = ("full", "several", "smoke")
 
 
 def profile(name: str) -> PocketProfile:
     """`full` (the committed model), `several` (issue 23's curriculum: the full profile's
     one-person base with name tags from its first step, then `several_steps` continuing it on
-    several people at once, `lab.several_base`) or `smoke` (a few minutes, still shows
+    several people at once, `lab.several_stage`) or `smoke` (a few minutes, still shows
     learning, with a few steps of each stage).
 
     Two earlier ways to a several-people base are measured in docs/several-people.md: the
@@ -417,11 +409,11 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             stage("lvlm", began, before=result.seconds_before)  # training time of interrupted runs too
             lvlm = done("lvlm", {
                 "steps": result.steps, "seconds": round(result.seconds, 1),
-                "loss_first10": _mean(result.losses[:10]), "loss_last10": _mean(result.losses[-10:]),
-                "copy_loss_first10": _mean(result.copy_losses[:10]),
-                "copy_loss_last10": _mean(result.copy_losses[-10:]),
-                "vision_probe_loss_first10": _mean(result.vision_losses[:10]),
-                "vision_probe_loss_last10": _mean(result.vision_losses[-10:]),
+                "loss_first10": rounded_mean(result.losses[:10]), "loss_last10": rounded_mean(result.losses[-10:]),
+                "copy_loss_first10": rounded_mean(result.copy_losses[:10]),
+                "copy_loss_last10": rounded_mean(result.copy_losses[-10:]),
+                "vision_probe_loss_first10": rounded_mean(result.vision_losses[:10]),
+                "vision_probe_loss_last10": rounded_mean(result.vision_losses[-10:]),
                 "heldout_accuracy_before": before, "heldout_accuracy": after,
                 "heldout_comparisons": comparisons, "heldout_several_people": several_people})
             say("[pocket] base LVLM held-out accuracy: " + ", ".join(
@@ -430,8 +422,6 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
         # 3b. several people (the curriculum's second part) ----------------------------------
         several = None
         if settings.several_steps:
-            from .several_base import several_stage_config, train_several_stage
-
             began = time.perf_counter()
             several_dir = work / "backbone-several"
             several = _stage_record(work, "several") if resume else None
@@ -465,7 +455,7 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             stage("encoder", began)
             encoder = done("encoder", {
                 "steps": trained.steps, "seconds": round(trained.seconds, 1),
-                "loss_first10": _mean(trained.losses[:10]), "loss_last10": _mean(trained.losses[-10:]),
+                "loss_first10": rounded_mean(trained.losses[:10]), "loss_last10": rounded_mean(trained.losses[-10:]),
                 "heldout_retrieval_before": retrieval_before, "heldout_retrieval": retrieval,
                 "parameters": sum(p.numel() for p in encoder_model.parameters())})
             say(f"[pocket] encoder held-out retrieval top-1: {retrieval['top1']:.3f} "
@@ -647,10 +637,6 @@ def publish_folder(staging: Path, out: Path, card: dict[str, Any]) -> None:
     write_json_atomic(staging / CARD_FILE, card)
     (staging / CARD_FILE).chmod(0o644)
     replace_folder(staging, out)
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 4) if values else None
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,23 +1,10 @@
-"""The several-people base: a trained one-person pocket base continued on several people.
+"""The several-people base on its own: a finished pocket folder's base continued on several people.
 
-Issue 23's curriculum, stage 3b of a pocket build whose profile sets `several_steps`, or on
-its own on a finished pocket folder (`continue_base`, below). A base that learns several
-people from its first step does not learn to read the photo (docs/several-people.md: hair
-style from the photo 0.38 after 3,500 steps), so this part starts from a base that already
-reads it and copies stated values (the `full` profile's, e.g. the committed one, or the
-`several` profile's own tagged one-person base) and continues it:
-
-1. the vocabulary grows by the words of the new questions ("both", "who", ...), every known
-   word keeping its id (`lvlm.grow_vocabulary`);
-2. the LM, projector and vision tower train further on the one-person curriculum's rows
-   (recognition, questions about a named person, captions, portraits, text) with the
-   several-people rows mixed in (`SEVERAL_STAGE`): name tags on, recognition among 1-3 other
-   described people, "Which of ... / Who of ...", "Are <a> and <b> both ...?", "Is <a> to the
-   left of <b>?", "Describe this photo." naming the described people there, and dense text
-   rows about several described people; no warm-ups (the base is past them);
-3. the one-person skills (`lvlm.measure`, `lvlm.measure_comparisons` with the one-person
-   base's own settings, as its card measured them) and the several-people questions
-   (`several_people.measure_several_people`) are measured on held-out people.
+The second part of issue 23's curriculum (`lab.several_stage`), run on a finished pocket
+folder instead of as stage 3b of a build. A base that learns several people from its first
+step does not learn to read the photo (docs/several-people.md: hair style from the photo 0.38
+after 3,500 steps), so the stage starts from a base that already reads it and copies stated
+values: the `full` profile's, e.g. the committed one.
 
 The source's Aligner is not carried over (it maps into the old base's embeddings): train one
 on the new folder with `python -m plvmctl.lab.pocket --out OUT --aligner-only`. Resumable:
@@ -44,70 +31,8 @@ import torch
 from ..errors import PlvmError
 from ..fileio import write_json_atomic
 from .lvlm import LvlmTrainConfig
-from .pocket import CARD_FILE, SEVERAL_PEOPLE, _jsonable, _key_values, _mean, profile, publish_folder
-
-# The continuation's settings, on top of the `full` profile's base settings: the several-people
-# rows, both-here / left-of rows (`lvlm.pair_row`) and named captions (`lvlm.named_caption_row`),
-# no warm-ups and no vision probe (the tower is trained; a fresh probe head would only push
-# noise into it), a shorter run at half the first lr.
-SEVERAL_STAGE = dict(SEVERAL_PEOPLE, pair_share=0.15, named_caption_share=0.15, copy_steps=0, vision_steps=0,
-                     vision_aux_weight=0.0, position_aux_weight=0.0, steps=1200, warmup_steps=50, lr=1e-3,
-                     log_every=50)
-
-
-def several_stage_config(base: LvlmTrainConfig, steps: int | None = None, seed: int = 0, **changes: Any
-                         ) -> LvlmTrainConfig:
-    """The continuation's settings: `base` (the one-person base's own) with `SEVERAL_STAGE` (and
-    `steps`, `changes`) on top."""
-    settings = dict(SEVERAL_STAGE, **changes)
-    if steps is not None:
-        settings["steps"] = steps
-    return dataclasses.replace(base, **settings, seed=seed)
-
-
-def train_several_stage(backbone_dir: Path, config: LvlmTrainConfig, run: Path, *, one_person: LvlmTrainConfig,
-                        resume: bool, logger, say: Callable[[str], None], measure_scenes: int = 60,
-                        check_every: int = 0):
-    """Load the base in `backbone_dir`, grow its vocabulary, train it with `config`
-    (checkpoints in `run`; `resume` continues one), measure it on held-out people; return
-    (the new backbone, the card's record of it). The one-person skills are measured with
-    `one_person`, the settings the base was trained with (with `config`, half the recognition
-    rows would describe other people too: a harder test than the base's card measured). With
-    `check_every`, its one-person comparisons (copying, reading the photo) are measured on 20
-    photos every that many steps too, into the log: whether it keeps what the base could do."""
-    from ..families import load_backbone
-    from ..families.llava15 import Llava15Backbone
-    from ..train.common import find_checkpoint
-    from .lvlm import collect_vocabulary, grow_vocabulary, measure, measure_comparisons, train_lvlm
-    from .several_people import measure_several_people
-
-    backbone = load_backbone(str(backbone_dir), device="cpu", dtype="float32")
-    model, image_processor = backbone.model, backbone.image_processor
-    words = collect_vocabulary(seed=config.seed, description=config.description, several_people=True)
-    tokenizer = grow_vocabulary(model, backbone.tokenizer, words)
-    say(f"[several] vocabulary {len(backbone.tokenizer)} -> {len(tokenizer)} words")
-
-    def check(step: int) -> None:
-        if check_every and (step + 1) % check_every == 0 and step + 1 < config.steps:
-            report = measure_comparisons(model, tokenizer, image_processor, scenes=20, config=one_person)
-            report = {key: value for key, value in report.items() if key not in ("examples", "rows")}
-            logger.log({"stage": "several-comparisons", "step": step + 1, **report})
-            say(f"[several] step {step + 1}: " + json.dumps(report))
-
-    result = train_lvlm(model, tokenizer, image_processor, config, logger=logger,
-                        echo=lambda m: say(f"[several] {m}"), checkpoint_dir=run,
-                        resume=resume and find_checkpoint(run) is not None, after_step=check)
-    say("[several] measuring on held-out people")
-    record = {
-        "steps": result.steps, "seconds": round(result.seconds, 1), "seconds_before": result.seconds_before,
-        "loss_first10": _mean(result.losses[:10]), "loss_last10": _mean(result.losses[-10:]),
-        "vocabulary_size": len(tokenizer),
-        "heldout_accuracy": measure(model, tokenizer, image_processor, scenes=measure_scenes, config=one_person),
-        "heldout_comparisons": measure_comparisons(model, tokenizer, image_processor, scenes=measure_scenes,
-                                                   config=one_person),
-        "heldout_several_people": measure_several_people(model, tokenizer, image_processor, config,
-                                                         scenes=measure_scenes)}
-    return Llava15Backbone(model, tokenizer, image_processor, name="plvmctl-pocket"), record
+from .pocket import CARD_FILE, _jsonable, _key_values, profile, publish_folder
+from .several_stage import SEVERAL_STAGE, several_stage_config, train_several_stage
 
 
 def continue_base(source: str | os.PathLike, out_dir: str | os.PathLike, *, work_dir: str | os.PathLike,

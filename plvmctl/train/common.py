@@ -253,6 +253,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def rounded_mean(values: list[float]) -> float | None:
+    """The mean of `values` to 4 places, for a card or a log (None when there are none)."""
+    return round(sum(values) / len(values), 4) if values else None
+
+
 def truncate_log(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool]) -> None:
     """Rewrite the JSONL log atomically with only the rows `keep` accepts (used on resume)."""
     from ..fileio import write_text_atomic
