@@ -42,13 +42,16 @@ def _scene() -> toy.SceneInfo:
     return dataclasses.replace(info, people=people)
 
 
+PER_PERSON = ("full", "short", "named")  # the which answers with a reasoning per person asked about
+
+
 def test_which_answers_name_who_is_there_after_their_reasoning():
     """"full" and "short" reasonings name nobody; "named" ones name each person before their
     comparison, and the conclusion names who is there."""
     info = _scene()
     left, right = info.people[0].identity, info.people[1].identity
     absent = _identity(hair_colour="red", hair_style="curly", skin="pale")  # one trait from the left person
-    for style in lvlm.WHICH_ANSWER_STYLES:
+    for style in PER_PERSON:
         config = dataclasses.replace(COMPARE, which_answer=style)
         one = lvlm.which_answer([absent, left], info, config)
         reasoning, _, verdict = one.rpartition(". ")
@@ -84,8 +87,12 @@ def test_which_rows_are_bounded_and_describe_both_people_in_the_question_order(s
             assert row.question.index(f"<{first}>") < row.question.index(f"<{second}>")
             assert row.name_token
             shown = [name for name in row.descriptions if lvlm.comparison(by_name[name], info)[1]]
-            assert parse_which(conclusion(row.answer, "comparison"), list(row.descriptions)) == \
-                (shown[0] if shown else None)
+            if style == "places":  # its verdict names them in the order it matched them
+                said = parse_who(conclusion(row.answer, "comparison"), list(row.descriptions))
+                assert set(said) == set(shown)
+            else:
+                assert parse_which(conclusion(row.answer, "comparison"), list(row.descriptions)) == \
+                    (shown[0] if shown else None)
             batch = lvlm.encode_rows([row], tokenizer, TOKENS_PER_IMAGE, name_id=len(tokenizer))
             answer = int((batch.labels[0] != lvlm.IGNORE).sum()) - 1  # EOS not counted
             longest[style] = max(longest[style], answer)
@@ -94,6 +101,29 @@ def test_which_rows_are_bounded_and_describe_both_people_in_the_question_order(s
     assert longest["full"] <= 2 * 3 * 14 + 2 + 2 * 6
     assert longest["named"] <= longest["full"] + 2
     assert longest["short"] <= 2 * 3 * 2 + 2 + 2 * 6 <= 26
+    # "places": 18 words a person in the photo, however many are asked about
+    assert longest["places"] <= 3 * 18 + 3 + 2 * 6
+
+
+def test_places_answers_name_the_closest_description_for_each_person_in_the_photo():
+    """One part per person in the photo, left to right: the values read, the asked person who
+    agrees most (first on a tie), their stated values checked, match / mismatch; then who
+    matched, in the photo's order."""
+    info = _scene()
+    left, right = info.people[0].identity, info.people[1].identity
+    near = _identity(hair_colour="red", hair_style="curly", skin="pale")  # one trait from the left person
+    far = _identity(hair_colour="blonde", hair_style="long", skin="dark")
+    config = dataclasses.replace(COMPARE, which_answer="places")
+    answer = lvlm.which_answer([far, right, near], info, config)
+    assert answer == (f"left red hair tan skin curly style <{near.name}> hair red same skin pale different style "
+                      f"curly same mismatch. right black hair pale skin short style <{right.name}> hair black same "
+                      f"skin pale same style short same match. <{right.name}> is in this photo.")
+    assert parse_who(conclusion(answer, "comparison"), [far.name, right.name, near.name]) == (right.name,)
+    both = lvlm.which_answer([right, left], info, config)
+    assert both.endswith(f". <{left.name}> is in this photo. <{right.name}> is in this photo.")
+    assert lvlm.which_answer([near, far], info, config).endswith(". " + lvlm.NEITHER_ANSWER)
+    other = _identity(hair_colour="blonde", hair_style="short", skin="tan")
+    assert lvlm.which_answer([near, far, other], info, config).endswith(". " + lvlm.NOBODY_ANSWER)
 
 
 def test_crowd_rows_keep_the_asked_answer_and_give_each_person_a_name_token(small):

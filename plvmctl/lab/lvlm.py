@@ -282,7 +282,7 @@ class LvlmTrainConfig:
     portrait_rows_per_step: int = 0  # a portrait and a question about "the person" in it (`portrait_row`)
     crowd_share: float = 0.0  # share of recognition rows with 1-3 other people's descriptions too (`crowd_row`)
     which_share: float = 0.0  # per-scene share of "Which of <a> and <b> is in this photo?" rows (`which_row`)
-    which_answer: str = "full"  # what a which row spells out first: "full" | "short" | "named" (`which_row`)
+    which_answer: str = "full"  # what a which row spells out first: "full" | "short" | "named" | "places" (`which_row`)
     which_max: int = 2  # which rows ask about 2 up to this many people (3: "Which of", 4: "Who of")
     named_caption_share: float = 0.0  # per-scene share of "Describe this photo." with concepts (`named_caption_row`)
     pair_share: float = 0.0  # per-scene share of "Are <a> and <b> both ...?" / "Is <a> left of <b>?" (`pair_row`)
@@ -501,7 +501,7 @@ def scene_rows(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequen
     return rows
 
 
-WHICH_ANSWER_STYLES = ("full", "short", "named")
+WHICH_ANSWER_STYLES = ("full", "short", "named", "places")
 NEITHER_ANSWER = "neither is in this photo."
 NOBODY_ANSWER = "nobody is in this photo."
 
@@ -573,11 +573,18 @@ def which_answer(asked: Sequence[toy.Identity], info: toy.SceneInfo, config: Lvl
     person asked about); "short": only each place and match / mismatch (2 words); "named": the
     full comparison with the person's `<name>` in front of it, so that on a base with name tags
     each comparison carries the vector of the person it is about (the name switches the tag);
-    the evaluation reads the names of the conclusion only (`answers.conclusion`).
+    the evaluation reads the names of the conclusion only (`answers.conclusion`). "places": a part
+    per person in the photo instead, naming the asked person who agrees most with them
+    (`places_reasoning`); its verdict names who is there in the photo's order.
     """
     if config.which_answer not in WHICH_ANSWER_STYLES:
         raise ValueError(f"which_answer must be one of {', '.join(WHICH_ANSWER_STYLES)}, "
                          f"got {config.which_answer!r}")
+    if config.which_answer == "places":
+        parts, shown = places_reasoning(asked, info, config.compare_traits)
+        verdict = " ".join(recognition_templates.WHICH_ANSWERS[0].format(shown=person.name) for person in shown)
+        return " ".join(part + "." for part in parts) + " " + (
+            verdict or (NEITHER_ANSWER if len(asked) == 2 else NOBODY_ANSWER))
     parts, shown = [], []
     for person in asked:
         words, found = comparison(person, info, config.compare_traits)
@@ -588,6 +595,44 @@ def which_answer(asked: Sequence[toy.Identity], info: toy.SceneInfo, config: Lvl
             shown.append(person)
     verdict = " ".join(recognition_templates.WHICH_ANSWERS[0].format(shown=person.name) for person in shown)
     return ". ".join(parts) + ". " + (verdict or (NEITHER_ANSWER if len(asked) == 2 else NOBODY_ANSWER))
+
+
+def places_reasoning(asked: Sequence[toy.Identity], info: toy.SceneInfo, traits: Sequence[str]
+                     ) -> tuple[list[str], list[toy.Identity]]:
+    """The "places" reasoning of a which / who answer: one part per person in the photo, left
+    to right, and who of `asked` matched someone, in that order.
+
+        "left red hair dark skin long style <b> hair red same skin tan different style long same mismatch"
+
+    Each part reads the person's values first (as `comparison` does, value before key), then
+    names the asked person whose description agrees with them in the most traits (on a tie,
+    one not matched yet, then the first in the question's order: two look-alikes in the photo
+    match two look-alikes asked about), checks that description trait by trait and ends
+    "match" or "mismatch". Finding the candidate is a lookup by content: the values just
+    written against the sentences in the prompt, each of whose words carries its person's
+    name tag. Its length grows with the people in the photo, not with the people asked
+    about, and no part needs to know which name comes next in the question (what the
+    "named" answers got wrong: they named the first person again, docs/several-people.md)."""
+    keys = [DESCRIPTION_KEYS[trait] for trait in traits]
+    parts: list[str] = []
+    shown: list[toy.Identity] = []
+    for place, seen in info.people_traits():
+        def agreement(person: toy.Identity) -> int:
+            stated = person.trait_words()
+            return sum(stated[key] == seen[key] for key in keys)
+
+        best = max(asked, key=lambda person: (agreement(person), person not in shown))
+        stated = best.trait_words()
+        read = " ".join(f"{seen[key]} {key}" for key in keys)
+        checks = " ".join(f"{key} {stated[key]} "
+                          + (recognition_templates.SAME if stated[key] == seen[key] else recognition_templates.DIFFERENT)
+                          for key in keys)
+        everything = agreement(best) == len(keys)
+        verdict = recognition_templates.MATCH if everything else recognition_templates.MISMATCH
+        parts.append(f"{place} {read} <{best.name}> {checks} {verdict}")
+        if everything and best not in shown:
+            shown.append(best)
+    return parts, shown
 
 
 def _with_absent(asked: list[toy.Identity], count: int, info: toy.SceneInfo, rng: random.Random,
@@ -1323,7 +1368,7 @@ def grow_vocabulary(model, tokenizer, words: Sequence[str]):
     """A tokenizer that also knows `words`, every known word keeping its id, and `model`'s
     input embeddings and output head grown to match (new rows at the mean of the old ones, as
     `resize_token_embeddings` makes them). For a trained base that must learn new questions
-    (`plvmctl.lab.several_base`); `tokenizer` unchanged when it knows every word already."""
+    (`plvmctl.lab.several_stage`); `tokenizer` unchanged when it knows every word already."""
     known = tokenizer.get_vocab()
     new = [word for word in dict.fromkeys(w.lower() for w in words) if word not in known]
     if not new:
