@@ -234,20 +234,26 @@ def test_the_vocabulary_holds_the_words_of_several_people_only_when_asked():
     assert "and" not in plain and "both" not in plain
 
 
-def test_pair_rows_answer_left_of_and_both_here_as_the_evaluation_reads_them():
+@pytest.mark.parametrize("by_place", [False, True])
+def test_pair_rows_answer_left_of_and_both_here_as_the_evaluation_reads_them(by_place):
     """Left-of rows ask about two people in the photo and conclude yes exactly when the first
     stands left of the second; both-here rows conclude yes only when both are there, and name
-    the one there otherwise. Both compare each person, named, first."""
+    the one there otherwise. Both compare each person, named, first (or, by place, each
+    person in the photo with the closer of the two)."""
     rng = random.Random(3)
     pool = toy.training_identities()
-    config = dataclasses.replace(COMPARE, pair_share=1.0)
+    config = dataclasses.replace(COMPARE, pair_share=1.0, pairs_by_place=by_place)
     seen = {"left-yes": 0, "left-no": 0, "both-yes": 0, "both-no": 0}
     for _ in range(120):
         _, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, size=32)
         row = lvlm.pair_row(info, 0, rng, pool, config)
         names = list(row.descriptions)
-        assert len(names) == 2 and row.name_token and row.answer.startswith(f"<{names[0]}> ")
-        assert f". <{names[1]}> " in row.answer
+        assert len(names) == 2 and row.name_token
+        if by_place:
+            assert row.answer.split()[0] in toy.POSITIONS
+            assert row.answer.count(" match.") + row.answer.count(" mismatch.") == len(info.people)
+        else:
+            assert row.answer.startswith(f"<{names[0]}> ") and f". <{names[1]}> " in row.answer
         verdict = parse_yes_no(conclusion(row.answer, "comparison"))
         places = {person.identity.name: toy.POSITIONS.index(person.position) for person in info.people}
         if row.question.startswith("Is "):
@@ -277,15 +283,18 @@ def test_the_vocabulary_grows_without_moving_a_known_word(small):
     assert lvlm.grow_vocabulary(model, grown, words) is grown  # nothing new: unchanged
 
 
-def test_named_captions_name_exactly_the_described_people_there_in_their_conclusion():
+@pytest.mark.parametrize("by_place", [False, True])
+def test_named_captions_name_exactly_the_described_people_there_in_their_conclusion(by_place):
     """"Describe this photo." with people described: after one comparison per described
-    person, one sentence a place; a described person there by their name, nobody else named,
-    read as the evaluation reads captions (`parse_who` of the conclusion)."""
+    person (or per person in the photo, by place), one sentence a place; a described person
+    there by their name, nobody else named, read as the evaluation reads captions (`parse_who`
+    of the conclusion)."""
     rng = random.Random(5)
     pool = toy.training_identities()
+    config = dataclasses.replace(COMPARE, pairs_by_place=by_place)
     for _ in range(60):
         _, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, size=32)
-        row = lvlm.named_caption_row(info, 0, rng, pool, COMPARE)
+        row = lvlm.named_caption_row(info, 0, rng, pool, config)
         described = list(row.descriptions)
         there = {person.identity.name for person in info.people}
         assert row.question == "Describe this photo." and row.name_token and 1 <= len(described) <= 3

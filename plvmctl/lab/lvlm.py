@@ -286,6 +286,7 @@ class LvlmTrainConfig:
     which_max: int = 2  # which rows ask about 2 up to this many people (3: "Which of", 4: "Who of")
     named_caption_share: float = 0.0  # per-scene share of "Describe this photo." with concepts (`named_caption_row`)
     pair_share: float = 0.0  # per-scene share of "Are <a> and <b> both ...?" / "Is <a> left of <b>?" (`pair_row`)
+    pairs_by_place: bool = False  # pair and named-caption rows reason place by place (`places_reasoning`)
     recall: bool = False  # "compare" recognition answers first restate the asked person's traits (`recall`)
     crowd_text_share: float = 0.0  # share of text rows with 1-3 other people's descriptions too (`text_row`)
     name_tags: bool = False  # every token after a name carries its vector (`plvmctl.name_tags`; saved in the config)
@@ -688,6 +689,7 @@ def pair_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence
     "named" which answer does (`which_answer`), then concludes: "Yes." / "No." for left of (the
     place of the first's match before the second's), "Yes, <a> and <b> are both in this
     photo." or "No, only <a> is in this photo." / "No, neither is in this photo." for both.
+    With `pairs_by_place`, the reasoning is a part per person in the photo (`places_reasoning`).
     """
     people = [person.identity for person in info.people]
     if len(people) >= 2 and rng.random() < 0.5:
@@ -704,7 +706,10 @@ def pair_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence
         verdict = ("No, " + NEITHER_ANSWER if not shown else
                    recognition_templates.BOTH_NO[0].format(shown=shown[0].name) if len(shown) == 1 else
                    recognition_templates.BOTH_YES[0].format(a=asked[0].name, b=asked[1].name))
-    parts = [f"<{person.name}> " + comparison(person, info, config.compare_traits)[0] for person in asked]
+    if config.pairs_by_place:
+        parts = places_reasoning(asked, info, config.compare_traits)[0]
+    else:
+        parts = [f"<{person.name}> " + comparison(person, info, config.compare_traits)[0] for person in asked]
     descriptions = {person.name: describe(person, config.description) for person in asked}
     return Row("pair", question, ". ".join(parts) + ". " + verdict, image, descriptions, name_token=True)
 
@@ -720,7 +725,8 @@ def named_caption_row(info: toy.SceneInfo, image: int, rng: random.Random, pool:
     `scene_caption`'s words, except that a described person there is said by their `<name>`
     and what they wear and show: "... mismatch. left <a> shirt blue smiling. middle nobody.
     right hair red curly shirt green skin tan face round glasses neutral." The evaluation reads
-    who is named from the sentences after the last comparison (`answers.conclusion`).
+    who is named from the sentences after the last comparison (`answers.conclusion`). With
+    `pairs_by_place`, the comparisons are a part per person in the photo (`places_reasoning`).
     """
     people = [person.identity for person in info.people]
     asked = rng.sample(people, rng.randint(0, min(2, len(people))))
@@ -729,7 +735,10 @@ def named_caption_row(info: toy.SceneInfo, image: int, rng: random.Random, pool:
         if candidate not in asked:
             asked.append(candidate)
     rng.shuffle(asked)
-    parts = [f"<{person.name}> " + comparison(person, info, config.compare_traits)[0] + "." for person in asked]
+    if config.pairs_by_place:
+        parts = [part + "." for part in places_reasoning(asked, info, config.compare_traits)[0]]
+    else:
+        parts = [f"<{person.name}> " + comparison(person, info, config.compare_traits)[0] + "." for person in asked]
     for position in toy.POSITIONS:
         person = info.person_at(position)
         if person is None:
