@@ -302,3 +302,18 @@ def test_named_captions_name_exactly_the_described_people_there_in_their_conclus
         said = conclusion(row.answer, "comparison")
         assert said.split(". ")[0].split()[0] == "left" and len(said.split(". ")) == 3
         assert set(parse_who(said, described) or ()) == {name for name in described if name in there}
+
+
+def test_the_base_measurement_expects_the_asked_person_who_is_in_the_photo():
+    """Each which-of-two item of `several_people.evaluation_set` asks about one person in the
+    photo and one absent, and expects the one there. (It used to expect the person the photo
+    was drawn around, whom the row does not always ask about: a third of the items could not
+    be answered right.)"""
+    from plvmctl.lab import several_people
+
+    items, _ = several_people.evaluation_set(30, 32, COMPARE, seed=1)
+    which = [item for item in items if item.group == "which"]
+    assert len(which) == 30
+    for item in which:
+        assert item.expected in item.row.descriptions
+        assert parse_which(conclusion(item.row.answer, "comparison"), list(item.row.descriptions)) == item.expected

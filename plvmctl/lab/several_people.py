@@ -77,7 +77,9 @@ def evaluation_set(scenes: int, size: int, config: lvlm.LvlmTrainConfig, seed: i
         which = lvlm.which_row(info, index, rng, pool, config, present=1)
         a, b = list(which.descriptions)
         question = templates.WHICH_QUESTIONS[0].format(a=a, b=b)  # the evaluation's question
-        items.append(Item("which", dataclasses.replace(which, question=question), present.name))
+        there = {person.identity.name for person in info.people}
+        shown = a if a in there else b  # which_row draws its own person there, not always `present`
+        items.append(Item("which", dataclasses.replace(which, question=question), shown))
     return items, images
 
 
