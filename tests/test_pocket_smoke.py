@@ -149,15 +149,16 @@ def test_the_full_profile_is_what_trained_the_committed_model():
             assert full[key] == value, key
 
 
-def test_the_several_profile_is_the_full_stack_with_a_tagged_base_continued_on_several_people():
+def test_the_several_profile_is_the_full_stack_with_its_base_continued_on_several_people_by_place():
     from plvmctl.lab.pocket import profile
     from plvmctl.lab.several_stage import SEVERAL_STAGE, several_stage_config
 
     full, several = profile("full"), profile("several")
-    assert several.lvlm.name_tags and not full.lvlm.name_tags
+    assert several.lvlm == full.lvlm
     assert several.several_steps > 0 and full.several_steps == 0
     assert several.lvlm.which_share == 0 and several.lvlm.crowd_share == 0  # one person first
     second = several_stage_config(several.lvlm, several.several_steps)
     assert all(getattr(second, key) == value for key, value in SEVERAL_STAGE.items() if key != "steps")
+    assert second.name_tags and second.which_answer == "places" and second.pairs_by_place
     assert (several.encoder, several.aligner_steps, several.aligner_also_share) == \
         (full.encoder, full.aligner_steps, full.aligner_also_share)

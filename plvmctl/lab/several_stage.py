@@ -39,11 +39,13 @@ SEVERAL_PEOPLE = dict(name_tags=True, dense_text_groups=8, dense_questions=8, de
 
 # The stage's settings, on top of the one-person base's own: the several-people rows,
 # both-here / left-of rows (`lvlm.pair_row`) and named captions (`lvlm.named_caption_row`),
-# no warm-ups and no vision probe (the tower is trained; a fresh probe head would only push
-# noise into it), a shorter run at half the first lr.
-SEVERAL_STAGE = dict(SEVERAL_PEOPLE, pair_share=0.15, named_caption_share=0.15, copy_steps=0, vision_steps=0,
-                     vision_aux_weight=0.0, position_aux_weight=0.0, steps=1200, warmup_steps=50, lr=1e-3,
-                     log_every=50)
+# every question about several people reasoning place by place (`lvlm.places_reasoning`:
+# "which of" 0.52 on the base, 0.35 with a comparison per person asked about;
+# docs/several-people.md), no warm-ups and no vision probe (the tower is trained; a fresh
+# probe head would only push noise into it), a shorter run at half the first lr.
+SEVERAL_STAGE = dict(SEVERAL_PEOPLE, which_answer="places", pairs_by_place=True, pair_share=0.15,
+                     named_caption_share=0.15, copy_steps=0, vision_steps=0, vision_aux_weight=0.0,
+                     position_aux_weight=0.0, steps=1200, warmup_steps=50, lr=1e-3, log_every=50)
 
 
 def several_stage_config(base: LvlmTrainConfig, steps: int | None = None, seed: int = 0, **changes: Any
