@@ -282,7 +282,7 @@ class LvlmTrainConfig:
     portrait_rows_per_step: int = 0  # a portrait and a question about "the person" in it (`portrait_row`)
     crowd_share: float = 0.0  # share of recognition rows with 1-3 other people's descriptions too (`crowd_row`)
     which_share: float = 0.0  # per-scene share of "Which of <a> and <b> is in this photo?" rows (`which_row`)
-    which_answer: str = "full"  # what a which row spells out first: "full" | "short" | "named" | "places" (`which_row`)
+    which_answer: str = "full"  # a which row's reasoning: "full" | "short" | "named" | "places" (`which_row`)
     which_max: int = 2  # which rows ask about 2 up to this many people (3: "Which of", 4: "Who of")
     named_caption_share: float = 0.0  # per-scene share of "Describe this photo." with concepts (`named_caption_row`)
     pair_share: float = 0.0  # per-scene share of "Are <a> and <b> both ...?" / "Is <a> left of <b>?" (`pair_row`)
@@ -625,9 +625,9 @@ def places_reasoning(asked: Sequence[toy.Identity], info: toy.SceneInfo, traits:
         best = max(asked, key=lambda person: (agreement(person), person not in shown))
         stated = best.trait_words()
         read = " ".join(f"{seen[key]} {key}" for key in keys)
-        checks = " ".join(f"{key} {stated[key]} "
-                          + (recognition_templates.SAME if stated[key] == seen[key] else recognition_templates.DIFFERENT)
-                          for key in keys)
+        same = {key: recognition_templates.SAME if stated[key] == seen[key] else recognition_templates.DIFFERENT
+                for key in keys}
+        checks = " ".join(f"{key} {stated[key]} {same[key]}" for key in keys)
         everything = agreement(best) == len(keys)
         verdict = recognition_templates.MATCH if everything else recognition_templates.MISMATCH
         parts.append(f"{place} {read} <{best.name}> {checks} {verdict}")

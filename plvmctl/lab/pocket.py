@@ -47,8 +47,8 @@ import yaml
 
 from ..errors import PlvmError
 from ..fileio import check_free_space, replace_folder, write_json_atomic
-from .encoder import EncoderSizes, EncoderTrainConfig
 from ..train.common import rounded_mean
+from .encoder import EncoderSizes, EncoderTrainConfig
 from .lvlm import DESCRIPTION_KEYS, LvlmSizes, LvlmTrainConfig
 from .several_stage import several_stage_config, train_several_stage
 
@@ -409,7 +409,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             stage("lvlm", began, before=result.seconds_before)  # training time of interrupted runs too
             lvlm = done("lvlm", {
                 "steps": result.steps, "seconds": round(result.seconds, 1),
-                "loss_first10": rounded_mean(result.losses[:10]), "loss_last10": rounded_mean(result.losses[-10:]),
+                "loss_first10": rounded_mean(result.losses[:10]),
+                "loss_last10": rounded_mean(result.losses[-10:]),
                 "copy_loss_first10": rounded_mean(result.copy_losses[:10]),
                 "copy_loss_last10": rounded_mean(result.copy_losses[-10:]),
                 "vision_probe_loss_first10": rounded_mean(result.vision_losses[:10]),
@@ -455,7 +456,8 @@ def build_pocket(out_dir: str | os.PathLike, profile_name: str = "full", seed: i
             stage("encoder", began)
             encoder = done("encoder", {
                 "steps": trained.steps, "seconds": round(trained.seconds, 1),
-                "loss_first10": rounded_mean(trained.losses[:10]), "loss_last10": rounded_mean(trained.losses[-10:]),
+                "loss_first10": rounded_mean(trained.losses[:10]),
+                "loss_last10": rounded_mean(trained.losses[-10:]),
                 "heldout_retrieval_before": retrieval_before, "heldout_retrieval": retrieval,
                 "parameters": sum(p.numel() for p in encoder_model.parameters())})
             say(f"[pocket] encoder held-out retrieval top-1: {retrieval['top1']:.3f} "
