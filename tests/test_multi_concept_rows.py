@@ -122,6 +122,10 @@ def test_places_answers_name_the_closest_description_for_each_person_in_the_phot
     both = lvlm.which_answer([right, left], info, config)
     assert both.endswith(f". <{left.name}> is in this photo. <{right.name}> is in this photo.")
     assert lvlm.which_answer([near, far], info, config).endswith(". " + lvlm.NEITHER_ANSWER)
+    first = dataclasses.replace(config, places_lookup="first")
+    assert lvlm.which_answer([far, right, near], info, first) == answer  # the same hair colour is found
+    assert lvlm.which_answer([far, right], info, first).startswith(
+        f"left red hair tan skin curly style nobody mismatch. right black hair pale skin short style <{right.name}> ")
     other = _identity(hair_colour="blonde", hair_style="short", skin="tan")
     assert lvlm.which_answer([near, far, other], info, config).endswith(". " + lvlm.NOBODY_ANSWER)
 
@@ -317,3 +321,20 @@ def test_the_base_measurement_expects_the_asked_person_who_is_in_the_photo():
     for item in which:
         assert item.expected in item.row.descriptions
         assert parse_which(conclusion(item.row.answer, "comparison"), list(item.row.descriptions)) == item.expected
+
+
+def test_places_answers_with_the_one_word_lookup_conclude_who_is_there():
+    """With `places_lookup="first"`, the conclusion still names exactly the asked people who
+    match someone in the photo, whoever the parts name."""
+    rng = random.Random(11)
+    pool = toy.training_identities()
+    by_name = {identity.name: identity for identity in toy.all_identities()}
+    config = dataclasses.replace(COMPARE, which_answer="places", places_lookup="first")
+    nobody_parts = 0
+    for _ in range(60):
+        _, info = toy.random_scene(pool[rng.randrange(len(pool))], rng, pool, n_people=3, size=32)
+        row = lvlm.which_row(info, 0, rng, pool, config, count=rng.choice([2, 3, 4]))
+        shown = {name for name in row.descriptions if lvlm.comparison(by_name[name], info)[1]}
+        assert set(parse_who(conclusion(row.answer, "comparison"), list(row.descriptions))) == shown
+        nobody_parts += row.answer.count(" nobody mismatch.")
+    assert nobody_parts > 10

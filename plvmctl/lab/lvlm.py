@@ -287,6 +287,7 @@ class LvlmTrainConfig:
     named_caption_share: float = 0.0  # per-scene share of "Describe this photo." with concepts (`named_caption_row`)
     pair_share: float = 0.0  # per-scene share of "Are <a> and <b> both ...?" / "Is <a> left of <b>?" (`pair_row`)
     pairs_by_place: bool = False  # pair and named-caption rows reason place by place (`places_reasoning`)
+    places_lookup: str = "most"  # whom a part by place names: "most" | "first" (`places_reasoning`)
     recall: bool = False  # "compare" recognition answers first restate the asked person's traits (`recall`)
     crowd_text_share: float = 0.0  # share of text rows with 1-3 other people's descriptions too (`text_row`)
     name_tags: bool = False  # every token after a name carries its vector (`plvmctl.name_tags`; saved in the config)
@@ -582,7 +583,7 @@ def which_answer(asked: Sequence[toy.Identity], info: toy.SceneInfo, config: Lvl
         raise ValueError(f"which_answer must be one of {', '.join(WHICH_ANSWER_STYLES)}, "
                          f"got {config.which_answer!r}")
     if config.which_answer == "places":
-        parts, shown = places_reasoning(asked, info, config.compare_traits)
+        parts, shown = places_reasoning(asked, info, config.compare_traits, config.places_lookup)
         verdict = " ".join(recognition_templates.WHICH_ANSWERS[0].format(shown=person.name) for person in shown)
         return " ".join(part + "." for part in parts) + " " + (
             verdict or (NEITHER_ANSWER if len(asked) == 2 else NOBODY_ANSWER))
@@ -598,8 +599,11 @@ def which_answer(asked: Sequence[toy.Identity], info: toy.SceneInfo, config: Lvl
     return ". ".join(parts) + ". " + (verdict or (NEITHER_ANSWER if len(asked) == 2 else NOBODY_ANSWER))
 
 
-def places_reasoning(asked: Sequence[toy.Identity], info: toy.SceneInfo, traits: Sequence[str]
-                     ) -> tuple[list[str], list[toy.Identity]]:
+PLACES_LOOKUPS = ("most", "first")
+
+
+def places_reasoning(asked: Sequence[toy.Identity], info: toy.SceneInfo, traits: Sequence[str],
+                     lookup: str = "most") -> tuple[list[str], list[toy.Identity]]:
     """The "places" reasoning of a which / who answer: one part per person in the photo, left
     to right, and who of `asked` matched someone, in that order.
 
@@ -613,7 +617,14 @@ def places_reasoning(asked: Sequence[toy.Identity], info: toy.SceneInfo, traits:
     written against the sentences in the prompt, each of whose words carries its person's
     name tag. Its length grows with the people in the photo, not with the people asked
     about, and no part needs to know which name comes next in the question (what the
-    "named" answers got wrong: they named the first person again, docs/several-people.md)."""
+    "named" answers got wrong: they named the first person again, docs/several-people.md).
+
+    `lookup="first"` narrows the lookup to one word: the part names the asked person whose
+    first trait (hair colour) is the one just read, the most agreeing of them if several, and
+    says "nobody mismatch" when no one asked has it ("left red hair tan skin curly style nobody
+    mismatch"); finding that person is matching one word, as an induction head does."""
+    if lookup not in PLACES_LOOKUPS:
+        raise ValueError(f"places_lookup must be one of {', '.join(PLACES_LOOKUPS)}, got {lookup!r}")
     keys = [DESCRIPTION_KEYS[trait] for trait in traits]
     parts: list[str] = []
     shown: list[toy.Identity] = []
@@ -622,9 +633,14 @@ def places_reasoning(asked: Sequence[toy.Identity], info: toy.SceneInfo, traits:
             stated = person.trait_words()
             return sum(stated[key] == seen[key] for key in keys)
 
-        best = max(asked, key=lambda person: (agreement(person), person not in shown))
-        stated = best.trait_words()
         read = " ".join(f"{seen[key]} {key}" for key in keys)
+        candidates = list(asked) if lookup == "most" else \
+            [person for person in asked if person.trait_words()[keys[0]] == seen[keys[0]]]
+        if not candidates:
+            parts.append(f"{place} {read} nobody {recognition_templates.MISMATCH}")
+            continue
+        best = max(candidates, key=lambda person: (agreement(person), person not in shown))
+        stated = best.trait_words()
         same = {key: recognition_templates.SAME if stated[key] == seen[key] else recognition_templates.DIFFERENT
                 for key in keys}
         checks = " ".join(f"{key} {stated[key]} {same[key]}" for key in keys)
@@ -707,7 +723,7 @@ def pair_row(info: toy.SceneInfo, image: int, rng: random.Random, pool: Sequence
                    recognition_templates.BOTH_NO[0].format(shown=shown[0].name) if len(shown) == 1 else
                    recognition_templates.BOTH_YES[0].format(a=asked[0].name, b=asked[1].name))
     if config.pairs_by_place:
-        parts = places_reasoning(asked, info, config.compare_traits)[0]
+        parts = places_reasoning(asked, info, config.compare_traits, config.places_lookup)[0]
     else:
         parts = [f"<{person.name}> " + comparison(person, info, config.compare_traits)[0] for person in asked]
     descriptions = {person.name: describe(person, config.description) for person in asked}
@@ -736,7 +752,7 @@ def named_caption_row(info: toy.SceneInfo, image: int, rng: random.Random, pool:
             asked.append(candidate)
     rng.shuffle(asked)
     if config.pairs_by_place:
-        parts = [part + "." for part in places_reasoning(asked, info, config.compare_traits)[0]]
+        parts = [part + "." for part in places_reasoning(asked, info, config.compare_traits, config.places_lookup)[0]]
     else:
         parts = [f"<{person.name}> " + comparison(person, info, config.compare_traits)[0] + "." for person in asked]
     for position in toy.POSITIONS:
