@@ -7,7 +7,8 @@ questions of `bench/base_skills.py`) and checks every part of a `places` answer
 different style curly same mismatch") against the true one, word by word:
 
 * ``read``: the place and the three values read from the photo are right;
-* ``named``: the candidate named is the true one (the asked person who agrees most);
+* ``named``: the candidate named is the true one (the asked person who agrees most, or with
+  `--lookup first` the one with the hair colour read, or "nobody");
 * ``copied``: of the parts read and named right, the three stated values are the named
   person's;
 * ``verdict``: of the parts read and named right, the match / mismatch is right;
@@ -15,6 +16,7 @@ different style curly same mismatch") against the true one, word by word:
 and the accuracy of the whole answer (the name its conclusion gives). Prints JSON.
 
     OMP_NUM_THREADS=1 python bench/which_parts.py --folder places_pairs=runs/pocket-plb   # ~2 min a folder
+    OMP_NUM_THREADS=1 python bench/which_parts.py --lookup first --folder first_600=runs/pocket-first
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ READ_WORDS = 7  # the place, then value and key for three traits
 STATED = (9, 12, 15)  # positions of the stated values after the name: "<b> hair red same skin pale ..."
 
 
-def measure_folder(folder: Path, scenes: int, seed: int) -> dict:
+def measure_folder(folder: Path, scenes: int, seed: int, lookup: str = "most") -> dict:
     backbone = load_backbone(str(folder / "backbone"), device="cpu", dtype="float32")
-    config = several_stage_config(profile("full").lvlm, which_answer="places")
+    config = several_stage_config(profile("full").lvlm, which_answer="places", places_lookup=lookup)
     items, images = several_people.evaluation_set(scenes, backbone.model.config.vision_config.image_size,
                                                   config, seed)
     items = [item for item in items if item.group == "which"]
@@ -78,12 +80,14 @@ def main() -> None:
                         help="a pocket folder whose base LVLM to measure; repeatable")
     parser.add_argument("--scenes", type=int, default=60, help="fresh held-out photos (one which item each)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--lookup", default="most", choices=("most", "first"),
+                        help="the places_lookup the true answers use (the one the base was trained with)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    report = {"scenes": args.scenes, "seed": args.seed, "folders": {}}
+    report = {"scenes": args.scenes, "seed": args.seed, "lookup": args.lookup, "folders": {}}
     for spec in args.folder:
         label, _, path = spec.partition("=")
-        report["folders"][label] = {"path": path, **measure_folder(Path(path), args.scenes, args.seed)}
+        report["folders"][label] = {"path": path, **measure_folder(Path(path), args.scenes, args.seed, args.lookup)}
     print(json.dumps(report, indent=2))
 
 
