@@ -584,17 +584,15 @@ def which_answer(asked: Sequence[toy.Identity], info: toy.SceneInfo, config: Lvl
                          f"got {config.which_answer!r}")
     if config.which_answer == "places":
         parts, shown = places_reasoning(asked, info, config.compare_traits, config.places_lookup)
-        verdict = " ".join(recognition_templates.WHICH_ANSWERS[0].format(shown=person.name) for person in shown)
-        return " ".join(part + "." for part in parts) + " " + (
-            verdict or (NEITHER_ANSWER if len(asked) == 2 else NOBODY_ANSWER))
-    parts, shown = [], []
-    for person in asked:
-        words, found = comparison(person, info, config.compare_traits)
-        if config.which_answer == "short":
-            words = _match_places(person, info, config.compare_traits)
-        parts.append(f"<{person.name}> {words}" if config.which_answer == "named" else words)
-        if found:
-            shown.append(person)
+    else:
+        parts, shown = [], []
+        for person in asked:
+            words, found = comparison(person, info, config.compare_traits)
+            if config.which_answer == "short":
+                words = _match_places(person, info, config.compare_traits)
+            parts.append(f"<{person.name}> {words}" if config.which_answer == "named" else words)
+            if found:
+                shown.append(person)
     verdict = " ".join(recognition_templates.WHICH_ANSWERS[0].format(shown=person.name) for person in shown)
     return ". ".join(parts) + ". " + (verdict or (NEITHER_ANSWER if len(asked) == 2 else NOBODY_ANSWER))
 
